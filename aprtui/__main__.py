@@ -1,0 +1,3 @@
+from aprtui.cli import main
+
+raise SystemExit(main())

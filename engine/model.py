@@ -1,0 +1,156 @@
+"""The one in-memory model every file format opens into.
+
+`ModelConfig` holds the normalized architecture facts the forward pass needs; a `WeightStore`
+hands out float32 arrays under canonical HF tensor names, dequantizing on each request and
+keeping nothing it hands out; `Model` ties them to the file and its tokenizer.
+
+Canonical tensor names (HF):
+    model.embed_tokens.weight                      [vocab, hidden]
+    model.layers.N.input_layernorm.weight          [hidden]
+    model.layers.N.self_attn.{q,k,v}_proj.weight   [n_heads*head_dim | n_kv_heads*head_dim, hidden]
+    model.layers.N.self_attn.{q,k,v}_proj.bias     (QKV-bias models, e.g. Qwen2)
+    model.layers.N.self_attn.o_proj.weight         [hidden, n_heads*head_dim]
+    model.layers.N.self_attn.{q,k}_norm.weight     [head_dim]  (Q/K-norm models, e.g. Qwen3)
+    model.layers.N.post_attention_layernorm.weight [hidden]
+    model.layers.N.mlp.{gate,up}_proj.weight       [intermediate, hidden]
+    model.layers.N.mlp.down_proj.weight            [hidden, intermediate]
+    model.norm.weight                              [hidden]
+    lm_head.weight                                 [vocab, hidden]  (absent when tied)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+
+from engine.errors import MissingTensorError
+
+Architecture = Literal["llama", "mistral", "qwen2", "qwen3"]
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
+
+RopePairing = Literal["half", "adjacent"]
+"""`half`: HF / NEOX rotate-half, pairs (i, i + head_dim/2). `adjacent`: GGML NORM, pairs (2i, 2i+1)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture facts, normalized across .apr, .gguf and .safetensors."""
+
+    architecture: Architecture
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rope_theta: float = 10000.0
+    rope_pairing: RopePairing = "half"
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    tied_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    add_bos: bool = False
+    """Whether the model's metadata asks for a BOS token in front of a prompt."""
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+class WeightStore(Protocol):
+    """Float32 weights by canonical name, produced on request and not retained."""
+
+    def names(self) -> list[str]: ...
+
+    def has(self, name: str) -> bool: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def get(self, name: str) -> np.ndarray:
+        """A fresh float32 array in HF orientation (`[out_features, in_features]` for linears)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Tokenizer(Protocol):
+    """Prompt text to token ids, and ids back to readable text."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def token_text(self, token_id: int) -> str:
+        """The vocabulary entry for one id, for display."""
+        ...
+
+
+@dataclass
+class DictWeightStore:
+    """A WeightStore over arrays already in memory (tests, generated models, conversions)."""
+
+    arrays: dict[str, np.ndarray]
+    source: str = "<memory>"
+
+    def names(self) -> list[str]:
+        return sorted(self.arrays)
+
+    def has(self, name: str) -> bool:
+        return name in self.arrays
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._lookup(name).shape)
+
+    def get(self, name: str) -> np.ndarray:
+        return np.array(self._lookup(name), dtype=np.float32, copy=True)
+
+    def close(self) -> None:
+        pass
+
+    def _lookup(self, name: str) -> np.ndarray:
+        try:
+            return self.arrays[name]
+        except KeyError:
+            raise MissingTensorError(f"{self.source}: missing tensor {name!r}") from None
+
+
+@dataclass
+class Model:
+    """An opened model file: config, lazy weights and (when the file carries one) its tokenizer."""
+
+    path: Path
+    format: str
+    """`apr`, `gguf`, `safetensors` or `memory`."""
+    config: ModelConfig
+    weights: WeightStore
+    tokenizer: Tokenizer | None = None
+    metadata: dict = field(default_factory=dict)
+    """Raw format metadata worth showing (name, quantization, ...); never needed for compute."""
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def layer_weight_names(self, layer: int) -> list[str]:
+        prefix = f"model.layers.{layer}."
+        return [name for name in self.weights.names() if name.startswith(prefix)]
+
+    def close(self) -> None:
+        self.weights.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

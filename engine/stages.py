@@ -1,0 +1,210 @@
+"""The stage schema of `apr trace --save-tensor`, and its plan grammar.
+
+The 23 stages in apr's canonical order (`SaveTensorStage::ALL`), which of them are per-layer, the
+one alias, the one index-payload stage, and the exact parsing rules and error texts of
+`--save-tensor STAGES` and `--save-tensor-layers START..END`
+(shared/reference/aprender-formats.md §1.2-§1.4).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.errors import PlanError
+
+WHOLE_MODEL_LAYER = 0xFFFFFFFF
+"""Layer index in an APRT header for the whole-model stages (`final_norm`, `lm_head`)."""
+
+U32_MAX = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One capture point of the traced forward pass."""
+
+    name: str
+    """Canonical name; also the APRT file name without `.bin`."""
+    index: int
+    """Position in apr's canonical (computation) order."""
+    per_layer: bool
+    """False only for `final_norm` and `lm_head`, which are written at the trace root."""
+    index_payload: bool = False
+    """True for `moe_router_indices`: f32-encoded expert ids, to compare as u32, not by cosine."""
+    moe: bool = False
+    """Produced only by mixture-of-experts models."""
+
+
+_STAGE_NAMES = (
+    "embedding",
+    "attn_norm",
+    "qkv_matmul",
+    "qkv_bias",
+    "q_post_rope",
+    "k_post_rope",
+    "attn_scores",
+    "attn_softmax",
+    "attention",
+    "attn_out",
+    "post_attn_residual",
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_silu",
+    "ffn_swigl",
+    "ffn_out",
+    "post_ffn_residual",
+    "moe_router",
+    "moe_ffn_out",
+    "moe_router_indices",
+    "final_norm",
+    "lm_head",
+)
+
+STAGES: tuple[Stage, ...] = tuple(
+    Stage(
+        name=name,
+        index=index,
+        per_layer=name not in ("final_norm", "lm_head"),
+        index_payload=name == "moe_router_indices",
+        moe=name.startswith("moe_"),
+    )
+    for index, name in enumerate(_STAGE_NAMES)
+)
+"""All 23 stages in canonical order."""
+
+STAGE_BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGES}
+
+ALIASES: dict[str, str] = {"layer_output": "post_ffn_residual"}
+"""The only alias apr accepts. File names always use the canonical name."""
+
+PER_LAYER_STAGES: tuple[Stage, ...] = tuple(s for s in STAGES if s.per_layer)
+WHOLE_MODEL_STAGES: tuple[Stage, ...] = tuple(s for s in STAGES if not s.per_layer)
+DENSE_STAGES: tuple[Stage, ...] = tuple(s for s in STAGES if not s.moe)
+"""The stages a dense (non-MoE) decoder can produce, in canonical order."""
+
+
+def stage(name: str) -> Stage:
+    """The stage called `name` (canonical or alias, any case). Raises KeyError if unknown."""
+    key = name.strip().lower()
+    return STAGE_BY_NAME[ALIASES.get(key, key)]
+
+
+def rust_debug_str(text: str) -> str:
+    """`text` quoted as Rust's `{:?}` prints a `&str` (the quoting apr's error messages use)."""
+    escapes = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t", "\0": "\\0"}
+    out = []
+    for char in text:
+        if char in escapes:
+            out.append(escapes[char])
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            out.append(f"\\u{{{ord(char):x}}}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
+def parse_stages(spec: str) -> list[Stage]:
+    """Parse a `--save-tensor` argument exactly as apr does.
+
+    `all` (ASCII case-insensitive, alone) is every stage in canonical order; an empty string is no
+    stages; otherwise a comma list of names, each trimmed and lower-cased, duplicates kept in order.
+    """
+    trimmed = spec.strip()
+    if trimmed.lower() == "all" and trimmed.isascii():
+        return list(STAGES)
+    if not trimmed:
+        return []
+    stages = []
+    for raw_token in trimmed.split(","):
+        token = raw_token.strip()
+        if not token:
+            raise PlanError(
+                "save-tensor stage list invalid: save-tensor stage cannot be an empty string"
+            )
+        key = token.lower()
+        key = ALIASES.get(key, key)
+        if key not in STAGE_BY_NAME:
+            valid = ",".join(s.name for s in STAGES)
+            raise PlanError(
+                "save-tensor stage list invalid: "
+                f"unknown save-tensor stage {rust_debug_str(token)}; valid stages: {valid}"
+            )
+        stages.append(STAGE_BY_NAME[key])
+    return stages
+
+
+_U32_TEXT = re.compile(r"\+?[0-9]+", re.ASCII)
+
+
+def _parse_u32(side: str) -> int | None:
+    """Rust's `u32::from_str` on an already-trimmed side: optional `+`, ASCII digits, < 2**32."""
+    if not _U32_TEXT.fullmatch(side):
+        return None
+    value = int(side.lstrip("+"))
+    return value if value <= U32_MAX else None
+
+
+def parse_layer_range(spec: str) -> tuple[int, int]:
+    """Parse a `--save-tensor-layers START..END` argument (END exclusive) exactly as apr does."""
+    trimmed = spec.strip()
+
+    def fail(reason: str) -> PlanError:
+        return PlanError(
+            f"save-tensor layer range invalid ({rust_debug_str(trimmed)}): {reason}"
+        )
+
+    if ".." not in trimmed:
+        raise fail("expected `START..END`")
+    raw_start, raw_end = trimmed.split("..", 1)
+    start = _parse_u32(raw_start.strip())
+    if start is None:
+        raise fail(f"START {rust_debug_str(raw_start)} is not a valid u32")
+    end = _parse_u32(raw_end.strip())
+    if end is None:
+        raise fail(f"END {rust_debug_str(raw_end)} is not a valid u32")
+    if end <= start:
+        raise fail(f"END ({end}) must be > START ({start})")
+    return start, end
+
+
+DEFAULT_LAYER_RANGE = "0..1"
+"""apr's default `--save-tensor-layers`: layer 0 only."""
+
+
+@dataclass(frozen=True)
+class SaveTensorPlan:
+    """Which (stage, layer) captures to write, and where. Built by `SaveTensorPlan.parse`."""
+
+    stages: tuple[Stage, ...]
+    layer_start: int
+    layer_end: int
+    directory: Path
+
+    @classmethod
+    def parse(
+        cls, stages: str, layers: str = DEFAULT_LAYER_RANGE, directory: str | Path = "."
+    ) -> SaveTensorPlan:
+        start, end = parse_layer_range(layers)
+        return cls(tuple(parse_stages(stages)), start, end, Path(directory))
+
+    def should_save(self, stage_name: str, layer: int) -> bool:
+        """apr's `should_save`: listed, and whole-model or START <= layer < END."""
+        selected = STAGE_BY_NAME.get(stage_name)
+        if selected is None or selected not in self.stages:
+            return False
+        if not selected.per_layer:
+            return True
+        return self.layer_start <= layer < self.layer_end
+
+    def stage_path(self, stage_name: str, layer: int) -> Path:
+        return stage_path(self.directory, stage_name, layer)
+
+
+def stage_path(directory: str | Path, stage_name: str, layer: int) -> Path:
+    """`<dir>/layer-<N>/<stage>.bin` for per-layer stages, `<dir>/<stage>.bin` for whole-model."""
+    selected = STAGE_BY_NAME[stage_name]
+    if not selected.per_layer:
+        return Path(directory) / f"{stage_name}.bin"
+    return Path(directory) / f"layer-{layer}" / f"{stage_name}.bin"
