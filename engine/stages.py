@@ -151,9 +151,7 @@ def parse_layer_range(spec: str) -> tuple[int, int]:
     trimmed = spec.strip()
 
     def fail(reason: str) -> PlanError:
-        return PlanError(
-            f"save-tensor layer range invalid ({rust_debug_str(trimmed)}): {reason}"
-        )
+        return PlanError(f"save-tensor layer range invalid ({rust_debug_str(trimmed)}): {reason}")
 
     if ".." not in trimmed:
         raise fail("expected `START..END`")

