@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from types import ModuleType
 
@@ -42,7 +43,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _print_error(message: str) -> None:
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() and not os.environ.get("NO_COLOR"):
         sys.stderr.write(f"\x1b[31mapr-tui: error:\x1b[0m {message}\n")
     else:
         sys.stderr.write(f"apr-tui: error: {message}\n")
@@ -90,9 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     from engine.errors import AprTuiError
 
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if not args_list or args_list[0] in ("-h", "--help", "help"):
+    if not args_list:
+        print(_top_help(), file=sys.stderr)
+        return EXIT_USAGE
+    if args_list[0] in ("-h", "--help", "help"):
         print(_top_help())
-        return 0 if args_list else EXIT_USAGE
+        return 0
     if args_list[0] in ("-V", "--version"):
         print(f"apr-tui {__version__}")
         return 0
@@ -105,26 +109,33 @@ def main(argv: list[str] | None = None) -> int:
         module = _load(EXPLORE)
         prog = "apr-tui"
     parser = _build_parser(prog, module)
-    args = parser.parse_args(args_list)
     try:
+        args = parser.parse_args(args_list)
         return int(module.run(args) or 0)
     except AprTuiError as error:
         _print_error(str(error))
         return EXIT_USAGE
-    except FileNotFoundError as error:
-        _print_error(f"{error.filename}: no such file or directory")
-        return EXIT_USAGE
-    except IsADirectoryError as error:
-        _print_error(f"{error.filename}: is a directory, expected a file")
-        return EXIT_USAGE
-    except PermissionError as error:
-        _print_error(f"{error.filename}: permission denied")
+    except BrokenPipeError:
+        return 0  # `apr-tui ... | head`: the reader left, nothing is wrong
+    except OSError as error:
+        _print_error(_describe_os_error(error))
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("apr-tui: interrupted\n")
         return 130
-    except BrokenPipeError:
-        return 0
+
+
+def _describe_os_error(error: OSError) -> str:
+    """One line for a file-system error: the file first, then what went wrong."""
+    reason = {
+        FileNotFoundError: "no such file or directory",
+        IsADirectoryError: "is a directory, expected a file",
+        NotADirectoryError: "not a directory",
+        PermissionError: "permission denied",
+    }.get(type(error), (error.strerror or str(error)).lower())
+    if error.filename is None:
+        return reason
+    return f"{error.filename}: {reason}"
 
 
 if __name__ == "__main__":

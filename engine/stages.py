@@ -91,6 +91,19 @@ def stage(name: str) -> Stage:
     return STAGE_BY_NAME[ALIASES.get(key, key)]
 
 
+RUST_WHITESPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+    "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+"""What Rust's `str::trim` strips (Unicode White_Space). Python's `str.strip()` also strips
+U+001C..U+001F, which Rust keeps, so `.strip(RUST_WHITESPACE)` is used wherever apr trims."""
+
+
+def rust_trim(text: str) -> str:
+    """Rust's `str::trim`."""
+    return text.strip(RUST_WHITESPACE)
+
+
 def rust_debug_str(text: str) -> str:
     """`text` quoted as Rust's `{:?}` prints a `&str` (the quoting apr's error messages use)."""
     escapes = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t", "\0": "\\0"}
@@ -98,7 +111,7 @@ def rust_debug_str(text: str) -> str:
     for char in text:
         if char in escapes:
             out.append(escapes[char])
-        elif ord(char) < 0x20 or ord(char) == 0x7F:
+        elif ord(char) < 0x20 or 0x7F <= ord(char) <= 0x9F:
             out.append(f"\\u{{{ord(char):x}}}")
         else:
             out.append(char)
@@ -111,14 +124,14 @@ def parse_stages(spec: str) -> list[Stage]:
     `all` (ASCII case-insensitive, alone) is every stage in canonical order; an empty string is no
     stages; otherwise a comma list of names, each trimmed and lower-cased, duplicates kept in order.
     """
-    trimmed = spec.strip()
+    trimmed = rust_trim(spec)
     if trimmed.lower() == "all" and trimmed.isascii():
         return list(STAGES)
     if not trimmed:
         return []
     stages = []
     for raw_token in trimmed.split(","):
-        token = raw_token.strip()
+        token = rust_trim(raw_token)
         if not token:
             raise PlanError(
                 "save-tensor stage list invalid: save-tensor stage cannot be an empty string"
@@ -148,7 +161,7 @@ def _parse_u32(side: str) -> int | None:
 
 def parse_layer_range(spec: str) -> tuple[int, int]:
     """Parse a `--save-tensor-layers START..END` argument (END exclusive) exactly as apr does."""
-    trimmed = spec.strip()
+    trimmed = rust_trim(spec)
 
     def fail(reason: str) -> PlanError:
         return PlanError(f"save-tensor layer range invalid ({rust_debug_str(trimmed)}): {reason}")
@@ -156,10 +169,10 @@ def parse_layer_range(spec: str) -> tuple[int, int]:
     if ".." not in trimmed:
         raise fail("expected `START..END`")
     raw_start, raw_end = trimmed.split("..", 1)
-    start = _parse_u32(raw_start.strip())
+    start = _parse_u32(rust_trim(raw_start))
     if start is None:
         raise fail(f"START {rust_debug_str(raw_start)} is not a valid u32")
-    end = _parse_u32(raw_end.strip())
+    end = _parse_u32(rust_trim(raw_end))
     if end is None:
         raise fail(f"END {rust_debug_str(raw_end)} is not a valid u32")
     if end <= start:
@@ -184,8 +197,10 @@ class SaveTensorPlan:
     def parse(
         cls, stages: str, layers: str = DEFAULT_LAYER_RANGE, directory: str | Path = "."
     ) -> SaveTensorPlan:
+        # apr's `from_cli` parses the stage list first, so its error wins when both are bad.
+        parsed_stages = tuple(parse_stages(stages))
         start, end = parse_layer_range(layers)
-        return cls(tuple(parse_stages(stages)), start, end, Path(directory))
+        return cls(parsed_stages, start, end, Path(directory))
 
     def should_save(self, stage_name: str, layer: int) -> bool:
         """apr's `should_save`: listed, and whole-model or START <= layer < END."""

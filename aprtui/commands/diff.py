@@ -1,0 +1,495 @@
+"""`apr-tui diff A B`: `apr diff --values` on two APRT files, or on two trace directories."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.aprt import TraceDir
+    from engine.stats import DiffStats
+
+HELP = "`apr diff --values` on two APRT stage files or two trace directories"
+
+DESCRIPTION = """\
+Compare stage tensors element-wise, with exactly the statistics of `apr diff --values`:
+|a - b| in f32, f64 accumulation, the first maximum wins, RMS, cosine similarity (0 when a
+norm is 0) and the top divergences by |a - b| (a stable sort, ties in index order).
+
+Two APRT files (as `apr trace --save-tensor` writes them) are checked the way apr checks
+them (dim_product first, then layer) and shown as a panel, or with --json as apr's
+`apr-stage-diff-v1` document.
+
+Two trace directories (layer-N/<stage>.bin plus the whole-model final_norm.bin and
+lm_head.bin at the root) are compared stage by stage for every (layer, stage) both have,
+in computation order, with the first stage whose cosine falls below --threshold marked;
+stages only one side has, and files neither understands, are listed after the table.
+With --json the directory result is an `apr-tui-dir-diff-v1` document."""
+
+EPILOG = """\
+examples:
+  apr-tui diff ref/layer-3/ffn_out.bin mine/layer-3/ffn_out.bin
+  apr-tui diff ref/lm_head.bin mine/lm_head.bin --limit 64 --json
+  apr-tui diff model-trace/ hf-trace/            every common stage, first divergence marked
+  apr-tui diff model-trace/ hf-trace/ --json > report.json
+
+exit codes: 0 compared, 2 bad input (unreadable or mismatched files, bad arguments)."""
+
+DEFAULT_LIMIT = 10
+DEFAULT_THRESHOLD = 0.999
+"""Cosine below which a stage counts as diverged (apr's contract: the Q4K noise floor)."""
+
+FILE_SCHEMA = "apr-stage-diff-v1"
+DIR_SCHEMA = "apr-tui-dir-diff-v1"
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a cosine in [-1, 1], got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("a", metavar="A", help="APRT stage file or trace directory (side A)")
+    parser.add_argument("b", metavar="B", help="APRT stage file or trace directory (side B)")
+    parser.add_argument(
+        "--limit",
+        type=_limit,
+        default=DEFAULT_LIMIT,
+        metavar="N",
+        help=f"top divergences to list (default {DEFAULT_LIMIT}; 0 counts as 1, as in apr)",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=_threshold,
+        default=DEFAULT_THRESHOLD,
+        metavar="COS",
+        help=f"directories: cosine below this is a divergence (default {DEFAULT_THRESHOLD})",
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON document to stdout")
+
+
+# ----------------------------------------------------------------------------- file vs file
+
+
+def _display(path: str | os.PathLike[str]) -> str:
+    """A path as Rust's `Path::display()` shows it (undecodable bytes become U+FFFD)."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def _layer_label(layer: int) -> int | str:
+    from engine.stages import WHOLE_MODEL_LAYER
+
+    return "whole-model" if layer == WHOLE_MODEL_LAYER else layer
+
+
+def _stats_document(stats: DiffStats) -> dict[str, object]:
+    """The statistics part of apr's JSON (f32 fields printed as serde_json prints an f32)."""
+    from engine.rustfmt import JsonF32
+
+    return {
+        "dim_product": stats.count,
+        "max_abs_diff": JsonF32(stats.max_abs_diff),
+        "max_abs_diff_index": stats.max_abs_diff_index,
+        "rms_diff": JsonF32(stats.rms_diff),
+        "cosine_sim": stats.cosine_sim,
+        "top_diffs": [
+            {
+                "index": top.index,
+                "a": JsonF32(top.a),
+                "b": JsonF32(top.b),
+                "abs_diff": JsonF32(top.abs_diff),
+            }
+            for top in stats.top_diffs
+        ],
+    }
+
+
+def _read_for_diff(path: str):
+    """read_aprt with apr's error wording (`Cannot open ...` / `Cannot read APRT stage tensor ...`)."""
+    from engine.aprt import AprtOpenError, read_aprt
+    from engine.errors import FormatError
+
+    try:
+        return read_aprt(path)
+    except AprtOpenError as error:
+        raise FormatError(
+            f"Cannot open {_display(path)}: {error.reason.removeprefix('cannot open: ')}"
+        ) from None
+    except FormatError as error:
+        reason = getattr(error, "reason", str(error))
+        raise FormatError(f"Cannot read APRT stage tensor {_display(path)}: {reason}") from None
+
+
+def _check_pair(path_a: str, layer_a: int, n_a: int, path_b: str, layer_b: int, n_b: int) -> None:
+    """apr's two checks, in apr's order and words (§2.2)."""
+    from engine.errors import DiffError
+
+    if n_a != n_b:
+        raise DiffError(
+            f"APRT dim_product mismatch: {_display(path_a)} has {n_a} f32s, {_display(path_b)} "
+            f"has {n_b} f32s — cannot compare stage tensors of different sizes"
+        )
+    if layer_a != layer_b:
+        raise DiffError(
+            f"APRT layer mismatch: {_display(path_a)} is layer {layer_a}, {_display(path_b)} is "
+            f"layer {layer_b} — stages from different layers cannot be compared element-wise"
+        )
+
+
+def diff_files(path_a: str, path_b: str, limit: int) -> tuple[int, DiffStats]:
+    """Read, check and diff two APRT files; returns (layer, stats)."""
+    from engine.stats import diff_stats
+
+    tensor_a = _read_for_diff(path_a)
+    tensor_b = _read_for_diff(path_b)
+    _check_pair(
+        path_a, tensor_a.layer, tensor_a.dim_product, path_b, tensor_b.layer, tensor_b.dim_product
+    )
+    return tensor_a.layer, diff_stats(tensor_a.values, tensor_b.values, limit)
+
+
+def file_document(path_a: str, path_b: str, layer: int, stats: DiffStats) -> dict[str, object]:
+    """apr's `apr-stage-diff-v1` object."""
+    return {
+        "schema": FILE_SCHEMA,
+        "path_a": _display(path_a),
+        "path_b": _display(path_b),
+        "layer": _layer_label(layer),
+        **_stats_document(stats),
+    }
+
+
+def _cosine_style(cosine: float, threshold: float) -> str:
+    return "green" if cosine >= threshold else "bold red"  # NaN compares False: red
+
+
+def _print_file_diff(path_a: str, path_b: str, layer: int, stats: DiffStats, threshold: float):
+    from rich import box
+    from rich.console import Console, Group
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    from engine.rustfmt import rust_fixed, rust_lower_exp
+
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold")
+    facts.add_column()
+    facts.add_row("A:", Text(_display(path_a)))
+    facts.add_row("B:", Text(_display(path_b)))
+    facts.add_row("Layer:", str(_layer_label(layer)))
+    facts.add_row("Elements:", str(stats.count))
+    facts.add_row(
+        "max|diff|:",
+        f"{rust_lower_exp(stats.max_abs_diff)} (at index {stats.max_abs_diff_index})",
+    )
+    facts.add_row("RMS diff:", rust_lower_exp(stats.rms_diff))
+    facts.add_row(
+        "cosine sim:",
+        Text(rust_fixed(stats.cosine_sim, 10), style=_cosine_style(stats.cosine_sim, threshold)),
+    )
+
+    top = Table(
+        title="Top divergences (by |a - b|)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        expand=False,
+    )
+    top.add_column("index", justify="right")
+    top.add_column("a", justify="right")
+    top.add_column("b", justify="right")
+    top.add_column("|Δ|", justify="right")
+    for entry in stats.top_diffs:
+        top.add_row(
+            str(entry.index),
+            rust_lower_exp(entry.a, plus=True),
+            rust_lower_exp(entry.b, plus=True),
+            rust_lower_exp(entry.abs_diff),
+        )
+    panel = Panel(
+        Group(facts, Text(""), top),
+        title="APR STAGE TENSOR DIFF (APRT, element-wise)",
+        border_style="cyan",
+        box=box.DOUBLE,
+        expand=False,
+    )
+    Console(highlight=False).print(panel)
+
+
+# ----------------------------------------------------------------------------- dir vs dir
+
+
+@dataclass
+class StageComparison:
+    layer: int
+    stage: str
+    path_a: Path
+    path_b: Path
+    stats: DiffStats | None
+    error: str | None = None
+
+
+def diff_dirs(trace_a: TraceDir, trace_b: TraceDir, limit: int) -> list[StageComparison]:
+    """Diff every (layer, stage) both traces have, in computation order.
+
+    A pair whose files disagree in size gets `error` instead of `stats` (apr's message) and
+    the walk goes on; the directory reader has already checked headers against places.
+    """
+    from engine.errors import AprTuiError
+    from engine.stats import diff_stats
+
+    results = []
+    for key, file_a in trace_a.entries.items():
+        file_b = trace_b.entries.get(key)
+        if file_b is None:
+            continue
+        layer, stage_name = key
+        try:
+            tensor_a = _read_for_diff(str(file_a))
+            tensor_b = _read_for_diff(str(file_b))
+            _check_pair(
+                str(file_a),
+                tensor_a.layer,
+                tensor_a.dim_product,
+                str(file_b),
+                tensor_b.layer,
+                tensor_b.dim_product,
+            )
+        except AprTuiError as error:
+            results.append(StageComparison(layer, stage_name, file_a, file_b, None, str(error)))
+            continue
+        stats = diff_stats(tensor_a.values, tensor_b.values, limit)
+        results.append(StageComparison(layer, stage_name, file_a, file_b, stats))
+    return results
+
+
+def _first_divergence(results: list[StageComparison], threshold: float) -> StageComparison | None:
+    for result in results:
+        if result.stats is not None and not result.stats.cosine_sim >= threshold:
+            return result
+    return None
+
+
+def _only_in(trace: TraceDir, other: TraceDir) -> list[tuple[int, str, Path]]:
+    return [
+        (layer, name, path)
+        for (layer, name), path in trace.entries.items()
+        if (layer, name) not in other.entries
+    ]
+
+
+def dir_document(
+    trace_a: TraceDir,
+    trace_b: TraceDir,
+    results: list[StageComparison],
+    threshold: float,
+    limit: int,
+) -> dict[str, object]:
+    """The `apr-tui-dir-diff-v1` document.
+
+    {schema, dir_a, dir_b, threshold, limit, token_ids_a, token_ids_b, tokens_match,
+     first_divergence: {layer, stage} | null,
+     stages: [{layer, stage, path_a, path_b, error, and when error is null the
+               apr-stage-diff-v1 statistics: dim_product, max_abs_diff, max_abs_diff_index,
+               rms_diff, cosine_sim, top_diffs}],
+     only_in_a / only_in_b: [{layer, stage, path}],
+     unknown_a / unknown_b: [{path, reason}]}
+    `layer` is an integer or "whole-model" throughout; keys are sorted at every level.
+    """
+    first = _first_divergence(results, threshold)
+    stages = []
+    for result in results:
+        entry: dict[str, object] = {
+            "layer": _layer_label(result.layer),
+            "stage": result.stage,
+            "path_a": _display(result.path_a),
+            "path_b": _display(result.path_b),
+            "error": result.error,
+        }
+        if result.stats is not None:
+            entry.update(_stats_document(result.stats))
+        stages.append(entry)
+    tokens_match = (
+        None
+        if trace_a.token_ids is None or trace_b.token_ids is None
+        else trace_a.token_ids == trace_b.token_ids
+    )
+    return {
+        "schema": DIR_SCHEMA,
+        "dir_a": _display(trace_a.root),
+        "dir_b": _display(trace_b.root),
+        "threshold": threshold,
+        "limit": limit,
+        "token_ids_a": trace_a.token_ids,
+        "token_ids_b": trace_b.token_ids,
+        "tokens_match": tokens_match,
+        "first_divergence": None
+        if first is None
+        else {"layer": _layer_label(first.layer), "stage": first.stage},
+        "stages": stages,
+        "only_in_a": [
+            {"layer": _layer_label(layer), "stage": name, "path": _display(path)}
+            for layer, name, path in _only_in(trace_a, trace_b)
+        ],
+        "only_in_b": [
+            {"layer": _layer_label(layer), "stage": name, "path": _display(path)}
+            for layer, name, path in _only_in(trace_b, trace_a)
+        ],
+        "unknown_a": [{"path": _display(p), "reason": r} for p, r in trace_a.unknown],
+        "unknown_b": [{"path": _display(p), "reason": r} for p, r in trace_b.unknown],
+    }
+
+
+def _print_dir_diff(
+    trace_a: TraceDir,
+    trace_b: TraceDir,
+    results: list[StageComparison],
+    threshold: float,
+) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from engine.rustfmt import rust_fixed, rust_lower_exp
+
+    console = Console(highlight=False)
+    first = _first_divergence(results, threshold)
+    table = Table(
+        title=f"A: {_display(trace_a.root)}\nB: {_display(trace_b.root)}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        collapse_padding=True,
+        pad_edge=False,
+    )
+    table.add_column("layer", justify="right", no_wrap=True)
+    table.add_column("stage", no_wrap=True)
+    table.add_column("n", justify="right", no_wrap=True)
+    table.add_column("cosine", justify="right", no_wrap=True)
+    table.add_column("max|diff|", justify="right", no_wrap=True)
+    table.add_column("rms", justify="right", no_wrap=True)
+    table.add_column("", no_wrap=True)
+    for result in results:
+        layer = str(_layer_label(result.layer))
+        if result.stats is None:
+            table.add_row(layer, result.stage, "", Text("not compared", style="yellow"))
+            continue
+        stats = result.stats
+        table.add_row(
+            layer,
+            result.stage,
+            str(stats.count),
+            Text(
+                rust_fixed(stats.cosine_sim, 6),
+                style=_cosine_style(stats.cosine_sim, threshold),
+            ),
+            rust_lower_exp(stats.max_abs_diff, 3),
+            rust_lower_exp(stats.rms_diff, 3),
+            Text("◀ first", style="bold red") if result is first else "",
+        )
+    console.print(table)
+
+    compared = sum(result.stats is not None for result in results)
+    below = sum(
+        result.stats is not None and not result.stats.cosine_sim >= threshold for result in results
+    )
+    summary = f"{compared} stage(s) compared, {below} below cosine {threshold}"
+    if first is not None:
+        summary += f"; first divergence: layer {_layer_label(first.layer)} {first.stage}"
+    console.print(Text(summary, style="bold red" if below else "bold green"))
+
+    not_compared = [result for result in results if result.stats is None]
+    if not_compared:
+        console.print(Text(f"not compared ({len(not_compared)}):", style="bold yellow"))
+        for result in not_compared:
+            console.print(Text(f"  {result.error}"))
+    if (
+        trace_a.token_ids is not None
+        and trace_b.token_ids is not None
+        and trace_a.token_ids != trace_b.token_ids
+    ):
+        console.print(
+            Text(
+                f"warning: the traces ran different tokens: A {trace_a.token_ids} vs "
+                f"B {trace_b.token_ids}",
+                style="bold yellow",
+            )
+        )
+    for label, trace, other in (("A", trace_a, trace_b), ("B", trace_b, trace_a)):
+        only = _only_in(trace, other)
+        if only:
+            console.print(Text(f"only in {label} ({len(only)}):", style="bold"))
+            for _, _, path in only:
+                console.print(Text(f"  {_display(path)}"))
+        if trace.unknown:
+            console.print(
+                Text(f"not understood in {label} ({len(trace.unknown)}):", style="bold yellow")
+            )
+            for path, reason in trace.unknown:
+                console.print(Text(f"  {_display(path)}: {reason}"))
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.errors import DiffError
+
+    kinds = []
+    for path in (args.a, args.b):
+        if not os.path.exists(path):
+            raise DiffError(f"{_display(path)}: no such file or directory")
+        kinds.append("dir" if os.path.isdir(path) else "file")
+    if kinds[0] != kinds[1]:
+        file_side, dir_side = (args.a, args.b) if kinds[0] == "file" else (args.b, args.a)
+        raise DiffError(
+            f"cannot diff a file with a directory ({_display(file_side)} is a file, "
+            f"{_display(dir_side)} is a directory): give two APRT files or two trace directories"
+        )
+
+    if kinds[0] == "file":
+        layer, stats = diff_files(args.a, args.b, args.limit)
+        if args.json:
+            from engine.rustfmt import serde_json_pretty
+
+            print(serde_json_pretty(file_document(args.a, args.b, layer, stats)))
+        else:
+            _print_file_diff(args.a, args.b, layer, stats, args.threshold)
+        return 0
+
+    from engine.aprt import read_trace_dir
+
+    trace_a, trace_b = read_trace_dir(args.a), read_trace_dir(args.b)
+    if not any(key in trace_b.entries for key in trace_a.entries):
+        raise DiffError(
+            f"{_display(args.a)} and {_display(args.b)} have no (layer, stage) file in common"
+        )
+    results = diff_dirs(trace_a, trace_b, args.limit)
+    if args.json:
+        from engine.rustfmt import serde_json_pretty
+
+        print(
+            serde_json_pretty(dir_document(trace_a, trace_b, results, args.threshold, args.limit))
+        )
+    else:
+        _print_dir_diff(trace_a, trace_b, results, args.threshold)
+    return 0

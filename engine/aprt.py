@@ -1,0 +1,423 @@
+"""APRT stage-tensor files and trace directories (`apr trace --save-tensor`, §1.1 and §1.3).
+
+An APRT file is a 12-byte header (`b"APRT"`, u32 LE layer, u32 LE dim_product) followed by
+dim_product little-endian f32 values. There is no shape, dtype or stage name inside: the stage
+is the file name. Whole-model stages (`final_norm`, `lm_head`) carry the layer sentinel
+0xFFFFFFFF and live at the trace root; per-layer stages live in `layer-<N>/<stage>.bin`.
+
+Values travel as raw bytes in both directions, so NaN payloads, ±Inf and -0.0 survive bit for
+bit. Reading checks the file size against the header before allocating anything, so a corrupt
+dim_product cannot make us allocate more than the file holds. Writing goes to a temporary name
+in the target directory and is renamed into place, so a reader never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import secrets
+import stat
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from engine.errors import FormatError
+from engine.stages import (
+    ALIASES,
+    STAGE_BY_NAME,
+    STAGES,
+    U32_MAX,
+    WHOLE_MODEL_LAYER,
+    stage,
+    stage_path,
+)
+
+MAGIC = b"APRT"
+HEADER_SIZE = 12
+_HEADER = struct.Struct("<4sII")  # magic, layer, dim_product
+_F32_LE = np.dtype("<f4")
+
+TOKENS_FILE = "tokens.json"
+TOKENS_SCHEMA = "apr-tui-tokens-v1"
+PROVENANCE_FILE = "_PROVENANCE.txt"
+"""Written beside the stage files by aprender's HF reference script; understood and skipped."""
+
+_LAYER_DIR = re.compile(r"layer-(0|[1-9][0-9]*)", re.ASCII)
+_TEMP_NAME = re.compile(r"\..+\.[0-9]+\.[0-9a-f]{8}\.tmp", re.ASCII)
+
+
+class AprtFormatError(FormatError):
+    """An APRT file that cannot be read: `<path>: <reason>` (reason in apr's wording)."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class AprtOpenError(AprtFormatError):
+    """An APRT file that cannot be opened at all (missing, permission, ...)."""
+
+
+@dataclass(frozen=True)
+class AprtHeader:
+    layer: int
+    dim_product: int
+
+    @property
+    def is_whole_model(self) -> bool:
+        return self.layer == WHOLE_MODEL_LAYER
+
+
+@dataclass
+class AprtTensor:
+    """One APRT file as read: its header layer and its values (1-D float32, writable)."""
+
+    path: Path
+    layer: int
+    values: np.ndarray  # [dim_product] float32
+
+    @property
+    def dim_product(self) -> int:
+        return int(self.values.size)
+
+    @property
+    def is_whole_model(self) -> bool:
+        return self.layer == WHOLE_MODEL_LAYER
+
+
+def _rust_io_text(error: OSError) -> str:
+    """An OSError the way Rust's io::Error displays it: `No such file or directory (os error 2)`."""
+    if error.errno is None:
+        return str(error)
+    return f"{os.strerror(error.errno)} (os error {error.errno})"
+
+
+def _check_header(path: str | os.PathLike[str], header_bytes: bytes, file_size: int) -> AprtHeader:
+    """Validate the 12 header bytes against the file size; the body is not read here."""
+    if len(header_bytes) < HEADER_SIZE:
+        raise AprtFormatError(
+            path,
+            f"save-tensor header truncated: got {len(header_bytes)} bytes, need {HEADER_SIZE}",
+        )
+    magic, layer, dim_product = _HEADER.unpack(header_bytes[:HEADER_SIZE])
+    if magic != MAGIC:
+        raise AprtFormatError(
+            path,
+            f"save-tensor magic mismatch: got {list(magic)}, expected {list(MAGIC)}",
+        )
+    body_bytes = file_size - HEADER_SIZE
+    if body_bytes < 4 * dim_product:
+        raise AprtFormatError(
+            path,
+            "save-tensor body length mismatch: "
+            f"header says {4 * dim_product} bytes ({dim_product} f32s), got {body_bytes}",
+        )
+    return AprtHeader(layer=layer, dim_product=dim_product)
+
+
+def _open(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open a regular file for reading; anything else (missing, directory, FIFO) is an error.
+
+    Checked before opening so that a FIFO or device never blocks us.
+    """
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(mode):
+            raise AprtOpenError(path, "cannot open: not a regular file")
+        return open(path, "rb")  # noqa: SIM115 - closed by the caller's `with`
+    except OSError as error:
+        raise AprtOpenError(path, f"cannot open: {_rust_io_text(error)}") from None
+
+
+def read_aprt_header(path: str | os.PathLike[str]) -> AprtHeader:
+    """The header of an APRT file, checked against the file size (12 bytes read)."""
+    with _open(path) as handle:
+        try:
+            size = os.fstat(handle.fileno()).st_size
+            header_bytes = handle.read(HEADER_SIZE)
+        except OSError as error:
+            raise AprtFormatError(path, f"save-tensor I/O error: {_rust_io_text(error)}") from None
+    return _check_header(path, header_bytes, size)
+
+
+def read_aprt(path: str | os.PathLike[str]) -> AprtTensor:
+    """Read an APRT file bit-exactly. Trailing bytes after the body are ignored, as apr does."""
+    with _open(path) as handle:
+        try:
+            size = os.fstat(handle.fileno()).st_size
+            header = _check_header(path, handle.read(HEADER_SIZE), size)
+            # count bounds the read; the size check above bounds count by the file size.
+            values = np.fromfile(handle, dtype=_F32_LE, count=header.dim_product)
+        except OSError as error:
+            raise AprtFormatError(path, f"save-tensor I/O error: {_rust_io_text(error)}") from None
+    if values.size != header.dim_product:  # the file shrank between fstat and read
+        raise AprtFormatError(
+            path,
+            "save-tensor body length mismatch: "
+            f"header says {4 * header.dim_product} bytes ({header.dim_product} f32s), "
+            f"got {4 * values.size}",
+        )
+    return AprtTensor(Path(path), header.layer, values.astype(np.float32, copy=False))
+
+
+def _to_host_f32(values: Any) -> np.ndarray:
+    """Flatten to a C-contiguous little-endian f32 host array without touching the bits."""
+    if hasattr(values, "get") and type(values).__module__.startswith("cupy"):
+        values = values.get()
+    array = np.asarray(values)
+    if array.dtype != np.float32:
+        array = array.astype(np.float32)
+    return np.ascontiguousarray(array.reshape(-1), dtype=_F32_LE)
+
+
+def _atomic_write(path: Path, chunks: list[bytes | np.ndarray]) -> None:
+    """Write to a hidden temporary name beside `path`, then rename over it."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            for chunk in chunks:
+                if isinstance(chunk, np.ndarray):
+                    chunk.tofile(handle)
+                else:
+                    handle.write(chunk)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def write_aprt(path: str | os.PathLike[str], layer: int, values: Any) -> Path:
+    """Write `values` (any shape, numpy or CuPy; cast to f32, flattened in C order) as APRT.
+
+    `layer` goes into the header as given (0..0xFFFFFFFF); use `write_stage` for the
+    whole-model sentinel rule.
+    """
+    if not 0 <= int(layer) <= U32_MAX:
+        raise ValueError(f"APRT layer must be in 0..=0xFFFFFFFF, got {layer}")
+    body = _to_host_f32(values)
+    if body.size > U32_MAX:
+        raise ValueError(f"APRT holds at most 2**32-1 values, got {body.size}")
+    target = Path(path)
+    _atomic_write(target, [_HEADER.pack(MAGIC, int(layer), body.size), body])
+    return target
+
+
+def write_stage(
+    directory: str | os.PathLike[str], stage_name: str, layer: int, values: Any
+) -> Path:
+    """Write one stage capture where apr puts it, creating `layer-N/` as needed.
+
+    Per-layer stages go to `<dir>/layer-<N>/<stage>.bin` with header layer N; whole-model stages
+    go to `<dir>/<stage>.bin` with header layer 0xFFFFFFFF whatever `layer` says (§1.3).
+    """
+    try:
+        selected = stage(stage_name)
+    except KeyError:
+        raise ValueError(f"unknown stage {stage_name!r}") from None
+    if selected.per_layer:
+        if not 0 <= layer < WHOLE_MODEL_LAYER:
+            raise ValueError(f"per-layer stage {selected.name} needs a layer in 0..0xFFFFFFFE")
+        header_layer = layer
+    else:
+        header_layer = WHOLE_MODEL_LAYER
+    path = stage_path(directory, selected.name, layer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_aprt(path, header_layer, values)
+
+
+# ----------------------------------------------------------------------------- tokens.json
+
+
+@dataclass(frozen=True)
+class TokensInfo:
+    """The contents of a trace's tokens.json (schema apr-tui-tokens-v1)."""
+
+    token_ids: list[int]
+    prompt: str | None = None
+    model: str | None = None
+
+
+def write_tokens_json(
+    directory: str | os.PathLike[str],
+    token_ids: list[int],
+    prompt: str | None = None,
+    model: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write `<dir>/tokens.json` beside the stage files (the directory is created)."""
+    ids = [int(token) for token in token_ids]
+    if any(not 0 <= token <= U32_MAX for token in ids):
+        raise ValueError("token ids must be in 0..2**32")
+    document = {
+        "schema": TOKENS_SCHEMA,
+        "token_ids": ids,
+        "prompt": prompt,
+        "model": None if model is None else os.fspath(model),
+    }
+    target = Path(directory) / TOKENS_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+    _atomic_write(target, [text.encode("utf-8")])
+    return target
+
+
+def read_tokens_json(path: str | os.PathLike[str]) -> TokensInfo:
+    """Read and validate a tokens.json file; any defect is a FormatError naming the file."""
+
+    def bad(reason: str) -> FormatError:
+        return FormatError(f"{os.fspath(path)}: {reason}")
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise bad("not UTF-8 text") from None
+    except OSError as error:
+        raise bad(f"cannot read: {_rust_io_text(error)}") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise bad(
+            f"not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
+        ) from None
+    if not isinstance(document, dict):
+        raise bad("expected a JSON object")
+    if document.get("schema") != TOKENS_SCHEMA:
+        raise bad(f'"schema" must be "{TOKENS_SCHEMA}", got {json.dumps(document.get("schema"))}')
+    ids = document.get("token_ids")
+    if not isinstance(ids, list) or not all(
+        isinstance(token, int) and not isinstance(token, bool) and 0 <= token <= U32_MAX
+        for token in ids
+    ):
+        raise bad('"token_ids" must be a list of integers in 0..2**32')
+    for key in ("prompt", "model"):
+        if document.get(key) is not None and not isinstance(document[key], str):
+            raise bad(f'"{key}" must be a string or null')
+    return TokensInfo(ids, document.get("prompt"), document.get("model"))
+
+
+# ----------------------------------------------------------------------------- trace dirs
+
+
+@dataclass
+class TraceDir:
+    """What a trace directory holds.
+
+    `entries` maps (layer, stage name) to the file, in computation order: layer by layer in
+    canonical stage order, then the whole-model stages under WHOLE_MODEL_LAYER. Every file
+    listed there has a valid header whose layer agrees with where the file sits and a body as
+    long as its header says. Everything else found is listed in `unknown` with the reason.
+    """
+
+    root: Path
+    entries: dict[tuple[int, str], Path] = field(default_factory=dict)
+    unknown: list[tuple[Path, str]] = field(default_factory=list)
+    token_ids: list[int] | None = None
+    prompt: str | None = None
+    model: str | None = None
+
+    @property
+    def layers(self) -> list[int]:
+        """The per-layer indices present, ascending."""
+        return sorted({layer for layer, _ in self.entries if layer != WHOLE_MODEL_LAYER})
+
+
+def _stage_file_problem(name: str, per_layer_dir: bool) -> str | None:
+    """Why a file name is not a stage file for its place, or None if it is one."""
+    if not name.endswith(".bin"):
+        return "not a .bin stage file"
+    stem = name[: -len(".bin")]
+    if stem in ALIASES:
+        return f"alias file name; apr writes the canonical name {ALIASES[stem]}.bin"
+    known = STAGE_BY_NAME.get(stem)
+    if known is None:
+        return f"unknown stage name {stem!r}"
+    if per_layer_dir and not known.per_layer:
+        return f"whole-model stage {stem} inside a layer directory (apr writes it at the root)"
+    if not per_layer_dir and known.per_layer:
+        return f"per-layer stage {stem} at the root (apr writes it in layer-N/)"
+    return None
+
+
+def read_trace_dir(path: str | os.PathLike[str]) -> TraceDir:
+    """Discover the stage files of a trace directory (headers only; no tensor is loaded).
+
+    Raises FormatError for a missing path, a non-directory, a directory without a single valid
+    stage file, or a malformed tokens.json. Files it does not understand are reported in
+    `.unknown` instead.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise FormatError(f"{root}: no such directory")
+    if not root.is_dir():
+        raise FormatError(f"{root}: not a directory")
+    trace = TraceDir(root=root)
+    found: list[tuple[int, str, Path]] = []
+
+    def consider(file: Path, expected_layer: int, per_layer_dir: bool) -> None:
+        problem = _stage_file_problem(file.name, per_layer_dir)
+        if problem is not None:
+            trace.unknown.append((file, problem))
+            return
+        try:
+            header = read_aprt_header(file)
+        except AprtFormatError as error:
+            trace.unknown.append((file, error.reason))
+            return
+        if header.layer != expected_layer:
+            where = "its directory" if per_layer_dir else "the root (whole-model)"
+            trace.unknown.append(
+                (file, f"header layer {header.layer} disagrees with {where} ({expected_layer})")
+            )
+            return
+        found.append((expected_layer, file.name[: -len(".bin")], file))
+
+    try:
+        children = sorted(root.iterdir())
+    except OSError as error:
+        raise FormatError(f"{root}: cannot list: {_rust_io_text(error)}") from None
+    for child in children:
+        if _TEMP_NAME.fullmatch(child.name):
+            continue  # an in-flight write of ours
+        if child.is_dir():
+            match = _LAYER_DIR.fullmatch(child.name)
+            if match is None or int(match.group(1)) >= WHOLE_MODEL_LAYER:
+                trace.unknown.append((child, "directory is not layer-<N>"))
+                continue
+            layer = int(match.group(1))
+            try:
+                grandchildren = sorted(child.iterdir())
+            except OSError as error:
+                trace.unknown.append((child, f"cannot list: {_rust_io_text(error)}"))
+                continue
+            for file in grandchildren:
+                if _TEMP_NAME.fullmatch(file.name):
+                    continue
+                if file.is_dir():
+                    trace.unknown.append((file, "unexpected directory inside layer-<N>"))
+                else:
+                    consider(file, layer, per_layer_dir=True)
+        elif child.name == TOKENS_FILE:
+            info = read_tokens_json(child)
+            trace.token_ids, trace.prompt, trace.model = info.token_ids, info.prompt, info.model
+        elif child.name == PROVENANCE_FILE:
+            continue
+        else:
+            consider(child, WHOLE_MODEL_LAYER, per_layer_dir=False)
+
+    if not found:
+        raise FormatError(
+            f"{root}: no APRT stage files (expected layer-<N>/<stage>.bin or "
+            "final_norm.bin / lm_head.bin)"
+        )
+    order = {s.name: s.index for s in STAGES}
+    for layer, name, file in sorted(found, key=lambda item: (item[0], order[item[1]])):
+        trace.entries[(layer, name)] = file
+    return trace
