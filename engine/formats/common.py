@@ -1,0 +1,291 @@
+"""What every container shares: architecture names, HF config.json facts, expected tensors.
+
+Each reader turns its own metadata into the same `ModelConfig`, and checks the weights it found
+against the tensors that config calls for, so that a file missing a tensor (or holding one of
+the wrong shape) fails at open with a one-line error instead of halfway through a trace.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from engine.errors import FormatError, MissingTensorError, UnsupportedModelError
+from engine.model import SUPPORTED_ARCHITECTURES, ModelConfig, WeightStore
+
+# HF `model_type` / GGUF `general.architecture` / APR `architecture` spellings of our families.
+ARCHITECTURE_ALIASES: dict[str, str] = {
+    "llama": "llama",
+    "llama2": "llama",
+    "llama3": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen": "qwen2",
+    "qwen2.5": "qwen2",
+    "qwen3": "qwen3",
+}
+
+HF_ARCHITECTURE_CLASS = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+_HF_CLASS_TO_ARCH = {cls.lower(): arch for arch, cls in HF_ARCHITECTURE_CLASS.items()}
+
+# Words in an architecture string that mean "not a dense decoder": named in the error.
+_UNSUPPORTED_HINTS = ("moe", "mixtral", "bert", "t5", "encoder", "whisper", "clip", "vit")
+
+# Element count of any model we accept: far above any real checkpoint, far below overflow.
+MAX_ELEMENTS = 1 << 40
+
+
+def normalize_architecture(found: str | None, source: str) -> str:
+    """Our family name for an architecture string, or "unsupported architecture" naming it."""
+    key = (found or "").strip().lower()
+    if key in ARCHITECTURE_ALIASES:
+        return ARCHITECTURE_ALIASES[key]
+    if key in _HF_CLASS_TO_ARCH:
+        return _HF_CLASS_TO_ARCH[key]
+    detail = ""
+    if any(hint in key for hint in _UNSUPPORTED_HINTS):
+        detail = " (mixture-of-experts and encoder models are not supported)"
+    shown = found if found else "none"
+    raise UnsupportedModelError(
+        f"{source}: unsupported architecture {shown!r}{detail}; "
+        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
+
+
+def iter_expected_tensors(config: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Canonical name and shape of every tensor the forward pass reads for `config`, in order.
+
+    A generator, so a corrupt layer count fails at the first missing layer instead of
+    materializing billions of names.
+    """
+    hidden, inter = config.hidden_size, config.intermediate_size
+    yield "model.embed_tokens.weight", (config.vocab_size, hidden)
+    for layer in range(config.num_layers):
+        prefix = f"model.layers.{layer}."
+        yield prefix + "input_layernorm.weight", (hidden,)
+        yield prefix + "self_attn.q_proj.weight", (config.q_dim, hidden)
+        yield prefix + "self_attn.k_proj.weight", (config.kv_dim, hidden)
+        yield prefix + "self_attn.v_proj.weight", (config.kv_dim, hidden)
+        if config.qkv_bias:
+            yield prefix + "self_attn.q_proj.bias", (config.q_dim,)
+            yield prefix + "self_attn.k_proj.bias", (config.kv_dim,)
+            yield prefix + "self_attn.v_proj.bias", (config.kv_dim,)
+        if config.qk_norm:
+            yield prefix + "self_attn.q_norm.weight", (config.head_dim,)
+            yield prefix + "self_attn.k_norm.weight", (config.head_dim,)
+        yield prefix + "self_attn.o_proj.weight", (hidden, config.q_dim)
+        yield prefix + "post_attention_layernorm.weight", (hidden,)
+        yield prefix + "mlp.gate_proj.weight", (inter, hidden)
+        yield prefix + "mlp.up_proj.weight", (inter, hidden)
+        yield prefix + "mlp.down_proj.weight", (hidden, inter)
+    yield "model.norm.weight", (hidden,)
+    if not config.tied_embeddings:
+        yield "lm_head.weight", (config.vocab_size, hidden)
+
+
+def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape of every tensor the forward pass reads for `config`."""
+    return dict(iter_expected_tensors(config))
+
+
+def check_weights(config: ModelConfig, weights: WeightStore, source: str) -> None:
+    """Every tensor the config needs is present with its shape; one-line error otherwise."""
+    for name, shape in iter_expected_tensors(config):
+        if not weights.has(name):
+            raise MissingTensorError(f"{source}: missing tensor {name!r}")
+        found = tuple(weights.shape(name))
+        if found != shape:
+            raise FormatError(
+                f"{source}: tensor {name!r} has shape {list(found)}, the config implies {list(shape)}"
+            )
+
+
+def check_dims(config: ModelConfig, source: str) -> None:
+    """Positive, mutually consistent sizes (a corrupt config must not reach the forward pass)."""
+    for field_name in (
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "intermediate_size",
+        "vocab_size",
+    ):
+        value = getattr(config, field_name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value > (1 << 31):
+            raise FormatError(f"{source}: {field_name} is {value!r}, expected a positive integer")
+    if config.num_heads % config.num_kv_heads:
+        raise FormatError(
+            f"{source}: {config.num_heads} attention heads are not a multiple of "
+            f"{config.num_kv_heads} KV heads"
+        )
+    if config.head_dim % 2:
+        raise FormatError(f"{source}: head_dim {config.head_dim} is odd; RoPE needs pairs")
+    if not (math.isfinite(config.rope_theta) and config.rope_theta > 0):
+        raise FormatError(f"{source}: rope_theta {config.rope_theta!r} is not a positive number")
+    if not (math.isfinite(config.rms_norm_eps) and config.rms_norm_eps >= 0):
+        raise FormatError(f"{source}: rms_norm_eps {config.rms_norm_eps!r} is not a valid epsilon")
+
+
+def int_field(
+    meta: Mapping[str, Any], keys: tuple[str, ...], source: str, default: Any = None
+) -> Any:
+    """The first of `keys` present in `meta` as an integer (JSON or GGUF), else `default`."""
+    for key in keys:
+        if key in meta and meta[key] is not None:
+            value = meta[key]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise FormatError(f"{source}: {key} is {value!r}, expected an integer")
+            if isinstance(value, float) and not value.is_integer():
+                raise FormatError(f"{source}: {key} is {value!r}, expected an integer")
+            return int(value)
+    return default
+
+
+def float_field(
+    meta: Mapping[str, Any], keys: tuple[str, ...], source: str, default: Any = None
+) -> Any:
+    for key in keys:
+        if key in meta and meta[key] is not None:
+            value = meta[key]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise FormatError(f"{source}: {key} is {value!r}, expected a number")
+            return float(value)
+    return default
+
+
+def hf_config_to_model_config(spec: Mapping[str, Any], source: str) -> ModelConfig:
+    """A `ModelConfig` from an HF config.json object (Llama, Mistral, Qwen2, Qwen3)."""
+    found = spec.get("model_type")
+    if not found and isinstance(spec.get("architectures"), list) and spec["architectures"]:
+        found = spec["architectures"][0]
+    if spec.get("num_local_experts") or spec.get("num_experts"):
+        raise UnsupportedModelError(
+            f"{source}: unsupported architecture {found!r} with experts (mixture-of-experts)"
+        )
+    arch = normalize_architecture(found if isinstance(found, str) else None, source)
+    _check_rope_scaling(spec, source)
+    quantization = spec.get("quantization_config")
+    if isinstance(quantization, dict):
+        method = quantization.get("quant_method", "unknown")
+        raise UnsupportedModelError(f"{source}: quantized checkpoints ({method}) are not supported")
+    if arch != "qwen2" and spec.get("attention_bias"):
+        # HF Llama/Qwen3 attention_bias also adds an o_proj bias, which the forward pass lacks.
+        raise UnsupportedModelError(f"{source}: attention_bias=true is not supported for {arch}")
+    hidden = int_field(spec, ("hidden_size",), source)
+    heads = int_field(spec, ("num_attention_heads",), source)
+    if hidden is None or heads is None:
+        raise FormatError(f"{source}: config.json lacks hidden_size or num_attention_heads")
+    kv_heads = int_field(spec, ("num_key_value_heads",), source, heads)
+    head_dim = int_field(spec, ("head_dim",), source) or (hidden // heads if heads else 0)
+    rope = spec.get("rope_parameters") if isinstance(spec.get("rope_parameters"), dict) else {}
+    rope_theta = float_field(spec, ("rope_theta",), source) or float_field(
+        rope, ("rope_theta",), source, 10000.0
+    )
+    eos = spec.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    config = ModelConfig(
+        architecture=arch,  # type: ignore[arg-type]
+        hidden_size=hidden,
+        num_layers=int_field(spec, ("num_hidden_layers",), source, 0),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=int_field(spec, ("intermediate_size",), source, 0),
+        vocab_size=int_field(spec, ("vocab_size",), source, 0),
+        rope_theta=rope_theta,
+        rope_pairing="half",
+        rms_norm_eps=float_field(spec, ("rms_norm_eps",), source, 1e-6),
+        qkv_bias=arch == "qwen2",
+        qk_norm=arch == "qwen3",
+        tied_embeddings=bool(spec.get("tie_word_embeddings", False)),
+        bos_token_id=spec.get("bos_token_id")
+        if isinstance(spec.get("bos_token_id"), int)
+        else None,
+        eos_token_id=eos if isinstance(eos, int) else None,
+        add_bos=False,
+    )
+    check_dims(config, source)
+    return config
+
+
+def _check_rope_scaling(spec: Mapping[str, Any], source: str) -> None:
+    """RoPE scaling changes the rotation angles; the forward pass implements plain RoPE only."""
+    scaling = spec.get("rope_scaling")
+    if scaling is None and isinstance(spec.get("rope_parameters"), dict):
+        scaling = spec["rope_parameters"]
+    if not isinstance(scaling, dict):
+        return
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in (None, "default"):
+        raise UnsupportedModelError(f"{source}: RoPE scaling {kind!r} is not supported")
+
+
+def hf_ordered(config: ModelConfig, name: str, values: np.ndarray) -> np.ndarray:
+    """`values` of tensor `name` in HF rotate-half order, whatever the model's RoPE pairing.
+
+    A model with adjacent-pair RoPE (an APR file with rope_type 0, typically imported from a
+    GGUF) holds Q/K rows in llama.cpp's permuted order; HF-order writers (safetensors, GGUF
+    with its own permutation) need them un-permuted first. Q/K norms act per head_dim channel,
+    so they move the same way within one head.
+    """
+    if config.rope_pairing != "adjacent":
+        return values
+    from engine.formats.gguf import unpermute_rows
+
+    if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+        return unpermute_rows(values, config.num_heads)
+    if name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+        return unpermute_rows(values, config.num_kv_heads)
+    if name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
+        return unpermute_rows(values, 1)
+    return values
+
+
+def model_config_to_hf_config(config: ModelConfig) -> dict[str, Any]:
+    """The HF config.json object transformers loads for `config` (float32 weights)."""
+    arch = config.architecture
+    spec: dict[str, Any] = {
+        "architectures": [HF_ARCHITECTURE_CLASS[arch]],
+        "model_type": arch,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size,
+        "hidden_act": "silu",
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,
+        "tie_word_embeddings": config.tied_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+    if arch in ("llama", "qwen3"):
+        spec["attention_bias"] = bool(config.qkv_bias)
+    if arch == "llama":
+        spec["mlp_bias"] = False
+        spec["pretraining_tp"] = 1
+    if arch == "mistral":
+        spec["sliding_window"] = None
+    if arch in ("qwen2", "qwen3"):
+        spec["use_sliding_window"] = False
+        spec["sliding_window"] = None
+        spec["max_window_layers"] = config.num_layers
+    return spec

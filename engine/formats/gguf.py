@@ -1,0 +1,815 @@
+"""GGUF model files: a bounds-checked header parser, lazy dequantization, and a writer.
+
+Reading: the header (metadata key/values and tensor infos) is parsed here with `struct` over a
+memory map, every count and length checked against the bytes that remain, so a corrupt file is a
+one-line `FormatError` and never a hang or a huge allocation. (`gguf.GGUFReader` loops over an
+array's claimed length even past the end of the file, and spends ~2.4 s building per-string numpy
+views for a 49k-token vocabulary; this parser opens the same file in tens of milliseconds.) Tensor
+data stays in the memory map until `get(name)`, which dequantizes that one tensor with
+`gguf.quants.dequantize` (or the faster Q8_0 / Q4_0 / Q4_1 paths of `quant.py`).
+
+Layout: GGML lists dims innermost first (`ne0` = columns), so `[ne0, ne1]` is the row-major HF
+`[ne1, ne0]` without moving data. llama.cpp's converter permutes the Q and K rows of Llama-family
+models for its adjacent-pair RoPE; the reader undoes that (`unpermute_rows`) so weights come out in
+HF order, and the writer applies it (`permute_rows`) so files we write are what llama.cpp expects.
+Qwen2 and Qwen3 files are stored unpermuted (NEOX RoPE).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import struct
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from engine.errors import FormatError, MissingTensorError, UnsupportedModelError
+from engine.formats.common import (
+    MAX_ELEMENTS,
+    check_dims,
+    check_weights,
+    hf_ordered,
+    normalize_architecture,
+)
+from engine.formats.quant import can_dequantize, dequantize_ggml, quantize_ggml
+from engine.model import Model, ModelConfig
+from engine.tokenizer import TOKEN_TYPE_NORMAL, BpeTokenizer
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 8
+MAX_NESTING = 2
+
+# GGUF metadata value types.
+_UINT8, _INT8, _UINT16, _INT16, _UINT32, _INT32, _FLOAT32, _BOOL, _STRING, _ARRAY = range(10)
+_UINT64, _INT64, _FLOAT64 = 10, 11, 12
+_SCALAR_FORMATS: dict[int, str] = {
+    _UINT8: "<B",
+    _INT8: "<b",
+    _UINT16: "<H",
+    _INT16: "<h",
+    _UINT32: "<I",
+    _INT32: "<i",
+    _FLOAT32: "<f",
+    _BOOL: "<?",
+    _UINT64: "<Q",
+    _INT64: "<q",
+    _FLOAT64: "<d",
+}
+_SCALAR_DTYPES: dict[int, str] = {
+    _UINT8: "<u1",
+    _INT8: "<i1",
+    _UINT16: "<u2",
+    _INT16: "<i2",
+    _UINT32: "<u4",
+    _INT32: "<i4",
+    _FLOAT32: "<f4",
+    _BOOL: "<u1",
+    _UINT64: "<u8",
+    _INT64: "<i8",
+    _FLOAT64: "<f8",
+}
+
+_LLAMA_FAMILY = ("llama", "mistral")  # stored with Q/K rows permuted by convert_hf_to_gguf.py
+_GGUF_TO_HF_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_HF_TO_GGUF_LAYER = {hf: gg for gg, hf in _GGUF_TO_HF_LAYER.items()}
+_GGUF_TO_HF_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_HF_TO_GGUF_GLOBAL = {hf: gg for gg, hf in _GGUF_TO_HF_GLOBAL.items()}
+_LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
+_HF_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """The canonical HF name of a GGUF tensor name, or None for tensors we do not use."""
+    if name in _GGUF_TO_HF_GLOBAL:
+        return _GGUF_TO_HF_GLOBAL[name]
+    match = _LAYER_NAME.match(name)
+    if match and match.group(2) in _GGUF_TO_HF_LAYER:
+        return f"model.layers.{match.group(1)}.{_GGUF_TO_HF_LAYER[match.group(2)]}"
+    return None
+
+
+def hf_to_gguf_name(name: str) -> str:
+    if name in _HF_TO_GGUF_GLOBAL:
+        return _HF_TO_GGUF_GLOBAL[name]
+    match = _HF_LAYER_NAME.match(name)
+    if match and match.group(2) in _HF_TO_GGUF_LAYER:
+        return f"blk.{match.group(1)}.{_HF_TO_GGUF_LAYER[match.group(2)]}"
+    raise ValueError(f"no GGUF name for tensor {name!r}")
+
+
+def permute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp `convert_hf_to_gguf.py` permute: HF rotate-half rows -> adjacent-pair rows.
+
+    Within each head, HF row `j*hd/2 + i` (j in {0,1}) moves to row `2i + j`.
+    """
+    rows = weight.shape[0]
+    return (
+        weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def unpermute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of `permute_rows`: GGUF row `2i + j` of each head back to HF row `j*hd/2 + i`."""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Header parsing
+
+
+@dataclass(frozen=True)
+class GgufTensorInfo:
+    name: str
+    ggml_dims: tuple[int, ...]
+    """Innermost first, as stored (`ne0, ne1, ...`)."""
+    qtype: GGMLQuantizationType
+    start: int
+    """Absolute byte offset of the data in the file."""
+    nbytes: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Row-major (HF) shape: the GGML dims reversed."""
+        return tuple(reversed(self.ggml_dims))
+
+    @property
+    def count(self) -> int:
+        total = 1
+        for dim in self.ggml_dims:
+            total *= dim
+        return total
+
+
+@dataclass
+class GgufHeader:
+    version: int
+    metadata: dict[str, Any]
+    tensors: dict[str, GgufTensorInfo]
+    data_offset: int
+
+
+class _Cursor:
+    """Reads little-endian values from a buffer, every read checked against its end."""
+
+    def __init__(self, buf: Any, size: int, source: str) -> None:
+        self.buf = buf
+        self.size = size
+        self.pos = 0
+        self.source = source
+
+    def remaining(self) -> int:
+        return self.size - self.pos
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise FormatError(
+                f"{self.source}: truncated GGUF file: {what} at offset {self.pos} needs {n} bytes, "
+                f"{max(self.remaining(), 0)} remain"
+            )
+
+    def scalar(self, fmt: str, what: str) -> Any:
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return value
+
+    def string(self, what: str) -> str:
+        length = self.scalar("<Q", f"{what} length")
+        if length > self.remaining():
+            raise FormatError(
+                f"{self.source}: {what} at offset {self.pos - 8} claims {length} bytes, "
+                f"only {self.remaining()} remain in the file"
+            )
+        raw = bytes(self.buf[self.pos : self.pos + length])
+        self.pos += length
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
+        if vtype in _SCALAR_FORMATS:
+            return self.scalar(_SCALAR_FORMATS[vtype], what)
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype == _ARRAY:
+            return self.array(what, depth)
+        raise FormatError(f"{self.source}: {what} has unknown GGUF value type {vtype}")
+
+    def array(self, what: str, depth: int) -> Any:
+        if depth >= MAX_NESTING:
+            raise FormatError(f"{self.source}: {what} nests arrays deeper than {MAX_NESTING}")
+        item_type = self.scalar("<I", f"{what} item type")
+        count = self.scalar("<Q", f"{what} length")
+        if item_type in _SCALAR_DTYPES:
+            dtype = np.dtype(_SCALAR_DTYPES[item_type])
+            if count > self.remaining() // dtype.itemsize:
+                raise FormatError(
+                    f"{self.source}: {what} claims {count} items, more than the file holds"
+                )
+            values = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
+            self.pos += count * dtype.itemsize
+            return values.astype(bool) if item_type == _BOOL else values
+        min_item = {_STRING: 8, _ARRAY: 12}.get(item_type)
+        if min_item is None:
+            raise FormatError(f"{self.source}: {what} has unknown GGUF item type {item_type}")
+        if count > self.remaining() // min_item:
+            raise FormatError(
+                f"{self.source}: {what} claims {count} items, more than the file holds"
+            )
+        if item_type == _STRING:
+            return self._strings(count, what)
+        return [self.array(what, depth + 1) for _ in range(count)]
+
+    def _strings(self, count: int, what: str) -> list[str]:
+        """`count` strings; a tight loop, since a vocabulary holds ~10^5 of them."""
+        buf, pos, size = self.buf, self.pos, self.size
+        unpack = struct.Struct("<Q").unpack_from
+        out: list[str] = []
+        append = out.append
+        for index in range(count):
+            if pos + 8 > size:
+                raise FormatError(f"{self.source}: truncated GGUF file inside {what} item {index}")
+            (length,) = unpack(buf, pos)
+            pos += 8
+            if length > size - pos:
+                raise FormatError(
+                    f"{self.source}: {what} item {index} claims {length} bytes, only "
+                    f"{size - pos} remain in the file"
+                )
+            append(bytes(buf[pos : pos + length]).decode("utf-8", errors="replace"))
+            pos += length
+        self.pos = pos
+        return out
+
+
+def read_header(path: Path) -> GgufHeader:
+    """Metadata and tensor infos of a GGUF file, without touching tensor data."""
+    source = str(path)
+    try:
+        with path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < 24:
+                raise FormatError(f"{source}: truncated GGUF file ({size} bytes, header needs 24)")
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                return _parse_header(buf, size, source)
+    except IsADirectoryError:
+        raise FormatError(f"{source}: is a directory, expected a .gguf file") from None
+    except OSError as error:
+        raise FormatError(f"{source}: cannot read: {error.strerror or error}") from None
+
+
+def read_header_size(data: bytes) -> int:
+    """Where the tensor data of GGUF bytes starts (tests mutate only what comes before)."""
+    return _parse_header(data, len(data), "<bytes>").data_offset
+
+
+def _parse_header(buf: Any, size: int, source: str) -> GgufHeader:
+    cursor = _Cursor(buf, size, source)
+    magic = bytes(buf[0:4])
+    if magic != GGUF_MAGIC:
+        raise FormatError(f"{source}: wrong magic {magic!r}, expected b'GGUF'")
+    cursor.pos = 4
+    version = cursor.scalar("<I", "version")
+    if version not in SUPPORTED_VERSIONS:
+        raise UnsupportedModelError(
+            f"{source}: GGUF version {version} is not supported (only versions 2 and 3)"
+        )
+    tensor_count = cursor.scalar("<Q", "tensor count")
+    kv_count = cursor.scalar("<Q", "metadata count")
+    # Each key/value needs >= 13 bytes (key length, type, one byte); each tensor info >= 24.
+    if kv_count > cursor.remaining() // 13:
+        raise FormatError(
+            f"{source}: header claims {kv_count} metadata entries, more than the file holds"
+        )
+    if tensor_count > cursor.remaining() // 24:
+        raise FormatError(
+            f"{source}: header claims {tensor_count} tensors, more than the file holds"
+        )
+
+    metadata: dict[str, Any] = {}
+    for index in range(kv_count):
+        key = cursor.string(f"metadata key {index}")
+        vtype = cursor.scalar("<I", f"type of {key!r}")
+        if key in metadata:
+            raise FormatError(f"{source}: duplicate metadata key {key!r}")
+        metadata[key] = cursor.value(vtype, f"metadata {key!r}")
+
+    infos: list[tuple[str, tuple[int, ...], int, int]] = []
+    for index in range(tensor_count):
+        name = cursor.string(f"tensor {index} name")
+        n_dims = cursor.scalar("<I", f"tensor {name!r} dim count")
+        if n_dims > MAX_DIMS:
+            raise FormatError(
+                f"{source}: tensor {name!r} claims {n_dims} dimensions (max {MAX_DIMS})"
+            )
+        cursor.need(8 * n_dims, f"tensor {name!r} dims")
+        dims = struct.unpack_from(f"<{n_dims}Q", buf, cursor.pos)
+        cursor.pos += 8 * n_dims
+        raw_type = cursor.scalar("<I", f"tensor {name!r} type")
+        offset = cursor.scalar("<Q", f"tensor {name!r} offset")
+        infos.append((name, tuple(dims), raw_type, offset))
+
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise FormatError(f"{source}: general.alignment {alignment!r} is not a power of two")
+    data_offset = -(-cursor.pos // alignment) * alignment
+
+    tensors: dict[str, GgufTensorInfo] = {}
+    for name, dims, raw_type, offset in infos:
+        if name in tensors:
+            raise FormatError(f"{source}: duplicate tensor {name!r}")
+        tensors[name] = _tensor_info(source, size, data_offset, name, dims, raw_type, offset)
+    return GgufHeader(version, metadata, tensors, data_offset)
+
+
+def _tensor_info(
+    source: str,
+    size: int,
+    data_offset: int,
+    name: str,
+    dims: tuple[int, ...],
+    raw_type: int,
+    offset: int,
+) -> GgufTensorInfo:
+    try:
+        qtype = GGMLQuantizationType(raw_type)
+    except ValueError:
+        raise UnsupportedModelError(
+            f"{source}: tensor {name!r} has unknown GGML type {raw_type}"
+        ) from None
+    if qtype not in GGML_QUANT_SIZES:
+        raise UnsupportedModelError(
+            f"{source}: tensor {name!r} has unsupported GGML type {qtype.name}"
+        )
+    count = 1
+    for dim in dims:
+        count *= dim
+        if count > MAX_ELEMENTS:
+            raise FormatError(f"{source}: tensor {name!r} dims {list(dims)} are absurdly large")
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    if dims and dims[0] % block:
+        raise FormatError(
+            f"{source}: tensor {name!r} row length {dims[0]} is not a multiple of the "
+            f"{qtype.name} block size {block}"
+        )
+    nbytes = count // block * block_bytes
+    start = data_offset + offset
+    if start + nbytes > size:
+        raise FormatError(
+            f"{source}: tensor {name!r} data [{start}, {start + nbytes}) lies past the end of "
+            f"the file ({size} bytes)"
+        )
+    return GgufTensorInfo(name, dims, qtype, start, nbytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class GgufWeightStore:
+    """Canonical-name float32 tensors, dequantized from the memory-mapped file on request."""
+
+    def __init__(
+        self,
+        path: Path,
+        tensors: dict[str, GgufTensorInfo],
+        permuted_heads: dict[str, int],
+    ) -> None:
+        self.path = path
+        self._tensors = tensors  # canonical name -> info
+        self._permuted_heads = permuted_heads  # canonical name -> head count for unpermute
+        self._data: np.memmap | None = None
+
+    def names(self) -> list[str]:
+        return sorted(self._tensors)
+
+    def has(self, name: str) -> bool:
+        return name in self._tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._info(name).shape
+
+    def qtype(self, name: str) -> GGMLQuantizationType:
+        return self._info(name).qtype
+
+    def get(self, name: str) -> np.ndarray:
+        info = self._info(name)
+        if self._data is None:
+            self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        raw = self._data[info.start : info.start + info.nbytes]  # [nbytes] uint8, a view
+        values = _decode(raw, info).reshape(info.shape)
+        if name in self._permuted_heads:
+            values = unpermute_rows(values, self._permuted_heads[name])
+        return np.ascontiguousarray(values, dtype=np.float32)
+
+    def close(self) -> None:
+        self._data = None
+
+    def _info(self, name: str) -> GgufTensorInfo:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise MissingTensorError(f"{self.path}: missing tensor {name!r}") from None
+
+
+_PLAIN_TYPES = {
+    GGMLQuantizationType.F32: "<f4",
+    GGMLQuantizationType.F16: "<f2",
+    GGMLQuantizationType.F64: "<f8",
+    GGMLQuantizationType.I8: "<i1",
+    GGMLQuantizationType.I16: "<i2",
+    GGMLQuantizationType.I32: "<i4",
+    GGMLQuantizationType.I64: "<i8",
+    GGMLQuantizationType.BF16: "<u2",
+}
+
+
+def _decode(raw: np.ndarray, info: GgufTensorInfo) -> np.ndarray:
+    qtype = info.qtype
+    if qtype == GGMLQuantizationType.BF16:
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+    if qtype in _PLAIN_TYPES:
+        return raw.view(_PLAIN_TYPES[qtype]).astype(np.float32)
+    return dequantize_ggml(raw, qtype, info.count)
+
+
+def _int_meta(metadata: dict[str, Any], key: str, source: str, default: Any = None) -> Any:
+    value = metadata.get(key, default)
+    if isinstance(value, np.ndarray):
+        raise UnsupportedModelError(f"{source}: per-layer {key} is not supported")
+    if value is default:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise FormatError(f"{source}: metadata {key} is {value!r}, expected an integer")
+    return int(value)
+
+
+def config_from_metadata(
+    metadata: dict[str, Any], tensors: dict[str, GgufTensorInfo], source: str
+) -> tuple[ModelConfig, str]:
+    """The `ModelConfig` and the GGUF architecture key prefix from GGUF metadata."""
+    gguf_arch = metadata.get("general.architecture")
+    if not isinstance(gguf_arch, str):
+        raise FormatError(f"{source}: no general.architecture in the GGUF metadata")
+    arch = normalize_architecture(gguf_arch, source)
+    if arch == "llama":
+        label = " ".join(
+            str(metadata.get(key, "")) for key in ("general.basename", "general.name")
+        ).lower()
+        if "mistral" in label:
+            arch = "mistral"
+    if (_int_meta(metadata, f"{gguf_arch}.expert_count", source, 0) or 0) > 0:
+        raise UnsupportedModelError(
+            f"{source}: unsupported architecture {gguf_arch!r} with experts (mixture-of-experts)"
+        )
+    scaling = metadata.get(f"{gguf_arch}.rope.scaling.type")
+    if scaling not in (None, "none") or "rope_freqs.weight" in tensors:
+        raise UnsupportedModelError(
+            f"{source}: RoPE scaling {scaling or 'rope_freqs'!r} is not supported"
+        )
+
+    def need(key: str) -> int:
+        value = _int_meta(metadata, f"{gguf_arch}.{key}", source)
+        if value is None:
+            raise FormatError(f"{source}: GGUF metadata lacks {gguf_arch}.{key}")
+        return value
+
+    hidden = need("embedding_length")
+    heads = need("attention.head_count")
+    kv_heads = _int_meta(metadata, f"{gguf_arch}.attention.head_count_kv", source, heads)
+    head_dim = _int_meta(
+        metadata, f"{gguf_arch}.attention.key_length", source, hidden // heads if heads else 0
+    )
+    rope_dims = _int_meta(metadata, f"{gguf_arch}.rope.dimension_count", source, head_dim)
+    if rope_dims != head_dim:
+        raise UnsupportedModelError(
+            f"{source}: partial RoPE ({rope_dims} of {head_dim} dims) is not supported"
+        )
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    embed = tensors.get("token_embd.weight")
+    vocab = _int_meta(metadata, f"{gguf_arch}.vocab_size", source)
+    if vocab is None:
+        vocab = embed.shape[0] if embed is not None else len(tokens or ())
+    eps = metadata.get(f"{gguf_arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    theta = metadata.get(f"{gguf_arch}.rope.freq_base", 10000.0)
+    for key, value in (("layer_norm_rms_epsilon", eps), ("rope.freq_base", theta)):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise FormatError(
+                f"{source}: metadata {gguf_arch}.{key} is {value!r}, expected a number"
+            )
+    bos = metadata.get("tokenizer.ggml.bos_token_id")
+    eos = metadata.get("tokenizer.ggml.eos_token_id")
+    config = ModelConfig(
+        architecture=arch,  # type: ignore[arg-type]
+        hidden_size=hidden,
+        num_layers=need("block_count"),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=need("feed_forward_length"),
+        vocab_size=vocab,
+        rope_theta=_shortest_float(theta),
+        rope_pairing="half",  # Q/K rows are restored to HF order for llama; qwen is NEOX already
+        rms_norm_eps=_shortest_float(eps),
+        qkv_bias=arch == "qwen2",
+        qk_norm=arch == "qwen3",
+        tied_embeddings="output.weight" not in tensors,
+        bos_token_id=int(bos) if isinstance(bos, int) else None,
+        eos_token_id=int(eos) if isinstance(eos, int) else None,
+        # llama.cpp's default: BOS for SentencePiece vocabularies, none for GPT-2 BPE.
+        add_bos=bool(
+            metadata.get(
+                "tokenizer.ggml.add_bos_token", metadata.get("tokenizer.ggml.model") == "llama"
+            )
+        ),
+    )
+    check_dims(config, source)
+    return config, gguf_arch
+
+
+def _shortest_float(value: float) -> float:
+    """GGUF stores these as f32: 1e-05 reads back as 9.99999974e-06; give the f32's shortest
+    decimal (what the converter was given), which rounds to the very same f32."""
+    return float(str(np.float32(value)))
+
+
+def tokenizer_from_metadata(metadata: dict[str, Any], source: str) -> BpeTokenizer:
+    """The GGUF `tokenizer.ggml.*` vocabulary: byte-level BPE (`gpt2`) or SentencePiece (`llama`)."""
+    from engine.errors import TokenizerError
+
+    model = metadata.get("tokenizer.ggml.model")
+    if model is None:
+        raise TokenizerError("the file has no tokenizer.ggml.model")
+    if model not in ("gpt2", "llama"):
+        raise TokenizerError(
+            f"tokenizer.ggml.model {model!r} is not supported (only 'gpt2' BPE and 'llama' SentencePiece)"
+        )
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list):
+        raise TokenizerError("tokenizer.ggml.tokens is missing")
+    types = metadata.get("tokenizer.ggml.token_type")
+    token_types = (
+        [int(t) for t in types]
+        if isinstance(types, np.ndarray) and len(types) == len(tokens)
+        else [TOKEN_TYPE_NORMAL] * len(tokens)
+    )
+    bos = metadata.get("tokenizer.ggml.bos_token_id")
+    eos = metadata.get("tokenizer.ggml.eos_token_id")
+    common = dict(
+        tokens=tokens,
+        token_types=token_types,
+        bos_token_id=int(bos) if isinstance(bos, int) else None,
+        eos_token_id=int(eos) if isinstance(eos, int) else None,
+        source=source,
+    )
+    if model == "llama":
+        scores = metadata.get("tokenizer.ggml.scores")
+        if not isinstance(scores, np.ndarray) or len(scores) != len(tokens):
+            raise TokenizerError("tokenizer.ggml.scores is missing or not one per token")
+        return BpeTokenizer(
+            merges=[],
+            kind="spm",
+            scores=[float(x) for x in scores],
+            add_space_prefix=bool(metadata.get("tokenizer.ggml.add_space_prefix", True)),
+            **common,
+        )
+    merges = metadata.get("tokenizer.ggml.merges")
+    if not isinstance(merges, list):
+        raise TokenizerError("tokenizer.ggml.merges is missing")
+    return BpeTokenizer(
+        merges=merges, pre=str(metadata.get("tokenizer.ggml.pre", "default")), **common
+    )
+
+
+def open_gguf(path: Path) -> Model:
+    """A lazily dequantized `Model` from a GGUF file."""
+    source = str(path)
+    header = read_header(path)
+    config, gguf_arch = config_from_metadata(header.metadata, header.tensors, source)
+    canonical: dict[str, GgufTensorInfo] = {}
+    for name, info in header.tensors.items():
+        hf_name = gguf_to_hf_name(name)
+        if hf_name is not None:
+            canonical[hf_name] = info
+    permuted: dict[str, int] = {}
+    if config.architecture in _LLAMA_FAMILY:
+        for layer in range(config.num_layers):
+            permuted[f"model.layers.{layer}.self_attn.q_proj.weight"] = config.num_heads
+            permuted[f"model.layers.{layer}.self_attn.k_proj.weight"] = config.num_kv_heads
+    for name, info in canonical.items():
+        if info.qtype not in _PLAIN_TYPES and not can_dequantize(info.qtype):
+            raise UnsupportedModelError(
+                f"{source}: tensor {name!r} has GGML type {info.qtype.name}, which cannot be dequantized"
+            )
+    weights = GgufWeightStore(path, canonical, permuted)
+    check_weights(config, weights, source)
+
+    metadata: dict[str, Any] = {
+        "name": header.metadata.get("general.name"),
+        "gguf_architecture": gguf_arch,
+        "gguf_version": header.version,
+        "file_type": header.metadata.get("general.file_type"),
+        "tensor_types": _type_counts(canonical),
+    }
+    tokenizer = None
+    try:
+        tokenizer = tokenizer_from_metadata(header.metadata, source)
+        if tokenizer.vocab_size != config.vocab_size:
+            metadata["tokenizer_warning"] = (
+                f"tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}"
+            )
+    except Exception as error:  # a tokenizer problem must not stop the weights from loading
+        metadata["tokenizer_error"] = str(error).splitlines()[0]
+    if tokenizer is not None and header.metadata.get("tokenizer.chat_template"):
+        metadata["chat_template"] = header.metadata["tokenizer.chat_template"]
+    return Model(
+        path=path,
+        format="gguf",
+        config=config,
+        weights=weights,
+        tokenizer=tokenizer,
+        metadata=metadata,
+    )
+
+
+def _type_counts(tensors: dict[str, GgufTensorInfo]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for info in tensors.values():
+        counts[info.qtype.name] = counts.get(info.qtype.name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writer
+
+WRITE_DTYPES: dict[str, GGMLQuantizationType] = {
+    "f32": GGMLQuantizationType.F32,
+    "f16": GGMLQuantizationType.F16,
+    "bf16": GGMLQuantizationType.BF16,
+    "q8_0": GGMLQuantizationType.Q8_0,
+    "q4_0": GGMLQuantizationType.Q4_0,
+    "q4_1": GGMLQuantizationType.Q4_1,
+    "q5_0": GGMLQuantizationType.Q5_0,
+    "q5_1": GGMLQuantizationType.Q5_1,
+    "q4_k": GGMLQuantizationType.Q4_K,
+    "q6_k": GGMLQuantizationType.Q6_K,
+}
+# llama.cpp `llama_ftype` for general.file_type.
+_FILE_TYPES = {
+    "f32": 0,
+    "f16": 1,
+    "q4_0": 2,
+    "q4_1": 3,
+    "q8_0": 7,
+    "q5_0": 8,
+    "q5_1": 9,
+    "q4_k": 15,
+    "q6_k": 18,
+    "bf16": 32,
+}
+
+
+def tensor_storage_type(name: str, shape: tuple[int, ...], dtype: str) -> GGMLQuantizationType:
+    """What the writer stores a tensor as: norms and biases F32 (as llama.cpp), and any matrix
+    whose rows do not fill whole blocks of the requested type F32 too."""
+    qtype = WRITE_DTYPES[dtype]
+    if len(shape) < 2:
+        return GGMLQuantizationType.F32
+    block = GGML_QUANT_SIZES[qtype][0]
+    return qtype if shape[-1] % block == 0 else GGMLQuantizationType.F32
+
+
+def write(
+    model: Model,
+    path: Path | str,
+    dtype: str = "f32",
+    *,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Path:
+    """A GGUF file of `model` as llama.cpp's converter would lay it out; temp name, then rename."""
+    import gguf
+
+    if dtype not in WRITE_DTYPES:
+        raise UnsupportedModelError(
+            f"{path}: GGUF dtype {dtype!r} is not supported (choose from {', '.join(WRITE_DTYPES)})"
+        )
+    path = Path(path)
+    config = model.config
+    gguf_arch = "llama" if config.architecture == "mistral" else config.architecture
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, gguf_arch)
+        writer.add_name(str(model.metadata.get("name") or model.name))
+        if config.architecture == "mistral":
+            writer.add_basename("mistral")
+        writer.add_block_count(config.num_layers)
+        writer.add_context_length(2048)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(config.num_heads)
+        writer.add_head_count_kv(config.num_kv_heads)
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+        writer.add_rope_dimension_count(config.head_dim)
+        writer.add_rope_freq_base(config.rope_theta)
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        writer.add_vocab_size(config.vocab_size)
+        writer.add_file_type(_FILE_TYPES[dtype])
+        _write_tokenizer(writer, model)
+
+        names = [
+            n
+            for n in model.weights.names()
+            if not (config.tied_embeddings and n == "lm_head.weight")
+        ]
+        for index, name in enumerate(names):
+            values = hf_ordered(config, name, model.weights.get(name))  # [out, in] HF order
+            if config.architecture in _LLAMA_FAMILY and name.endswith(
+                ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
+            ):
+                heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
+                values = permute_rows(values, heads)
+            qtype = tensor_storage_type(name, values.shape, dtype)
+            gguf_name = hf_to_gguf_name(name)
+            if qtype == GGMLQuantizationType.F32:
+                writer.add_tensor(gguf_name, np.ascontiguousarray(values, dtype=np.float32))
+            elif qtype == GGMLQuantizationType.F16:
+                writer.add_tensor(gguf_name, values.astype(np.float16))
+            else:
+                writer.add_tensor(gguf_name, quantize_ggml(values, qtype), raw_dtype=qtype)
+            if progress is not None:
+                progress(index + 1, len(names), name)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_tokenizer(writer: Any, model: Model) -> None:
+    tokenizer = model.tokenizer
+    if not isinstance(tokenizer, BpeTokenizer):
+        return
+    if tokenizer.kind == "spm":
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokenizer.tokens)
+        writer.add_token_scores(tokenizer.piece_scores())
+        writer.add_token_types(tokenizer.token_types)
+        writer.add_add_space_prefix(tokenizer.add_space_prefix)
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(tokenizer.pre)
+        writer.add_token_list(tokenizer.tokens)
+        writer.add_token_types(tokenizer.token_types)
+        writer.add_token_merges(tokenizer.merges)
+    config = model.config
+    if config.bos_token_id is not None:
+        writer.add_bos_token_id(config.bos_token_id)
+    if config.eos_token_id is not None:
+        writer.add_eos_token_id(config.eos_token_id)
+    writer.add_add_bos_token(config.add_bos)
+
+
+def with_config(model: Model, **changes: Any) -> Model:
+    """A copy of `model` with some config fields changed (tests build variants this way, e.g. an
+    unsupported architecture string to check the reader's refusal)."""
+    return replace(model, config=replace(model.config, **changes))

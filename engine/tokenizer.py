@@ -1,0 +1,380 @@
+"""Prompt text to token ids, from the tokenizer a model file carries.
+
+Every container stores its tokenizer the same way at heart: a vocabulary (index = id), a merge
+list in rank order (byte-level BPE) or per-piece scores (SentencePiece-style, GGUF `llama`), and
+a few special ids. `BpeTokenizer` builds a `tokenizers` BPE from those parts, with the
+pre-tokenizer llama.cpp uses for the vocabulary's `pre` type, so a prompt gives the ids `apr` and
+llama.cpp give. Control and user-defined tokens are matched whole in the text, as llama.cpp does
+when it parses special tokens. A `tokenizer.json` is encoded with its own pipeline.
+
+`encode_prompt` follows `apr trace`: the prompt as it is, no chat template, and a BOS token only
+when the model's metadata asks for one. `--tokens 1,2,3` bypasses the tokenizer entirely.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from engine.errors import TokenizerError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer as HfTokenizer
+
+    from engine.model import Model
+
+DEFAULT_PROMPT = "What is 2+2?"
+
+# GGUF `tokenizer.ggml.token_type` values (llama.cpp `llama_token_type`).
+TOKEN_TYPE_NORMAL = 1
+TOKEN_TYPE_UNKNOWN = 2
+TOKEN_TYPE_CONTROL = 3
+TOKEN_TYPE_USER_DEFINED = 4
+TOKEN_TYPE_UNUSED = 5
+TOKEN_TYPE_BYTE = 6
+
+# The text splits llama.cpp applies before byte-level BPE (`llama-vocab.cpp`, by `tokenizer.ggml.pre`).
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3_SPLIT = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)"
+)
+_QWEN2_SPLIT = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)"
+)
+PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
+    "default": (_GPT2_SPLIT,),
+    "gpt-2": (_GPT2_SPLIT,),
+    "gpt2": (_GPT2_SPLIT,),
+    "mpt": (_GPT2_SPLIT,),
+    "olmo": (_GPT2_SPLIT,),
+    "smollm": (r"\p{N}", _GPT2_SPLIT),
+    "starcoder": (r"\p{N}", _GPT2_SPLIT),
+    "refact": (r"\p{N}", _GPT2_SPLIT),
+    "codeshell": (r"\p{N}", _GPT2_SPLIT),
+    "llama3": (_LLAMA3_SPLIT,),
+    "llama-v3": (_LLAMA3_SPLIT,),
+    "llama-bpe": (_LLAMA3_SPLIT,),
+    "smaug-bpe": (_LLAMA3_SPLIT,),
+    "qwen2": (_QWEN2_SPLIT,),
+    "deepseek-r1-qwen": (_QWEN2_SPLIT,),
+    "stablelm2": (_QWEN2_SPLIT,),
+}
+DEFAULT_PRE = "default"
+
+
+SPACE = "\u2581"  # SentencePiece's visible space
+
+
+@dataclass
+class BpeTokenizer:
+    """A BPE tokenizer over an explicit vocabulary: byte-level (`kind="bpe"`, GPT-2 style, with a
+    merge list) or SentencePiece-style (`kind="spm"`, llama.cpp's `llama` vocabulary: scores
+    instead of merges, `\u2581` for spaces, `<0xXX>` byte fallback).
+
+    Keeps the parts it was built from (`tokens`, `merges` / `scores`, `token_types`, `pre`) so
+    that a writer can embed the same tokenizer in another container.
+    """
+
+    tokens: list[str]
+    merges: list[str]
+    token_types: list[int]
+    pre: str = DEFAULT_PRE
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    source: str = "<memory>"
+    _backend: HfTokenizer | None = field(default=None, repr=False)
+    kind: str = "bpe"
+    scores: list[float] | None = None
+    add_space_prefix: bool = True
+    """SentencePiece only: a space in front of the text (and after each special token)."""
+
+    def __post_init__(self) -> None:
+        if len(self.token_types) != len(self.tokens):
+            raise TokenizerError(
+                f"{self.source}: tokenizer has {len(self.tokens)} tokens but "
+                f"{len(self.token_types)} token types"
+            )
+        if self.kind == "spm" and self.scores is not None and len(self.scores) != len(self.tokens):
+            raise TokenizerError(
+                f"{self.source}: tokenizer has {len(self.tokens)} tokens but {len(self.scores)} scores"
+            )
+
+    def piece_scores(self) -> list[float]:
+        """SentencePiece scores: the stored ones, or -id for normal pieces (earlier = merged first)."""
+        if self.scores is not None:
+            return list(self.scores)
+        return [
+            -float(i) if kind == TOKEN_TYPE_NORMAL else 0.0
+            for i, kind in enumerate(self.token_types)
+        ]
+
+    @property
+    def backend(self) -> HfTokenizer:
+        """The `tokenizers` object, built on first use (opening a model stays cheap)."""
+        if self._backend is None:
+            self._backend = _build_backend(self)
+        return self._backend
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.backend.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    def token_text(self, token_id: int) -> str:
+        if not 0 <= token_id < len(self.tokens):
+            raise TokenizerError(
+                f"{self.source}: token id {token_id} is outside the vocabulary (0..{len(self.tokens) - 1})"
+            )
+        return self.tokens[token_id]
+
+    def special_token_ids(self) -> list[int]:
+        return [
+            i
+            for i, kind in enumerate(self.token_types)
+            if kind in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)
+        ]
+
+    def to_tokenizer_json(self) -> str:
+        """The HF `tokenizer.json` text of this tokenizer (written beside safetensors)."""
+        return self.backend.to_str(pretty=False)
+
+
+def _add_special_tokens(backend: HfTokenizer, tok: BpeTokenizer) -> None:
+    """Control tokens as special added tokens, user-defined ones as plain added tokens: both are
+    matched whole in the text, as llama.cpp does when it parses special tokens."""
+    from tokenizers import AddedToken
+
+    specials = [
+        AddedToken(tok.tokens[i], special=True, normalized=False)
+        for i, kind in enumerate(tok.token_types)
+        if kind == TOKEN_TYPE_CONTROL
+    ]
+    user_defined = [
+        AddedToken(tok.tokens[i], special=False, normalized=False)
+        for i, kind in enumerate(tok.token_types)
+        if kind == TOKEN_TYPE_USER_DEFINED
+    ]
+    if specials:
+        backend.add_special_tokens(specials)
+    if user_defined:
+        backend.add_tokens(user_defined)
+
+
+def spm_merges(
+    tokens: list[str], token_types: list[int], scores: list[float]
+) -> list[tuple[str, str]]:
+    """Merges implied by a SentencePiece vocabulary: every split of a normal piece into two
+    pieces of the vocabulary, best score first (llama.cpp merges the best-scoring pair first)."""
+    vocab: dict[str, int] = {}
+    for token_id, token in enumerate(tokens):
+        vocab.setdefault(token, token_id)
+    candidates: list[tuple[float, int, int, str, str]] = []
+    for token_id, token in enumerate(tokens):
+        if token_types[token_id] != TOKEN_TYPE_NORMAL or vocab[token] != token_id:
+            continue
+        local = [
+            (vocab[token[:k]], vocab[token[k:]], token[:k], token[k:])
+            for k in range(1, len(token))
+            if token[:k] in vocab and token[k:] in vocab
+        ]
+        for _, _, left, right in sorted(local):  # ties in piece-id order
+            candidates.append((scores[token_id], len(left), len(right), left, right))
+    candidates.sort(key=lambda c: (c[0], c[1], c[2]), reverse=True)  # stable: ties keep id order
+    return [(left, right) for _, _, _, left, right in candidates]
+
+
+def _build_spm_backend(tok: BpeTokenizer) -> HfTokenizer:
+    """SentencePiece-style BPE: merges from scores, `\u2581` for spaces, byte fallback."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    vocab: dict[str, int] = {}
+    for token_id, token in enumerate(tok.tokens):
+        vocab.setdefault(token, token_id)
+    unk = next(
+        (t for t, k in zip(tok.tokens, tok.token_types, strict=True) if k == TOKEN_TYPE_UNKNOWN),
+        None,
+    )
+    try:
+        backend = Tokenizer(
+            models.BPE(
+                vocab=vocab,
+                merges=spm_merges(tok.tokens, tok.token_types, tok.piece_scores()),
+                unk_token=unk,
+                fuse_unk=True,
+                byte_fallback=True,
+            )
+        )
+    except Exception as error:
+        raise TokenizerError(f"{tok.source}: unusable SentencePiece vocabulary: {error}") from None
+    steps = [normalizers.Replace(" ", SPACE)]
+    if tok.add_space_prefix:
+        steps.insert(0, normalizers.Prepend(SPACE))
+    backend.normalizer = normalizers.Sequence(steps)
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(" ", 1, 0)] if tok.add_space_prefix else [])
+    )
+    _add_special_tokens(backend, tok)
+    return backend
+
+
+def _build_backend(tok: BpeTokenizer) -> HfTokenizer:
+    """The `tokenizers` object: BPE model, llama.cpp's splits, byte-level mapping, whole specials."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    if tok.kind == "spm":
+        return _build_spm_backend(tok)
+
+    vocab: dict[str, int] = {}
+    for token_id, token in enumerate(tok.tokens):
+        vocab.setdefault(
+            token, token_id
+        )  # a duplicate spelling keeps its first id, as llama.cpp does
+    merge_pairs: list[tuple[str, str]] = []
+    for rank, merge in enumerate(tok.merges):
+        left, sep, right = merge.partition(" ")
+        if not sep or not left or not right:
+            raise TokenizerError(f"{tok.source}: merge {rank} {merge!r} is not 'left right'")
+        merge_pairs.append((left, right))
+    try:
+        backend = Tokenizer(
+            models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False, ignore_merges=False)
+        )
+    except Exception as error:  # tokenizers raises plain Exception for merges naming unknown tokens
+        raise TokenizerError(f"{tok.source}: unusable BPE tokenizer: {error}") from None
+    splits = PRE_TOKENIZER_SPLITS.get(tok.pre, PRE_TOKENIZER_SPLITS[DEFAULT_PRE])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(split), behavior="isolated") for split in splits]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    backend.decoder = decoders.ByteLevel()
+    _add_special_tokens(backend, tok)
+    return backend
+
+
+def bpe_from_tokenizer_json(path: Path) -> BpeTokenizer:
+    """A `BpeTokenizer` from an HF `tokenizer.json` with a byte-level BPE model.
+
+    Encoding uses the file's own pipeline (normalizer, pre-tokenizer, added tokens) through
+    `tokenizers`; the vocabulary, merges and token kinds are extracted so that writers can embed
+    the same tokenizer in a GGUF or APR file.
+    """
+    from tokenizers import Tokenizer
+
+    try:
+        text = path.read_text(encoding="utf-8")
+        spec = json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TokenizerError(f"{path}: unreadable tokenizer.json: {error}") from None
+    model = spec.get("model") if isinstance(spec, dict) else None
+    if not isinstance(model, dict) or model.get("type") not in ("BPE", None):
+        kind = model.get("type") if isinstance(model, dict) else type(model).__name__
+        raise TokenizerError(
+            f"{path}: tokenizer model {kind!r} is not supported (byte-level BPE only)"
+        )
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict):
+        raise TokenizerError(f"{path}: tokenizer.json has no BPE vocabulary")
+    added = [
+        entry
+        for entry in spec.get("added_tokens") or []
+        if isinstance(entry, dict) and isinstance(entry.get("content"), str)
+    ]
+    ids = [*vocab.values(), *(entry.get("id") for entry in added)]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise TokenizerError(
+            f"{path}: tokenizer.json has a token id that is not a non-negative integer"
+        )
+    size = max(ids, default=-1) + 1
+    if size > 2 * len(ids) + 1024:  # ids must be (nearly) dense; a corrupt id must not size a list
+        raise TokenizerError(f"{path}: token id {size - 1} is far beyond the {len(ids)} tokens")
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    token_types = [TOKEN_TYPE_UNUSED] * size
+    for token, token_id in vocab.items():
+        tokens[token_id] = token
+        token_types[token_id] = TOKEN_TYPE_NORMAL
+    for entry in added:
+        tokens[entry["id"]] = entry["content"]
+        token_types[entry["id"]] = (
+            TOKEN_TYPE_CONTROL if entry.get("special") else TOKEN_TYPE_USER_DEFINED
+        )
+    merges = [m if isinstance(m, str) else " ".join(map(str, m)) for m in model.get("merges") or []]
+    try:
+        backend = Tokenizer.from_str(text)
+    except Exception as error:  # tokenizers raises plain Exception on a malformed file
+        raise TokenizerError(f"{path}: unusable tokenizer.json: {error}") from None
+    spm = bool(model.get("byte_fallback"))
+    return BpeTokenizer(
+        tokens=tokens,
+        merges=merges,
+        token_types=token_types,
+        pre=_pre_from_tokenizer_json(spec),
+        source=str(path),
+        _backend=backend,
+        kind="spm" if spm else "bpe",
+    )
+
+
+def _pre_from_tokenizer_json(spec: dict) -> str:
+    """Which of llama.cpp's pre-tokenizer types a tokenizer.json's pre_tokenizer amounts to
+    (for embedding it in GGUF / APR; encoding here always uses the file's own pipeline)."""
+    text = json.dumps(spec.get("pre_tokenizer"))
+    if r"\\p{N}{1,3}" in text:
+        return "llama-bpe"
+    if r"[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}|" in text:
+        return "qwen2"
+    if '"Digits"' in text and '"individual_digits": true' in text:
+        return "smollm"
+    return DEFAULT_PRE
+
+
+def encode_prompt(model: Model, prompt: str) -> list[int]:
+    """The token ids `apr trace` runs for `prompt`: no chat template, BOS only when asked for."""
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        reason = model.metadata.get("tokenizer_error", "the file carries no tokenizer")
+        raise TokenizerError(f"{model.path}: cannot encode a prompt: {reason}; pass --tokens IDS")
+    ids = tokenizer.encode(prompt)
+    config = model.config
+    if config.add_bos and config.bos_token_id is not None:
+        ids = [config.bos_token_id, *ids]
+    if not ids:
+        raise TokenizerError(f"{model.path}: the prompt {prompt!r} gives no tokens")
+    return ids
+
+
+def parse_token_ids(text: str, *, flag: str = "--tokens") -> list[int]:
+    """`1,2,3` (spaces allowed) to a list of non-negative ids; one-line errors naming the flag."""
+    parts = [part.strip() for part in text.split(",")]
+    if not text.strip():
+        raise TokenizerError(f"{flag}: empty token list; expected comma-separated ids like 1,2,3")
+    ids: list[int] = []
+    for position, part in enumerate(parts, start=1):
+        if not part:
+            raise TokenizerError(f"{flag}: empty entry at position {position} in {text!r}")
+        if not (part.isascii() and part.isdigit()):
+            raise TokenizerError(
+                f"{flag}: {part!r} at position {position} is not a non-negative integer token id"
+            )
+        ids.append(int(part))
+    return ids
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, source: str) -> None:
+    """Every id inside the model's vocabulary, or a one-line error naming the first one outside."""
+    for position, token_id in enumerate(ids, start=1):
+        if not 0 <= token_id < vocab_size:
+            raise TokenizerError(
+                f"{source}: token id {token_id} at position {position} is outside the vocabulary "
+                f"(0..{vocab_size - 1})"
+            )
