@@ -70,7 +70,7 @@ def _top_help() -> str:
         f"apr-tui {__version__}: find where two LLM inference paths start to disagree.",
         "",
         "usage: apr-tui MODEL [--ref REF] [--prompt TEXT | --tokens IDS] [--layers START..END]",
-        "                     [--device {auto,cpu,cuda}]",
+        "                     [--device {auto,cpu,cuda}] [--threshold X]",
         "       apr-tui COMMAND [ARGS]",
         "",
         f"  MODEL                {explore.HELP}",

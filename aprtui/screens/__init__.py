@@ -1,0 +1,1 @@
+"""Screens of the trace explorer: cell drill-down, APRT file browser, help."""

@@ -1,0 +1,298 @@
+"""Drill-down into one grid cell: statistics, top divergences, per-token strip, |Δ| histogram.
+
+The cell's statistics are already known; the full tensors are fetched in a thread worker (for a
+model side that may mean re-running the forward pass up to that layer), and the views that need
+them fill in when they arrive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.table import Table
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Static
+
+from aprtui.messages import TensorsLoaded
+from aprtui.widgets.histogram import DeltaHistogram
+from aprtui.widgets.metrics import cell_title
+from aprtui.widgets.stats_panel import diff_stats_table, std_ratio_of, tensor_stats_table
+from aprtui.widgets.token_strip import TokenStrip, per_token_cosine, per_token_rows
+from engine.compare import Cell
+from engine.stages import WHOLE_MODEL_LAYER
+from engine.stats import DiffStats, TopDiff
+
+TOP_K = 20
+ATTENTION_MATRIX_STAGES = ("attn_scores", "attn_softmax")
+SAVE_DIR_NAME = "apr-tui-saved"
+
+
+@dataclass
+class CellContext:
+    """Everything the drill-down needs besides the cell itself."""
+
+    cell: Cell
+    load_tensors: Callable[[], tuple[np.ndarray | None, np.ndarray | None]]
+    """Runs in a worker thread: the full host arrays of side A and side B (None if absent)."""
+    has_reference: bool = True
+    threshold: float = 0.999
+    token_ids: tuple[int, ...] = ()
+    token_text: Callable[[int], str] | None = None
+    """Vocabulary text of an id (the model's tokenizer), when there is one."""
+    save_dir: Path | None = None
+    """Where `s` writes APRT files; default `./apr-tui-saved/`."""
+
+
+def display_token(text: str) -> str:
+    """A byte-level BPE vocabulary entry as a person reads it (`Ġ` is a space, `Ċ` a newline)."""
+    return text.replace("Ġ", "␣").replace("Ċ", "⏎")
+
+
+def _quoted(text: str) -> str:
+    return repr(display_token(text))[:14]
+
+
+def decode_index(
+    index: int,
+    stage: str,
+    shape: tuple[int, ...],
+    token_ids: tuple[int, ...],
+    token_text: Callable[[int], str] | None,
+) -> str:
+    """A flat element index as coordinates a person can read.
+
+    `[seq, dim]` stages give the token position (and its text) and the channel;
+    `attn_scores` / `attn_softmax` `[heads, seq, seq]` give head, query and key position;
+    `lm_head` (last-token logits) gives the vocabulary id and its text.
+    """
+
+    def token(position: int) -> str:
+        if token_text is None or position >= len(token_ids):
+            return f"{position}"
+        try:
+            return f"{position} {_quoted(token_text(token_ids[position]))}"
+        except Exception:  # a tokenizer that cannot show an id must not break the view
+            return f"{position}"
+
+    if not shape or int(np.prod(shape)) <= index:
+        return f"[{index}]"
+    coords = np.unravel_index(index, shape)
+    if stage == "lm_head" and len(shape) == 1:
+        vocab_id = int(coords[0])
+        if token_text is None:
+            return f"vocab {vocab_id}"
+        try:
+            return f"vocab {vocab_id} {_quoted(token_text(vocab_id))}"
+        except Exception:
+            return f"vocab {vocab_id}"
+    if stage in ATTENTION_MATRIX_STAGES and len(shape) == 3:
+        head, query, key = (int(c) for c in coords)
+        return f"head {head}, query {token(query)}, key {token(key)}"
+    if len(shape) == 2:
+        position, channel = (int(c) for c in coords)
+        return f"token {token(position)}, channel {channel}"
+    return "[" + ", ".join(str(int(c)) for c in coords) + "]"
+
+
+def unused_path(directory: Path, stem: str) -> Path:
+    """`directory/stem.bin`, or `stem-1.bin`, `stem-2.bin`, … : never an existing file."""
+    candidate = directory / f"{stem}.bin"
+    counter = 1
+    while candidate.exists():
+        candidate = directory / f"{stem}-{counter}.bin"
+        counter += 1
+    return candidate
+
+
+def save_cell_tensors(
+    directory: Path, cell: Cell, tensors: dict[str, np.ndarray | None]
+) -> list[Path]:
+    """Write each side's tensor as an APRT file (apr's byte format) under `directory`."""
+    from engine.aprt import write_aprt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    where = "model" if cell.layer == WHOLE_MODEL_LAYER else f"layer-{cell.layer}"
+    written = []
+    for side, values in tensors.items():
+        if values is None:
+            continue
+        path = unused_path(directory, f"{where}-{cell.stage}-{side}")
+        write_aprt(path, cell.layer, np.asarray(values, dtype=np.float32).ravel())
+        written.append(path)
+    return written
+
+
+class CellDetailScreen(Screen[None]):
+    """Everything about one (layer, stage)."""
+
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Back"),
+        Binding("s", "save", "Save tensors (APRT)"),
+    ]
+
+    HELP = """
+## Cell drill-down
+
+Statistics of both sides and their diff; the largest element-wise differences with decoded
+coordinates (token and channel; head, query and key for attention scores; vocabulary id for the
+logits); cosine per token; a histogram of |A-B|. `s` saves both tensors as APRT files under
+`./apr-tui-saved/` (never overwriting a file), `esc` goes back to the grid.
+"""
+
+    def __init__(self, context: CellContext) -> None:
+        super().__init__()
+        self.context = context
+        self.tensors: tuple[np.ndarray | None, np.ndarray | None] | None = None
+
+    @property
+    def cell(self) -> Cell:
+        return self.context.cell
+
+    def compose(self) -> ComposeResult:
+        yield Static(self._title(), id="detail-title")
+        with Horizontal(id="detail-top"):
+            yield Static(self._stats_renderable(), id="detail-stats")
+            yield DeltaHistogram(
+                Text("|Δ| histogram: loading tensors…", style="dim"), id="detail-histogram"
+            )
+        yield TokenStrip(Text("per-token: loading tensors…", style="dim"), id="detail-strip")
+        yield Static(self._topk_title(), id="detail-topk-title")
+        yield DataTable(id="detail-topk", cursor_type="row", zebra_stripes=True)
+        yield Footer()
+
+    def _title(self) -> Text:
+        shape = "×".join(str(d) for d in self.cell.shape) or "?"
+        return Text.assemble((cell_title(self.cell.layer, self.cell.stage), "bold"), f"  [{shape}]")
+
+    def _topk_title(self) -> Text:
+        if not self.context.has_reference:
+            return Text("largest |A| elements", style="bold")
+        return Text("top divergences (by |A-B|)", style="bold")
+
+    def _stats_renderable(self) -> Table:
+        grid = Table.grid(padding=(0, 3))
+        if self.context.has_reference:
+            grid.add_row(
+                tensor_stats_table(self.cell.stats_a, self.cell.stats_b),
+                diff_stats_table(
+                    self.cell.diff,
+                    self.context.threshold,
+                    std_ratio_of(self.cell.stats_a, self.cell.stats_b),
+                ),
+            )
+        else:
+            grid.add_row(tensor_stats_table(self.cell.stats_a, None, show_b=False))
+        return grid
+
+    def on_mount(self) -> None:
+        table = self.query_one("#detail-topk", DataTable)
+        table.add_columns("#", "index", "where", "A", "B", "|A-B|")
+        if self.cell.diff is not None:
+            self._fill_topk(self.cell.diff.top_diffs)
+        self.load_tensors()
+
+    def _fill_topk(self, top: tuple[TopDiff, ...]) -> None:
+        table = self.query_one("#detail-topk", DataTable)
+        table.clear()
+        context = self.context
+        for rank, entry in enumerate(top, start=1):
+            where = decode_index(
+                entry.index, self.cell.stage, self.cell.shape, context.token_ids, context.token_text
+            )
+            table.add_row(
+                str(rank),
+                str(entry.index),
+                where,
+                f"{entry.a:+.6e}",
+                "" if not context.has_reference else f"{entry.b:+.6e}",
+                f"{entry.abs_diff:.6e}",
+            )
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="tensors")
+    def load_tensors(self) -> None:
+        try:
+            a, b = self.context.load_tensors()
+        except Exception as error:  # shown in the screen; the app stays usable
+            self.post_message(TensorsLoaded(None, None, error=str(error) or type(error).__name__))
+            return
+        self.post_message(TensorsLoaded(a, b))
+
+    def on_tensors_loaded(self, message: TensorsLoaded) -> None:
+        histogram = self.query_one(DeltaHistogram)
+        strip = self.query_one(TokenStrip)
+        if message.error is not None or message.a is None:
+            reason = message.error or "side A does not produce this stage"
+            histogram.update(Text(f"tensors unavailable: {reason}", style="red"))
+            strip.update("")
+            return
+        a = np.asarray(message.a, dtype=np.float32).ravel()
+        b = None if message.b is None else np.asarray(message.b, dtype=np.float32).ravel()
+        self.tensors = (a, b)
+        context = self.context
+        labels = self._token_labels()
+        n_tokens = len(context.token_ids)
+        shape = self.cell.shape or (a.size,)
+        rows_a = per_token_rows(a, shape, n_tokens)
+        if b is not None and b.size == a.size:
+            from engine.stats import diff_stats
+
+            histogram.show(np.abs(a - b), "|A-B| per decade")
+            rows_b = per_token_rows(b, shape, n_tokens)
+            per_token = None if rows_a is None else per_token_cosine(rows_a, rows_b)
+            strip.show(per_token, cosine=True, threshold=context.threshold, token_labels=labels)
+            full: DiffStats = diff_stats(a, b, limit=TOP_K)
+            self._fill_topk(full.top_diffs)
+        else:
+            histogram.show(np.abs(a), "|A| per decade")
+            rms = None if rows_a is None else np.sqrt(np.mean(rows_a.astype(np.float64) ** 2, 1))
+            strip.show(rms, cosine=False, threshold=context.threshold, token_labels=labels)
+            self._fill_topk(self._largest_a(a))
+
+    def _largest_a(self, a: np.ndarray) -> tuple[TopDiff, ...]:
+        magnitude = np.abs(a)
+        order = np.argsort(-magnitude, kind="stable")[:TOP_K]
+        return tuple(
+            TopDiff(index=int(i), a=float(a[i]), b=float("nan"), abs_diff=float(magnitude[i]))
+            for i in order
+        )
+
+    def _token_labels(self) -> list[str]:
+        context = self.context
+        labels = []
+        for position, token_id in enumerate(context.token_ids):
+            text = str(position)
+            if context.token_text is not None:
+                try:
+                    text = display_token(context.token_text(token_id)) or str(position)
+                except Exception:
+                    text = str(position)
+            labels.append(text)
+        return labels
+
+    def action_save(self) -> None:
+        if self.tensors is None:
+            self.notify("the tensors are still loading", title="Save", severity="warning")
+            return
+        a, b = self.tensors
+        directory = self.context.save_dir or (Path.cwd() / SAVE_DIR_NAME)
+        try:
+            written = save_cell_tensors(directory, self.cell, {"A": a, "B": b})
+        except OSError as error:
+            self.notify(
+                f"{directory}: {error.strerror or error}",
+                title="Save",
+                severity="error",
+                markup=False,
+            )
+            return
+        self.notify(
+            "\n".join(str(path) for path in written), title="Saved APRT files", markup=False
+        )

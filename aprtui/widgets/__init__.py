@@ -1,0 +1,1 @@
+"""Widgets of the trace explorer: the stage grid and the small views around it."""

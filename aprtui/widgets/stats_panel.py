@@ -1,0 +1,119 @@
+"""Statistics of one cell: both sides' `apr trace` statistics and the `apr diff --values` numbers."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from rich.text import Text
+from textual.widgets import Static
+
+from aprtui.widgets.metrics import cell_title
+from engine.compare import Cell
+from engine.stats import DiffStats, TensorStats
+
+_TENSOR_ROWS: tuple[tuple[str, str], ...] = (
+    ("count", "count"),
+    ("std", "std"),
+    ("mean", "mean"),
+    ("min", "min"),
+    ("max", "max"),
+    ("L2 norm", "l2_norm"),
+    ("NaN", "nan_count"),
+    ("Inf", "inf_count"),
+    ("zeros", "zero_count"),
+)
+
+
+def format_stat(value: float | int) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.6g}"
+
+
+def tensor_stats_table(
+    stats_a: TensorStats | None, stats_b: TensorStats | None, *, show_b: bool = True
+) -> Table:
+    """Side-by-side statistics; a side without the stage shows `absent`."""
+    table = Table(box=None, pad_edge=False, show_edge=False, expand=False)
+    table.add_column("", style="bold")
+    table.add_column("A", justify="right")
+    sides = (stats_a, stats_b) if show_b else (stats_a,)
+    if show_b:
+        table.add_column("B", justify="right")
+    for label, field in _TENSOR_ROWS:
+        row = [label]
+        for stats in sides:
+            row.append("absent" if stats is None else format_stat(getattr(stats, field)))
+        table.add_row(*row)
+    return table
+
+
+def std_ratio_of(stats_a: TensorStats | None, stats_b: TensorStats | None) -> float | None:
+    if stats_a is None or stats_b is None or stats_b.std == 0:
+        return None
+    return stats_a.std / stats_b.std
+
+
+def diff_stats_table(
+    diff: DiffStats | None, threshold: float, std_ratio: float | None = None
+) -> Table:
+    table = Table(box=None, pad_edge=False, show_edge=False, expand=False)
+    table.add_column("", style="bold")
+    table.add_column("A vs B", justify="right")
+    if diff is None:
+        table.add_row("diff", "n/a")
+        return table
+    cosine = Text(f"{diff.cosine_sim:.10f}")
+    if not diff.cosine_sim >= threshold:
+        cosine.stylize("bold red")
+    table.add_row("cosine", cosine)
+    table.add_row("max|Δ|", f"{diff.max_abs_diff:.4e}")
+    table.add_row("  at", str(diff.max_abs_diff_index))
+    table.add_row("RMS Δ", f"{diff.rms_diff:.4e}")
+    table.add_row("elements", str(diff.count))
+    if std_ratio is not None:
+        ratio = Text(f"{std_ratio:.6g}")
+        if not 0.5 <= std_ratio <= 2.0:
+            ratio.stylize("bold red")
+        table.add_row("std A/B", ratio)
+    return table
+
+
+class StatsPanel(Static):
+    """The cell under the grid cursor: shape, both sides' statistics and the diff."""
+
+    HELP = """
+## Cell statistics
+
+The cell under the cursor: `apr trace` statistics of side A and side B (sample std, NaN/Inf/zero
+counts over all elements) and the `apr diff --values` numbers (cosine, max|A-B| and where,
+RMS of the difference). Press `Enter` on the grid for the full drill-down.
+"""
+
+    def __init__(
+        self, *, threshold: float = 0.999, has_reference: bool = True, id: str | None = None
+    ) -> None:
+        super().__init__(id=id)
+        self.threshold = threshold
+        self.has_reference = has_reference
+
+    def show_cell(self, layer: int, stage: str, cell: Cell | None) -> None:
+        title = Text(cell_title(layer, stage), style="bold")
+        if cell is None:
+            self.update(Text.assemble(title, "\n", Text("not computed (yet)", style="dim")))
+            return
+        shape = "×".join(str(d) for d in cell.shape) if cell.shape else "?"
+        heading = Text.assemble(title, f"  [{shape}]")
+        grid = Table.grid(padding=(0, 3))
+        if not self.has_reference:
+            grid.add_row(tensor_stats_table(cell.stats_a, None, show_b=False))
+        else:
+            grid.add_row(
+                tensor_stats_table(cell.stats_a, cell.stats_b),
+                diff_stats_table(
+                    cell.diff, self.threshold, std_ratio_of(cell.stats_a, cell.stats_b)
+                ),
+            )
+        container = Table.grid()
+        container.add_row(heading)
+        container.add_row(grid)
+        self.update(container)

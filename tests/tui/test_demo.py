@@ -1,0 +1,24 @@
+"""engine.demo: the demo pair is two real .apr files that differ by exactly the planted scale."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.demo import DEFECT_FACTOR, DEFECT_LAYER
+from engine.formats import open_model
+
+
+def test_small_demo_pair_differs_only_by_the_planted_scale(demo_pair):
+    assert demo_pair.flavour == "small"
+    assert demo_pair.model_a.suffix == demo_pair.model_b.suffix == ".apr"
+    planted = f"model.layers.{DEFECT_LAYER}.mlp.up_proj.weight"
+    assert demo_pair.defect.tensor == planted
+    with open_model(demo_pair.model_a) as a, open_model(demo_pair.model_b) as b:
+        assert a.weights.names() == b.weights.names()
+        for name in a.weights.names():
+            wa, wb = a.weights.get(name), b.weights.get(name)
+            if name == planted:
+                np.testing.assert_allclose(wb, wa * np.float32(DEFECT_FACTOR), rtol=1e-6)
+            else:
+                np.testing.assert_array_equal(wa, wb)
+        assert a.tokenizer is not None and a.tokenizer.encode("What is 2+2?")

@@ -1,0 +1,63 @@
+"""Engine failures appear in the app as a clear message; the app stays usable and quits cleanly."""
+
+from __future__ import annotations
+
+import pytest
+
+from aprtui.screens.help import HelpScreen
+from tests.tui.conftest import SIZE, explorer, screen_text, settle
+
+
+async def assert_failed_and_usable(pilot, *fragments: str) -> None:
+    app = pilot.app
+    await settle(pilot)
+    assert app.state == "failed"
+    panel = app.query_one("#error-panel")
+    assert panel.display
+    text = screen_text(panel)
+    for fragment in fragments:
+        assert fragment in app.error
+    assert "The engine stopped" in text
+    assert any(n.severity == "error" and n.message == app.error for n in app._notifications)
+    assert "failed" in screen_text(app.status)
+    # still usable: keys work
+    await pilot.press("m", "right")
+    assert app.grid.cursor == (0, 1)
+    await pilot.press("question_mark")
+    await pilot.pause()
+    assert isinstance(app.screen, HelpScreen)
+    await pilot.press("escape")
+    await pilot.pause()
+    await pilot.press("escape")  # hides the error panel
+    await pilot.pause()
+    assert not panel.display
+    await pilot.press("q")
+
+
+async def test_bad_file(truncated_apr, demo_pair):
+    app = explorer(truncated_apr, demo_pair.model_b)
+    async with app.run_test(size=SIZE) as pilot:
+        await assert_failed_and_usable(pilot, str(truncated_apr))
+    assert app.return_code == 0
+
+
+async def test_unsupported_model(unsupported_gguf, demo_pair):
+    app = explorer(demo_pair.model_a, unsupported_gguf)
+    async with app.run_test(size=SIZE) as pilot:
+        await assert_failed_and_usable(pilot, str(unsupported_gguf), "gpt2")
+    assert app.return_code == 0
+
+
+async def test_token_mismatch(traced):
+    """The trace dir was made from the default prompt; the model is asked to run other tokens."""
+    app = explorer(traced.model, traced.trace_dir, token_ids=[5, 6, 7])
+    async with app.run_test(size=SIZE) as pilot:
+        await assert_failed_and_usable(pilot, "token ids differ")
+    assert app.return_code == 0
+
+
+@pytest.mark.parametrize("missing", ["nowhere.apr"])
+async def test_missing_file(tmp_path, missing, demo_pair):
+    app = explorer(tmp_path / missing, demo_pair.model_b)
+    async with app.run_test(size=SIZE) as pilot:
+        await assert_failed_and_usable(pilot, missing)

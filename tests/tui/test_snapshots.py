@@ -1,0 +1,134 @@
+"""SVG snapshots of the explorer on deterministic data (the seeded small demo pair).
+
+The clock is hidden (clock=None), so no elapsed time is drawn. Regenerate baselines with
+`pytest tests/tui/test_snapshots.py --snapshot-update` only after looking at the new pictures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aprtui.app import FilesApp
+from aprtui.messages import RunProgress, RunStarted
+from engine.compare import compare, open_pair
+from tests.tui.conftest import explorer, settle
+
+SNAP_SIZE = (150, 40)
+MID_FILL_CELLS = 40
+
+
+def test_grid_mid_fill(snap_compare, demo_pair):
+    """Mid-run: layers 0 and 1 complete (cosine 1.0000, green), layer 2 filled up to `attn`,
+    the rest blank (pending); `qkv_b` shows `·` in every row from the start (Llama has no QKV
+    bias); the status line shows the progress bar at 40/99 cells and no divergence yet."""
+    app = explorer(demo_pair.model_a, demo_pair.model_b, autostart=False)
+
+    async def run_before(pilot):
+        a, b = open_pair(demo_pair.model_a, demo_pair.model_b, device="cpu")
+        cells = list(compare(a, b))[:MID_FILL_CELLS]
+        app.post_message(
+            RunStarted(
+                a.label,
+                b.label,
+                tuple(a.token_ids),
+                tuple(range(a.num_layers)),
+                "cpu",
+                stages=tuple(a.stages),
+            )
+        )
+        await pilot.pause()
+        for cell in cells:
+            app.apply_cell(cell)
+        app.post_message(RunProgress(len(cells), app.grid.expected_count))
+        await pilot.pause()
+        await pilot.pause()
+
+    assert snap_compare(app, run_before=run_before, terminal_size=SNAP_SIZE)
+
+
+@pytest.mark.parametrize("presses", [0, 1, 2, 3], ids=["cosine", "max_diff", "std_a", "std_ratio"])
+def test_grid_complete(snap_compare, demo_pair, presses):
+    """The finished grid in one metric (m pressed `presses` times): L2 is marked `▶` at `up`
+    (std ratio) and at `res2` (cosine), the legend names the metric and its colour ramp, and the
+    status line says where the first divergence is."""
+    app = explorer(demo_pair.model_a, demo_pair.model_b)
+
+    async def run_before(pilot):
+        await settle(pilot)
+        for _ in range(presses):
+            await pilot.press("m")
+        await pilot.pause()
+
+    assert snap_compare(app, run_before=run_before, terminal_size=SNAP_SIZE)
+
+
+def test_cell_drill_down(snap_compare, demo_pair):
+    """L2 `ffn_up` opened: A and B statistics (std ratio 1/18 visible as 0.99 vs 17.8), cosine
+    1.0, the |A-B| histogram by decade, the per-token cosine strip (all 1.0000) and the top
+    divergences with token text and channel."""
+    app = explorer(demo_pair.model_a, demo_pair.model_b)
+
+    async def run_before(pilot):
+        await settle(pilot)
+        await pilot.press("f", "enter")
+        await pilot.pause()
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        await pilot.pause()
+
+    assert snap_compare(app, run_before=run_before, terminal_size=SNAP_SIZE)
+
+
+def test_file_browser(snap_compare, traced, monkeypatch):
+    """`apr-tui files model-trace/`: the layer tree with layer-2 open, `ffn_gate` and `ffn_up`
+    marked [A] [B] and diffed (the apr diff numbers and top divergences on the right)."""
+    monkeypatch.chdir(traced.trace_dir.parent)  # the header shows the directory as given
+    directory = Path(traced.trace_dir.name)
+    app = FilesApp(directory)
+
+    async def run_before(pilot):
+        from tests.tui.test_browser import highlight
+
+        await pilot.pause()
+        await highlight(pilot, directory / "layer-2" / "ffn_gate.bin")
+        await pilot.press("space")
+        await highlight(pilot, directory / "layer-2" / "ffn_up.bin")
+        await pilot.press("space", "d")
+        await pilot.pause()
+
+    assert snap_compare(app, run_before=run_before, terminal_size=SNAP_SIZE)
+
+
+def test_help_screen(snap_compare, demo_pair):
+    """The help screen over the grid: every key of the explorer, grid, drill-down and browser."""
+    app = explorer(demo_pair.model_a, demo_pair.model_b)
+
+    async def run_before(pilot):
+        await settle(pilot)
+        await pilot.press("question_mark")
+        await pilot.pause()
+
+    assert snap_compare(app, run_before=run_before, terminal_size=(150, 56))
+
+
+def test_error_state(snap_compare, traced):
+    """A token mismatch: the red error panel under the (empty) grid names both sides and their
+    token ids, the status line says `failed`, and an error notification is shown."""
+    app = explorer(traced.model, traced.trace_dir, token_ids=[5, 6, 7])
+
+    async def run_before(pilot):
+        await settle(pilot)
+
+    assert snap_compare(app, run_before=run_before, terminal_size=SNAP_SIZE)
+
+
+def test_single_model_mode(snap_compare, demo_pair):
+    """No reference: the header says single-model mode; the grid shows std of A (blue → yellow)."""
+    app = explorer(demo_pair.model_a, None)
+
+    async def run_before(pilot):
+        await settle(pilot)
+
+    assert snap_compare(app, run_before=run_before, terminal_size=SNAP_SIZE)
