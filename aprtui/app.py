@@ -49,9 +49,9 @@ from aprtui.widgets.stats_panel import StatsPanel
 from aprtui.widgets.status_line import StatusLine
 from engine.compare import (
     DEFAULT_THRESHOLD,
-    default_span,
     compare,
     cosine_diverged,
+    default_span,
     std_diverged,
 )
 from engine.errors import AprTuiError

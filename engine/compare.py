@@ -491,7 +491,6 @@ def default_span(a: TraceSource, b: TraceSource | None) -> tuple[range | None, b
     return None, True
 
 
-_default_span = default_span
 """Old private name, kept for callers written before it became public."""
 
 
