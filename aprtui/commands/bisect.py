@@ -9,6 +9,8 @@ import sys
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from aprtui.commands import options
+
 if TYPE_CHECKING:
     from engine.compare import Cell, TraceSource
 
@@ -71,35 +73,15 @@ SHORT_NAMES = {
 }
 
 
-def _threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not -1.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a cosine in [-1, 1], got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("a", metavar="A", help="model file / HF dir, or APRT trace directory")
     parser.add_argument("b", metavar="B", help="model file / HF dir, or APRT trace directory")
-    parser.add_argument(
-        "--threshold",
-        type=_threshold,
-        default=0.999,
-        metavar="X",
-        help="cosine below which a stage has diverged (default 0.999)",
-    )
+    options.add_threshold(parser, "cosine below which a stage has diverged")
     parser.add_argument(
         "--layers", metavar="START..END", help="only these layers, END exclusive (default all)"
     )
-    prompt = parser.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", metavar="TEXT", help='prompt text (default "What is 2+2?")')
-    prompt.add_argument("--tokens", metavar="IDS", help="comma-separated token ids, e.g. 1,2,3")
-    parser.add_argument(
-        "--device", default="auto", metavar="D", help="auto, cpu or cuda (default auto)"
-    )
+    options.add_prompt_options(parser)
+    options.add_device_option(parser)
     parser.add_argument("--json", action="store_true", help="print an apr-tui-bisect-v1 document")
 
 

@@ -6,6 +6,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from aprtui.commands import options
+
 HELP = "the explorer on a built-in model pair with a planted defect (needs nothing else)"
 
 DESCRIPTION = """\
@@ -39,12 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="use the built-in small model even if SmolLM2 is installed",
     )
     parser.add_argument("--prompt", metavar="TEXT", help='prompt to trace (default "What is 2+2?")')
-    parser.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where the forward pass runs",
-    )
+    options.add_device_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:

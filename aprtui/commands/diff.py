@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from aprtui.commands import options
+
 if TYPE_CHECKING:
     from engine.aprt import TraceDir
     from engine.stats import DiffStats
@@ -56,16 +58,6 @@ def _limit(text: str) -> int:
     return value
 
 
-def _threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not -1.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a cosine in [-1, 1], got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("a", metavar="A", help="APRT stage file or trace directory (side A)")
     parser.add_argument("b", metavar="B", help="APRT stage file or trace directory (side B)")
@@ -76,13 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"top divergences to list (default {DEFAULT_LIMIT}; 0 counts as 1, as in apr)",
     )
-    parser.add_argument(
-        "--threshold",
-        type=_threshold,
-        default=DEFAULT_THRESHOLD,
-        metavar="COS",
-        help=f"directories: cosine below this is a divergence (default {DEFAULT_THRESHOLD})",
-    )
+    options.add_threshold(parser, "directories: cosine below this is a divergence")
     parser.add_argument("--json", action="store_true", help="print a JSON document to stdout")
 
 
@@ -455,7 +441,9 @@ def run(args: argparse.Namespace) -> int:
     from engine.errors import DiffError
 
     kinds = []
-    for path in (args.a, args.b):
+    for label, path in (("A", args.a), ("B", args.b)):
+        if not path:
+            raise DiffError(f"{label}: empty path")
         if not os.path.exists(path):
             raise DiffError(f"{_display(path)}: no such file or directory")
         kinds.append("dir" if os.path.isdir(path) else "file")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from aprtui.commands import options
+
 HELP = "open the trace explorer on MODEL, against --ref (a model file or trace directory)"
 
 DESCRIPTION = """\
@@ -29,16 +31,6 @@ examples:
 exit codes: 0 quit normally, 2 bad input or usage."""
 
 
-def _threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model", metavar="MODEL", help="model file (.apr, .gguf, .safetensors) or HF dir"
@@ -49,27 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="reference: a model file / HF dir, or a directory of APRT stage files "
         "(default: MODEL's <stem>-trace/ when it exists)",
     )
-    prompt = parser.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", metavar="TEXT", help='prompt to trace (default "What is 2+2?")')
-    prompt.add_argument("--tokens", metavar="IDS", help="token ids to trace, e.g. 1,2,3")
+    options.add_prompt_options(parser)
     parser.add_argument(
         "--layers",
         metavar="START..END",
         help="trace only these layers (END exclusive), e.g. 0..4",
     )
-    parser.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where the forward pass runs (default auto: CUDA via CuPy when available)",
-    )
-    parser.add_argument(
-        "--threshold",
-        type=_threshold,
-        default=0.999,
-        metavar="X",
-        help="cosine below X is a divergence (default 0.999, apr's Q4K noise floor)",
-    )
+    options.add_device_option(parser)
+    options.add_threshold(parser, "cosine below X is a divergence")
 
 
 def default_trace_dir(model: Path) -> Path:

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from aprtui.commands import options
+
 HELP = "write APRT stage files as `apr trace --save-tensor` does (plus tokens.json)"
 
 DESCRIPTION = """\
@@ -40,9 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model", metavar="MODEL", help="model file (.apr/.gguf/.safetensors) or HF dir"
     )
-    prompt = parser.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", metavar="TEXT", help='prompt text (default "What is 2+2?")')
-    prompt.add_argument("--tokens", metavar="IDS", help="comma-separated token ids, e.g. 1,2,3")
+    options.add_prompt_options(parser)
     parser.add_argument(
         "--save-tensor",
         required=True,
@@ -58,12 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="START..END",
         help="layers to save, END exclusive (default 0..1: layer 0 only)",
     )
-    parser.add_argument(
-        "--device",
-        default="auto",
-        metavar="D",
-        help="auto (CuPy when a GPU is present), cpu or cuda (default auto)",
-    )
+    options.add_device_option(parser)
     parser.add_argument(
         "--force",
         action="store_true",

@@ -41,7 +41,7 @@ def test_top_level_help_shows_the_explorer_and_the_demo():
         (["{model}", "--layers", "4..2"], "--layers '4..2': END (2) must be > START (4)"),
         (["{model}", "--layers", "x"], "--layers 'x'"),
         (["{model}", "--tokens", "1,,2"], "--tokens: empty entry at position 2"),
-        (["{model}", "--threshold", "2"], "--threshold: must be in (0, 1]"),
+        (["{model}", "--threshold", "2"], "--threshold: must be a cosine in [-1, 1], got 2"),
         (["files", "nowhere-dir"], "nowhere-dir: no such directory"),
     ],
 )

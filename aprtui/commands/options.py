@@ -1,0 +1,51 @@
+"""Options several commands share, so that each means the same thing everywhere."""
+
+from __future__ import annotations
+
+import argparse
+
+from engine.compare import DEFAULT_THRESHOLD
+from engine.tokenizer import DEFAULT_PROMPT
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def cosine_threshold(text: str) -> float:
+    """argparse type of `--threshold`: a cosine in [-1, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a cosine in [-1, 1], got {text}")
+    return value
+
+
+def add_threshold(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument(
+        "--threshold",
+        type=cosine_threshold,
+        default=DEFAULT_THRESHOLD,
+        metavar="X",
+        help=f"{help_text} (default {DEFAULT_THRESHOLD}, apr's documented Q4K noise floor)",
+    )
+
+
+def add_prompt_options(parser: argparse.ArgumentParser) -> None:
+    """`--prompt TEXT | --tokens IDS`, mutually exclusive."""
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument(
+        "--prompt", metavar="TEXT", help=f"prompt to trace (default {DEFAULT_PROMPT!r})"
+    )
+    prompt.add_argument(
+        "--tokens", metavar="IDS", help="comma-separated token ids to trace, e.g. 1,2,3"
+    )
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where the forward pass runs (default auto: CUDA via CuPy when available)",
+    )
