@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.text import Text
-from textual import work
+from textual import events, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
@@ -29,6 +29,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 from textual.worker import get_current_worker
 
+from aprtui.coordinates import HeadLayout, head_layout_of
 from aprtui.messages import (
     CellReady,
     CellSelected,
@@ -59,6 +60,9 @@ from engine.stages import STAGE_BY_NAME, STAGES
 
 if TYPE_CHECKING:
     from engine.compare import Cell, TraceSource
+
+FOOTER_ROOMY = 130
+FOOTER_PALETTE = 110
 
 SourcesOpener = Callable[[], "tuple[TraceSource, TraceSource | None]"]
 
@@ -170,12 +174,24 @@ class ExplorerApp(App[int]):
             grid.metric, self.run_spec.threshold, grid.has_reference
         )
         grid.focus()
+        self._fit_footer(self.size.width)
         if self.run_spec.preparing:
             self.status.set(note=self.run_spec.preparing)
         if self.clock is not None:
             self.set_interval(0.25, self._tick)
         if self.autostart:
             self.start_run()
+
+    def on_resize(self, event: events.Resize) -> None:
+        self._fit_footer(event.size.width)
+
+    def _fit_footer(self, width: int) -> None:
+        """Keep every footer key visible on narrow terminals: compact spacing below
+        FOOTER_ROOMY columns, and below FOOTER_PALETTE the `^p palette` hint (ctrl+p still
+        works, and the help screen lists it) gives its room to the keys."""
+        footer = self.screen_stack[0].query_one(Footer)
+        footer.compact = width < FOOTER_ROOMY
+        footer.show_command_palette = width >= FOOTER_PALETTE
 
     def _tick(self) -> None:
         if self._started_at is None or self.clock is None:
@@ -370,6 +386,7 @@ class ExplorerApp(App[int]):
             threshold=self.run_spec.threshold,
             token_ids=self.token_ids,
             token_text=_token_text_of(source_a),
+            heads=_heads_of(source_a, source_b),
             save_dir=self.save_dir,
         )
 
@@ -479,6 +496,17 @@ def _token_text_of(source: TraceSource | None) -> Callable[[int], str] | None:
         model = getattr(source, "model", None)
         tokenizer = getattr(model, "tokenizer", None)
     return None if tokenizer is None else tokenizer.token_text
+
+
+def _heads_of(*sources: TraceSource | None) -> HeadLayout | None:
+    """The attention head layout of the first side that is a model (a trace directory has no
+    config); None when neither is."""
+    for source in sources:
+        model = getattr(source, "model", None)
+        layout = head_layout_of(getattr(model, "config", None))
+        if layout is not None:
+            return layout
+    return None
 
 
 def _short_title(cell: Cell) -> str:

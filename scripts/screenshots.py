@@ -79,6 +79,17 @@ def write_trace_dir(model: Path, directory: Path) -> None:
         source.close()
 
 
+def write_loud_model(work: Path) -> Path:
+    """The small demo model with layer 1's up_proj ×1000 (apr's HIGH-VAR), as an .apr file."""
+    from engine.demo import SMALL_ARCH, SMALL_DIMS, SMALL_SEED, plant_defect
+    from engine.formats import apr
+    from engine.synth import synthesize
+
+    model = synthesize(SMALL_ARCH, seed=SMALL_SEED, **SMALL_DIMS)
+    loud, _ = plant_defect(model, layer=1, factor=1000.0)
+    return Path(apr.write(loud, work / "demo-small-loud.apr"))
+
+
 async def small_demo_shots(pair: DemoPair, work: Path, out: Path) -> list[Path]:
     shots = []
 
@@ -116,6 +127,25 @@ async def small_demo_shots(pair: DemoPair, work: Path, out: Path) -> list[Path]:
     )
     shots.append(await capture(explorer(pair.model_a, None), "single-model", out, finished))
 
+    loud = write_loud_model(work)
+
+    async def anomalies(pilot: Pilot) -> None:
+        await settle(pilot)
+        pilot.app.grid.move_to(1, "post_ffn_residual")
+        await pilot.pause()
+
+    shots.append(await capture(explorer(loud, None), "single-model-anomalies", out, anomalies))
+
+    async def narrow(pilot: Pilot) -> None:
+        await settle(pilot)
+        await pilot.press(*["j"] * 6, *["l"] * 19)
+
+    shots.append(
+        await capture(
+            explorer(pair.model_a, pair.model_b), "grid-100x30", out, narrow, size=(100, 30)
+        )
+    )
+
     trace_dir = work / "demo-small-trace"
     write_trace_dir(pair.model_a, trace_dir)
 
@@ -125,7 +155,7 @@ async def small_demo_shots(pair: DemoPair, work: Path, out: Path) -> list[Path]:
         await pilot.pause()
         screen = pilot.app.screen
         for name in ("ffn_gate", "ffn_up"):
-            node = screen._tree_nodes[Path(trace_dir.name) / "layer-2" / f"{name}.bin"]
+            node = screen.node_for(Path(trace_dir.name) / "layer-2" / f"{name}.bin")
             node.parent.expand()
             await pilot.pause()
             screen.query_one(Tree).move_cursor(node)

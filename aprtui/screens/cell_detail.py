@@ -21,6 +21,14 @@ from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
+from aprtui.anomalies import (
+    ANOMALY_MARKER,
+    MARKER_STYLE,
+    SEVERE_STYLE,
+    WARNING_STYLE,
+    cell_anomalies,
+)
+from aprtui.coordinates import HeadLayout, decode_index, display_token
 from aprtui.messages import TensorsLoaded
 from aprtui.widgets.histogram import DeltaHistogram
 from aprtui.widgets.metrics import cell_title
@@ -31,7 +39,6 @@ from engine.stages import WHOLE_MODEL_LAYER
 from engine.stats import DiffStats, TopDiff
 
 TOP_K = 20
-ATTENTION_MATRIX_STAGES = ("attn_scores", "attn_softmax")
 SAVE_DIR_NAME = "apr-tui-saved"
 
 
@@ -47,59 +54,11 @@ class CellContext:
     token_ids: tuple[int, ...] = ()
     token_text: Callable[[int], str] | None = None
     """Vocabulary text of an id (the model's tokenizer), when there is one."""
+    heads: HeadLayout | None = None
+    """The model's attention head layout (decodes Q/K/V, head and dim); None between two trace
+    directories, which carry no model config."""
     save_dir: Path | None = None
     """Where `s` writes APRT files; default `./apr-tui-saved/`."""
-
-
-def display_token(text: str) -> str:
-    """A byte-level BPE vocabulary entry as a person reads it (`Ġ` is a space, `Ċ` a newline)."""
-    return text.replace("Ġ", "␣").replace("Ċ", "⏎")
-
-
-def _quoted(text: str) -> str:
-    return repr(display_token(text))[:14]
-
-
-def decode_index(
-    index: int,
-    stage: str,
-    shape: tuple[int, ...],
-    token_ids: tuple[int, ...],
-    token_text: Callable[[int], str] | None,
-) -> str:
-    """A flat element index as coordinates a person can read.
-
-    `[seq, dim]` stages give the token position (and its text) and the channel;
-    `attn_scores` / `attn_softmax` `[heads, seq, seq]` give head, query and key position;
-    `lm_head` (last-token logits) gives the vocabulary id and its text.
-    """
-
-    def token(position: int) -> str:
-        if token_text is None or position >= len(token_ids):
-            return f"{position}"
-        try:
-            return f"{position} {_quoted(token_text(token_ids[position]))}"
-        except Exception:  # a tokenizer that cannot show an id must not break the view
-            return f"{position}"
-
-    if not shape or int(np.prod(shape)) <= index:
-        return f"[{index}]"
-    coords = np.unravel_index(index, shape)
-    if stage == "lm_head" and len(shape) == 1:
-        vocab_id = int(coords[0])
-        if token_text is None:
-            return f"vocab {vocab_id}"
-        try:
-            return f"vocab {vocab_id} {_quoted(token_text(vocab_id))}"
-        except Exception:
-            return f"vocab {vocab_id}"
-    if stage in ATTENTION_MATRIX_STAGES and len(shape) == 3:
-        head, query, key = (int(c) for c in coords)
-        return f"head {head}, query {token(query)}, key {token(key)}"
-    if len(shape) == 2:
-        position, channel = (int(c) for c in coords)
-        return f"token {token(position)}, channel {channel}"
-    return "[" + ", ".join(str(int(c)) for c in coords) + "]"
 
 
 def unused_path(directory: Path, stem: str) -> Path:
@@ -141,10 +100,11 @@ class CellDetailScreen(Screen[None]):
     HELP = """
 ## Cell drill-down
 
-Statistics of both sides and their diff; the largest element-wise differences with decoded
-coordinates (token and channel; head, query and key for attention scores; vocabulary id for the
-logits); cosine per token; a histogram of |A-B|. `s` saves both tensors as APRT files under
-`./apr-tui-saved/` (never overwriting a file), `esc` goes back to the grid.
+Statistics of both sides and their diff, with apr's anomaly flags in words; the largest
+element-wise differences with decoded coordinates (token and channel; Q/K/V, head and dim for the
+attention projections when the model is known; head, query and key for attention scores;
+vocabulary id for the logits); cosine per token; a histogram of |A-B|. `s` saves both tensors
+as APRT files under `./apr-tui-saved/` (never overwriting a file), `esc` goes back to the grid.
 """
 
     def __init__(self, context: CellContext) -> None:
@@ -158,6 +118,8 @@ logits); cosine per token; a histogram of |A-B|. `s` saves both tensors as APRT 
 
     def compose(self) -> ComposeResult:
         yield Static(self._title(), id="detail-title")
+        flags = self._flags_text()
+        yield Static(flags, id="detail-flags", classes="visible" if flags.plain else "")
         with Horizontal(id="detail-top"):
             yield Static(self._stats_renderable(), id="detail-stats")
             yield DeltaHistogram(
@@ -172,6 +134,23 @@ logits); cosine per token; a histogram of |A-B|. `s` saves both tensors as APRT 
         shape = "×".join(str(d) for d in self.cell.shape) or "?"
         return Text.assemble((cell_title(self.cell.layer, self.cell.stage), "bold"), f"  [{shape}]")
 
+    def _flags_text(self) -> Text:
+        """apr's anomaly flags of each side, in words, one per line (empty when none)."""
+        text = Text()
+        for side, flags in cell_anomalies(self.cell).sides():
+            for flag in flags:
+                if text.plain:
+                    text.append("\n")
+                text.append_text(
+                    Text.assemble(
+                        (ANOMALY_MARKER, MARKER_STYLE),
+                        f" {side}: ",
+                        (flag.name, SEVERE_STYLE if flag.severe else WARNING_STYLE),
+                        f" — {flag.detail}",
+                    )
+                )
+        return text
+
     def _topk_title(self) -> Text:
         if not self.context.has_reference:
             return Text("largest |A| elements", style="bold")
@@ -179,9 +158,10 @@ logits); cosine per token; a histogram of |A-B|. `s` saves both tensors as APRT 
 
     def _stats_renderable(self) -> Table:
         grid = Table.grid(padding=(0, 3))
+        flags = cell_anomalies(self.cell)
         if self.context.has_reference:
             grid.add_row(
-                tensor_stats_table(self.cell.stats_a, self.cell.stats_b),
+                tensor_stats_table(self.cell.stats_a, self.cell.stats_b, flags=flags),
                 diff_stats_table(
                     self.cell.diff,
                     self.context.threshold,
@@ -189,7 +169,7 @@ logits); cosine per token; a histogram of |A-B|. `s` saves both tensors as APRT 
                 ),
             )
         else:
-            grid.add_row(tensor_stats_table(self.cell.stats_a, None, show_b=False))
+            grid.add_row(tensor_stats_table(self.cell.stats_a, None, show_b=False, flags=flags))
         return grid
 
     def on_mount(self) -> None:
@@ -205,7 +185,12 @@ logits); cosine per token; a histogram of |A-B|. `s` saves both tensors as APRT 
         context = self.context
         for rank, entry in enumerate(top, start=1):
             where = decode_index(
-                entry.index, self.cell.stage, self.cell.shape, context.token_ids, context.token_text
+                entry.index,
+                self.cell.stage,
+                self.cell.shape,
+                context.token_ids,
+                context.token_text,
+                context.heads,
             )
             table.add_row(
                 str(rank),

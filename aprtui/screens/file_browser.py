@@ -13,8 +13,10 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static, Tree
+from textual.widgets.tree import TreeNode
 
-from aprtui.widgets.stats_panel import tensor_stats_table
+from aprtui.anomalies import CellAnomalies, stats_anomalies
+from aprtui.widgets.stats_panel import anomaly_summary, tensor_stats_table
 from engine.aprt import TraceDir, read_aprt, read_trace_dir
 from engine.errors import AprTuiError, DiffError
 from engine.stages import WHOLE_MODEL_LAYER
@@ -100,7 +102,7 @@ Highlight a file to see its header, statistics and first values. `space` marks u
         self.standalone = standalone
         self.marked: list[Path] = []
         self.trace: TraceDir | None = None
-        self._tree_nodes: dict[Path, object] = {}
+        self._tree_nodes: dict[Path, TreeNode] = {}
 
     def compose(self) -> ComposeResult:
         if self.standalone:
@@ -166,8 +168,19 @@ Highlight a file to see its header, statistics and first values. `space` marks u
         info.add_row("size", f"{path.stat().st_size} bytes")
         header.update(info)
         stats = tensor_stats(tensor.values)
-        self.query_one("#aprt-stats", Static).update(tensor_stats_table(stats, None, show_b=False))
+        flags = CellAnomalies(a=stats_anomalies(path.stem, stats))
+        table = tensor_stats_table(stats, None, show_b=False, flags=flags)
+        if flags:  # apr's anomaly flags of this file, above its statistics
+            both = Table.grid()
+            both.add_row(anomaly_summary(flags))
+            both.add_row(table)
+            table = both
+        self.query_one("#aprt-stats", Static).update(table)
         self.query_one("#aprt-preview", Static).update(preview_text(tensor.values))
+
+    def node_for(self, path: Path) -> TreeNode | None:
+        """The tree node of one stage file (None for a path the tree does not list)."""
+        return self._tree_nodes.get(path)
 
     def _highlighted_path(self) -> Path | None:
         node = self.query_one(Tree).cursor_node
@@ -180,7 +193,7 @@ Highlight a file to see its header, statistics and first values. `space` marks u
         label = Text(path.stem)
         if path in self.marked:
             label.append(f"  [{'AB'[self.marked.index(path)]}]", "bold reverse")
-        node.set_label(label)  # type: ignore[attr-defined]
+        node.set_label(label)
 
     def action_mark(self) -> None:
         path = self._highlighted_path()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
+from aprtui.anomalies import ANOMALY_MARKER, MARKER_STYLE, WARNING_STYLE
 from aprtui.widgets.metrics import METRIC_BY_KEY, METRICS
 from aprtui.widgets.palette import LUT_SIZE, heat_styles, score_index
 
@@ -38,17 +39,23 @@ def legend_text(metric_key: str, threshold: float, has_reference: bool) -> Text:
         ticks[start : start + len(label)] = list(label)
     text.append("".join(ticks).rstrip() + "\n", "dim")
     if metric.key == "cosine":
-        text.append(f"threshold {threshold}  ", "dim")
+        text.append(f"threshold {threshold}\n", "dim")
     text.append_text(
         Text.assemble(
             ("NaN", "bold bright_white on magenta"),
             " non-finite  ",
+            (ANOMALY_MARKER, MARKER_STYLE),
+            " anomaly flag (a: next)\n",
             ("·", "dim"),
-            " absent  blank: pending\n",
-            ("▶", "bold red"),
-            " first divergence (cosine / std ratio)",
+            "   absent      blank: pending\n",
+            ("L3", WARNING_STYLE),
+            "  HIGH-VAR layer (output std > 100)",
         )
     )
+    if has_reference:
+        text.append_text(
+            Text.assemble("\n", ("▶", "bold red"), "   first divergence (cosine / std ratio)")
+        )
     return text
 
 
@@ -59,7 +66,9 @@ class Legend(Static):
 ## Legend
 
 The colour ramp of the metric on show: green = A and B agree, red = they disagree (for std
-of A: blue = small, yellow = large). `m` switches the metric.
+of A: blue = small, yellow = large). `m` switches the metric. The symbols: magenta `NaN`/`Inf`,
+the yellow `!` of apr's anomaly flags (`a` jumps to the next one), `·` absent, `▶` first
+divergence.
 """
 
     def show_metric(self, metric_key: str, threshold: float, has_reference: bool) -> None:

@@ -21,6 +21,7 @@ from textual.reactive import reactive, var
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from aprtui.anomalies import ANOMALY_MARKER, CellAnomalies, grid_anomalies
 from aprtui.messages import CellSelected, CursorMoved, MetricChanged
 from aprtui.widgets.metrics import (
     CELL_TEXT_WIDTH,
@@ -75,7 +76,8 @@ class StageGrid(ScrollView, can_focus=True):
         Binding("m", "cycle_metric", "Metric"),
         Binding("f", "jump_divergence", "First divergence"),
         Binding("n", "walk_worst(1)", "Next worst"),
-        Binding("N", "walk_worst(-1)", "Previous worst", key_display="shift+n"),
+        Binding("N", "walk_worst(-1)", "Previous worst", key_display="shift+n", show=False),
+        Binding("a", "next_anomaly", "Next anomaly"),
     ]
 
     HELP = """
@@ -87,6 +89,9 @@ grid says what the colours mean.
 
 - `·` the stage is absent (neither side produces it); blank: not computed (yet)
 - `NaN` / `Inf` (magenta): a non-finite value on either side
+- `!` (gold): an apr anomaly flag (with a reference: one that only one side has) — NaN, Inf, near-zero variance (std < 1e-8),
+  large values (max|x| > 100), large mean bias (|mean| > 10), or HIGH-VAR (the layer output's
+  std > 100, which also turns the layer label gold); `a` jumps to the next flagged cell
 - `▶` and reverse video: the first divergence
 - `m` cycles cosine → max|A-B| → std of A → std ratio A/B
 - `f` jumps to the first divergence, `n` / `shift+n` walk the cells from worst to best
@@ -103,6 +108,8 @@ grid says what the colours mean.
         "stage-grid--nonfinite",
         "stage-grid--one-sided",
         "stage-grid--marker",
+        "stage-grid--anomaly-marker",
+        "stage-grid--label-high-var",
     }
 
     metric: reactive[str] = reactive("cosine")
@@ -127,6 +134,8 @@ grid says what the colours mean.
         self.cells: dict[tuple[int, int], Cell] = {}
         self.divergences: dict[str, tuple[int, int]] = {}
         """Marked cells by kind (`cosine`, `std`) -> (row, column)."""
+        self.anomalies: dict[tuple[int, int], CellAnomalies] = {}
+        """apr's anomaly flags of the flagged cells, by (row, column)."""
         self._row_of: dict[int, int] = {}
         self._walk: tuple[int, int] | None = None
         """The cell the last n / shift+n landed on (a walk continues from there)."""
@@ -170,6 +179,7 @@ grid says what the colours mean.
         self.stages = default_stages()
         self.cells.clear()
         self.divergences.clear()
+        self.anomalies.clear()
         self._allocate()
         if not whole_model:
             self.applicable[-1, :] = False  # not part of this run: blank, never "absent"
@@ -202,7 +212,7 @@ grid says what the colours mean.
                 )
             else:
                 self.applicable[:-1, col] = True
-        self.virtual_size = Size(LABEL_WIDTH + self.n_cols * CELL_WIDTH, self.n_rows + 1)
+        self._fit_virtual_size()
 
     def _add_column(self, stage_name: str) -> None:
         """A stage the default columns lack (MoE): re-lay the grid out and re-apply the cells."""
@@ -211,6 +221,7 @@ grid says what the colours mean.
         self.stages = sorted(order, key=order.__getitem__)
         self.cells.clear()
         self.divergences.clear()
+        self.anomalies.clear()
         self._allocate()
         for cell in old_cells:
             self._store(cell)
@@ -250,6 +261,11 @@ grid says what the colours mean.
         row, col = self._row_of[cell.layer], self._col_of[cell.stage]
         self.cells[(row, col)] = cell
         self.applicable[row, col] = True
+        flags = grid_anomalies(cell)
+        if flags:
+            self.anomalies[(row, col)] = flags
+        else:
+            self.anomalies.pop((row, col), None)
         nonfinite = is_nonfinite(cell)
         for metric in METRICS:
             key = metric.key
@@ -345,9 +361,15 @@ grid says what the colours mean.
         cells = Strip(self._row_segments(row)).crop(scroll_x, scroll_x + cells_width)
         return Strip.join([label, cells]).extend_cell_length(width, self.rich_style).simplify()
 
+    def high_var_rows(self) -> set[int]:
+        """Rows whose layer has apr's `[HIGH-VAR]` status."""
+        return {row for (row, _), flags in self.anomalies.items() if flags.high_var}
+
     def _label_segment(self, row: int) -> Segment:
         diverged = any(position[0] == row for position in self.divergences.values())
         component = "stage-grid--label-diverged" if diverged else "stage-grid--label"
+        if not diverged and row in self.high_var_rows():
+            component = "stage-grid--label-high-var"
         text = layer_label(self.layer_at(row))
         if diverged:
             text = f"{DIVERGENCE_MARKER}{text}"
@@ -366,6 +388,7 @@ grid says what the colours mean.
         cursor = self.get_component_rich_style("stage-grid--cursor", partial=True)
         divergence = self.get_component_rich_style("stage-grid--divergence", partial=True)
         marker_style = self.get_component_rich_style("stage-grid--marker")
+        anomaly_style = self.get_component_rich_style("stage-grid--anomaly-marker")
         marked = {c for (r, c) in self.divergences.values() if r == row}
         cursor_row, cursor_col = self.cursor
         segments: list[Segment] = []
@@ -384,6 +407,8 @@ grid says what the colours mean.
             if col in marked:
                 style = style + divergence
                 segments.append(Segment(DIVERGENCE_MARKER, marker_style))
+            elif (row, col) in self.anomalies:
+                segments.append(Segment(ANOMALY_MARKER, anomaly_style))
             else:
                 segments.append(Segment(" ", base))
             if row == cursor_row and col == cursor_col:
@@ -412,11 +437,39 @@ grid says what the colours mean.
             layer = self.layer_at(row)
             self.post_message(CursorMoved(layer, self.stages[col], self.cells.get((row, col))))
 
+    @property
+    def visible_cells_width(self) -> int:
+        """Columns of the viewport left for cells: the layer labels stay put on the left, and
+        the scrollbars are not part of it."""
+        return max(CELL_WIDTH, self.scrollable_content_region.width - LABEL_WIDTH)
+
+    @property
+    def visible_rows(self) -> int:
+        """Layer rows in view: the viewport less the header line (and any scrollbar)."""
+        return max(1, self.scrollable_content_region.height - 1)
+
+    def _fit_virtual_size(self) -> None:
+        """Width of the scrollable area: the cells, padded so that the furthest horizontal
+        scroll is a whole number of cells (every scroll position starts on a cell boundary)."""
+        cells_width = self.n_cols * CELL_WIDTH
+        view = self.scrollable_content_region.width - LABEL_WIDTH
+        excess = cells_width - view
+        if view > 0 and excess > 0:
+            cells_width = view + -(-excess // CELL_WIDTH) * CELL_WIDTH
+        size = Size(LABEL_WIDTH + cells_width, self.n_rows + 1)
+        if size != self.virtual_size:
+            self.virtual_size = size
+
+    def on_resize(self) -> None:
+        self._fit_virtual_size()
+        self._scroll_to_cursor()
+
     def _scroll_to_cursor(self) -> None:
+        """Scroll (by whole cells) just enough to bring the cursor cell fully into view."""
         row, col = self.cursor
-        scroll_x, scroll_y = self.scroll_offset
-        visible_rows = max(1, self.size.height - 1)
-        visible_width = max(CELL_WIDTH, self.size.width - LABEL_WIDTH)
+        scroll_x, scroll_y = (int(v) for v in self.scroll_offset)
+        visible_rows = self.visible_rows
+        visible_width = self.visible_cells_width
         if row < scroll_y:
             scroll_y = row
         elif row >= scroll_y + visible_rows:
@@ -425,7 +478,8 @@ grid says what the colours mean.
         if left < scroll_x:
             scroll_x = left
         elif left + CELL_WIDTH > scroll_x + visible_width:
-            scroll_x = left + CELL_WIDTH - visible_width
+            needed = left + CELL_WIDTH - visible_width
+            scroll_x = -(-needed // CELL_WIDTH) * CELL_WIDTH
         if (scroll_x, scroll_y) != tuple(self.scroll_offset):
             self.scroll_to(scroll_x, scroll_y, animate=False, immediate=True)
             self.refresh()
@@ -508,6 +562,22 @@ grid says what the colours mean.
         self._walk = ranking[index]
         self.cursor = ranking[index]
         self.notify(f"worst #{index + 1} of {len(ranking)}", title="Worst cells", timeout=1.5)
+
+    def action_next_anomaly(self) -> None:
+        """The next flagged cell after the cursor in computation order (wrapping around)."""
+        flagged = sorted(self.anomalies)
+        if not flagged:
+            self.notify("no cell breaks an anomaly rule (so far)", title="Anomaly flags")
+            return
+        later = [position for position in flagged if position > self.cursor]
+        target = later[0] if later else flagged[0]
+        self.cursor = target
+        self.notify(
+            f"{flagged.index(target) + 1} of {len(flagged)}: {self.anomalies[target].summary()}",
+            title="Anomaly flags",
+            timeout=2.5,
+            markup=False,
+        )
 
     # -- mouse ------------------------------------------------------------------------------
 

@@ -6,6 +6,15 @@ from rich.table import Table
 from rich.text import Text
 from textual.widgets import Static
 
+from aprtui.anomalies import (
+    ANOMALY_MARKER,
+    MARKER_STYLE,
+    SEVERE_STYLE,
+    WARNING_STYLE,
+    CellAnomalies,
+    cell_anomalies,
+    flagged_fields,
+)
 from aprtui.widgets.metrics import cell_title
 from engine.compare import Cell
 from engine.stats import DiffStats, TensorStats
@@ -30,21 +39,52 @@ def format_stat(value: float | int) -> str:
 
 
 def tensor_stats_table(
-    stats_a: TensorStats | None, stats_b: TensorStats | None, *, show_b: bool = True
+    stats_a: TensorStats | None,
+    stats_b: TensorStats | None,
+    *,
+    show_b: bool = True,
+    flags: CellAnomalies | None = None,
+    compact: bool = False,
 ) -> Table:
-    """Side-by-side statistics; a side without the stage shows `absent`."""
-    table = Table(box=None, pad_edge=False, show_edge=False, expand=False)
+    """Side-by-side statistics; a side without the stage shows `absent`. The values that break
+    an anomaly rule (`flags`) are highlighted: red for NaN/Inf, black on yellow otherwise.
+    `compact`: one space between columns (the panel under the grid, on narrow terminals)."""
+    table = Table(box=None, pad_edge=False, show_edge=False, expand=False, collapse_padding=compact)
     table.add_column("", style="bold")
     table.add_column("A", justify="right")
     sides = (stats_a, stats_b) if show_b else (stats_a,)
     if show_b:
         table.add_column("B", justify="right")
+    flags = flags or CellAnomalies()
+    highlighted = [
+        flagged_fields(stats_a, flags.a),
+        flagged_fields(stats_b, flags.b),
+    ]
     for label, field in _TENSOR_ROWS:
-        row = [label]
-        for stats in sides:
-            row.append("absent" if stats is None else format_stat(getattr(stats, field)))
+        row: list[str | Text] = [label]
+        for side, stats in enumerate(sides):
+            if stats is None:
+                row.append("absent")
+                continue
+            value = Text(format_stat(getattr(stats, field)))
+            if field in highlighted[side]:
+                severe = field in ("nan_count", "inf_count")
+                value.stylize(SEVERE_STYLE if severe else MARKER_STYLE)
+            row.append(value)
         table.add_row(*row)
     return table
+
+
+def anomaly_summary(flags: CellAnomalies) -> Text:
+    """`! A: large values, large mean bias · B: large values` (empty when nothing is flagged)."""
+    if not flags:
+        return Text("")
+    severe = any(flag.severe for _, side_flags in flags.sides() for flag in side_flags)
+    return Text.assemble(
+        (ANOMALY_MARKER, MARKER_STYLE),
+        " ",
+        (flags.summary(), SEVERE_STYLE if severe else WARNING_STYLE),
+    )
 
 
 def std_ratio_of(stats_a: TensorStats | None, stats_b: TensorStats | None) -> float | None:
@@ -54,9 +94,13 @@ def std_ratio_of(stats_a: TensorStats | None, stats_b: TensorStats | None) -> fl
 
 
 def diff_stats_table(
-    diff: DiffStats | None, threshold: float, std_ratio: float | None = None
+    diff: DiffStats | None,
+    threshold: float,
+    std_ratio: float | None = None,
+    *,
+    compact: bool = False,
 ) -> Table:
-    table = Table(box=None, pad_edge=False, show_edge=False, expand=False)
+    table = Table(box=None, pad_edge=False, show_edge=False, expand=False, collapse_padding=compact)
     table.add_column("", style="bold")
     table.add_column("A vs B", justify="right")
     if diff is None:
@@ -86,7 +130,8 @@ class StatsPanel(Static):
 
 The cell under the cursor: `apr trace` statistics of side A and side B (sample std, NaN/Inf/zero
 counts over all elements) and the `apr diff --values` numbers (cosine, max|A-B| and where,
-RMS of the difference). Press `Enter` on the grid for the full drill-down.
+RMS of the difference). A line under the title names apr's anomaly flags the cell breaks, and
+the values that break them are highlighted. Press `Enter` on the grid for the full drill-down.
 """
 
     def __init__(
@@ -103,17 +148,25 @@ RMS of the difference). Press `Enter` on the grid for the full drill-down.
             return
         shape = "×".join(str(d) for d in cell.shape) if cell.shape else "?"
         heading = Text.assemble(title, f"  [{shape}]")
-        grid = Table.grid(padding=(0, 3))
+        flags = cell_anomalies(cell)
+        grid = Table.grid(padding=(0, 2))
         if not self.has_reference:
-            grid.add_row(tensor_stats_table(cell.stats_a, None, show_b=False))
+            grid.add_row(
+                tensor_stats_table(cell.stats_a, None, show_b=False, flags=flags, compact=True)
+            )
         else:
             grid.add_row(
-                tensor_stats_table(cell.stats_a, cell.stats_b),
+                tensor_stats_table(cell.stats_a, cell.stats_b, flags=flags, compact=True),
                 diff_stats_table(
-                    cell.diff, self.threshold, std_ratio_of(cell.stats_a, cell.stats_b)
+                    cell.diff,
+                    self.threshold,
+                    std_ratio_of(cell.stats_a, cell.stats_b),
+                    compact=True,
                 ),
             )
         container = Table.grid()
         container.add_row(heading)
+        if flags:
+            container.add_row(anomaly_summary(flags))
         container.add_row(grid)
         self.update(container)

@@ -32,8 +32,15 @@ def progress_bar(done: int, total: int, width: int = BAR_WIDTH) -> str:
     return "█" * filled + "░" * (width - filled)
 
 
-def status_text(status: RunStatus) -> Text:
-    """`A x  B y │ 7 tokens │ cpu │ 3.2 s │ ███░░ 120/483 │ first divergence …`."""
+SEPARATOR = " │ "
+
+
+def status_text(status: RunStatus, width: int | None = None) -> Text:
+    """`A x  B y │ 7 tokens │ cpu │ 3.2 s │ ███░░ 120/483 │ first divergence …`.
+
+    With a `width`, the parts are packed greedily onto as many lines as they need (a narrow
+    terminal gets the first divergence on a second line instead of losing it off the edge).
+    """
     parts: list[Text] = []
     if status.label_a:
         sides = Text.assemble(("A ", "bold"), status.label_a)
@@ -60,19 +67,44 @@ def status_text(status: RunStatus) -> Text:
         parts.append(Text(status.state, "bold red" if status.state == "failed" else "yellow"))
     if status.divergence:
         parts.append(Text(status.divergence, "bold red"))
-    return Text(" │ ").join(parts)
+    if width is None:
+        return Text(SEPARATOR).join(parts)
+    lines: list[list[Text]] = [[]]
+    used = 0
+    for part in parts:
+        needed = part.cell_len + (len(SEPARATOR) if lines[-1] else 0)
+        if lines[-1] and used + needed > width:
+            lines.append([])
+            used, needed = 0, part.cell_len
+        lines[-1].append(part)
+        used += needed
+    return Text("\n").join(Text(SEPARATOR).join(line) for line in lines)
 
 
 class StatusLine(Static):
-    """The run's facts; the app calls `set` with the fields that changed."""
+    """The run's facts; the app calls `set` with the fields that changed.
+
+    Usually one line; when the terminal is too narrow for every part, the parts wrap onto a
+    second (or third) line, so nothing is cut off.
+    """
 
     status: RunStatus
 
     def on_mount(self) -> None:
         self.status = RunStatus()
-        self.update(status_text(self.status))
+        self._line_count = 1
+        self._show()
+
+    def on_resize(self) -> None:
+        self._show()
 
     def set(self, **changes: object) -> None:
         self.status = replace(self.status, **changes)
-        # One line whatever it says: repaint without a layout pass (this runs per cell).
-        self.update(status_text(self.status), layout=False)
+        self._show()
+
+    def _show(self) -> None:
+        text = status_text(self.status, self.content_size.width or None)
+        lines = text.plain.count("\n") + 1
+        # Repaint without a layout pass unless the line count changed (this runs per cell).
+        self.update(text, layout=lines != self._line_count)
+        self._line_count = lines

@@ -64,6 +64,18 @@ def traced(demo_pair: DemoPair, tmp_path_factory: pytest.TempPathFactory) -> Tra
 
 
 @pytest.fixture(scope="session")
+def loud_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small demo model with layer 1's up_proj ×1000, written as a real .apr file."""
+    from engine.demo import SMALL_ARCH, SMALL_DIMS, SMALL_SEED, plant_defect
+    from engine.formats import apr
+    from engine.synth import synthesize
+
+    model = synthesize(SMALL_ARCH, seed=SMALL_SEED, **SMALL_DIMS)
+    loud, _ = plant_defect(model, layer=1, factor=1000.0)
+    return Path(apr.write(loud, tmp_path_factory.mktemp("loud") / "loud.apr"))
+
+
+@pytest.fixture(scope="session")
 def truncated_apr(demo_pair: DemoPair, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real .apr file cut in half (a bad file)."""
     data = demo_pair.model_a.read_bytes()
@@ -83,6 +95,24 @@ def unsupported_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = synthesize("llama", seed=3, num_layers=1, hidden_size=32, intermediate_size=64)
     gguf.write(with_config(model, architecture="gpt2"), path)
     return path
+
+
+class Notifications(list):
+    """The notifications an app shows, recorded from Textual's public `Notify` message.
+
+    Pass one as `app.run_test(message_hook=notes)`; it keeps each `Notification` (message,
+    title, severity) in the order the app raised them.
+    """
+
+    def __call__(self, message) -> None:
+        from textual.notifications import Notify
+
+        if isinstance(message, Notify):
+            self.append(message.notification)
+
+    @property
+    def messages(self) -> list[str]:
+        return [notification.message for notification in self]
 
 
 async def settle(pilot) -> None:
@@ -118,5 +148,27 @@ def screen_text(widget) -> str:
     """What a widget shows on screen, as plain text lines (read back from its render)."""
     from textual.geometry import Region
 
-    width, height = widget.size
+    width, height = widget.outer_size  # border and padding included
     return "\n".join(strip.text for strip in widget.render_lines(Region(0, 0, width, height)))
+
+
+def painted_style(grid, row: int, col: int, *, gap: bool = False):
+    """The rich Style the grid paints one cell's text with (or, `gap=True`, the marker column
+    before it), read back from its rendered line."""
+    from aprtui.widgets.stage_grid import CELL_WIDTH, LABEL_WIDTH
+
+    strip = grid.render_line(1 + row - grid.scroll_offset.y)
+    x = LABEL_WIDTH + col * CELL_WIDTH - grid.scroll_offset.x + (0 if gap else 1)
+    for segment in strip:
+        if x < segment.cell_length:
+            return segment.style
+        x -= segment.cell_length
+    raise AssertionError(f"cell ({row}, {col}) is not on screen")
+
+
+def painted_gap(grid, row: int, col: int) -> str:
+    """The character in the marker column before a cell (` `, `▶` or `!`)."""
+    from aprtui.widgets.stage_grid import CELL_WIDTH, LABEL_WIDTH
+
+    line = grid.render_line(1 + row - grid.scroll_offset.y).text
+    return line[LABEL_WIDTH + col * CELL_WIDTH - grid.scroll_offset.x]

@@ -10,13 +10,14 @@ from aprtui.app import FilesApp
 from aprtui.screens.file_browser import FileBrowserScreen
 from aprtui.screens.help import HelpScreen
 from engine.aprt import read_aprt
-from tests.tui.conftest import SIZE, screen_text
+from tests.tui.conftest import SIZE, Notifications, screen_text
 
 
 async def highlight(pilot, path):
     screen = pilot.app.screen
     tree = screen.query_one(Tree)
-    node = screen._tree_nodes[path]
+    node = screen.node_for(path)
+    assert node is not None
     node.parent.expand()
     await pilot.pause()
     tree.move_cursor(node)
@@ -101,11 +102,13 @@ async def test_mark_two_and_diff_like_apr(traced, demo_pair, tmp_path):
 
 async def test_d_with_fewer_than_two_marks_explains(traced):
     app = FilesApp(traced.trace_dir)
-    async with app.run_test(size=SIZE) as pilot:
+    notes = Notifications()
+    async with app.run_test(size=SIZE, message_hook=notes) as pilot:
         await pilot.pause()
+        assert not notes
         await pilot.press("d")
         await pilot.pause()
-        assert any("mark two files" in n.message for n in app._notifications)
+        assert any("mark two files" in message for message in notes.messages)
         await pilot.press("question_mark")
         await pilot.pause()
         assert isinstance(app.screen, HelpScreen)
@@ -138,3 +141,25 @@ async def test_files_app_f1_help_and_ctrl_c(traced):
         await pilot.pause()
         await pilot.press("ctrl+c")
     assert app.return_code == 0
+
+
+async def test_a_file_that_breaks_an_anomaly_rule_says_so(traced, tmp_path):
+    import shutil
+
+    from engine.aprt import write_stage
+
+    directory = tmp_path / "nan-trace"
+    shutil.copytree(traced.trace_dir, directory)
+    values = read_aprt(directory / "layer-3" / "attn_out.bin").values.copy()
+    values[7] = np.nan
+    write_stage(directory, "attn_out", 3, values)
+    app = FilesApp(directory)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        screen = await highlight(pilot, directory / "layer-3" / "attn_norm.bin")
+        healthy = screen_text(screen.query_one("#aprt-stats"))
+        assert "count" in healthy and "A: " not in healthy
+        await highlight(pilot, directory / "layer-3" / "attn_out.bin")
+        flagged = screen_text(screen.query_one("#aprt-stats"))
+        assert "! A: NaN" in flagged
+        assert f"count {values.size}" in " ".join(flagged.split())

@@ -9,7 +9,7 @@ from textual.widgets import DataTable
 from aprtui.screens.cell_detail import CellDetailScreen
 from engine.aprt import read_aprt
 from engine.stages import WHOLE_MODEL_LAYER
-from tests.tui.conftest import SIZE, explorer, screen_text, settle
+from tests.tui.conftest import SIZE, Notifications, explorer, screen_text, settle
 
 
 async def open_cell(pilot, layer: int, stage: str) -> CellDetailScreen:
@@ -110,14 +110,15 @@ async def test_s_saves_both_tensors_as_aprt_without_overwriting(demo_pair, tmp_p
     existing = save_dir / "layer-2-ffn_up-A.bin"
     existing.write_bytes(b"user file")
     app = explorer(demo_pair.model_a, demo_pair.model_b, save_dir=save_dir)
-    async with app.run_test(size=SIZE) as pilot:
+    notes = Notifications()
+    async with app.run_test(size=SIZE, message_hook=notes) as pilot:
         await settle(pilot)
         screen = await open_cell(pilot, 2, "ffn_up")
         a, b = screen.tensors
         await pilot.press("s")
         await pilot.press("s")
         await pilot.pause()
-        messages = [n.message for n in app._notifications]
+        messages = notes.messages
     assert existing.read_bytes() == b"user file"
     names = sorted(p.name for p in save_dir.iterdir())
     assert names == [

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from aprtui.screens.help import HelpScreen
-from tests.tui.conftest import SIZE, explorer, screen_text, settle
+from tests.tui.conftest import SIZE, Notifications, explorer, screen_text, settle
 
 
-async def assert_failed_and_usable(pilot, *fragments: str) -> None:
+async def assert_failed_and_usable(pilot, notes: Notifications, *fragments: str) -> None:
     app = pilot.app
     await settle(pilot)
     assert app.state == "failed"
@@ -18,7 +18,7 @@ async def assert_failed_and_usable(pilot, *fragments: str) -> None:
     for fragment in fragments:
         assert fragment in app.error
     assert "The engine stopped" in text
-    assert any(n.severity == "error" and n.message == app.error for n in app._notifications)
+    assert any(n.severity == "error" and n.message == app.error for n in notes)
     assert "failed" in screen_text(app.status)
     # still usable: keys work
     await pilot.press("m", "right")
@@ -36,28 +36,32 @@ async def assert_failed_and_usable(pilot, *fragments: str) -> None:
 
 async def test_bad_file(truncated_apr, demo_pair):
     app = explorer(truncated_apr, demo_pair.model_b)
-    async with app.run_test(size=SIZE) as pilot:
-        await assert_failed_and_usable(pilot, str(truncated_apr))
+    notes = Notifications()
+    async with app.run_test(size=SIZE, message_hook=notes) as pilot:
+        await assert_failed_and_usable(pilot, notes, str(truncated_apr))
     assert app.return_code == 0
 
 
 async def test_unsupported_model(unsupported_gguf, demo_pair):
     app = explorer(demo_pair.model_a, unsupported_gguf)
-    async with app.run_test(size=SIZE) as pilot:
-        await assert_failed_and_usable(pilot, str(unsupported_gguf), "gpt2")
+    notes = Notifications()
+    async with app.run_test(size=SIZE, message_hook=notes) as pilot:
+        await assert_failed_and_usable(pilot, notes, str(unsupported_gguf), "gpt2")
     assert app.return_code == 0
 
 
 async def test_token_mismatch(traced):
     """The trace dir was made from the default prompt; the model is asked to run other tokens."""
     app = explorer(traced.model, traced.trace_dir, token_ids=[5, 6, 7])
-    async with app.run_test(size=SIZE) as pilot:
-        await assert_failed_and_usable(pilot, "token ids differ")
+    notes = Notifications()
+    async with app.run_test(size=SIZE, message_hook=notes) as pilot:
+        await assert_failed_and_usable(pilot, notes, "token ids differ")
     assert app.return_code == 0
 
 
 @pytest.mark.parametrize("missing", ["nowhere.apr"])
 async def test_missing_file(tmp_path, missing, demo_pair):
     app = explorer(tmp_path / missing, demo_pair.model_b)
-    async with app.run_test(size=SIZE) as pilot:
-        await assert_failed_and_usable(pilot, missing)
+    notes = Notifications()
+    async with app.run_test(size=SIZE, message_hook=notes) as pilot:
+        await assert_failed_and_usable(pilot, notes, missing)

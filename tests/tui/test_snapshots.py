@@ -22,7 +22,8 @@ MID_FILL_CELLS = 40
 def test_grid_mid_fill(snap_compare, demo_pair):
     """Mid-run: layers 0 and 1 complete (cosine 1.0000, green), layer 2 filled up to `attn`,
     the rest blank (pending); `qkv_b` shows `·` in every row from the start (Llama has no QKV
-    bias); the status line shows the progress bar at 40/99 cells and no divergence yet."""
+    bias); the status line shows the progress bar at 40/99 cells and no divergence yet; the
+    legend explains `NaN`, the yellow `!` anomaly flag, `·`, the gold HIGH-VAR label and `▶`."""
     app = explorer(demo_pair.model_a, demo_pair.model_b, autostart=False)
 
     async def run_before(pilot):
@@ -51,8 +52,9 @@ def test_grid_mid_fill(snap_compare, demo_pair):
 @pytest.mark.parametrize("presses", [0, 1, 2, 3], ids=["cosine", "max_diff", "std_a", "std_ratio"])
 def test_grid_complete(snap_compare, demo_pair, presses):
     """The finished grid in one metric (m pressed `presses` times): L2 is marked `▶` at `up`
-    (std ratio) and at `res2` (cosine), the legend names the metric and its colour ramp, and the
-    status line says where the first divergence is."""
+    (std ratio) and at `res2` (cosine), L2 `swigl` carries the yellow `!` anomaly flag (side B's
+    values pass 100), the legend names the metric and its colour ramp, and the status line says
+    where the first divergence is (on a second line: it does not fit in one at 150 columns)."""
     app = explorer(demo_pair.model_a, demo_pair.model_b)
 
     async def run_before(pilot):
@@ -125,10 +127,42 @@ def test_error_state(snap_compare, traced):
 
 
 def test_single_model_mode(snap_compare, demo_pair):
-    """No reference: the header says single-model mode; the grid shows std of A (blue → yellow)."""
+    """No reference: the header says single-model mode; the grid shows std of A (blue → yellow);
+    the healthy model breaks no anomaly rule, so no cell has a `!`; the legend has no `▶` line."""
     app = explorer(demo_pair.model_a, None)
 
     async def run_before(pilot):
         await settle(pilot)
 
     assert snap_compare(app, run_before=run_before, terminal_size=SNAP_SIZE)
+
+
+def test_single_model_anomalies(snap_compare, loud_model):
+    """Single-model mode on the small model with layer 1's up_proj ×1000: yellow `!` flags from
+    L1 `up` on, the labels L1–L5 in gold (HIGH-VAR: layer output std > 100), and the cursor on
+    L1 `res2`, whose stats panel names the flags (`A: large values, large mean bias, HIGH-VAR`)
+    and highlights the offending std, mean, min and max."""
+    app = explorer(loud_model, None)
+
+    async def run_before(pilot):
+        await settle(pilot)
+        assert app.grid.move_to(1, "post_ffn_residual")
+        await pilot.pause()
+
+    assert snap_compare(app, run_before=run_before, terminal_size=SNAP_SIZE)
+
+
+@pytest.mark.parametrize("size", [(120, 36), (100, 30)], ids=["120x36", "100x30"])
+def test_narrow_terminal(snap_compare, demo_pair, size):
+    """The finished grid at 120×36 and 100×30, cursor moved 19 cells right on the whole-model
+    row: the grid scrolled by whole cells (headers aligned) so that `logits` and the cursor are
+    in view; the status line wraps onto two lines instead of losing the first divergence; the
+    legend is whole; the compact footer shows every key (at 100 columns without `^p palette`)."""
+    app = explorer(demo_pair.model_a, demo_pair.model_b)
+
+    async def run_before(pilot):
+        await settle(pilot)
+        await pilot.press(*["j"] * 6, *["l"] * 19)
+        await pilot.pause()
+
+    assert snap_compare(app, run_before=run_before, terminal_size=size)
