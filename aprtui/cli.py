@@ -14,8 +14,10 @@ Exit codes: 0 success (for bisect: nothing diverged), 1 divergence found, 2 bad 
 from __future__ import annotations
 
 import argparse
+import codecs
 import importlib
 import os
+import re
 import sys
 from types import ModuleType
 
@@ -34,12 +36,43 @@ EXPLORE = "aprtui.commands.explore"
 EXIT_USAGE = 2
 
 
+_NEGATIVE_NUMBER = re.compile(r"-[0-9]*\.?[0-9]+")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as one line and exit code 2 (never a traceback)."""
 
+    _argv: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> None:  # type: ignore[override]
+        # argparse checks required positionals before it reports unknown options, so
+        # `apr-tui diff --bogus` would say "A, B are required"; name the bad flag instead.
+        unknown = self._unknown_options()
+        if unknown and message.startswith("the following arguments are required"):
+            message = f"unrecognized arguments: {' '.join(unknown)}"
         _print_error(f"{self.prog}: {message} (see --help)")
         raise SystemExit(EXIT_USAGE)
+
+    def _unknown_options(self) -> list[str]:
+        """The option-like words of the command line that no option of this parser accepts."""
+        known = self._option_string_actions
+        unknown = []
+        for word in self._argv:
+            if word == "--":
+                break
+            if not word.startswith("-") or word == "-" or _NEGATIVE_NUMBER.fullmatch(word):
+                continue
+            name = word.split("=", 1)[0]
+            if name in known or (not name.startswith("--") and name[:2] in known):
+                continue  # an option, or a short option with its value attached (-n5)
+            if name.startswith("--") and any(option.startswith(name) for option in known):
+                continue  # an abbreviation argparse accepts
+            unknown.append(word)
+        return unknown
 
 
 def _print_error(message: str) -> None:
@@ -91,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     from engine.errors import AprTuiError
 
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if hasattr(sys.stdout, "reconfigure"):  # a path the terminal cannot encode must not crash
+        codecs.register_error(_ESCAPE, _json_escape)  # the report (PYTHONIOENCODING=ascii)
+        sys.stdout.reconfigure(errors=_ESCAPE)
     if not args_list:
         print(_top_help(), file=sys.stderr)
         return EXIT_USAGE
@@ -123,6 +159,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("apr-tui: interrupted\n")
         return 130
+
+
+_ESCAPE = "apr-tui-escape"
+
+
+def _json_escape(error: UnicodeError) -> tuple[str, int]:
+    """Characters the output encoding lacks as JSON `\\uXXXX` escapes (UTF-16 units), so that
+    `--json` output stays valid JSON and text output stays readable."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    units = error.object[error.start : error.end].encode("utf-16-be", "surrogatepass")
+    escaped = "".join(
+        f"\\u{int.from_bytes(units[i : i + 2], 'big'):04x}" for i in range(0, len(units), 2)
+    )
+    return escaped, error.end
 
 
 def _describe_os_error(error: OSError) -> str:

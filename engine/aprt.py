@@ -13,12 +13,9 @@ in the target directory and is renamed into place, so a reader never sees a half
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
-import secrets
-import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +24,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from engine.errors import FormatError
+from engine.fileio import NotRegularFileError, atomic_output, loads_json, open_regular, read_regular
 from engine.stages import (
     ALIASES,
     STAGE_BY_NAME,
@@ -93,6 +91,8 @@ class AprtTensor:
 
 def _rust_io_text(error: OSError) -> str:
     """An OSError the way Rust's io::Error displays it: `No such file or directory (os error 2)`."""
+    if isinstance(error, NotRegularFileError):
+        return "not a regular file"
     if error.errno is None:
         return str(error)
     return f"{os.strerror(error.errno)} (os error {error.errno})"
@@ -124,15 +124,10 @@ def _check_header(path: str | os.PathLike[str], header_bytes: bytes, file_size: 
 def _open(path: str | os.PathLike[str]) -> BinaryIO:
     """Open a regular file for reading; anything else (missing, directory, FIFO) is an error.
 
-    Checked before opening so that a FIFO or device never blocks us.
+    A FIFO or device is refused without blocking (engine.fileio.open_regular).
     """
     try:
-        mode = os.stat(path).st_mode
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
-        if not stat.S_ISREG(mode):
-            raise AprtOpenError(path, "cannot open: not a regular file")
-        return open(path, "rb")  # noqa: SIM115 - closed by the caller's `with`
+        return open_regular(path)
     except OSError as error:
         raise AprtOpenError(path, f"cannot open: {_rust_io_text(error)}") from None
 
@@ -180,19 +175,12 @@ def _to_host_f32(values: Any) -> np.ndarray:
 
 def _atomic_write(path: Path, chunks: list[bytes | np.ndarray]) -> None:
     """Write to a hidden temporary name beside `path`, then rename over it."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            for chunk in chunks:
-                if isinstance(chunk, np.ndarray):
-                    chunk.tofile(handle)
-                else:
-                    handle.write(chunk)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as temp, open(temp, "wb") as handle:
+        for chunk in chunks:
+            if isinstance(chunk, np.ndarray):
+                chunk.tofile(handle)
+            else:
+                handle.write(chunk)
 
 
 def write_aprt(path: str | os.PathLike[str], layer: int, values: Any) -> Path:
@@ -276,13 +264,13 @@ def read_tokens_json(path: str | os.PathLike[str]) -> TokensInfo:
         return FormatError(f"{os.fspath(path)}: {reason}")
 
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_regular(path).decode("utf-8")
     except UnicodeDecodeError:
         raise bad("not UTF-8 text") from None
     except OSError as error:
         raise bad(f"cannot read: {_rust_io_text(error)}") from None
     try:
-        document = json.loads(text)
+        document = loads_json(text)
     except json.JSONDecodeError as error:
         raise bad(
             f"not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.errors import TokenizerError
+from engine.fileio import loads_json
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer as HfTokenizer
@@ -273,7 +274,7 @@ def bpe_from_tokenizer_json(path: Path) -> BpeTokenizer:
 
     try:
         text = path.read_text(encoding="utf-8")
-        spec = json.loads(text)
+        spec = loads_json(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise TokenizerError(f"{path}: unreadable tokenizer.json: {error}") from None
     model = spec.get("model") if isinstance(spec, dict) else None
@@ -353,6 +354,10 @@ def encode_prompt(model: Model, prompt: str) -> list[int]:
     return ids
 
 
+MAX_TOKEN_ID = 0xFFFFFFFF
+"""apr's token ids are u32."""
+
+
 def parse_token_ids(text: str, *, flag: str = "--tokens") -> list[int]:
     """`1,2,3` (spaces allowed) to a list of non-negative ids; one-line errors naming the flag."""
     parts = [part.strip() for part in text.split(",")]
@@ -365,6 +370,14 @@ def parse_token_ids(text: str, *, flag: str = "--tokens") -> list[int]:
         if not (part.isascii() and part.isdigit()):
             raise TokenizerError(
                 f"{flag}: {part!r} at position {position} is not a non-negative integer token id"
+            )
+        # Token ids are u32 in apr; checking the length first keeps int() away from a
+        # 5000-digit string (beyond Python's int-conversion limit: a ValueError traceback).
+        if len(part.lstrip("0")) > 10 or int(part) > MAX_TOKEN_ID:
+            shown = part if len(part) <= 24 else f"{part[:20]}... ({len(part)} digits)"
+            raise TokenizerError(
+                f"{flag}: {shown} at position {position} is too large for a token id "
+                f"(max {MAX_TOKEN_ID})"
             )
         ids.append(int(part))
     return ids

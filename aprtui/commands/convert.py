@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,16 +49,22 @@ def run(args: argparse.Namespace) -> int:
     from engine.errors import FormatError
     from engine.formats import apr, open_model
 
+    for flag, text in (("IN", args.input), ("OUT.apr", args.output)):
+        if not text:
+            raise FormatError(f"{flag}: empty path")
     source = Path(args.input)
     target = Path(args.output)
-    if target.exists() and not args.force:
-        raise FormatError(f"{target}: already exists; pass --force to replace it")
     if target.is_dir():
         raise FormatError(f"{target}: is a directory, expected an .apr file name")
+    if target.exists() or target.is_symlink():
+        if _same_file(source, target):
+            raise FormatError(f"{target}: is the input file; write to another name")
+        if target.exists() and not target.is_file():  # --force must not replace /dev/null
+            raise FormatError(f"{target}: is not a regular file; refusing to replace it")
+        if not args.force:
+            raise FormatError(f"{target}: already exists; pass --force to replace it")
     if not target.parent.is_dir():
         raise FormatError(f"{target.parent}: output directory does not exist")
-    if source.resolve() == target.resolve():
-        raise FormatError(f"{target}: is the input file; write to another name")
 
     started = time.monotonic()
     with open_model(source) as model:
@@ -72,6 +79,14 @@ def run(args: argparse.Namespace) -> int:
         f"in {time.monotonic() - started:.1f}s"
     )
     return 0
+
+
+def _same_file(source: Path, target: Path) -> bool:
+    """Whether `target` is `source` itself (also through a symlink or a hard link)."""
+    try:
+        return os.path.samefile(source, target)
+    except OSError:  # one of them does not exist (or is a dangling link)
+        return False
 
 
 def _big(model) -> bool:

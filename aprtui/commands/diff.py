@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,21 +42,19 @@ examples:
 exit codes: 0 compared, 2 bad input (unreadable or mismatched files, bad arguments)."""
 
 DEFAULT_LIMIT = 10
-DEFAULT_THRESHOLD = 0.999
-"""Cosine below which a stage counts as diverged (apr's contract: the Q4K noise floor)."""
+_USIZE = re.compile(r"\+?[0-9]+", re.ASCII)
+"""What Rust's `usize::from_str` (clap's `--limit`) accepts: no sign but `+`, no `_`, no spaces."""
 
 FILE_SCHEMA = "apr-stage-diff-v1"
 DIR_SCHEMA = "apr-tui-dir-diff-v1"
 
 
 def _limit(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    if text.startswith("-") and _USIZE.fullmatch(text[1:]):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not _USIZE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.errors import FormatError
+from engine.fileio import open_regular
 from engine.model import Model
 
 __all__ = ["open_model", "detect_format"]
@@ -21,7 +22,7 @@ def detect_format(path: Path) -> str:
     if not path.exists():
         raise FormatError(f"{path}: no such file or directory")
     try:
-        with path.open("rb") as handle:
+        with open_regular(path) as handle:
             magic = handle.read(4)
     except OSError as error:
         raise FormatError(f"{path}: cannot read: {error.strerror or error}") from None

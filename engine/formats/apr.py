@@ -25,7 +25,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from engine.errors import FormatError, MissingTensorError, UnsupportedModelError
+from engine.fileio import atomic_output, loads_json, open_regular
 from engine.formats.common import (
     HF_ARCHITECTURE_CLASS,
     MAX_ELEMENTS,
@@ -44,6 +44,7 @@ from engine.formats.common import (
     float_field,
     int_field,
     normalize_architecture,
+    stored_tensor_names,
 )
 from engine.formats.gguf import gguf_to_hf_name
 from engine.formats.quant import (
@@ -76,7 +77,7 @@ MAX_NAME_LEN = 256
 MAX_NDIM = 8
 MIN_INDEX_ENTRY = 2 + 1 + 1 + 8 + 8  # name_len, dtype, ndim, offset, size (empty name, no dims)
 MAX_DECOMPRESSED_RATIO = 256  # LZ4's own worst case is ~255:1
-MAX_DECOMPRESSED_FLOOR = 1 << 30
+MAX_DECOMPRESSED_FLOOR = 64 << 20  # what a tiny zstd file may still expand to
 
 # Header flags (§4.2).
 FLAG_LZ4 = 0x0001
@@ -93,6 +94,12 @@ FLAG_COLUMN_MAJOR = 0x0800
 DT_F32, DT_F16, DT_Q4_0, DT_F64_OR_Q4_1, DT_I32, DT_I64 = 0, 1, 2, 3, 4, 5
 DT_I8_OR_Q5_0, DT_U8_OR_Q5_1, DT_LEGACY_Q4, DT_LEGACY_Q8 = 6, 7, 8, 9
 DT_Q4_K, DT_Q6_K, DT_BF16, DT_APR_Q4, DT_APR_Q8 = 12, 14, 30, 128, 129
+# Codes aprender and realizar read differently (§4.5); the entry's byte size tells them apart.
+_SIZE_DECIDES: dict[int, tuple[str, int, str, GGMLQuantizationType]] = {
+    DT_F64_OR_Q4_1: ("f64", 8, "F64", GGMLQuantizationType.Q4_1),
+    DT_I8_OR_Q5_0: ("i8", 1, "I8", GGMLQuantizationType.Q5_0),
+    DT_U8_OR_Q5_1: ("u8", 1, "U8", GGMLQuantizationType.Q5_1),
+}
 _K_QUANT_CODES = {
     10: GGMLQuantizationType.Q2_K,
     11: GGMLQuantizationType.Q3_K,
@@ -296,44 +303,11 @@ def resolve_codec(entry: AprIndexEntry, source: str) -> _Codec:
     if code in plain:
         kind, width = plain[code]
         return _expect(entry, source, _Codec(kind), size == n * width, f"{n * width}")
-    if code == DT_Q4_0:
-        return _expect(
-            entry,
-            source,
-            _ggml(GGMLQuantizationType.Q4_0),
-            size == blocks(32, 18),
-            f"{blocks(32, 18)}",
-        )
-    if code == DT_F64_OR_Q4_1:  # aprender F64 vs realizar Q4_1
-        if size == n * 8:
-            return _Codec("f64")
-        return _expect(
-            entry,
-            source,
-            _ggml(GGMLQuantizationType.Q4_1),
-            size == blocks(32, 20),
-            f"{n * 8} (F64) or {blocks(32, 20)} (Q4_1)",
-        )
-    if code == DT_I8_OR_Q5_0:
-        if size == n:
-            return _Codec("i8")
-        return _expect(
-            entry,
-            source,
-            _ggml(GGMLQuantizationType.Q5_0),
-            size == blocks(32, 22),
-            f"{n} (I8) or {blocks(32, 22)} (Q5_0)",
-        )
-    if code == DT_U8_OR_Q5_1:
-        if size == n:
-            return _Codec("u8")
-        return _expect(
-            entry,
-            source,
-            _ggml(GGMLQuantizationType.Q5_1),
-            size == blocks(32, 24),
-            f"{n} (U8) or {blocks(32, 24)} (Q5_1)",
-        )
+    if code in _SIZE_DECIDES:  # aprender's plain type vs realizar's GGML block type
+        kind, width, label, qtype = _SIZE_DECIDES[code]
+        if size == n * width:
+            return _Codec(kind)
+        return _expect_blocks(entry, source, qtype, alternative=f"{n * width} ({label})")
     if code == DT_LEGACY_Q4:  # AprTransformer: Q8_0 when the size says so, else APR Q4
         if size == blocks(32, 34):
             return _ggml(GGMLQuantizationType.Q8_0)
@@ -350,21 +324,11 @@ def resolve_codec(entry: AprIndexEntry, source: str) -> _Codec:
         return _expect(
             entry, source, _Codec("apr_q4"), size == apr_q4_nbytes(n), f"{apr_q4_nbytes(n)}"
         )
-    if code in _K_QUANT_CODES:
+    if code in _K_QUANT_CODES and len(entry.shape) == 2 and entry.shape[1] % QK_K:
         qtype = _K_QUANT_CODES[code]
-        block_bytes = GGML_QUANT_SIZES[qtype][1]
-        if len(entry.shape) == 2 and entry.shape[1] % QK_K:
-            rows, cols = entry.shape
-            padded = rows * -(-cols // QK_K) * block_bytes
-            if size == padded:
-                return _Codec("k_rows", qtype)
-        return _expect(
-            entry,
-            source,
-            _ggml(qtype),
-            size == blocks(QK_K, block_bytes),
-            f"{blocks(QK_K, block_bytes)}",
-        )
+        rows, cols = entry.shape
+        if size == rows * -(-cols // QK_K) * GGML_QUANT_SIZES[qtype][1]:
+            return _Codec("k_rows", qtype)  # APR's per-row padding (GH-202)
     try:
         qtype = GGMLQuantizationType(code)
     except ValueError:
@@ -375,15 +339,19 @@ def resolve_codec(entry: AprIndexEntry, source: str) -> _Codec:
                 f"{source}: tensor {entry.name!r} has dtype {code} (GGML {qtype.name}), which cannot "
                 "be dequantized"
             )
-        block, block_bytes = GGML_QUANT_SIZES[qtype]
-        return _expect(
-            entry,
-            source,
-            _ggml(qtype),
-            size == blocks(block, block_bytes),
-            f"{blocks(block, block_bytes)}",
-        )
+        return _expect_blocks(entry, source, qtype)
     raise UnsupportedModelError(f"{source}: tensor {entry.name!r} has unknown dtype {code}")
+
+
+def _expect_blocks(
+    entry: AprIndexEntry, source: str, qtype: GGMLQuantizationType, alternative: str = ""
+) -> _Codec:
+    """GGML blocks of `qtype` when the entry's size is whole blocks for its count, else an error
+    naming the size expected (after `alternative`, the other reading of an ambiguous code)."""
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    wanted = -(-entry.count // block) * block_bytes
+    text = f"{alternative} or {wanted} ({qtype.name})" if alternative else f"{wanted}"
+    return _expect(entry, source, _ggml(qtype), entry.size == wanted, text)
 
 
 def _ggml(qtype: GGMLQuantizationType) -> _Codec:
@@ -491,8 +459,8 @@ def read_structure(path: Path) -> AprFile:
     """Header, metadata and index of an APR file, every offset checked; data untouched."""
     source = str(path)
     try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
+        with open_regular(path) as handle:
+            size = os.fstat(handle.fileno()).st_size
             head = handle.read(HEADER_SIZE)
     except IsADirectoryError:
         raise FormatError(f"{source}: is a directory, expected an .apr file") from None
@@ -520,7 +488,7 @@ def read_structure(path: Path) -> AprFile:
             f"{header.data_offset} are out of order or past the end of the file ({total} bytes)"
         )
     try:
-        metadata = json.loads(bytes(buf[header.metadata_offset : meta_end]).decode("utf-8"))
+        metadata = loads_json(bytes(buf[header.metadata_offset : meta_end]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise FormatError(f"{source}: APR metadata is not valid JSON: {error}") from None
     if not isinstance(metadata, dict):
@@ -542,10 +510,11 @@ def _decompress(path: Path, head: bytes, flags: int, size: int, source: str) -> 
     """Header + decompressed payload (§4.7).
 
     LZ4 blocks expand at most ~255:1, so a declared size beyond that is corrupt and is refused
-    before anything is allocated. zstd is read in 1 MiB chunks (memory grows only with real
-    output) up to max(1 GiB, 256 x the file).
+    before anything is allocated. zstd (whose frames can expand far more) is streamed in 1 MiB
+    chunks straight into the result, so memory grows only with real output, up to
+    max(64 MiB, 256 x the file): a 32 KiB zstd bomb is refused at 64 MiB, not after 1 GiB.
     """
-    payload = path.read_bytes()[HEADER_SIZE:]
+    payload = memoryview(path.read_bytes())[HEADER_SIZE:]
     kind = "LZ4" if flags & FLAG_LZ4 else "zstd"
     try:
         if flags & FLAG_LZ4:
@@ -560,22 +529,20 @@ def _decompress(path: Path, head: bytes, flags: int, size: int, source: str) -> 
                     f"{source}: LZ4 payload claims {declared} bytes, more than "
                     f"{len(payload) - 4} compressed bytes can hold"
                 )
-            body = lz4.block.decompress(payload[4:], uncompressed_size=declared)
+            buf = bytearray(head)
+            buf += lz4.block.decompress(payload[4:], uncompressed_size=declared)
         else:
             import zstandard
 
             limit = max(MAX_DECOMPRESSED_FLOOR, size * MAX_DECOMPRESSED_RATIO)
-            chunks: list[bytes] = []
-            total = 0
+            buf = bytearray(head)
             with zstandard.ZstdDecompressor().stream_reader(payload) as reader:
                 while chunk := reader.read(1 << 20):
-                    total += len(chunk)
-                    if total > limit:
+                    if len(buf) - HEADER_SIZE + len(chunk) > limit:
                         raise FormatError(
                             f"{source}: zstd payload decompresses beyond {limit} bytes"
                         )
-                    chunks.append(chunk)
-            body = b"".join(chunks)
+                    buf += chunk
     except FormatError:
         raise
     except ImportError as error:
@@ -585,7 +552,9 @@ def _decompress(path: Path, head: bytes, flags: int, size: int, source: str) -> 
     except Exception as error:  # lz4 / zstandard raise their own error types on corrupt data
         detail = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise FormatError(f"{source}: corrupt {kind} payload: {detail}") from None
-    return np.frombuffer(head + body, dtype=np.uint8)
+    decompressed = np.frombuffer(buf, dtype=np.uint8)  # no copy
+    decompressed.flags.writeable = False
+    return decompressed
 
 
 def verify_footer(path: Path) -> None:
@@ -878,33 +847,25 @@ def write_file(
         data_offset=data_offset,
     )
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            crc = 0
+    with atomic_output(path) as temp, open(temp, "wb") as out:
+        crc = 0
 
-            def emit(chunk: bytes) -> None:
-                nonlocal crc
-                out.write(chunk)
-                crc = zlib.crc32(chunk, crc)
+        def emit(chunk: bytes) -> None:
+            nonlocal crc
+            out.write(chunk)
+            crc = zlib.crc32(chunk, crc)
 
-            emit(header)
-            emit(meta + bytes(align64(len(meta)) - len(meta)))
-            emit(index + bytes(align64(len(index)) - len(index)))
-            for number, plan in enumerate(plans, start=1):
-                data = plan.encode()
-                if len(data) != plan.size:
-                    raise AssertionError(
-                        f"{plan.name}: encoded {len(data)} bytes, planned {plan.size}"
-                    )
-                emit(data + bytes(align64(len(data)) - len(data)))
-                if progress is not None:
-                    progress(number, len(plans), plan.name)
-            out.write(struct.pack("<I", crc & 0xFFFFFFFF))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        emit(header)
+        emit(meta + bytes(align64(len(meta)) - len(meta)))
+        emit(index + bytes(align64(len(index)) - len(index)))
+        for number, plan in enumerate(plans, start=1):
+            data = plan.encode()
+            if len(data) != plan.size:
+                raise AssertionError(f"{plan.name}: encoded {len(data)} bytes, planned {plan.size}")
+            emit(data + bytes(align64(len(data)) - len(data)))
+            if progress is not None:
+                progress(number, len(plans), plan.name)
+        out.write(struct.pack("<I", crc & 0xFFFFFFFF))
     return path
 
 
@@ -988,11 +949,9 @@ def write(
         raise UnsupportedModelError(
             f"{path}: APR dtype {dtype!r} is not supported (choose from {', '.join(WRITE_DTYPES)})"
         )
-    config = model.config
     plans = [
         plan_tensor(name, tuple(model.weights.shape(name)), dtype, _loader(model, name))
-        for name in model.weights.names()
-        if not (config.tied_embeddings and name == "lm_head.weight")
+        for name in stored_tensor_names(model)
     ]
     flags = FLAG_ROW_MAJOR
     if dtype not in ("f32", "f16"):

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import FormatError, MissingTensorError, UnsupportedModelError
-from engine.model import SUPPORTED_ARCHITECTURES, ModelConfig, WeightStore
+from engine.model import SUPPORTED_ARCHITECTURES, Model, ModelConfig, WeightStore
 
 # HF `model_type` / GGUF `general.architecture` / APR `architecture` spellings of our families.
 ARCHITECTURE_ALIASES: dict[str, str] = {
@@ -96,8 +96,17 @@ def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return dict(iter_expected_tensors(config))
 
 
+def stored_tensor_names(model: Model) -> list[str]:
+    """The tensors a writer stores: every weight, except `lm_head` when it is tied to the
+    embedding (the readers restore it from `model.embed_tokens`)."""
+    tied = model.config.tied_embeddings
+    return [name for name in model.weights.names() if not (tied and name == "lm_head.weight")]
+
+
 def check_weights(config: ModelConfig, weights: WeightStore, source: str) -> None:
-    """Every tensor the config needs is present with its shape; one-line error otherwise."""
+    """Every tensor the config needs is present with its shape, and no bias is there that the
+    forward pass would silently leave out (an o_proj or MLP bias, a Llama Q/K/V bias); one-line
+    error otherwise."""
     for name, shape in iter_expected_tensors(config):
         if not weights.has(name):
             raise MissingTensorError(f"{source}: missing tensor {name!r}")
@@ -105,6 +114,14 @@ def check_weights(config: ModelConfig, weights: WeightStore, source: str) -> Non
         if found != shape:
             raise FormatError(
                 f"{source}: tensor {name!r} has shape {list(found)}, the config implies {list(shape)}"
+            )
+    # Every expected tensor exists, so this set is no larger than the file's own tensor list.
+    expected = {name for name, _ in iter_expected_tensors(config)}
+    for name in weights.names():
+        if name.endswith(".bias") and name not in expected:
+            raise UnsupportedModelError(
+                f"{source}: tensor {name!r} is a bias the {config.architecture} forward pass does "
+                "not apply; models with it are not supported"
             )
 
 
@@ -138,28 +155,37 @@ def check_dims(config: ModelConfig, source: str) -> None:
 def int_field(
     meta: Mapping[str, Any], keys: tuple[str, ...], source: str, default: Any = None
 ) -> Any:
-    """The first of `keys` present in `meta` as an integer (JSON or GGUF), else `default`."""
-    for key in keys:
-        if key in meta and meta[key] is not None:
-            value = meta[key]
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise FormatError(f"{source}: {key} is {value!r}, expected an integer")
-            if isinstance(value, float) and not value.is_integer():
-                raise FormatError(f"{source}: {key} is {value!r}, expected an integer")
-            return int(value)
-    return default
+    """The first of `keys` present in `meta` as an integer (JSON or GGUF), else `default`.
+
+    A float is accepted when it is integral (`64.0`); NaN, ±Inf and `1.5` are errors.
+    """
+    key, value = _first_number(meta, keys, source, "an integer")
+    if key is None:
+        return default
+    if isinstance(value, float) and not value.is_integer():
+        raise FormatError(f"{source}: {key} is {value!r}, expected an integer")
+    return int(value)
 
 
 def float_field(
     meta: Mapping[str, Any], keys: tuple[str, ...], source: str, default: Any = None
 ) -> Any:
+    """The first of `keys` present in `meta` as a float, else `default`."""
+    key, value = _first_number(meta, keys, source, "a number")
+    return default if key is None else float(value)
+
+
+def _first_number(
+    meta: Mapping[str, Any], keys: tuple[str, ...], source: str, expected: str
+) -> tuple[str | None, Any]:
+    """The first of `keys` that `meta` holds (not null), checked to be a number (not a bool)."""
     for key in keys:
-        if key in meta and meta[key] is not None:
-            value = meta[key]
+        value = meta.get(key)
+        if value is not None:
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise FormatError(f"{source}: {key} is {value!r}, expected a number")
-            return float(value)
-    return default
+                raise FormatError(f"{source}: {key} is {value!r}, expected {expected}")
+            return key, value
+    return None, None
 
 
 def hf_config_to_model_config(spec: Mapping[str, Any], source: str) -> ModelConfig:

@@ -21,7 +21,6 @@ import mmap
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,12 +30,15 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from engine.errors import FormatError, MissingTensorError, UnsupportedModelError
+from engine.fileio import atomic_output, open_regular
 from engine.formats.common import (
     MAX_ELEMENTS,
     check_dims,
     check_weights,
     hf_ordered,
+    int_field,
     normalize_architecture,
+    stored_tensor_names,
 )
 from engine.formats.quant import can_dequantize, dequantize_ggml, quantize_ggml
 from engine.model import Model, ModelConfig
@@ -88,18 +90,25 @@ _GGUF_TO_HF_LAYER = {
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
     "attn_q_norm.weight": "self_attn.q_norm.weight",
     "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    # Biases the forward pass does not apply: mapped so that check_weights names and refuses them
+    # instead of the model silently loading without them.
+    "ffn_gate.bias": "mlp.gate_proj.bias",
+    "ffn_up.bias": "mlp.up_proj.bias",
+    "ffn_down.bias": "mlp.down_proj.bias",
 }
 _HF_TO_GGUF_LAYER = {hf: gg for gg, hf in _GGUF_TO_HF_LAYER.items()}
 _GGUF_TO_HF_GLOBAL = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
+    "output.bias": "lm_head.bias",
 }
 _HF_TO_GGUF_GLOBAL = {hf: gg for gg, hf in _GGUF_TO_HF_GLOBAL.items()}
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -280,7 +289,7 @@ def read_header(path: Path) -> GgufHeader:
     """Metadata and tensor infos of a GGUF file, without touching tensor data."""
     source = str(path)
     try:
-        with path.open("rb") as handle:
+        with open_regular(path) as handle:
             size = os.fstat(handle.fileno()).st_size
             if size < 24:
                 raise FormatError(f"{source}: truncated GGUF file ({size} bytes, header needs 24)")
@@ -381,9 +390,10 @@ def _tensor_info(
         if count > MAX_ELEMENTS:
             raise FormatError(f"{source}: tensor {name!r} dims {list(dims)} are absurdly large")
     block, block_bytes = GGML_QUANT_SIZES[qtype]
-    if dims and dims[0] % block:
+    row_length = dims[0] if dims else 1  # a 0-d tensor is one value
+    if row_length % block:
         raise FormatError(
-            f"{source}: tensor {name!r} row length {dims[0]} is not a multiple of the "
+            f"{source}: tensor {name!r} row length {row_length} is not a multiple of the "
             f"{qtype.name} block size {block}"
         )
     nbytes = count // block * block_bytes
@@ -468,14 +478,10 @@ def _decode(raw: np.ndarray, info: GgufTensorInfo) -> np.ndarray:
 
 
 def _int_meta(metadata: dict[str, Any], key: str, source: str, default: Any = None) -> Any:
-    value = metadata.get(key, default)
-    if isinstance(value, np.ndarray):
+    """An integer metadata value (`common.int_field`); a per-layer array of them is refused."""
+    if isinstance(metadata.get(key), np.ndarray):
         raise UnsupportedModelError(f"{source}: per-layer {key} is not supported")
-    if value is default:
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
-        raise FormatError(f"{source}: metadata {key} is {value!r}, expected an integer")
-    return int(value)
+    return int_field(metadata, (key,), source, default)
 
 
 def config_from_metadata(
@@ -523,7 +529,7 @@ def config_from_metadata(
     embed = tensors.get("token_embd.weight")
     vocab = _int_meta(metadata, f"{gguf_arch}.vocab_size", source)
     if vocab is None:
-        vocab = embed.shape[0] if embed is not None else len(tokens or ())
+        vocab = embed.shape[0] if embed is not None and embed.shape else len(tokens or ())
     eps = metadata.get(f"{gguf_arch}.attention.layer_norm_rms_epsilon", 1e-6)
     theta = metadata.get(f"{gguf_arch}.rope.freq_base", 10000.0)
     for key, value in (("layer_norm_rms_epsilon", eps), ("rope.freq_base", theta)):
@@ -730,9 +736,7 @@ def write(
     path = Path(path)
     config = model.config
     gguf_arch = "llama" if config.architecture == "mistral" else config.architecture
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf_arch)
         writer.add_name(str(model.metadata.get("name") or model.name))
         if config.architecture == "mistral":
@@ -752,11 +756,7 @@ def write(
         writer.add_file_type(_FILE_TYPES[dtype])
         _write_tokenizer(writer, model)
 
-        names = [
-            n
-            for n in model.weights.names()
-            if not (config.tied_embeddings and n == "lm_head.weight")
-        ]
+        names = stored_tensor_names(model)
         for index, name in enumerate(names):
             values = hf_ordered(config, name, model.weights.get(name))  # [out, in] HF order
             if config.architecture in _LLAMA_FAMILY and name.endswith(
@@ -778,10 +778,6 @@ def write(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

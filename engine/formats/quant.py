@@ -26,8 +26,13 @@ APR_Q4_BYTES = 18
 
 
 def round_half_away(x: np.ndarray) -> np.ndarray:
-    """Rust's `f32::round` (ties away from zero); numpy's `round` goes to even."""
-    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+    """Rust's `f32::round` (ties away from zero); numpy's `round` goes to even.
+
+    Not `floor(|x| + 0.5)`: in f32, 0.49999997 + 0.5 rounds up to 1.0. `x - trunc(x)` is exact,
+    so comparing that fraction with 0.5 decides every value correctly.
+    """
+    truncated = np.trunc(x)
+    return truncated + np.where(np.abs(x - truncated) >= 0.5, np.sign(x), 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,6 +242,23 @@ _FAST_DEQUANT = {
 }
 
 
+DEQUANT_CHUNK_VALUES = 1 << 18
+"""Values per `gguf.quants.dequantize` call (1 MiB of float32). On a whole tensor gguf-py holds
+the output of every 16-block group and then concatenates them: twice the tensor's float32 size at
+once (a 7B FFN matrix: 2 x 172 MiB), and thousands of small arrays that glibc keeps in its heap
+afterwards. Decoded a chunk at a time into one preallocated array, a tensor costs one copy."""
+
+
+def _gguf_py_dequantize(blocks: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """[n_blocks, block_bytes] uint8 -> [n_blocks, block] float32 with gguf-py, chunk by chunk."""
+    block = GGML_QUANT_SIZES[qtype][0]
+    out = np.empty((blocks.shape[0], block), dtype=np.float32)  # [n_blocks, block]
+    step = max(1, DEQUANT_CHUNK_VALUES // block)
+    for start in range(0, blocks.shape[0], step):
+        out[start : start + step] = gguf_quants.dequantize(blocks[start : start + step], qtype)
+    return out
+
+
 def dequantize_ggml(raw: np.ndarray, qtype: GGMLQuantizationType, count: int) -> np.ndarray:
     """`count` float32 values from GGML blocks in `raw` (uint8); the last block may be padding."""
     block, nbytes = GGML_QUANT_SIZES[qtype]
@@ -245,7 +267,7 @@ def dequantize_ggml(raw: np.ndarray, qtype: GGMLQuantizationType, count: int) ->
     if qtype in _FAST_DEQUANT:
         values = _FAST_DEQUANT[qtype](rows)
     else:
-        values = gguf_quants.dequantize(rows, qtype)
+        values = _gguf_py_dequantize(rows, qtype)
     return values.reshape(-1)[:count].astype(np.float32, copy=False)
 
 
@@ -258,5 +280,5 @@ def dequantize_k_rows_padded(
     blocks = np.asarray(raw[: rows * blocks_per_row * nbytes]).reshape(
         rows * blocks_per_row, nbytes
     )
-    full = gguf_quants.dequantize(blocks, qtype).reshape(rows, blocks_per_row * QK_K)
+    full = _gguf_py_dequantize(blocks, qtype).reshape(rows, blocks_per_row * QK_K)
     return np.ascontiguousarray(full[:, :cols], dtype=np.float32)

@@ -12,19 +12,20 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from engine.errors import FormatError, MissingTensorError, UnsupportedModelError
+from engine.fileio import atomic_output, loads_json, open_regular
 from engine.formats.common import (
     MAX_ELEMENTS,
     check_weights,
     hf_config_to_model_config,
     hf_ordered,
     model_config_to_hf_config,
+    stored_tensor_names,
 )
 from engine.model import Model
 from engine.tokenizer import BpeTokenizer, bpe_from_tokenizer_json
@@ -107,8 +108,8 @@ class SafetensorsWeightStore:
 def read_header(path: Path) -> dict[str, _Entry]:
     """The tensor table of one safetensors file, every offset checked against the file size."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
+        with open_regular(path) as handle:
+            size = os.fstat(handle.fileno()).st_size
             prefix = handle.read(8)
             if len(prefix) < 8:
                 raise FormatError(
@@ -125,7 +126,7 @@ def read_header(path: Path) -> dict[str, _Entry]:
     except OSError as error:
         raise FormatError(f"{path}: cannot read: {error.strerror or error}") from None
     try:
-        header = json.loads(header_bytes.decode("utf-8"))
+        header = loads_json(header_bytes.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise FormatError(f"{path}: safetensors header is not valid JSON: {error}") from None
     if not isinstance(header, dict):
@@ -195,7 +196,7 @@ def open_safetensors(path: Path) -> Model:
     if not config_path.is_file():
         raise FormatError(f"{source}: missing {CONFIG_FILE} (expected at {config_path})")
     try:
-        spec = json.loads(config_path.read_text(encoding="utf-8"))
+        spec = loads_json(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise FormatError(f"{config_path}: unreadable config.json: {error}") from None
     if not isinstance(spec, dict):
@@ -241,7 +242,7 @@ def _weight_files(path: Path, directory: Path) -> list[Path]:
     index_path = directory / INDEX_FILE
     if index_path.is_file():
         try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
+            index = loads_json(index_path.read_text(encoding="utf-8"))
             weight_map = index["weight_map"]
             shards = sorted(set(weight_map.values()))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
@@ -278,7 +279,7 @@ def _tokenizer(
     config_path = directory / TOKENIZER_CONFIG_FILE
     if config_path.is_file():
         try:
-            add_bos = bool(json.loads(config_path.read_text(encoding="utf-8")).get("add_bos_token"))
+            add_bos = bool(loads_json(config_path.read_text(encoding="utf-8")).get("add_bos_token"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             add_bos = False
     return tokenizer, add_bos, None
@@ -296,8 +297,7 @@ def write(model: Model, directory: Path | str) -> Path:
     config = model.config
     tensors = {
         name: hf_ordered(config, name, model.weights.get(name))
-        for name in model.weights.names()
-        if not (config.tied_embeddings and name == "lm_head.weight")
+        for name in stored_tensor_names(model)
     }
     _atomic(directory / SINGLE_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     spec = model_config_to_hf_config(replace(config, rope_pairing="half"))
@@ -325,14 +325,8 @@ def _token_or_none(tokenizer: BpeTokenizer, token_id: int | None) -> str | None:
 
 
 def _atomic(target: Path, write_to) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write_to(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(target) as temp:
+        write_to(str(temp))
 
 
 def _atomic_text(target: Path, text: str) -> None:
