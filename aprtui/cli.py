@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("apr-tui: interrupted\n")
         return 130
+    except MemoryError as error:  # numpy's "Unable to allocate 13.4 GiB for an array ..."
+        _print_error(f"out of memory: {error or 'allocation failed'}")
+        return EXIT_USAGE
 
 
 _ESCAPE = "apr-tui-escape"

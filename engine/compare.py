@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.backend import Backend, resolve_backend, to_host
-from engine.errors import TokenMismatchError
+from engine.errors import DiffError, TokenMismatchError
 from engine.forward import Capture, produced_stages, trace
 from engine.model import Model, ModelConfig
 from engine.stages import (
@@ -94,6 +94,63 @@ def logical_shape(stage_name: str, config: ModelConfig, seq_len: int) -> tuple[i
         "lm_head": (config.vocab_size,),
     }
     return shapes.get(stage_name, (seq_len, hidden))
+
+
+ATTENTION_COPIES = 5
+"""How many `[heads, seq, seq]` float32 arrays one layer's attention holds at its peak: the raw
+scores (kept for the `attn_scores` capture), the masked copy, the shifted copy, the exponentials
+and the normalised weights (engine.forward.causal_softmax)."""
+
+
+def attention_peak_bytes(config: ModelConfig, seq_len: int) -> int:
+    """Host bytes the prefill attention of one layer needs for `seq_len` tokens (no KV cache,
+    so it grows with seq²: 30 000 tokens on 4 heads is 72 GB)."""
+    return ATTENTION_COPIES * config.num_heads * seq_len * seq_len * 4
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: MemAvailable, capped by an address-space limit
+    (`ulimit -v`); None where neither can be read."""
+    limits = []
+    try:
+        with open("/proc/meminfo", "rb") as meminfo:
+            for line in meminfo:
+                if line.startswith(b"MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            limits.append(soft)
+    except (ImportError, OSError, ValueError):
+        pass
+    return min(limits) if limits else None
+
+
+def check_prompt_fits(config: ModelConfig, seq_len: int, label: str, backend: Backend) -> None:
+    """Refuse, before any work, a prompt whose attention cannot fit in host memory.
+
+    Without this a long --tokens/--prompt list died in numpy with a MemoryError traceback, or
+    worse, was granted by overcommit and brought the machine into the OOM killer. CuPy runs are
+    left to CuPy's own out-of-memory error (device memory is not host memory).
+    """
+    from engine.errors import TokenizerError
+
+    if backend.name != "numpy":
+        return
+    need = attention_peak_bytes(config, seq_len)
+    available = available_memory()
+    if available is not None and need > available:
+        gib = 1024**3
+        raise TokenizerError(
+            f"{label}: {seq_len} tokens need about {need / gib:.1f} GiB for one layer's "
+            f"attention ({ATTENTION_COPIES} × [{config.num_heads}, {seq_len}, {seq_len}] "
+            f"float32), more than the {available / gib:.1f} GiB available; trace a shorter "
+            "prompt or fewer --tokens"
+        )
 
 
 # --------------------------------------------------------------------------------- sources
@@ -449,32 +506,88 @@ def reconcile_tokens(a: TraceSource, b: TraceSource | None) -> list[int] | None:
                 f"{b.label} has {_describe_ids(b.token_ids)}; trace both with the same "
                 "--prompt or --tokens"
             )
-        return a.token_ids
     for model_side, directory in ((a, b), (b, a)):
         if isinstance(model_side, ModelSource) and isinstance(directory, DirectorySource):
-            implied = directory.implied_seq_len(model_side.config.hidden_size)
-            if implied is not None and implied[0] != len(model_side.token_ids):
-                seq, evidence = implied
-                held = (
-                    f"{seq} tokens × hidden {model_side.config.hidden_size}"
-                    if seq >= 0
-                    else f"not a multiple of hidden {model_side.config.hidden_size}"
-                )
-                raise TokenMismatchError(
-                    f"{directory.root}: its stage files were traced on a different prompt "
-                    f"({evidence} = {held}) but {model_side.label} traces "
-                    f"{_describe_ids(model_side.token_ids)}; pass the prompt or --tokens the "
-                    'trace was made with (apr trace uses "What is 2+2?")'
-                )
+            _check_directory_fits(directory, model_side)
             return model_side.token_ids
     if isinstance(a, DirectorySource) and isinstance(b, DirectorySource):
-        sizes = [d.embedding_size() for d in (a, b)]
-        if None not in sizes and sizes[0] != sizes[1]:
-            raise TokenMismatchError(
-                f"{a.root} and {b.root} were traced on different prompts (or models): "
-                f"layer-0/embedding.bin holds {sizes[0]} vs {sizes[1]} values"
-            )
+        _check_directories_fit(a, b)
     return a.token_ids if a.token_ids is not None else b.token_ids
+
+
+def _check_directory_fits(directory: DirectorySource, model_side: ModelSource) -> None:
+    """The directory's `[seq, hidden]` stage files must hold seq × hidden values for the model's
+    hidden size and token count; otherwise it was traced on another prompt or another model
+    (a tokens.json only vouches for the prompt)."""
+    hidden = model_side.config.hidden_size
+    implied = directory.implied_seq_len(hidden)
+    if implied is None or implied[0] == len(model_side.token_ids):
+        return
+    seq, evidence = implied
+    if seq < 0 or directory.token_ids is not None:
+        raise DiffError(
+            f"{directory.root}: its stage files do not fit {model_side.label} ({evidence}, "
+            f"but {len(model_side.token_ids)} tokens × hidden {hidden} = "
+            f"{len(model_side.token_ids) * hidden}): it comes from a model of another "
+            + (
+                "shape, or its tokens.json does not describe its stage files"
+                if directory.token_ids is not None
+                else "shape"
+            )
+        )
+    raise TokenMismatchError(
+        f"{directory.root}: its stage files were traced on a different prompt "
+        f"({evidence} = {seq} tokens × hidden {hidden}) but {model_side.label} traces "
+        f"{_describe_ids(model_side.token_ids)}; pass the prompt or --tokens the "
+        'trace was made with (apr trace uses "What is 2+2?")'
+    )
+
+
+def _check_directories_fit(a: DirectorySource, b: DirectorySource) -> None:
+    """The first stage file both directories hold must have the same element count; otherwise
+    they were traced on different prompts or models and no cell could be compared."""
+    from engine.aprt import read_aprt_header
+
+    common = sorted(
+        set(a.trace_dir.entries) & set(b.trace_dir.entries),
+        key=lambda key: stage_order_key(*key),
+    )
+    if not common:
+        return
+    key = common[0]
+    path_a, path_b = a.trace_dir.entries[key], b.trace_dir.entries[key]
+    size_a = read_aprt_header(path_a).dim_product
+    size_b = read_aprt_header(path_b).dim_product
+    if size_a != size_b:
+        raise TokenMismatchError(
+            f"{a.root} and {b.root} were traced on different prompts (or models): "
+            f"{path_a.relative_to(a.root)} holds {size_a} vs {size_b} values"
+        )
+
+
+SHAPE_FIELDS = ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
+"""Config fields two models must share for their stages to be comparable element-wise.
+
+Layer count, vocabulary and architecture may differ: the common layers still pair up (a
+deeper model's extra layers show as one-sided cells, a different vocabulary makes `lm_head` a
+size mismatch (diverged), a missing QKV bias or Q/K norm is a stage one side lacks), which is a
+meaningful partial comparison. A different width makes every cell a size mismatch, which is not."""
+
+
+def check_comparable(a: TraceSource, b: TraceSource | None) -> None:
+    """DiffError when two models differ in a dimension that every stage's size depends on."""
+    if not (isinstance(a, ModelSource) and isinstance(b, ModelSource)):
+        return
+    differ = [
+        f"{field} {getattr(a.config, field)} vs {getattr(b.config, field)}"
+        for field in SHAPE_FIELDS
+        if getattr(a.config, field) != getattr(b.config, field)
+    ]
+    if differ:
+        raise DiffError(
+            f"{a.label} and {b.label} are models of different shapes ({', '.join(differ)}); "
+            "no stage can be compared element-wise"
+        )
 
 
 def default_span(a: TraceSource, b: TraceSource | None) -> tuple[range | None, bool]:
@@ -497,9 +610,16 @@ def default_span(a: TraceSource, b: TraceSource | None) -> tuple[range | None, b
 def _explicit_span(
     a: TraceSource, b: TraceSource | None, layers: range | tuple[int, int]
 ) -> tuple[range, bool]:
+    from engine.errors import PlanError
+
     if not isinstance(layers, range):
         layers = range(*layers)
     depth = max(s.num_layers for s in (a, b) if s is not None)
+    if layers.start >= depth:
+        raise PlanError(
+            f"--layers {layers.start}..{layers.stop}: beyond the last layer "
+            f"({depth} layers, 0..{depth}); nothing to compare"
+        )
     return layers, layers.stop >= depth
 
 
@@ -564,7 +684,11 @@ def compare(
     runs only the layers the directory holds (plus the whole-model stages if it has them).
     Raises TokenMismatchError before any work when the sides traced different tokens.
     """
+    check_comparable(a, b)
     reconcile_tokens(a, b)
+    for side in (a, b):
+        if isinstance(side, ModelSource):
+            check_prompt_fits(side.config, len(side.token_ids), side.label, side.backend)
     for side, other in ((a, b), (b, a)):
         if isinstance(side, DirectorySource) and isinstance(other, ModelSource):
             side.shape_config = other.config

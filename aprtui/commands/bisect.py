@@ -33,8 +33,14 @@ Two verdicts, in computation order:
   first scale divergence  the first stage whose std(A)/std(B) leaves [0.5, 2]; cosine cannot
                           see a tensor that is right in direction and wrong in scale
 
+Two models must have the same width (hidden size, heads, head dim, FFN size), else no stage
+could be compared and bisect stops with an error. Layer count, vocabulary and architecture may
+differ: the common layers are compared, and stages or layers one side lacks are listed as
+one-sided; a different vocabulary makes lm_head a size mismatch, which counts as diverged.
+
 The summary is a layer × stage table coloured by cosine; --json prints an
-apr-tui-bisect-v1 document with every cell's statistics instead."""
+apr-tui-bisect-v1 document with every cell's statistics instead (files in a trace directory
+that are not stage files are listed under "ignored_files")."""
 
 EPILOG = """\
 examples:
@@ -144,7 +150,16 @@ def _source_json(source: TraceSource | None) -> dict[str, Any] | None:
         "label": source.label,
         "description": source.description,
         "token_ids": source.token_ids,
+        "ignored_files": [
+            {"path": str(path), "reason": reason} for path, reason in _ignored_files(source)
+        ],
     }
+
+
+def _ignored_files(source: TraceSource) -> list[tuple[object, str]]:
+    """Files in a trace directory that are not stage files (unknown names, unreadable)."""
+    trace_dir = getattr(source, "trace_dir", None)
+    return list(trace_dir.unknown) if trace_dir is not None else []
 
 
 # ------------------------------------------------------------------------------------ text
@@ -257,6 +272,17 @@ def _print_summary(
             f"[bold magenta]First scale divergence[/] (std ratio outside [{low}, {high}]): "
             f"{_describe(first_std)}"
         )
+    for side in (a, b):
+        ignored = _ignored_files(side)
+        if ignored:
+            path, reason = ignored[0]
+            more = f"; and {len(ignored) - 1} more" if len(ignored) > 1 else ""
+            console.print(
+                f"{side.label}: ignored {len(ignored)} file(s) that are not stage files "
+                f"({path}: {reason}{more})",
+                style="dim",
+                markup=False,
+            )
     if absent:
         only_a = sum(1 for c in absent if c.stats_b is None)
         console.print(

@@ -53,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def default_trace_dir(model: Path) -> Path:
     """apr's default `--save-tensor-dir`: `<model parent>/<model stem>-trace` (§1.5)."""
+    if model.name in ("", ".", ".."):  # `apr-tui .` inside an HF directory: name it
+        model = model.resolve()
     return model.parent / f"{model.stem}-trace"
 
 
@@ -82,9 +84,11 @@ def resolve_reference(model: Path, ref: str | None) -> Path | None:
 
 def run(args: argparse.Namespace) -> int:
     from aprtui.app import make_app
+    from engine.backend import resolve_backend
     from engine.compare import open_pair
     from engine.tokenizer import parse_token_ids
 
+    resolve_backend(args.device)  # a GPU that is not there is a one-line error, not a screen
     model = Path(args.model)
     if not model.exists():
         raise FileNotFoundError(2, "no such file or directory", str(model))

@@ -68,19 +68,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def default_output_dir(model: Path) -> Path:
     """apr's `default_output_dir`: `<model parent>/<model file stem>-trace` (§1.5)."""
+    if model.name in ("", ".", ".."):  # `apr-tui trace .` inside an HF directory: name it
+        model = model.resolve()
     return model.parent / f"{model.stem}-trace"
 
 
+def _is_ours_tokens(path: Path) -> bool:
+    from engine.aprt import read_tokens_json
+    from engine.errors import FormatError
+
+    try:
+        read_tokens_json(path)
+    except FormatError:
+        return False
+    return True
+
+
+def _is_aprt(path: Path) -> bool:
+    from engine.aprt import read_aprt_header
+    from engine.errors import FormatError
+
+    try:
+        read_aprt_header(path)
+    except (FormatError, OSError):
+        return False
+    return True
+
+
 def foreign_files(directory: Path) -> list[Path]:
-    """Everything under `directory` that is not a stage file in apr's layout or tokens.json."""
-    from engine.aprt import TOKENS_FILE
+    """Everything under `directory` that apr-tui trace did not write.
+
+    Ours: a tokens.json of our schema, and APRT files at apr's stage names *when that
+    tokens.json is there* (we write it before any stage file, so it marks the directory as
+    ours; stage files without it come from `apr trace` or another tool, and we must not
+    replace them). Our own temporary names (`.<name>.<pid>.<hex>.tmp`, left by a killed run)
+    are neither: readers skip them and they are never overwritten.
+    """
+    from engine.aprt import _TEMP_NAME, TOKENS_FILE
     from engine.stages import STAGE_BY_NAME
 
     per_layer = {f"{s.name}.bin" for s in STAGE_BY_NAME.values() if s.per_layer}
     whole = {f"{s.name}.bin" for s in STAGE_BY_NAME.values() if not s.per_layer}
+    tokens = directory / TOKENS_FILE
+    ours = tokens.is_file() and _is_ours_tokens(tokens)
     found = []
+
+    def check(file: Path, names: set[str]) -> None:
+        if _TEMP_NAME.fullmatch(file.name):
+            return
+        if not (ours and file.is_file() and file.name in names and _is_aprt(file)):
+            found.append(file)
+
     for child in sorted(directory.iterdir()):
-        if child.is_file() and (child.name in whole or child.name == TOKENS_FILE):
+        if child.name == TOKENS_FILE and ours:
             continue
         is_layer_dir = (
             child.is_dir()
@@ -89,28 +129,116 @@ def foreign_files(directory: Path) -> list[Path]:
             and child.name[6:].isdigit()
         )
         if not is_layer_dir:
-            found.append(child)
+            check(child, whole)
             continue
         for grandchild in sorted(child.iterdir()):
-            if not (grandchild.is_file() and grandchild.name in per_layer):
-                found.append(grandchild)
+            check(grandchild, per_layer)
     return found
 
 
 def _check_output_dir(directory: Path, force: bool) -> None:
+    """Refuse a directory holding files we did not write (--force writes anyway)."""
     from engine.errors import AprTuiError
 
     if directory.exists() and not directory.is_dir():
         raise AprTuiError(f"--save-tensor-dir {directory}: exists and is not a directory")
-    if not directory.exists() or force:
+    if not directory.exists():
         return
     foreign = foreign_files(directory)
-    if foreign:
+    clobbered = [path for path in foreign if _would_replace(path, directory)]
+    if clobbered:  # even --force never replaces a file that is not a stage file or ours
+        raise AprTuiError(
+            f"{clobbered[0]}: not a file apr-tui trace wrote, and a stage file (or tokens.json) "
+            "would replace it; choose another --save-tensor-dir"
+        )
+    if foreign and not force:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise AprTuiError(
             f"{directory}: holds files apr-tui trace did not write ({foreign[0]}{more}); "
             "choose another --save-tensor-dir or pass --force"
         )
+
+
+def _would_replace(path: Path, directory: Path) -> bool:
+    """A foreign file at a name we write whose contents are not APRT (or not our tokens.json)."""
+    from engine.aprt import TOKENS_FILE
+    from engine.stages import STAGE_BY_NAME
+
+    if path == directory / TOKENS_FILE:
+        return True
+    if path.suffix != ".bin" or path.stem not in STAGE_BY_NAME:
+        return False
+    return not (path.is_file() and _is_aprt(path))
+
+
+def _check_earlier_tokens(directory: Path, force: bool, token_ids: list[int]) -> None:
+    """Refuse our own stage files from a run on other tokens: they would stay beside the new
+    ones under a tokens.json that no longer describes them, and a later bisect would compare
+    mismatched prompts as if they were a divergence. --force writes anyway."""
+    from engine.aprt import TOKENS_FILE, read_tokens_json
+    from engine.errors import AprTuiError
+
+    tokens = directory / TOKENS_FILE
+    if force or not tokens.is_file() or next(directory.rglob("*.bin"), None) is None:
+        return
+    earlier = read_tokens_json(tokens).token_ids
+    if earlier != list(token_ids):
+        raise AprTuiError(
+            f"{directory}: holds stage files traced on other tokens ({len(earlier)} tokens in "
+            f"{TOKENS_FILE}, this run traces {len(token_ids)}); choose another "
+            "--save-tensor-dir or pass --force"
+        )
+
+
+def _check_layers_reach(plan, config, text: str) -> None:
+    """A layer range wholly past the model would write no per-layer file at all."""
+    from engine.errors import PlanError
+
+    wants_layers = any(s.per_layer for s in plan.stages)
+    if wants_layers and plan.layer_start >= config.num_layers:
+        raise PlanError(
+            f"--save-tensor-layers {text}: the model has {config.num_layers} layers "
+            f"(0..{config.num_layers}), so no layer in this range exists"
+        )
+
+
+class _Interrupt:
+    """Ctrl+C during the pass: finish the stage file being written, then stop.
+
+    The first SIGINT sets `cancel` (the forward pass checks it between stages), so no stage
+    file is ever cut short; the command then raises KeyboardInterrupt (exit 130). A second
+    Ctrl+C interrupts at once, as usual.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.cancel = threading.Event()
+        self._previous = None
+
+    def __enter__(self) -> _Interrupt:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            if self._previous is signal.default_int_handler:
+                signal.signal(signal.SIGINT, self._handle)
+            else:
+                self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        import signal
+
+        self.cancel.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 class _Progress:
@@ -158,12 +286,16 @@ def run(args: argparse.Namespace) -> int:
 
     from engine.aprt import write_stage, write_tokens_json
     from engine.backend import resolve_backend
+    from engine.compare import check_prompt_fits
+    from engine.errors import AprTuiError
     from engine.formats import open_model
-    from engine.forward import trace
+    from engine.forward import check_token_ids, trace
     from engine.stages import SaveTensorPlan
     from engine.tokenizer import DEFAULT_PROMPT, encode_prompt, parse_token_ids
 
     model_path = Path(args.model)
+    if args.save_tensor_dir is not None and not args.save_tensor_dir.strip():
+        raise AprTuiError("--save-tensor-dir: empty path (leave the flag out for <stem>-trace)")
     directory = (
         Path(args.save_tensor_dir) if args.save_tensor_dir else default_output_dir(model_path)
     )
@@ -178,8 +310,14 @@ def run(args: argparse.Namespace) -> int:
         if token_ids is None:
             prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
             token_ids = encode_prompt(model, prompt)
+        token_ids = check_token_ids(token_ids, model.config, str(model_path))
+        check_prompt_fits(model.config, len(token_ids), str(model_path), backend)
+        _check_layers_reach(plan, model.config, args.save_tensor_layers)
+        _check_earlier_tokens(directory, args.force, token_ids)
+        # tokens.json first: it marks the directory as ours, also after an interrupted run.
+        write_tokens_json(directory, token_ids, prompt, model_path)
         stage_names = list(dict.fromkeys(s.name for s in plan.stages))  # a duplicate = one file
-        with _Progress(f"tracing {model_path.name}") as progress:
+        with _Progress(f"tracing {model_path.name}") as progress, _Interrupt() as interrupt:
             for capture in trace(
                 model,
                 token_ids,
@@ -187,12 +325,14 @@ def run(args: argparse.Namespace) -> int:
                 stages=stage_names,
                 layers=(plan.layer_start, plan.layer_end),
                 on_layer=progress.update,
+                cancel=interrupt.cancel,
             ):
                 if plan.should_save(capture.stage, capture.layer):
                     written.append(
                         write_stage(directory, capture.stage, capture.layer, capture.array)
                     )
-        write_tokens_json(directory, token_ids, prompt, model_path)
+        if interrupt.cancel.is_set():
+            raise KeyboardInterrupt
         config = model.config
 
     console = Console(highlight=False, soft_wrap=True)
