@@ -403,6 +403,24 @@ def test_trace_dir_reports_what_it_does_not_understand(tmp_path):
     assert (1, "ffn_out") in trace.entries and (WHOLE_MODEL_LAYER, "lm_head") in trace.entries
 
 
+def test_layer_directories_stop_below_the_whole_model_sentinel(tmp_path):
+    """layer-4294967294 is the last per-layer directory; 0xFFFFFFFF is the whole-model sentinel
+    and anything larger is not a u32, so neither names a layer (header layers match the dirs,
+    so only the directory-name rule can reject them)."""
+    make_trace(tmp_path)
+    raw_file(tmp_path / "layer-4294967294" / "attn_norm.bin", 0xFFFFFFFE, 1, bytes(4))
+    raw_file(tmp_path / "layer-4294967295" / "attn_norm.bin", 0xFFFFFFFF, 1, bytes(4))
+    raw_file(tmp_path / "layer-4294967296" / "attn_norm.bin", 0, 1, bytes(4))
+    trace = read_trace_dir(tmp_path)
+    reasons = {path.relative_to(tmp_path).as_posix(): reason for path, reason in trace.unknown}
+    assert reasons == {
+        "layer-4294967295": "directory is not layer-<N>",
+        "layer-4294967296": "directory is not layer-<N>",
+    }
+    assert (WHOLE_MODEL_LAYER, "attn_norm") not in trace.entries
+    assert trace.layers == [0, 1, 10, 0xFFFFFFFE]
+
+
 def test_trace_dir_skips_in_flight_temp_files(tmp_path):
     make_trace(tmp_path)
     (tmp_path / ".lm_head.bin.1234.0badc0de.tmp").write_bytes(b"APR")

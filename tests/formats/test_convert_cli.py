@@ -12,6 +12,8 @@ import pytest
 
 from engine.formats import open_model
 
+from .test_gguf import bound_q6_k
+
 
 def apr_tui(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("apr-tui") or str(Path(sys.executable).parent / "apr-tui")
@@ -35,7 +37,13 @@ def test_convert_with_dtype(llama_files, tmp_path):
     out = tmp_path / "q.apr"
     result = apr_tui("convert", str(llama_files["apr"]), str(out), "--dtype", "q6_k")
     assert result.returncode == 0, result.stderr
-    assert open_model(out).weights.dtype_code("model.layers.0.mlp.up_proj.weight") == 14
+    model = open_model(out)
+    assert model.weights.dtype_code("model.layers.0.mlp.up_proj.weight") == 14  # GGML Q6_K
+    # and the values are the source's within Q6_K's error bound (rows of 256: no padding)
+    source = open_model(llama_files["apr"]).weights.get("model.layers.0.mlp.up_proj.weight")
+    got = model.weights.get("model.layers.0.mlp.up_proj.weight")
+    assert not np.array_equal(got, source)  # really quantized
+    assert np.all(np.abs(got - source) <= bound_q6_k(source.reshape(-1)).reshape(source.shape))
 
 
 def test_refuses_to_overwrite_without_force(llama_files, tmp_path):
@@ -67,4 +75,7 @@ def test_bad_dtype_is_a_usage_error(llama_files, tmp_path):
         "convert", str(llama_files["gguf"]), str(tmp_path / "o.apr"), "--dtype", "q3_k"
     )
     assert result.returncode == 2
-    assert "invalid choice: 'q3_k'" in result.stderr
+    assert result.stderr == (
+        "apr-tui: error: apr-tui convert: argument --dtype: invalid choice: 'q3_k' "
+        "(choose from 'f32', 'f16', 'q8_0', 'q4_k', 'q6_k') (see --help)\n"
+    )

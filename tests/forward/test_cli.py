@@ -189,9 +189,15 @@ def test_trace_layer_range_and_stage_list(models, tmp_path):
         (
             ["--save-tensor", "attn_norm,bogus"],
             'save-tensor stage list invalid: unknown save-tensor stage "bogus"; valid stages: '
-            "embedding,attn_norm,",
+            "embedding,attn_norm,qkv_matmul,qkv_bias,q_post_rope,k_post_rope,attn_scores,"
+            "attn_softmax,attention,attn_out,post_attn_residual,ffn_norm,ffn_gate,ffn_up,"
+            "ffn_silu,ffn_swigl,ffn_out,post_ffn_residual,moe_router,moe_ffn_out,"
+            "moe_router_indices,final_norm,lm_head",
         ),
-        (["--save-tensor", "attn_norm,"], "save-tensor stage cannot be an empty string"),
+        (
+            ["--save-tensor", "attn_norm,"],
+            "save-tensor stage list invalid: save-tensor stage cannot be an empty string",
+        ),
         (
             ["--save-tensor", "all", "--save-tensor-layers", "3..3"],
             'save-tensor layer range invalid ("3..3"): END (3) must be > START (3)',
@@ -206,9 +212,7 @@ def test_trace_plan_errors_are_apr_messages_and_write_nothing(models, tmp_path, 
     out = tmp_path / "never"
     result = apr_tui("trace", models["good"], *flags, "--save-tensor-dir", out)
     assert result.returncode == 2
-    assert message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in result.stderr
+    assert result.stderr == f"apr-tui: error: {message}\n"
     assert not out.exists()
 
 
@@ -239,15 +243,24 @@ def test_trace_refuses_a_directory_with_foreign_files_unless_forced(models, tmp_
 def test_trace_bad_inputs_are_one_line_errors(models, tmp_path):
     missing = apr_tui("trace", tmp_path / "nope.gguf", "--save-tensor", "all")
     assert missing.returncode == 2
-    assert "nope.gguf" in missing.stderr and "Traceback" not in missing.stderr
+    assert (
+        missing.stderr == f"apr-tui: error: {tmp_path / 'nope.gguf'}: no such file or directory\n"
+    )
     bad_tokens = apr_tui("trace", models["good"], "--save-tensor", "all", "--tokens", "1,x")
-    assert bad_tokens.returncode == 2 and "--tokens" in bad_tokens.stderr
+    assert bad_tokens.returncode == 2
+    assert bad_tokens.stderr == (
+        "apr-tui: error: --tokens: 'x' at position 2 is not a non-negative integer token id\n"
+    )
     out_of_vocab = apr_tui(
         "trace", models["good"], "--save-tensor", "all", "--tokens", "1,5000",
         "--save-tensor-dir", tmp_path / "o",
     )  # fmt: skip
     assert out_of_vocab.returncode == 2
-    assert "token id 5000" in out_of_vocab.stderr and "Traceback" not in out_of_vocab.stderr
+    # the synthesized tokenizer has 277 entries (ids 0..276)
+    assert out_of_vocab.stderr == (
+        f"apr-tui: error: {models['good']}: token id 5000 is outside the vocabulary (0..276)\n"
+    )
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed here")
@@ -294,7 +307,9 @@ def test_bisect_finds_a_scaled_up_proj(models):
     assert code == 1
     assert report["diverged"] is True
     assert _where(report["first_std_divergence"]) == (1, "ffn_up")
-    assert report["first_std_divergence"]["std_ratio"] == pytest.approx(1 / 18, rel=1e-3)
+    ratio = report["first_std_divergence"]["std_ratio"]
+    # f32 rounding of 18·W and of the sums: measured 9e-9 relative; 1e-6 leaves 100x headroom
+    assert ratio == pytest.approx(1 / 18, rel=1e-6)
     assert _where(report["first_divergence"]) == (1, "post_ffn_residual")
     layer0 = [cell for cell in report["cells"] if cell["layer"] == 0]
     assert all(cell["diff"]["max_abs_diff"] == 0.0 for cell in layer0)
@@ -380,15 +395,24 @@ def test_bisect_errors_exit_2(models, tmp_path):
     ).returncode == 0  # fmt: skip
     mismatch = apr_tui("bisect", models["good"], other, "--tokens", "1,2,3,4")
     assert mismatch.returncode == 2
-    assert "token ids differ" in mismatch.stderr and "Traceback" not in mismatch.stderr
-    assert "\n" not in mismatch.stderr.strip()
+    assert mismatch.stderr == (
+        "apr-tui: error: token ids differ: good.gguf has [1, 2, 3, 4] (4 tokens), "
+        "other/ has [1, 2, 3] (3 tokens); trace both with the same --prompt or --tokens\n"
+    )
 
     bad_range = apr_tui("bisect", models["good"], models["good"], "--layers", "2..1")
     assert bad_range.returncode == 2
-    assert "--layers '2..1': END (1) must be > START (2)" in bad_range.stderr
+    assert bad_range.stderr == "apr-tui: error: --layers '2..1': END (1) must be > START (2)\n"
 
     missing = apr_tui("bisect", models["good"], tmp_path / "missing.gguf")
-    assert missing.returncode == 2 and "missing.gguf" in missing.stderr
+    assert missing.returncode == 2
+    assert missing.stderr == (
+        f"apr-tui: error: {tmp_path / 'missing.gguf'}: no such file or directory\n"
+    )
 
     bad_threshold = apr_tui("bisect", models["good"], models["good"], "--threshold", "2")
     assert bad_threshold.returncode == 2
+    assert bad_threshold.stderr == (
+        "apr-tui: error: apr-tui bisect: argument --threshold: must be a cosine in [-1, 1], "
+        "got 2 (see --help)\n"
+    )

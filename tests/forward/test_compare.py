@@ -20,6 +20,7 @@ from engine.compare import (
     first_std_divergence,
     open_pair,
     open_source,
+    std_diverged,
     std_ratio,
 )
 from engine.errors import TokenizerError, TokenMismatchError
@@ -281,6 +282,21 @@ def _diff(cosine_sim: float, max_abs: float = 0.5) -> DiffStats:
 )
 def test_cosine_divergence_rules(cell, diverged):
     assert cosine_diverged(cell) is diverged
+
+
+@pytest.mark.parametrize(
+    ("std_a", "diverged"),
+    [
+        (2.0, False),  # the band [0.5, 2.0] is closed, as bisect prints it
+        (float(np.nextafter(2.0, 3.0)), True),
+        (0.5, False),
+        (float(np.nextafter(0.5, 0.0)), True),
+        (1.0, False),
+    ],
+)
+def test_std_band_edges_are_inside(std_a, diverged):
+    cell = Cell(0, "ffn_up", (10,), _stats(std_a), _stats(1.0), _diff(1.0))
+    assert std_diverged(cell) is diverged
 
 
 def test_threshold_and_std_band_pick_the_first_cell_in_order():

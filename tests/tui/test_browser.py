@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 from textual.widgets import Tree
@@ -45,18 +47,20 @@ async def test_tree_lists_layers_and_whole_model_files(traced):
 
 async def test_highlight_shows_header_stats_and_values(traced):
     path = traced.trace_dir / "layer-1" / "ffn_up.bin"
-    values = read_aprt(path).values
+    raw = path.read_bytes()  # APRT: magic, u32 layer, u32 count, f32 values (§1.1)
+    values = np.frombuffer(raw[12:], dtype="<f4")
+    assert raw[4:12] == struct.pack("<II", 1, values.size)
     app = FilesApp(traced.trace_dir)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         screen = await highlight(pilot, path)
         header = screen_text(screen.query_one("#aprt-header"))
-        assert "layer-1/ffn_up.bin" in header
-        assert (
-            f"dim_product  {values.size}" in " ".join(header.split("  "))
-            or str(values.size) in header
-        )
-        assert f"{path.stat().st_size} bytes" in header
+        assert [line.rstrip() for line in header.splitlines()] == [
+            "file         layer-1/ffn_up.bin",
+            "layer        1",
+            f"dim_product  {values.size}",
+            f"size         {12 + 4 * values.size} bytes",
+        ]
         stats = screen_text(screen.query_one("#aprt-stats"))
         std_line = next(line for line in stats.splitlines() if line.strip().startswith("std"))
         assert float(std_line.split()[1]) == pytest.approx(np.std(values, ddof=1), rel=1e-4)

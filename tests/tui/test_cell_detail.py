@@ -8,6 +8,8 @@ from textual.widgets import DataTable
 
 from aprtui.screens.cell_detail import CellDetailScreen
 from engine.aprt import read_aprt
+from engine.formats import open_model
+from engine.forward import trace
 from engine.stages import WHOLE_MODEL_LAYER
 from tests.tui.conftest import SIZE, Notifications, explorer, screen_text, settle
 
@@ -26,6 +28,13 @@ async def open_cell(pilot, layer: int, stage: str) -> CellDetailScreen:
     return screen
 
 
+def forward_stage(path, token_ids: list[int], layer: int, stage: str) -> np.ndarray:
+    """One stage of one layer from the engine's forward pass over the model file."""
+    with open_model(path) as model:
+        (capture,) = trace(model, token_ids, stages=[stage], layers=(layer, layer + 1))
+        return np.array(capture.array)
+
+
 def table_rows(screen: CellDetailScreen) -> list[list[str]]:
     table = screen.query_one("#detail-topk", DataTable)
     return [[str(v) for v in table.get_row_at(i)] for i in range(table.row_count)]
@@ -39,6 +48,12 @@ async def test_top_divergences_decode_token_and_channel(demo_pair):
         a, b = screen.tensors
         seq, inter = screen.cell.shape
         assert a.size == b.size == seq * inter
+        # the screen holds layer 2's ffn_up of A and of B, not another stage or the sides swapped:
+        # checked against a fresh forward pass of each file (itself checked against HF elsewhere)
+        for tensor, path in ((a, demo_pair.model_a), (b, demo_pair.model_b)):
+            np.testing.assert_array_equal(
+                tensor.reshape(-1), forward_stage(path, app.token_ids, 2, "ffn_up").reshape(-1)
+            )
         rows = table_rows(screen)
         assert len(rows) == 20
         delta = np.abs(a - b)
@@ -89,6 +104,9 @@ async def test_per_token_strip_and_histogram(demo_pair):
         await settle(pilot)
         screen = await open_cell(pilot, 3, "attn_norm")
         a, b = screen.tensors
+        np.testing.assert_array_equal(
+            a.reshape(-1), forward_stage(demo_pair.model_a, app.token_ids, 3, "attn_norm").ravel()
+        )
         seq, hidden = screen.cell.shape
         rows_a = a.reshape(seq, hidden).astype(np.float64)
         rows_b = b.reshape(seq, hidden).astype(np.float64)

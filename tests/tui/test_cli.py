@@ -34,23 +34,26 @@ def test_top_level_help_shows_the_explorer_and_the_demo():
 
 
 @pytest.mark.parametrize(
-    ("args", "fragment"),
+    ("args", "message"),
     [
         (["nowhere.apr"], "nowhere.apr: no such file or directory"),
         (["{model}", "--ref", "nowhere-trace"], "nowhere-trace: no such file or directory"),
         (["{model}", "--layers", "4..2"], "--layers '4..2': END (2) must be > START (4)"),
-        (["{model}", "--layers", "x"], "--layers 'x'"),
-        (["{model}", "--tokens", "1,,2"], "--tokens: empty entry at position 2"),
-        (["{model}", "--threshold", "2"], "--threshold: must be a cosine in [-1, 1], got 2"),
+        (["{model}", "--layers", "x"], "--layers 'x': expected `START..END`"),
+        (["{model}", "--tokens", "1,,2"], "--tokens: empty entry at position 2 in '1,,2'"),
+        (
+            ["{model}", "--threshold", "2"],
+            "apr-tui: argument --threshold: must be a cosine in [-1, 1], got 2 (see --help)",
+        ),
         (["files", "nowhere-dir"], "nowhere-dir: no such directory"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(demo_pair, args, fragment):
+def test_bad_input_is_one_line_and_exit_2(demo_pair, args, message):
     result = run(*[a.format(model=demo_pair.model_a) for a in args])
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert fragment in lines[0]
+    assert lines[0] == f"apr-tui: error: {message}"
     assert "Traceback" not in result.stderr
 
 
@@ -58,4 +61,7 @@ def test_files_on_a_directory_without_stage_files(tmp_path):
     (tmp_path / "readme.txt").write_text("not a trace")
     result = run("files", str(tmp_path))
     assert result.returncode == 2
-    assert "no APRT stage files" in result.stderr
+    assert result.stderr == (
+        f"apr-tui: error: {tmp_path}: no APRT stage files "
+        "(expected layer-<N>/<stage>.bin or final_norm.bin / lm_head.bin)\n"
+    )

@@ -103,7 +103,7 @@ async def test_drill_down_decodes_qkv_with_the_models_layout(demo_pair):
         width = screen.cell.shape[1]
         assert width == 128
         rows = table_rows(screen)
-        assert rows
+        assert len(rows) == 20  # the drill-down lists the top 20
         for row in rows:
             position, column = divmod(int(row[1]), width)
             if column < 64:
@@ -123,7 +123,7 @@ async def test_two_trace_directories_fall_back_to_token_and_channel(traced):
         screen = await open_cell(pilot, 1, "k_post_rope")
         assert screen.context.heads is None
         rows = table_rows(screen)
-        assert rows
+        assert len(rows) == 20  # the drill-down lists the top 20
         # stage files are flat; tokens.json's 7 tokens give back the [seq, kv_dim] rows
         (count,) = screen.cell.shape
         assert len(app.token_ids) == 7

@@ -10,6 +10,9 @@ from engine.formats import open_model
 
 def test_small_demo_pair_differs_only_by_the_planted_scale(demo_pair):
     assert demo_pair.flavour == "small"
+    # The README's promise, stated independently of engine.demo: layer 2's up_proj scaled ×18
+    # (a factor of 1 would make the equality below hold for an un-planted pair).
+    assert (DEFECT_LAYER, DEFECT_FACTOR) == (2, 18.0)
     assert demo_pair.model_a.suffix == demo_pair.model_b.suffix == ".apr"
     planted = f"model.layers.{DEFECT_LAYER}.mlp.up_proj.weight"
     assert demo_pair.defect.tensor == planted

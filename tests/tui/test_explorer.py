@@ -85,6 +85,19 @@ async def test_planted_defect_is_marked_where_it_is(demo_pair):
         )
 
 
+async def test_threshold_option_decides_the_cosine_verdict(demo_pair):
+    """`--threshold -1`: no cosine is below it, so only the scale verdict remains; the mark the
+    default threshold puts at L2 res2 (test above) must come from the threshold, not a constant."""
+    app = explorer(demo_pair.model_a, demo_pair.model_b, threshold=-1.0)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        grid = app.grid
+        assert app.state == "finished"
+        assert grid.divergences == {"std": grid.position(DEFECT_LAYER, "ffn_up")}
+        await pilot.press("f")
+        assert grid.cursor == grid.position(DEFECT_LAYER, "ffn_up")
+
+
 async def test_cursor_keys_and_jumps(demo_pair):
     app = explorer(demo_pair.model_a, demo_pair.model_b)
     async with app.run_test(size=SIZE) as pilot:
