@@ -1,7 +1,9 @@
-"""Block quantization the `gguf` package does not cover.
+"""Block quantization: GGML decoders of our own, APR's Q4/Q8, and the K-quant quantizers.
 
-Dequantization of GGML types goes through `gguf.quants.dequantize`, except Q8_0, Q4_0 and Q4_1,
-decoded here 2-3x faster (bit-identical). This module adds:
+Dequantization of GGML types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K
+are decoded here, bit-identical to `gguf.quants.dequantize` and 5-30x faster
+(bench/dequant_bench.py); every other type goes through `gguf.quants.dequantize`. Either way a
+tensor is decoded in bounded chunks into one preallocated float32 array. This module adds:
   * APR's own Q4 (dtype 128) and Q8 (dtype 129), both directions (§4.5);
   * Q4_K and Q6_K *quantizers* (gguf-py 0.19 only dequantizes K-quants), emitting blocks that are
     byte-compatible with GGML, so `gguf.quants.dequantize` — an independent implementation —
@@ -199,48 +201,278 @@ def can_dequantize(qtype: GGMLQuantizationType) -> bool:
     return True
 
 
-def _dequantize_q8_0(blocks: np.ndarray) -> np.ndarray:
-    """[nb, 34] -> [nb, 32]: f16 d, 32 int8."""
-    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # [nb, 1]
-    out = blocks[:, 2:].view(np.int8).astype(np.float32)
-    out *= d
-    return out
+# ---------------------------------------------------------------------------------------------
+# GGML dequantizers. Each kernel decodes a chunk of blocks, uint8 [n, block_bytes], into its
+# slice of the preallocated output, float32 [n, block_values], bit for bit as
+# `gguf.quants.dequantize`: the same float32 operations in the same order (`d * sc` rounded to
+# float32 first, then `* q`, then `- dmin * m`; numpy never fuses them into an FMA). Most of
+# these products are exact anyway (an f16 times a 6-bit integer times a 4-bit one fits in
+# float32's 24-bit mantissa), so what must match is each rounding step that is not, and every
+# Inf / NaN / subnormal case; tests/formats/test_quant_fast.py checks all ten types on random
+# blocks. Per-block fields are unpacked on transposed header rows (long contiguous loops), bit
+# fields eight bytes at a time in uint64 lanes, and the float work runs on a chunk small enough
+# to stay in cache across its passes; gguf-py instead builds a dozen full-size temporaries per
+# 16-block group.
 
 
-def _dequantize_q4_0(blocks: np.ndarray) -> np.ndarray:
-    """[nb, 18] -> [nb, 32]: f16 d, 16 bytes; low nibbles are values 0..15, high 16..31; q - 8."""
-    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
-    out = _nibbles(blocks[:, 2:18])
-    out -= 8
-    out *= d
-    return out
+def _nibbles_into(qs: np.ndarray, q: np.ndarray) -> None:
+    """Low nibbles of `qs` [n, g, 32] into q[:, :, 0], high nibbles into q[:, :, 1]."""
+    np.bitwise_and(qs, 0x0F, out=q[:, :, 0])
+    np.right_shift(qs, 4, out=q[:, :, 1])
 
 
-def _dequantize_q4_1(blocks: np.ndarray) -> np.ndarray:
-    """[nb, 20] -> [nb, 32]: f16 d, f16 m, 16 bytes of nibbles; d*q + m."""
-    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
-    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-    out = _nibbles(blocks[:, 4:20])
-    out *= d
-    out += m
-    return out
+def _k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K packed 6-bit scales and mins, transposed: [12, n] uint8 -> two uint8 [8, n].
+
+    Bytes 0-3 hold scales 0-3 (low 6 bits) and the top 2 bits of scales 4-7; bytes 4-7 the same
+    for the mins; bytes 8-11 the low 4 bits of scales 4-7 (low nibble) and mins 4-7 (high).
+    Transposed so each operation runs over n contiguous bytes, not n runs of 4."""
+    sc_lo, mn_lo, both_hi = scales[0:4], scales[4:8], scales[8:12]
+    sc = np.empty((8, scales.shape[1]), dtype=np.uint8)  # [8, n]
+    mn = np.empty((8, scales.shape[1]), dtype=np.uint8)
+    np.bitwise_and(sc_lo, 0x3F, out=sc[0:4])
+    np.bitwise_or(both_hi & 0x0F, (sc_lo >> 2) & 0x30, out=sc[4:8])
+    np.bitwise_and(mn_lo, 0x3F, out=mn[0:4])
+    np.bitwise_or(both_hi >> 4, (mn_lo >> 2) & 0x30, out=mn[4:8])
+    return sc, mn
 
 
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    out = np.empty((qs.shape[0], 32), dtype=np.float32)  # [nb, 32]
-    np.bitwise_and(qs, 0x0F, out=out[:, :16], casting="unsafe")
-    np.right_shift(qs, 4, out=out[:, 16:], casting="unsafe")
-    return out
+def _header_rows(blocks: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Bytes start..stop of every block, transposed to [stop - start, n] contiguous rows."""
+    return np.ascontiguousarray(blocks[:, start:stop].T)
 
 
-# The types real checkpoints use most, decoded in place with fewer temporaries than gguf-py's
-# generic path (2-3x faster); tests check them bit for bit against gguf.quants.dequantize.
+def _f16_row(rows: np.ndarray, i: int) -> np.ndarray:
+    """[n] float32 from the little-endian f16 in transposed header rows i (low) and i + 1."""
+    bits = rows[i + 1].astype(np.uint16)
+    bits <<= 8
+    bits |= rows[i]
+    return bits.view(np.float16).astype(np.float32)
+
+
+def _lanes(blocks: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Bytes start..stop of every block as uint64 [n, (stop - start) / 8]: bit fields that never
+    cross a byte are unpacked eight bytes per operation (a mask per byte keeps shifted-in bits
+    of the neighbouring byte out), which makes the unpacking almost free."""
+    return np.ascontiguousarray(blocks[:, start:stop]).view(np.uint64)
+
+
+def _per_value(per_group: np.ndarray, width: int) -> np.ndarray:
+    """[groups, n] float32 -> [n, groups * width]: each group's factor repeated over its values.
+    A full-size operand makes the multiply a plain contiguous loop; broadcasting a [n, g, 1]
+    operand runs numpy's inner loop 16 or 32 values at a time, twice as slow in total."""
+    return np.repeat(per_group.T, width, axis=1)
+
+
+_LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
+_LOW_2BITS = np.uint64(0x0303030303030303)
+_LOW_BIT = np.uint64(0x0101010101010101)
+_SHIFT_2BIT_LANES = np.array([0, 2, 4, 6], dtype=np.uint64).reshape(1, 1, 4, 1)
+_SHIFT_1BIT_LANES = np.arange(8, dtype=np.uint64).reshape(1, 8, 1)
+_SHIFT_2BIT_ROWS = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1, 1)
+
+
+def _dequantize_q8_0(blocks: np.ndarray, out: np.ndarray) -> None:
+    """34 bytes -> 32 values: f16 d, 32 int8; q * d."""
+    d = _f16_row(_header_rows(blocks, 0, 2), 0)[None, :]  # [1, n]
+    np.copyto(out, blocks[:, 2:34].view(np.int8), casting="unsafe")
+    out *= _per_value(d, 32)
+
+
+def _dequantize_q4_0(blocks: np.ndarray, out: np.ndarray) -> None:
+    """18 bytes -> 32 values: f16 d, 16 bytes; low nibbles are values 0..15, high 16..31;
+    d * (q - 8)."""
+    n = blocks.shape[0]
+    d = _f16_row(_header_rows(blocks, 0, 2), 0)[None, :]  # [1, n]
+    q = np.empty((n, 1, 2, 16), dtype=np.uint8)  # [n, 1, lo/hi, 16]
+    _nibbles_into(blocks[:, 2:18].reshape(n, 1, 16), q)
+    q -= 8  # wraps below 0; read as int8 it is q - 8
+    np.copyto(out, q.view(np.int8).reshape(n, 32), casting="unsafe")
+    out *= _per_value(d, 32)
+
+
+def _dequantize_q4_1(blocks: np.ndarray, out: np.ndarray) -> None:
+    """20 bytes -> 32 values: f16 d, f16 m, 16 bytes of nibbles; d * q + m."""
+    n = blocks.shape[0]
+    header = _header_rows(blocks, 0, 4)  # [4, n]
+    d = _f16_row(header, 0)[None, :]  # [1, n]
+    m = _f16_row(header, 2)[None, :]
+    q = np.empty((n, 1, 2, 16), dtype=np.uint8)
+    _nibbles_into(blocks[:, 4:20].reshape(n, 1, 16), q)
+    np.copyto(out, q.reshape(n, 32), casting="unsafe")
+    out *= _per_value(d, 32)
+    out += _per_value(m, 32)
+
+
+def _q5_values(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """Q5_0 / Q5_1 5-bit values, uint8 [n, 32]: nibbles of `qs` [n, 16] (low: values 0..15)
+    plus bit i of the little-endian 32-bit `qh` [n, 4] as bit 4 of value i."""
+    n = qs.shape[0]
+    q = np.empty((n, 1, 2, 16), dtype=np.uint8)
+    _nibbles_into(qs.reshape(n, 1, 16), q)
+    q = q.reshape(n, 32)
+    high = np.unpackbits(qh, axis=1, bitorder="little")  # [n, 32]: bit i of the uint32
+    high <<= 4
+    q |= high
+    return q
+
+
+def _dequantize_q5_0(blocks: np.ndarray, out: np.ndarray) -> None:
+    """22 bytes -> 32 values: f16 d, 4 bytes high bits, 16 bytes nibbles; d * (q - 16)."""
+    d = _f16_row(_header_rows(blocks, 0, 2), 0)[None, :]  # [1, n]
+    q = _q5_values(blocks[:, 2:6], blocks[:, 6:22])
+    q -= 16
+    np.copyto(out, q.view(np.int8), casting="unsafe")
+    out *= _per_value(d, 32)
+
+
+def _dequantize_q5_1(blocks: np.ndarray, out: np.ndarray) -> None:
+    """24 bytes -> 32 values: f16 d, f16 m, 4 bytes high bits, 16 bytes nibbles; d * q + m."""
+    header = _header_rows(blocks, 0, 4)  # [4, n]
+    d = _f16_row(header, 0)[None, :]  # [1, n]
+    m = _f16_row(header, 2)[None, :]
+    q = _q5_values(blocks[:, 4:8], blocks[:, 8:24])
+    np.copyto(out, q, casting="unsafe")
+    out *= _per_value(d, 32)
+    out += _per_value(m, 32)
+
+
+def _dequantize_q2_k(blocks: np.ndarray, out: np.ndarray) -> None:
+    """84 bytes -> 256 values: 16 scale bytes (low nibble scale, high nibble min), 64 bytes of
+    2-bit values (byte l of each 32-byte half holds values l, l+32, l+64, l+96 of that half),
+    f16 d, f16 dmin; (d * sc) * q - (dmin * m) per 16 values."""
+    n = blocks.shape[0]
+    packed = _header_rows(blocks, 0, 16)  # [16, n]
+    dd = _header_rows(blocks, 80, 84)  # [4, n]
+    scale = _f16_row(dd, 0) * (packed & 0x0F).astype(np.float32)  # [16, n]
+    offset = _f16_row(dd, 2) * (packed >> 4).astype(np.float32)
+    q = _lanes(blocks, 16, 80).reshape(n, 2, 1, 4) >> _SHIFT_2BIT_LANES  # [n, half, s, lanes]
+    q &= _LOW_2BITS
+    np.copyto(out, q.view(np.uint8).reshape(n, QK_K), casting="unsafe")
+    out *= _per_value(scale, 16)
+    out -= _per_value(offset, 16)
+
+
+def _dequantize_q3_k(blocks: np.ndarray, out: np.ndarray) -> None:
+    """110 bytes -> 256 values: 32 bytes hmask (bit j of byte l: high bit of value 32j + l),
+    64 bytes of 2-bit values (as Q2_K), 12 bytes of 6-bit signed scales, f16 d;
+    (d * (sc - 32)) * (q2 - 4 * (1 - hbit)) per 16 values."""
+    n = blocks.shape[0]
+    header = _header_rows(blocks, 96, 110)  # [14, n]
+    # Scale i: low 4 bits from byte i % 8 (low nibble for i < 8), high 2 bits from byte
+    # 8 + i % 4, bits 2 * (i // 4).
+    sc = np.empty((16, n), dtype=np.uint8)  # [16, n]
+    np.bitwise_and(header[0:8], 0x0F, out=sc[0:8])
+    np.right_shift(header[0:8], 4, out=sc[8:16])
+    high = header[None, 8:12] >> _SHIFT_2BIT_ROWS  # [4, 4, n]
+    high &= 0x03
+    high <<= 4
+    sc |= high.reshape(16, n)
+    sc -= 32  # read as int8: sc - 32
+    scale = _f16_row(header, 12) * sc.view(np.int8).astype(np.float32)  # [16, n]
+    q = _lanes(blocks, 32, 96).reshape(n, 2, 1, 4) >> _SHIFT_2BIT_LANES  # [n, half, s, lanes]
+    q &= _LOW_2BITS
+    hbit = _lanes(blocks, 0, 32).reshape(n, 1, 4) >> _SHIFT_1BIT_LANES  # [n, 32j + l: j, lanes]
+    hbit &= _LOW_BIT
+    hbit <<= np.uint64(2)
+    by_eighth = q.reshape(n, 8, 4)  # a view: value group j = 4 * half + s
+    by_eighth |= hbit
+    values = q.view(np.uint8).reshape(n, QK_K)
+    values -= 4  # q2 + 4 * hbit - 4, read as int8
+    np.copyto(out, values.view(np.int8), casting="unsafe")
+    out *= _per_value(scale, 16)
+
+
+def _k_scales_offsets(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K per-sub-block factors, float32 [8, n] each: d * sc and dmin * m, the same
+    products gguf-py forms (f16 d widened to float32, times the 6-bit field as float32)."""
+    header = _header_rows(blocks, 0, 16)  # [16, n]
+    d = _f16_row(header, 0)  # [n]
+    dmin = _f16_row(header, 2)
+    sc, mn = _k_scale_min(header[4:16])  # [8, n]
+    return d * sc.astype(np.float32), dmin * mn.astype(np.float32)
+
+
+def _dequantize_q4_k(blocks: np.ndarray, out: np.ndarray) -> None:
+    """144 bytes -> 256 values: f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 128 bytes of
+    nibbles (32-byte chunk c: low nibbles are sub-block 2c, high 2c+1);
+    (d * sc) * q - (dmin * m) per 32 values."""
+    n = blocks.shape[0]
+    scale, offset = _k_scales_offsets(blocks)  # [8, n]
+    qs = _lanes(blocks, 16, 144).reshape(n, 4, 4)  # [n, chunk, 32 bytes as 4 lanes]
+    q = np.empty((n, 4, 2, 4), dtype=np.uint64)  # [n, chunk, lo/hi, lanes]
+    np.bitwise_and(qs, _LOW_NIBBLES, out=q[:, :, 0])
+    np.right_shift(qs, np.uint64(4), out=q[:, :, 1])
+    q[:, :, 1] &= _LOW_NIBBLES
+    np.copyto(out, q.view(np.uint8).reshape(n, QK_K), casting="unsafe")
+    out *= _per_value(scale, 32)
+    out -= _per_value(offset, 32)
+
+
+def _dequantize_q5_k(blocks: np.ndarray, out: np.ndarray) -> None:
+    """176 bytes -> 256 values: as Q4_K plus 32 bytes qh after the scales (bit j of byte l is
+    bit 4 of value l of sub-block j); (d * sc) * q - (dmin * m) per 32 values."""
+    n = blocks.shape[0]
+    scale, offset = _k_scales_offsets(blocks)
+    qs = _lanes(blocks, 48, 176).reshape(n, 4, 4)
+    q = np.empty((n, 4, 2, 4), dtype=np.uint64)
+    np.bitwise_and(qs, _LOW_NIBBLES, out=q[:, :, 0])
+    np.right_shift(qs, np.uint64(4), out=q[:, :, 1])
+    q[:, :, 1] &= _LOW_NIBBLES
+    high = _lanes(blocks, 16, 48).reshape(n, 1, 4) >> _SHIFT_1BIT_LANES  # [n, sub-block, lanes]
+    high &= _LOW_BIT
+    high <<= np.uint64(4)
+    by_sub_block = q.reshape(n, 8, 4)  # a view: sub-block 2c + lo/hi
+    by_sub_block |= high
+    np.copyto(out, q.view(np.uint8).reshape(n, QK_K), casting="unsafe")
+    out *= _per_value(scale, 32)
+    out -= _per_value(offset, 32)
+
+
+def _dequantize_q6_k(blocks: np.ndarray, out: np.ndarray) -> None:
+    """210 bytes -> 256 values: 128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 int8
+    scales, f16 d; (d * sc) * (q - 32) per 16 values. In each 128-value half, value 32s + l
+    takes its low 4 bits from byte l (s = 0, 2) or 32 + l (s = 1, 3) of the half's 64 ql bytes
+    (low nibble for s < 2) and its high 2 bits from bits 2s of byte l of the half's 32 qh bytes."""
+    n = blocks.shape[0]
+    header = _header_rows(blocks, 192, 210)  # [18, n]
+    scale = _f16_row(header, 16) * header[0:16].view(np.int8).astype(np.float32)  # [16, n]
+    ql = _lanes(blocks, 0, 128).reshape(n, 2, 2, 4)  # [n, half, byte l or 32 + l, lanes]
+    qh = _lanes(blocks, 128, 192).reshape(n, 2, 1, 4)
+    q = np.empty((n, 2, 4, 4), dtype=np.uint64)  # [n, half, s, lanes]
+    np.bitwise_and(ql, _LOW_NIBBLES, out=q[:, :, 0:2])
+    np.right_shift(ql, np.uint64(4), out=q[:, :, 2:4])
+    q[:, :, 2:4] &= _LOW_NIBBLES
+    high = qh >> _SHIFT_2BIT_LANES  # [n, half, s, lanes]
+    high &= _LOW_2BITS
+    high <<= np.uint64(4)
+    q |= high
+    values = q.view(np.uint8).reshape(n, QK_K)
+    values -= 32  # read as int8: q - 32 (bytewise, so not in the 64-bit lanes)
+    np.copyto(out, values.view(np.int8), casting="unsafe")
+    out *= _per_value(scale, 16)
+
+
+# Our decoders, tested bit for bit against gguf.quants.dequantize (tests/formats/
+# test_quant_fast.py) and 5-30x faster (bench/dequant_bench.py); other types go to gguf-py.
 _FAST_DEQUANT = {
     GGMLQuantizationType.Q8_0: _dequantize_q8_0,
     GGMLQuantizationType.Q4_0: _dequantize_q4_0,
     GGMLQuantizationType.Q4_1: _dequantize_q4_1,
+    GGMLQuantizationType.Q5_0: _dequantize_q5_0,
+    GGMLQuantizationType.Q5_1: _dequantize_q5_1,
+    GGMLQuantizationType.Q2_K: _dequantize_q2_k,
+    GGMLQuantizationType.Q3_K: _dequantize_q3_k,
+    GGMLQuantizationType.Q4_K: _dequantize_q4_k,
+    GGMLQuantizationType.Q5_K: _dequantize_q5_k,
+    GGMLQuantizationType.Q6_K: _dequantize_q6_k,
 }
 
+FAST_CHUNK_VALUES = 1 << 18
+"""Values per call of one of our kernels (1 MiB of float32): the chunk and its uint8
+temporaries stay in L2 across the kernel's three or four passes over it, and the per-call
+overhead of its dozen small per-block ufuncs is spread over 1024 K-quant blocks (measured:
+throughput flat from 128 Ki to 512 Ki values, falling below 64 Ki)."""
 
 DEQUANT_CHUNK_VALUES = 1 << 18
 """Values per `gguf.quants.dequantize` call (1 MiB of float32). On a whole tensor gguf-py holds
@@ -249,13 +481,32 @@ once (a 7B FFN matrix: 2 x 172 MiB), and thousands of small arrays that glibc ke
 afterwards. Decoded a chunk at a time into one preallocated array, a tensor costs one copy."""
 
 
-def _gguf_py_dequantize(blocks: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """[n_blocks, block_bytes] uint8 -> [n_blocks, block] float32 with gguf-py, chunk by chunk."""
+def _gguf_py_kernel(qtype: GGMLQuantizationType):
+    def kernel(blocks: np.ndarray, out: np.ndarray) -> None:
+        out[...] = gguf_quants.dequantize(blocks, qtype)
+
+    return kernel
+
+
+def _dequantize_blocks_into(
+    blocks: np.ndarray, qtype: GGMLQuantizationType, out: np.ndarray
+) -> None:
+    """Decode blocks [n, block_bytes] uint8 into `out` [n, block_values] float32, chunk by chunk."""
     block = GGML_QUANT_SIZES[qtype][0]
-    out = np.empty((blocks.shape[0], block), dtype=np.float32)  # [n_blocks, block]
-    step = max(1, DEQUANT_CHUNK_VALUES // block)
-    for start in range(0, blocks.shape[0], step):
-        out[start : start + step] = gguf_quants.dequantize(blocks[start : start + step], qtype)
+    kernel = _FAST_DEQUANT.get(qtype)
+    if kernel is None:
+        kernel, step = _gguf_py_kernel(qtype), max(1, DEQUANT_CHUNK_VALUES // block)
+    else:
+        step = max(1, FAST_CHUNK_VALUES // block)
+    with np.errstate(over="ignore", invalid="ignore"):  # Inf / NaN scales decode as gguf-py's
+        for start in range(0, blocks.shape[0], step):
+            kernel(blocks[start : start + step], out[start : start + step])
+
+
+def dequantize_blocks(blocks: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """[n_blocks, block_bytes] uint8 -> [n_blocks, block_values] float32 (one allocation)."""
+    out = np.empty((blocks.shape[0], GGML_QUANT_SIZES[qtype][0]), dtype=np.float32)
+    _dequantize_blocks_into(blocks, qtype, out)
     return out
 
 
@@ -264,21 +515,27 @@ def dequantize_ggml(raw: np.ndarray, qtype: GGMLQuantizationType, count: int) ->
     block, nbytes = GGML_QUANT_SIZES[qtype]
     n_blocks = -(-count // block)
     rows = np.asarray(raw[: n_blocks * nbytes]).reshape(n_blocks, nbytes)  # plain ndarray view
-    if qtype in _FAST_DEQUANT:
-        values = _FAST_DEQUANT[qtype](rows)
-    else:
-        values = _gguf_py_dequantize(rows, qtype)
-    return values.reshape(-1)[:count].astype(np.float32, copy=False)
+    return dequantize_blocks(rows, qtype).reshape(-1)[:count]
 
 
 def dequantize_k_rows_padded(
     raw: np.ndarray, qtype: GGMLQuantizationType, rows: int, cols: int
 ) -> np.ndarray:
-    """[rows, cols] from per-row padded K-quant blocks, the padding columns dropped."""
+    """[rows, cols] from per-row padded K-quant blocks, the padding columns dropped.
+
+    Decoded a band of rows at a time into a scratch buffer and copied into the [rows, cols]
+    output, so a padded tensor also costs one float32 copy, not a padded copy plus a slice."""
     blocks_per_row = -(-cols // QK_K)
     nbytes = GGML_QUANT_SIZES[qtype][1]
-    blocks = np.asarray(raw[: rows * blocks_per_row * nbytes]).reshape(
-        rows * blocks_per_row, nbytes
-    )
-    full = _gguf_py_dequantize(blocks, qtype).reshape(rows, blocks_per_row * QK_K)
-    return np.ascontiguousarray(full[:, :cols], dtype=np.float32)
+    blocks = np.asarray(raw[: rows * blocks_per_row * nbytes]).reshape(rows, blocks_per_row, nbytes)
+    if cols == blocks_per_row * QK_K:
+        return dequantize_blocks(blocks.reshape(-1, nbytes), qtype).reshape(rows, cols)
+    out = np.empty((rows, cols), dtype=np.float32)  # [rows, cols]
+    band = max(1, DEQUANT_CHUNK_VALUES // (blocks_per_row * QK_K))
+    scratch = np.empty((band * blocks_per_row, QK_K), dtype=np.float32)  # [band blocks, 256]
+    for start in range(0, rows, band):
+        band_blocks = blocks[start : start + band].reshape(-1, nbytes)
+        decoded = scratch[: band_blocks.shape[0]]
+        _dequantize_blocks_into(band_blocks, qtype, decoded)
+        out[start : start + band] = decoded.reshape(-1, blocks_per_row * QK_K)[:, :cols]
+    return out

@@ -89,7 +89,7 @@ def test_cupy_trace_matches_numpy_when_a_gpu_is_present():
     rounding (matmul kernels differ, so not bit-exact)."""
     cupy = backend_module._import_cupy()
     if cupy is None or backend_module._cuda_device_count(cupy) == 0:
-        pytest.skip("no CuPy / CUDA device on this machine (the GPU run is a separate CI job)")
+        pytest.skip("no CuPy / CUDA device on this machine")
     from engine.forward import trace
     from tests.forward.agreement import TINY_MAX_REL_ERR, disagreements
     from tests.forward.hf_oracle import build_hf_model, engine_model, hf_stage_captures
