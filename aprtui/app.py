@@ -102,6 +102,15 @@ def expected_cells(layers: range | list[int] | tuple[int, ...], produced: tuple[
     return len(layers) * len(per_layer) + embedding + len(whole)
 
 
+GLOBAL_BINDINGS = [
+    Binding("q", "quit", "Quit"),
+    Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
+    Binding("question_mark", "help", "Keys", key_display="?"),
+    Binding("f1", "help", "Keys", show=False),
+]
+"""Quit and help, the same in the explorer and in `apr-tui files`."""
+
+
 class ExplorerApp(App[int]):
     """apr-tui: where do two inference paths start to disagree?"""
 
@@ -109,10 +118,7 @@ class ExplorerApp(App[int]):
     TITLE = "apr-tui"
 
     BINDINGS = [
-        Binding("q", "quit", "Quit"),
-        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
-        Binding("question_mark", "help", "Keys", key_display="?"),
-        Binding("f1", "help", "Keys", show=False),
+        *GLOBAL_BINDINGS,
         Binding("b", "browse", "Browse APRT"),
         Binding("escape", "dismiss_error", "Hide error", show=False),
     ]
@@ -558,10 +564,7 @@ class FilesApp(App[int]):
     TITLE = "apr-tui files"
 
     BINDINGS = [
-        Binding("q", "quit", "Quit"),
-        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
-        Binding("question_mark", "help", "Keys", key_display="?"),
-        Binding("f1", "help", "Keys", show=False),
+        *GLOBAL_BINDINGS,
     ]
 
     def __init__(self, directory: Path) -> None:
