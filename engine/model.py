@@ -83,6 +83,49 @@ class WeightStore(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional: `get_rows(name, start, stop) -> np.ndarray`, float32 rows [start, stop) of a 2-D
+    # tensor, decoding only those rows' bytes (the embedding lookup and the blocked lm_head use
+    # it so a [vocab, hidden] table is never dequantized whole). Not a protocol member, so a
+    # store without it still conforms; callers go through `weight_rows`, which falls back to
+    # `get(name)[start:stop]`.
+
+
+def check_row_range(
+    source: str, name: str, shape: tuple[int, ...], start: int, stop: int
+) -> tuple[int, int]:
+    """(start, stop) as ints when they name rows of a 2-D tensor, `0 <= start <= stop <= rows`."""
+    if len(shape) != 2:
+        raise ValueError(f"{source}: tensor {name!r} has shape {list(shape)}, rows need 2-D")
+    start, stop = int(start), int(stop)
+    if not 0 <= start <= stop <= shape[0]:
+        raise ValueError(f"{source}: rows [{start}, {stop}) outside {name!r} {list(shape)}")
+    return start, stop
+
+
+def weight_rows(store: WeightStore, name: str, start: int, stop: int) -> np.ndarray:
+    """Float32 rows [start, stop) of a 2-D weight: the store's `get_rows` when it has one, else
+    the whole tensor sliced (same values, without the memory saving)."""
+    get_rows = getattr(store, "get_rows", None)
+    if get_rows is not None:
+        return get_rows(name, start, stop)
+    start, stop = check_row_range("<weights>", name, tuple(store.shape(name)), start, stop)
+    return store.get(name)[start:stop].copy()  # a copy: the whole tensor is freed at once
+
+
+def gather_rows(store: WeightStore, name: str, ids: np.ndarray) -> np.ndarray:
+    """Rows `ids` [n] of a 2-D weight, [n, cols] float32 (an embedding lookup). Only the distinct
+    ids' rows are decoded, one `get_rows` per run of consecutive ids; a store without
+    `get_rows` is read whole once."""
+    if not hasattr(store, "get_rows"):
+        return store.get(name)[ids]  # [n, cols]
+    distinct = np.unique(ids)  # [n_distinct], sorted
+    runs = np.split(distinct, np.flatnonzero(np.diff(distinct) != 1) + 1)  # consecutive ids
+    table_rows = np.concatenate(
+        [store.get_rows(name, int(run[0]), int(run[-1]) + 1) for run in runs if run.size]
+        or [np.empty((0, store.shape(name)[1]), dtype=np.float32)]
+    )  # [n_distinct, cols]
+    return table_rows[np.searchsorted(distinct, ids)]  # [n, cols]
+
 
 class Tokenizer(Protocol):
     """Prompt text to token ids, and ids back to readable text."""
@@ -114,6 +157,11 @@ class DictWeightStore:
 
     def get(self, name: str) -> np.ndarray:
         return np.array(self._lookup(name), dtype=np.float32, copy=True)
+
+    def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        array = self._lookup(name)
+        start, stop = check_row_range(self.source, name, tuple(array.shape), start, stop)
+        return np.array(array[start:stop], dtype=np.float32, copy=True)
 
     def close(self) -> None:
         pass

@@ -27,7 +27,7 @@ import os
 import struct
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +55,13 @@ from engine.formats.quant import (
     dequantize_apr_q8,
     dequantize_ggml,
     dequantize_k_rows_padded,
+    ggml_row_nbytes,
     quantize_apr_q4,
     quantize_apr_q8,
     quantize_ggml,
     quantize_k_rows_padded,
 )
-from engine.model import Model, ModelConfig
+from engine.model import Model, ModelConfig, check_row_range
 from engine.tokenizer import (
     TOKEN_TYPE_BYTE,
     TOKEN_TYPE_CONTROL,
@@ -395,6 +396,24 @@ def decode(raw: np.ndarray, entry: AprIndexEntry, codec: _Codec) -> np.ndarray:
     return values.reshape(entry.shape)
 
 
+_PLAIN_WIDTHS = {"f32": 4, "f16": 2, "bf16": 2, "f64": 8, "i32": 4, "i64": 8, "i8": 1, "u8": 1}
+
+
+def row_nbytes(codec: _Codec, cols: int) -> int | None:
+    """Bytes of one row of a row-major [rows, cols] tensor in `codec`, or None when rows cannot
+    be sliced out of the bytes (quant blocks that straddle rows). APR Q8's rows follow its one
+    4-byte tensor scale."""
+    if codec.kind in _PLAIN_WIDTHS:
+        return cols * _PLAIN_WIDTHS[codec.kind]
+    if codec.kind == "apr_q8":
+        return cols
+    if codec.kind == "apr_q4":
+        return apr_q4_nbytes(cols) if cols % 32 == 0 else None
+    if codec.kind == "k_rows":  # per-row padded: ceil(cols / 256) whole blocks a row
+        return -(-cols // QK_K) * GGML_QUANT_SIZES[codec.qtype][1]
+    return ggml_row_nbytes(codec.qtype, cols)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reader
 
@@ -433,6 +452,26 @@ class AprWeightStore:
         start = self._data_offset + entry.offset
         raw = self._buf[start : start + entry.size]  # [size] uint8 view
         return np.ascontiguousarray(decode(raw, entry, codec), dtype=np.float32)
+
+    def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a 2-D tensor, decoding only their bytes (see `row_nbytes`);
+        `get(name)[start:stop]` where the codec's blocks straddle rows."""
+        entry, codec = self._entry(name)
+        start, stop = check_row_range(self.source, name, entry.shape, start, stop)
+        cols = entry.shape[1]
+        width = row_nbytes(codec, cols)
+        if width is None:
+            return self.get(name)[start:stop].copy()  # a copy: the whole tensor is freed
+        if self._buf is None:
+            raise FormatError(f"{self.source}: the model is closed")
+        base = self._data_offset + entry.offset
+        head = 4 if codec.kind == "apr_q8" else 0  # APR Q8: the tensor's f32 scale
+        first = base + head + start * width
+        raw = self._buf[first : first + (stop - start) * width]  # [rows' bytes] uint8 view
+        if head:
+            raw = np.concatenate([self._buf[base : base + head], raw])  # scale + rows
+        rows = replace(entry, shape=(stop - start, cols), size=raw.size)
+        return np.ascontiguousarray(decode(raw, rows, codec), dtype=np.float32)
 
     def close(self) -> None:
         self._buf = None

@@ -40,8 +40,8 @@ from engine.formats.common import (
     normalize_architecture,
     stored_tensor_names,
 )
-from engine.formats.quant import can_dequantize, dequantize_ggml, quantize_ggml
-from engine.model import Model, ModelConfig
+from engine.formats.quant import can_dequantize, dequantize_ggml, ggml_row_nbytes, quantize_ggml
+from engine.model import Model, ModelConfig, check_row_range
 from engine.tokenizer import TOKEN_TYPE_NORMAL, BpeTokenizer
 
 GGUF_MAGIC = b"GGUF"
@@ -444,6 +444,28 @@ class GgufWeightStore:
         values = _decode(raw, info).reshape(info.shape)
         if name in self._permuted_heads:
             values = unpermute_rows(values, self._permuted_heads[name])
+        return np.ascontiguousarray(values, dtype=np.float32)
+
+    def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a 2-D tensor, decoding only their bytes: a row of a
+        [rows, cols] tensor is `cols` plain values or `cols / block` whole quant blocks. Falls
+        back to `get(name)[start:stop]` for Q/K projections (stored head-permuted) and for
+        block types whose rows do not end on a block boundary."""
+        info = self._info(name)
+        start, stop = check_row_range(str(self.path), name, info.shape, start, stop)
+        cols = info.shape[1]
+        if info.qtype in _PLAIN_TYPES:
+            row_nbytes = cols * np.dtype(_PLAIN_TYPES[info.qtype]).itemsize
+        else:
+            row_nbytes = ggml_row_nbytes(info.qtype, cols)
+        if row_nbytes is None or name in self._permuted_heads:
+            return self.get(name)[start:stop].copy()  # a copy: the whole tensor is freed
+        if self._data is None:
+            self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        first = info.start + start * row_nbytes
+        raw = self._data[first : first + (stop - start) * row_nbytes]  # [rows' bytes] uint8 view
+        rows = replace(info, ggml_dims=(cols, stop - start), nbytes=raw.size)
+        values = _decode(raw, rows).reshape(stop - start, cols)  # [stop - start, cols]
         return np.ascontiguousarray(values, dtype=np.float32)
 
     def close(self) -> None:

@@ -518,6 +518,13 @@ def dequantize_ggml(raw: np.ndarray, qtype: GGMLQuantizationType, count: int) ->
     return dequantize_blocks(rows, qtype).reshape(-1)[:count]
 
 
+def ggml_row_nbytes(qtype: GGMLQuantizationType, cols: int) -> int | None:
+    """Bytes of one row of a row-major [rows, cols] GGML block tensor, or None when a row does not
+    end on a block boundary (cols not a multiple of the block size), so rows cannot be sliced."""
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    return None if cols % block else cols // block * block_bytes
+
+
 def dequantize_k_rows_padded(
     raw: np.ndarray, qtype: GGMLQuantizationType, rows: int, cols: int
 ) -> np.ndarray:

@@ -27,7 +27,7 @@ from engine.formats.common import (
     model_config_to_hf_config,
     stored_tensor_names,
 )
-from engine.model import Model
+from engine.model import Model, check_row_range
 from engine.tokenizer import BpeTokenizer, bpe_from_tokenizer_json
 
 CONFIG_FILE = "config.json"
@@ -76,7 +76,24 @@ class SafetensorsWeightStore:
         return self._entry(name).shape
 
     def get(self, name: str) -> np.ndarray:
+        return self._decode(name, self._entry(name))
+
+    def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a 2-D tensor: a plain byte range of the memory map."""
         entry = self._entry(name)
+        start, stop = check_row_range(str(entry.file), name, entry.shape, start, stop)
+        cols = entry.shape[1]
+        row_nbytes = cols * _DTYPES[entry.dtype].itemsize if entry.dtype in _DTYPES else 0
+        rows = replace(
+            entry,
+            shape=(stop - start, cols),
+            start=entry.start + start * row_nbytes,
+            nbytes=(stop - start) * row_nbytes,
+        )
+        return self._decode(name, rows)
+
+    def _decode(self, name: str, entry: _Entry) -> np.ndarray:
+        """float32 values of `entry`'s byte range, in its shape."""
         raw = np.asarray(
             self._map(entry.file)[entry.start : entry.start + entry.nbytes]
         )  # [nbytes] u8
