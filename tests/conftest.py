@@ -38,3 +38,19 @@ def apr_tui() -> list[str]:
         return [str(script)]
     found = shutil.which("apr-tui")
     return [found] if found else [sys.executable, "-m", "aprtui"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_model(smollm2_gguf):
+    """HF transformers' own load of the SmolLM2 GGUF (gguf-py dequantizes, HF un-permutes Q/K),
+    float32 with eager attention: the independent oracle. Loaded once per session (about 20 s)
+    for both the weight tests and the stage-by-stage forward tests."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent),
+        gguf_file=smollm2_gguf.name,
+        dtype=torch.float32,
+        attn_implementation="eager",
+    )

@@ -41,6 +41,7 @@ from engine.formats.common import (
     MAX_ELEMENTS,
     check_dims,
     check_weights,
+    check_write_dtype,
     float_field,
     int_field,
     normalize_architecture,
@@ -984,10 +985,7 @@ def write(
     progress: Callable[[int, int, str], None] | None = None,
 ) -> Path:
     """`model` as an APR v2 file at `path` (HF tensor names, HF row order)."""
-    if dtype not in WRITE_DTYPES:
-        raise UnsupportedModelError(
-            f"{path}: APR dtype {dtype!r} is not supported (choose from {', '.join(WRITE_DTYPES)})"
-        )
+    check_write_dtype(path, "APR", dtype, WRITE_DTYPES)
     plans = [
         plan_tensor(name, tuple(model.weights.shape(name)), dtype, _loader(model, name))
         for name in stored_tensor_names(model)

@@ -8,7 +8,7 @@ the wrong shape) fails at open with a one-line error instead of halfway through 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -94,6 +94,15 @@ def iter_expected_tensors(config: ModelConfig) -> Iterator[tuple[str, tuple[int,
 def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Canonical name -> shape of every tensor the forward pass reads for `config`."""
     return dict(iter_expected_tensors(config))
+
+
+def check_write_dtype(path: object, container: str, dtype: str, supported: Iterable[str]) -> None:
+    """A writer's `dtype` argument, checked before anything is written (one line naming it)."""
+    choices = tuple(supported)
+    if dtype not in choices:
+        raise UnsupportedModelError(
+            f"{path}: {container} dtype {dtype!r} is not supported (choose from {', '.join(choices)})"
+        )
 
 
 def stored_tensor_names(model: Model) -> list[str]:

@@ -35,6 +35,7 @@ from engine.formats.common import (
     MAX_ELEMENTS,
     check_dims,
     check_weights,
+    check_write_dtype,
     hf_ordered,
     int_field,
     normalize_architecture,
@@ -751,10 +752,7 @@ def write(
     """A GGUF file of `model` as llama.cpp's converter would lay it out; temp name, then rename."""
     import gguf
 
-    if dtype not in WRITE_DTYPES:
-        raise UnsupportedModelError(
-            f"{path}: GGUF dtype {dtype!r} is not supported (choose from {', '.join(WRITE_DTYPES)})"
-        )
+    check_write_dtype(path, "GGUF", dtype, WRITE_DTYPES)
     path = Path(path)
     config = model.config
     gguf_arch = "llama" if config.architecture == "mistral" else config.architecture

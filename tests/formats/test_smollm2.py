@@ -64,14 +64,8 @@ def test_chat_prompt_ids_equal_the_transformers_tokenizer(smollm2_gguf, smollm2)
     assert smollm2.tokenizer.encode("What is 2+2?") == [1780, 314, 216, 34, 27, 34, 47]
 
 
-def test_weights_equal_transformers_gguf_loader(smollm2_gguf, smollm2):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
-    )
-    state = hf.state_dict()
+def test_weights_equal_transformers_gguf_loader(smollm2, smollm2_hf_model):
+    state = smollm2_hf_model.state_dict()
     for name in (
         "model.embed_tokens.weight",  # Q8_0
         "model.layers.0.self_attn.q_proj.weight",  # Q4_1, un-permuted

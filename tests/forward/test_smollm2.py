@@ -25,22 +25,14 @@ because converting the GGUF tokenizer to an HF one costs 8 s of this module's ti
 
 
 @pytest.fixture(scope="module")
-def smollm2_run(smollm2_gguf):
-    import torch
-    from transformers import AutoModelForCausalLM
-
+def smollm2_run(smollm2_gguf, smollm2_hf_model):
     from engine.formats import open_model
     from engine.forward import trace
     from tests.forward.hf_oracle import hf_stage_captures
 
-    directory, name = str(smollm2_gguf.parent), smollm2_gguf.name
     with open_model(smollm2_gguf) as model:
         token_ids = model.tokenizer.encode(CHAT_PROMPT)
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=name, dtype=torch.float32, attn_implementation="eager"
-    )
-    expected = hf_stage_captures(hf_model, token_ids)
-    del hf_model
+    expected = hf_stage_captures(smollm2_hf_model, token_ids)
 
     with open_model(smollm2_gguf) as model:
         got = {(c.layer, c.stage): np.asarray(c.array) for c in trace(model, token_ids)}
