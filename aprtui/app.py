@@ -48,23 +48,21 @@ from aprtui.widgets.metrics import cell_title
 from aprtui.widgets.stage_grid import StageGrid
 from aprtui.widgets.stats_panel import StatsPanel
 from aprtui.widgets.status_line import StatusLine
-from engine.compare import (
-    DEFAULT_THRESHOLD,
-    compare,
-    cosine_diverged,
-    default_span,
-    std_diverged,
-)
+from engine.compare import cosine_diverged, std_diverged
+from engine.defaults import DEFAULT_THRESHOLD
 from engine.errors import AprTuiError
-from engine.stages import STAGE_BY_NAME, STAGES
+from engine.plan import Plan, plan_for
 
 if TYPE_CHECKING:
-    from engine.compare import Cell, TraceSource
+    from engine.compare import Cell
+    from engine.sources import TraceSource
 
 FOOTER_ROOMY = 130
 FOOTER_PALETTE = 110
 
-SourcesOpener = Callable[[], "tuple[TraceSource, TraceSource | None]"]
+SourcesOpener = Callable[[], "Plan | tuple[TraceSource, TraceSource | None]"]
+"""What the engine worker calls first: a prepared Plan, or two open sources to plan (the demo
+builds its pair there, which is slow)."""
 
 
 @dataclass
@@ -72,9 +70,9 @@ class ExploreRun:
     """What to explore and how; built by `make_app`."""
 
     open_sources: SourcesOpener
-    """Runs in the worker thread: side A and side B (None in single-model mode)."""
+    """Runs in the worker thread: the Plan, or side A and side B (None in single-model mode)."""
     layers: tuple[int, int] | None = None
-    """START..END (END exclusive) of the layers to trace; None for all."""
+    """START..END (END exclusive) of the layers to trace when the opener returns sources."""
     threshold: float = DEFAULT_THRESHOLD
     device: str = "auto"
     reference_dir: Path | None = None
@@ -91,15 +89,6 @@ class ExploreRun:
 
     def __post_init__(self) -> None:
         self.engine_idle.set()
-
-
-def expected_cells(layers: range | list[int] | tuple[int, ...], produced: tuple[str, ...]) -> int:
-    """Cells a run yields at most: each produced per-layer stage per layer (the embedding only
-    at layer 0), plus the produced whole-model stages."""
-    per_layer = [n for n in produced if STAGE_BY_NAME[n].per_layer and n != "embedding"]
-    whole = [n for n in produced if not STAGE_BY_NAME[n].per_layer]
-    embedding = 1 if "embedding" in produced and 0 in layers else 0
-    return len(layers) * len(per_layer) + embedding + len(whole)
 
 
 GLOBAL_BINDINGS = [
@@ -137,6 +126,7 @@ class ExplorerApp(App[int]):
         """None hides the elapsed time (tests and snapshots stay deterministic)."""
         self.autostart = autostart
         self.save_dir = save_dir
+        self.plan: Plan | None = None
         self.source_a: TraceSource | None = None
         self.source_b: TraceSource | None = None
         self.token_ids: tuple[int, ...] = ()
@@ -217,41 +207,33 @@ class ExplorerApp(App[int]):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="engine", name="engine")
     def run_engine(self) -> None:
-        """Open both sides, compare them, post every cell. Never raises into Textual."""
+        """Get the plan, run it, post every cell. Never raises into Textual; never assigns app
+        state (the handlers do, on the main thread)."""
         worker = get_current_worker()
         cancel = worker.cancelled_event
         done = 0
         self.run_spec.engine_idle.clear()
+        plan: Plan | None = None
         try:
-            source_a, source_b = self.run_spec.open_sources()
-            self.source_a, self.source_b = source_a, source_b
-            layers = _selected_layers(self.run_spec.layers, source_a, source_b)
-            produced = tuple(
-                name
-                for name in (stage.name for stage in STAGES)
-                if any(name in side.stages for side in (source_a, source_b) if side is not None)
-            )
-            self.post_message(
-                RunStarted(
-                    label_a=source_a.label,
-                    label_b=None if source_b is None else source_b.label,
-                    token_ids=tuple(source_a.token_ids),
-                    layers=tuple(layers),
-                    device=_device_of(source_a, self.run_spec.device),
-                    stages=produced,
-                    whole_model=_whole_model_wanted(
-                        self.run_spec.layers, layers, source_a, source_b
-                    ),
-                )
-            )
-            total = expected_cells(layers, produced)
-            layer_arg = None if self.run_spec.layers is None else (layers.start, layers.stop)
-            for cell in compare(source_a, source_b, layers=layer_arg, cancel=cancel):
+            opened = self.run_spec.open_sources()
+            if isinstance(opened, Plan):
+                plan = opened
+            else:
+                source_a, source_b = opened
+                try:
+                    plan = plan_for(source_a, source_b, layers=self.run_spec.layers)
+                except BaseException:
+                    for side in (source_a, source_b):
+                        if side is not None:
+                            side.close()
+                    raise
+            self.post_message(RunStarted(plan, _device_of(plan.a, self.run_spec.device)))
+            for cell in plan.run(cancel):
                 if cancel.is_set():
                     break
                 done += 1
                 self.post_message(CellReady(cell))
-                self.post_message(RunProgress(done, max(total, done)))
+                self.post_message(RunProgress(done, max(plan.expected, done)))
             self.post_message(RunFinished(done, cancelled=cancel.is_set()))
         except AprTuiError as error:
             self.post_message(RunFailed(str(error)))
@@ -261,30 +243,39 @@ class ExplorerApp(App[int]):
             self.post_message(RunFailed(f"internal error: {type(error).__name__}: {error}"))
         finally:
             self.run_spec.engine_idle.set()
-            if self.run_spec.stop.is_set():
-                self._close_sources()
+            if self.run_spec.stop.is_set() and plan is not None:
+                with contextlib.suppress(Exception):  # best effort: a busy mmap refuses
+                    plan.close()  # idempotent: the app may close it too
 
     def on_run_started(self, message: RunStarted) -> None:
+        plan = message.plan
+        self.plan = plan
+        self.source_a, self.source_b = plan.a, plan.b
         self.state = "running"
-        self.token_ids = message.token_ids
-        has_reference = message.label_b is not None
+        self.token_ids = plan.token_ids or ()
+        has_reference = plan.b is not None
+        label_a, label_b = plan.a.label, None if plan.b is None else plan.b.label
         grid = self.grid
         grid.configure(
-            message.layers, has_reference, message.stages or None, whole_model=message.whole_model
+            tuple(plan.layers),
+            has_reference,
+            plan.stages or None,
+            whole_model=plan.whole_model,
+            cells=plan.cells,
         )
         self.screen_stack[0].query_one(StatsPanel).has_reference = has_reference
         self.sub_title = (
-            f"{message.label_a} vs {message.label_b}"
+            f"{label_a} vs {label_b}"
             if has_reference
-            else f"{message.label_a} · single-model mode: statistics and anomaly flags only"
+            else f"{label_a} · single-model mode: statistics and anomaly flags only"
         )
         self.status.set(
-            label_a=message.label_a,
-            label_b=message.label_b,
-            tokens=len(message.token_ids),
+            label_a=label_a,
+            label_b=label_b,
+            tokens=len(self.token_ids),
             device=message.device,
             state="running",
-            total=grid.expected_count,
+            total=plan.expected,
         )
         self._show_legend()
 
@@ -442,11 +433,11 @@ class ExplorerApp(App[int]):
     def _close_sources(self) -> None:
         """Close both sides once, after the engine worker is done with them."""
         with self._close_lock:
-            sources, self.source_a, self.source_b = (self.source_a, self.source_b), None, None
-        for source in sources:
-            if source is not None:
-                with contextlib.suppress(Exception):  # best effort: a busy mmap refuses
-                    source.close()
+            plan, self.plan = self.plan, None
+            self.source_a = self.source_b = None
+        if plan is not None:
+            with contextlib.suppress(Exception):  # best effort: a busy mmap refuses
+                plan.close()
 
 
 def help_sections() -> list[tuple[str, list]]:
@@ -458,36 +449,6 @@ def help_sections() -> list[tuple[str, list]]:
         ("Help", HelpScreen.BINDINGS),
         ("Everywhere", [Binding("ctrl+p", "command_palette", "Command palette")]),
     ]
-
-
-def _selected_layers(
-    layers: tuple[int, int] | None, source_a: TraceSource, source_b: TraceSource | None
-) -> range:
-    """The grid's layer rows: what `compare` will pair (all layers, or a trace directory's)."""
-    num_layers = max(s.num_layers for s in (source_a, source_b) if s is not None)
-    if layers is None:
-        span, _ = default_span(source_a, source_b)
-        return range(num_layers) if span is None else span
-    start, end = layers
-    if start >= num_layers:
-        raise AprTuiError(
-            f"--layers {start}..{end}: the model has {num_layers} layers (0..{num_layers})"
-        )
-    return range(start, min(end, num_layers))
-
-
-def _whole_model_wanted(
-    requested: tuple[int, int] | None,
-    layers: range,
-    source_a: TraceSource,
-    source_b: TraceSource | None,
-) -> bool:
-    """compare() includes final_norm / lm_head when the span reaches the last layer (or, for a
-    trace directory, when the directory has them)."""
-    if requested is None:
-        return default_span(source_a, source_b)[1]
-    depth = max(s.num_layers for s in (source_a, source_b) if s is not None)
-    return requested[1] >= depth
 
 
 def _device_of(source: TraceSource, requested: str) -> str:
@@ -522,7 +483,7 @@ def _short_title(cell: Cell) -> str:
 
 
 def make_app(
-    open_sources: SourcesOpener | tuple[TraceSource, TraceSource | None],
+    open_sources: SourcesOpener | Plan | tuple[TraceSource, TraceSource | None],
     *,
     layers: tuple[int, int] | None = None,
     threshold: float = DEFAULT_THRESHOLD,
@@ -537,9 +498,13 @@ def make_app(
 ) -> ExplorerApp:
     """An explorer over two sides (or one): a callable that opens them in the worker thread, so
     that a bad file shows up in the app, or a pair of sources that are already open."""
-    if isinstance(open_sources, tuple):
+    if isinstance(open_sources, Plan):
+        plan = open_sources
+        opener: SourcesOpener = lambda: plan  # noqa: E731
+        single = plan.b is None
+    elif isinstance(open_sources, tuple):
         pair = open_sources
-        opener: SourcesOpener = lambda: pair  # noqa: E731
+        opener = lambda: pair  # noqa: E731
         single = pair[1] is None
     else:
         opener = open_sources

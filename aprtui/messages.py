@@ -13,23 +13,15 @@ import numpy as np
 from textual.message import Message
 
 from engine.compare import Cell
+from engine.plan import Plan
 
 
 @dataclass
 class RunStarted(Message):
-    """Both sides are open and the comparison is about to start."""
+    """The plan is made (both sides open, tokens, layers and cells decided); the run starts."""
 
-    label_a: str
-    label_b: str | None
-    """None in single-model mode."""
-    token_ids: tuple[int, ...]
-    layers: tuple[int, ...]
-    """The decoder layers that will be traced, in order."""
+    plan: Plan
     device: str
-    stages: tuple[str, ...] = ()
-    """Stages at least one side can produce; the others are absent from the start."""
-    whole_model: bool = True
-    """Whether the whole-model stages (final_norm, lm_head) are part of this run."""
 
 
 @dataclass

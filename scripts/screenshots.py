@@ -4,7 +4,7 @@
     .venv/bin/python scripts/screenshots.py --smollm2       # also the real SmolLM2 demo (slow)
 
 The pictures come from the same code paths as the app and its snapshot tests: `make_app` over
-`engine.compare.open_pair` on the demo pair that `apr-tui demo --small` builds
+`engine.sources.open_pair` on the demo pair that `apr-tui demo --small` builds
 (engine.demo.build_small_demo), `FilesApp` on a trace directory written with engine.aprt, driven
 by a Pilot. The clock is hidden so the pictures are reproducible.
 """
@@ -28,8 +28,8 @@ from textual.pilot import Pilot  # noqa: E402
 
 from aprtui.app import FilesApp, make_app  # noqa: E402
 from engine.aprt import write_stage, write_tokens_json  # noqa: E402
-from engine.compare import open_pair  # noqa: E402
 from engine.demo import DemoPair, build_small_demo, build_smollm2_demo  # noqa: E402
+from engine.sources import open_pair  # noqa: E402
 
 SIZE = (150, 40)
 FINAL_STATES = ("finished", "failed", "cancelled")

@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from aprtui.commands import options
@@ -14,7 +14,7 @@ from aprtui.commands import options
 if TYPE_CHECKING:
     from engine.compare import Cell, TraceSource
 
-HELP = "headless first-divergence report of two models / traces (exit 1 when diverged)"
+HELP = "headless noise-or-bug report of two models / traces (exit 1 when a bug's origin is found)"
 
 DESCRIPTION = """\
 Trace A and B stage by stage on the same tokens and report where they start to disagree.
@@ -27,11 +27,27 @@ layers the directory holds. Tokens must agree: a model without --prompt/--tokens
 directory's tokens.json; against a directory without tokens.json the prompt's length is
 checked against the stage files' sizes.
 
-Two verdicts, in computation order:
+The verdict is the ORIGIN: for every stage, the error it adds on its own (its local error:
+the stage recomputed exactly, in float64, from the checked side's own inputs to it, with the
+model file's weights, against that side's output) is compared with a noise floor calibrated
+from this very pair (4x the stage's median local error across layers, never below 1e-5, the
+float32 floor; whole-model stages borrow the floor of their kind of operation). Noise is
+uniform across layers; a bug is a spike. The origin is the first stage whose local error
+leaves its floor. A correct but noisy runtime (llama.cpp's 8-bit activations, a Q4_K copy of
+the weights) has no origin; a bug inside that noise still has one. The checked side is B (A
+when only B is a model file run by us), with A's weights (B's when A is a trace directory).
+
+Conventions of other runtimes are honoured: attn_scores/attn_softmax are compared on their
+causal entries only, an all-position lm_head [seq, vocab] is paired with apr's last-token
+[vocab] by its last row, and stages a runtime does not produce are listed, not errors.
+
+Two propagated verdicts stay in the report as information:
   first divergence        the first stage whose cosine(A, B) < --threshold (default 0.999,
                           apr's documented Q4K noise floor)
   first scale divergence  the first stage whose std(A)/std(B) leaves [0.5, 2]; cosine cannot
                           see a tensor that is right in direction and wrong in scale
+Giving --threshold explicitly makes them a gate again (exit 1 when either fires). When no
+local error can be computed (two trace directories), they are the gate.
 
 Two models must have the same width (hidden size, heads, head dim, FFN size), else no stage
 could be compared and bisect stops with an error. Layer count, vocabulary and architecture may
@@ -48,35 +64,10 @@ examples:
   apr-tui bisect model.apr model-trace/                our pass against apr's saved stages
   apr-tui bisect a.gguf b.gguf --layers 0..4 --json > report.json
 
-exit codes: 0 nothing diverged, 1 a divergence was found, 2 bad input or usage."""
+exit codes: 0 the pair agrees within its noise floor, 1 an origin was found (or, with an
+explicit --threshold, a propagated divergence), 2 bad input or usage."""
 
 SCHEMA = "apr-tui-bisect-v1"
-
-SHORT_NAMES = {
-    "embedding": "emb",
-    "attn_norm": "anorm",
-    "qkv_matmul": "qkv",
-    "qkv_bias": "qkv+b",
-    "q_post_rope": "q_rope",
-    "k_post_rope": "k_rope",
-    "attn_scores": "score",
-    "attn_softmax": "smax",
-    "attention": "attn",
-    "attn_out": "a_out",
-    "post_attn_residual": "res1",
-    "ffn_norm": "fnorm",
-    "ffn_gate": "gate",
-    "ffn_up": "up",
-    "ffn_silu": "silu",
-    "ffn_swigl": "swigl",
-    "ffn_out": "f_out",
-    "post_ffn_residual": "res2",
-    "moe_router": "router",
-    "moe_ffn_out": "moe",
-    "moe_router_indices": "experts",
-    "final_norm": "final",
-    "lm_head": "logits",
-}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,9 +116,11 @@ def _layer_json(layer: int) -> int | str:
     return "whole-model" if layer == WHOLE_MODEL_LAYER else layer
 
 
-def cell_json(cell: Cell, threshold: float) -> dict[str, Any]:
+def cell_json(cell: Cell, threshold: float, floors: dict | None = None) -> dict[str, Any]:
     from engine.compare import cosine_diverged, std_diverged, std_ratio
+    from engine.noise import local_ratio
 
+    local = cell.local
     return {
         "layer": _layer_json(cell.layer),
         "stage": cell.stage,
@@ -139,6 +132,10 @@ def cell_json(cell: Cell, threshold: float) -> dict[str, Any]:
         "std_ratio": std_ratio(cell),
         "diverged": cosine_diverged(cell, threshold),
         "std_diverged": std_diverged(cell),
+        "local_error": None if local is None else local.error,
+        "local_ratio": None if floors is None else local_ratio(cell, floors),
+        "local_inputs": None if local is None else list(local.inputs),
+        "local_missing": None if local is None else local.missing,
     }
 
 
@@ -205,12 +202,19 @@ def _describe(cell: Cell) -> str:
 
 
 def _print_summary(
-    a: TraceSource, b: TraceSource, cells: list[Cell], threshold: float, first, first_std
+    a: TraceSource,
+    b: TraceSource,
+    cells: list[Cell],
+    threshold: float,
+    first,
+    first_std,
+    verdict: NoiseVerdict,
 ) -> None:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
+    from aprtui.widgets.metrics import STAGE_SHORT_NAMES
     from engine.compare import DEFAULT_STD_BAND
     from engine.stages import STAGE_BY_NAME, WHOLE_MODEL_LAYER
 
@@ -220,7 +224,7 @@ def _print_summary(
     table = Table(title=None, show_lines=False, pad_edge=False, box=None, padding=(0, 1))
     table.add_column("layer", justify="right", style="bold", min_width=5, no_wrap=True)
     for name in stage_names:
-        table.add_column(SHORT_NAMES.get(name, name), justify="right", no_wrap=True)
+        table.add_column(STAGE_SHORT_NAMES.get(name, name), justify="right", no_wrap=True)
     for layer in layers:
         row: list[Text | str] = ["model" if layer == WHOLE_MODEL_LAYER else str(layer)]
         for name in stage_names:
@@ -229,6 +233,8 @@ def _print_summary(
                 row.append("")
                 continue
             text, style = _cosine_style(cell, threshold)
+            if verdict.is_origin(cell):
+                text, style = "◆" + text, "bold white on red"
             if cell is first or cell is first_std:
                 style += " underline"
             row.append(Text(text, style=style))
@@ -254,22 +260,24 @@ def _print_summary(
         style="dim",
     )
     console.print()
+    _print_noise_verdict(console, verdict)
     absent = [c for c in cells if c.stats_a is None or c.stats_b is None]
     compared = len(cells) - len(absent)
     if first is None:
         console.print(
-            f"[bold green]No divergence[/]: all {compared} compared stages have cosine ≥ {threshold}"
+            f"[green]No propagated divergence[/]: all {compared} compared stages have cosine "
+            f"≥ {threshold}"
         )
     else:
-        console.print(f"[bold red]First divergence[/] (cosine < {threshold}): {_describe(first)}")
+        console.print(
+            f"[yellow]First propagated divergence[/] (cosine < {threshold}): {_describe(first)}"
+        )
     low, high = DEFAULT_STD_BAND
     if first_std is None:
-        console.print(
-            f"[bold green]No scale divergence[/]: every std ratio is within [{low}, {high}]"
-        )
+        console.print(f"[green]No scale divergence[/]: every std ratio is within [{low}, {high}]")
     else:
         console.print(
-            f"[bold magenta]First scale divergence[/] (std ratio outside [{low}, {high}]): "
+            f"[magenta]First scale divergence[/] (std ratio outside [{low}, {high}]): "
             f"{_describe(first_std)}"
         )
     for side in (a, b):
@@ -292,61 +300,162 @@ def _print_summary(
         )
 
 
-def _collect(cells) -> list[Cell]:
-    """All cells; on a terminal, a status line on stderr says which stage is being compared."""
-    if not sys.stderr.isatty():
-        return list(cells)
-    from rich.console import Console
+PIPED_PROGRESS_EVERY_S = 5.0
+"""Without a terminal, a progress line on stderr at most this often (nothing for short runs)."""
+
+
+def _collect(cells, expected: int) -> list[Cell]:
+    """All cells, with progress on stderr: a live status line on a terminal, otherwise a plain
+    line every PIPED_PROGRESS_EVERY_S seconds (a long bisection is never silent)."""
+    import time
 
     from engine.stages import WHOLE_MODEL_LAYER
 
-    collected = []
+    def where(cell: Cell) -> str:
+        return "whole model" if cell.layer == WHOLE_MODEL_LAYER else f"layer {cell.layer}"
+
+    collected: list[Cell] = []
+    if not sys.stderr.isatty():
+        last = time.monotonic()
+        for cell in cells:
+            collected.append(cell)
+            now = time.monotonic()
+            if now - last >= PIPED_PROGRESS_EVERY_S:
+                last = now
+                print(
+                    f"apr-tui bisect: {len(collected)}/{expected} cells ({where(cell)})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        return collected
+    from rich.console import Console
+
     with Console(stderr=True).status("comparing…") as status:
         for cell in cells:
             collected.append(cell)
-            where = "whole model" if cell.layer == WHOLE_MODEL_LAYER else f"layer {cell.layer}"
-            status.update(f"compared {where} {cell.stage} ({len(collected)} stages)")
+            status.update(f"compared {where(cell)} {cell.stage} ({len(collected)}/{expected})")
     return collected
 
 
+@dataclass
+class NoiseVerdict:
+    """The origin verdict of one bisection: floors per stage, the origin, and what gated."""
+
+    floors: dict
+    origin: Any
+    available: bool
+    """Whether any cell has a local error (two trace directories have none)."""
+    note: str | None = None
+
+    def is_origin(self, cell: Cell) -> bool:
+        from engine.stages import WHOLE_MODEL_LAYER
+
+        if self.origin is None or cell.stage != self.origin.stage:
+            return False
+        layer = None if cell.layer == WHOLE_MODEL_LAYER else cell.layer
+        return layer == self.origin.layer
+
+    def floors_json(self) -> dict[str, Any]:
+        return {
+            stage: {
+                "floor": floor.value,
+                "median": floor.median,
+                "layers": floor.layers,
+                "source": floor.source,
+            }
+            for stage, floor in self.floors.items()
+        }
+
+
+def noise_verdict(cells: list[Cell], note: str | None) -> NoiseVerdict:
+    from engine.noise import calibrate, find_origin
+
+    floors = calibrate(cells)
+    available = any(c.local is not None and c.local.error is not None for c in cells)
+    return NoiseVerdict(floors, find_origin(cells, floors) if available else None, available, note)
+
+
+def _print_noise_verdict(console, verdict: NoiseVerdict) -> None:
+    """The origin (or why there is none) and the floor of each stage, in one block."""
+    from aprtui.widgets.metrics import STAGE_SHORT_NAMES
+    from engine.noise import STAGE_KINDS
+    from engine.stages import STAGE_BY_NAME
+
+    if not verdict.available:
+        reason = verdict.note or "no stage has a local error"
+        console.print(
+            f"[bold yellow]No noise verdict[/]: {reason}; the propagated verdicts below gate",
+            markup=True,
+        )
+        return
+    origin = verdict.origin
+    if origin is None:
+        console.print(
+            "[bold green]No origin[/]: every stage's local error is within its noise floor "
+            "(the pair agrees up to noise)"
+        )
+    else:
+        where = "whole model" if origin.layer is None else f"layer {origin.layer}"
+        console.print(
+            f"[bold red]Origin[/]: {where} {origin.stage}: local error {origin.local_error:.3g} "
+            f"is {origin.ratio:.3g}× its floor {origin.floor:.3g} "
+            f"(recomputed from {', '.join(origin.inputs)})"
+        )
+    kinds: dict[str, list[str]] = {}
+    for stage in sorted(verdict.floors, key=lambda s: STAGE_BY_NAME[s].index):
+        floor = verdict.floors[stage]
+        label = STAGE_SHORT_NAMES.get(stage, stage)
+        kinds.setdefault(STAGE_KINDS.get(stage, stage), []).append(f"{label} {floor.value:.2g}")
+    parts = [f"{kind}: {', '.join(entries)}" for kind, entries in kinds.items()]
+    console.print("noise floors (relative local error) — " + "; ".join(parts), style="dim")
+    if verdict.note:
+        console.print(verdict.note, style="dim", markup=False)
+    console.print()
+
+
 def run(args: argparse.Namespace) -> int:
-    from engine.compare import (
-        DEFAULT_STD_BAND,
-        compare,
-        first_divergence,
-        first_std_divergence,
-        open_pair,
-    )
+    from engine.compare import DEFAULT_STD_BAND, first_divergence, first_std_divergence
+    from engine.plan import prepare
     from engine.tokenizer import parse_token_ids
 
     layers = _parse_layers(args.layers)
     token_ids = parse_token_ids(args.tokens) if args.tokens is not None else None
-    a, b = open_pair(args.a, args.b, prompt=args.prompt, token_ids=token_ids, device=args.device)
+    plan = prepare(
+        args.a, args.b, prompt=args.prompt, token_ids=token_ids, layers=layers, device=args.device
+    )
+    a, b = plan.a, plan.b
     assert b is not None
-    try:
-        cells = _collect(compare(a, b, layers=layers))
-    finally:
-        a.close()
-        b.close()
+    with plan:
+        cells = _collect(plan.run(), plan.expected)
     first = first_divergence(cells, args.threshold)
     first_std = first_std_divergence(cells)
-    diverged = first is not None or first_std is not None
+    verdict = noise_verdict(cells, None if plan.local is None else plan.local.note)
+    propagated = first is not None or first_std is not None
+    if verdict.available:
+        failed = verdict.origin is not None or (args.threshold_given and propagated)
+    else:
+        failed = propagated
 
     if args.json:
         document = {
             "schema": SCHEMA,
             "a": _source_json(a),
             "b": _source_json(b),
-            "token_ids": a.token_ids,
+            "token_ids": list(plan.token_ids) if plan.token_ids is not None else None,
             "threshold": args.threshold,
             "std_band": list(DEFAULT_STD_BAND),
             "layers": [layers.start, layers.stop] if layers is not None else None,
-            "diverged": diverged,
-            "first_divergence": cell_json(first, args.threshold) if first else None,
-            "first_std_divergence": cell_json(first_std, args.threshold) if first_std else None,
-            "cells": [cell_json(cell, args.threshold) for cell in cells],
+            "diverged": failed,
+            "origin": None if verdict.origin is None else verdict.origin.as_json(),
+            "checked_side": None if plan.local is None else plan.local.side,
+            "noise_floors": verdict.floors_json(),
+            "first_divergence": cell_json(first, args.threshold, verdict.floors) if first else None,
+            "first_std_divergence": cell_json(first_std, args.threshold, verdict.floors)
+            if first_std
+            else None,
+            "cells": [cell_json(cell, args.threshold, verdict.floors) for cell in cells],
         }
         sys.stdout.write(json.dumps(_finite(document), indent=2, allow_nan=False) + "\n")
     else:
-        _print_summary(a, b, cells, args.threshold, first, first_std)
-    return 1 if diverged else 0
+        _print_summary(a, b, cells, args.threshold, first, first_std, verdict)
+    return 1 if failed else 0

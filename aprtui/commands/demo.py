@@ -46,12 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from aprtui.app import make_app
+    from aprtui.commands.explore import require_terminal
     from engine.backend import resolve_backend
     from engine.bundled import find_smollm2_gguf
-    from engine.compare import open_pair
     from engine.demo import DEFECT_FACTOR, DEFECT_LAYER, build_small_demo, build_smollm2_demo
+    from engine.sources import open_pair
 
     resolve_backend(args.device)  # a GPU that is not there is a one-line error, not a screen
+    require_terminal("apr-tui demo")
     gguf_path = None if args.small else find_smollm2_gguf()
     with tempfile.TemporaryDirectory(prefix="apr-tui-demo-") as temp:
         directory = Path(temp)

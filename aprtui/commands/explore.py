@@ -82,10 +82,24 @@ def resolve_reference(model: Path, ref: str | None) -> Path | None:
     return candidate if candidate.is_dir() else None
 
 
+def require_terminal(command: str) -> None:
+    """The explorer is a full-screen app: without a terminal on stdin and stdout it would start
+    and never exit. Refuse in one line, pointing at the headless commands."""
+    import sys
+
+    from engine.errors import AprTuiError
+
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise AprTuiError(
+            f"{command}: the explorer needs a terminal (stdin and stdout are not both a tty); "
+            "use `apr-tui bisect` or `apr-tui trace` for headless work"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from aprtui.app import make_app
     from engine.backend import resolve_backend
-    from engine.compare import open_pair
+    from engine.plan import prepare
     from engine.tokenizer import parse_token_ids
 
     resolve_backend(args.device)  # a GPU that is not there is a one-line error, not a screen
@@ -95,15 +109,17 @@ def run(args: argparse.Namespace) -> int:
     reference = resolve_reference(model, args.ref)
     layers = parse_layers(args.layers)
     token_ids = None if args.tokens is None else parse_token_ids(args.tokens)
-
-    def open_sources():
-        return open_pair(
-            model, reference, prompt=args.prompt, token_ids=token_ids, device=args.device
-        )
-
+    # Everything that can be refused is refused here, before the screen opens.
+    plan = prepare(
+        model, reference, prompt=args.prompt, token_ids=token_ids, layers=layers, device=args.device
+    )
+    try:
+        require_terminal(f"apr-tui {args.model}")
+    except BaseException:
+        plan.close()
+        raise
     app = make_app(
-        open_sources,
-        layers=layers,
+        plan,
         threshold=args.threshold,
         device=args.device,
         reference_dir=reference if reference is not None and reference.is_dir() else None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from engine.compare import DEFAULT_THRESHOLD
+from engine.defaults import DEFAULT_THRESHOLD
 from engine.tokenizer import DEFAULT_PROMPT
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -21,14 +21,24 @@ def cosine_threshold(text: str) -> float:
     return value
 
 
+class _Given(argparse.Action):
+    """Stores the value and records that the user gave the flag (`threshold_given`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
 def add_threshold(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument(
         "--threshold",
         type=cosine_threshold,
         default=DEFAULT_THRESHOLD,
+        action=_Given,
         metavar="X",
         help=f"{help_text} (default {DEFAULT_THRESHOLD}, apr's documented Q4K noise floor)",
     )
+    parser.set_defaults(threshold_given=False)
 
 
 def add_prompt_options(parser: argparse.ArgumentParser) -> None:

@@ -286,10 +286,10 @@ def run(args: argparse.Namespace) -> int:
 
     from engine.aprt import write_stage, write_tokens_json
     from engine.backend import resolve_backend
-    from engine.compare import check_prompt_fits
     from engine.errors import AprTuiError
     from engine.formats import open_model
     from engine.forward import check_token_ids, trace
+    from engine.memory import check_prompt_fits
     from engine.stages import SaveTensorPlan
     from engine.tokenizer import DEFAULT_PROMPT, encode_prompt, parse_token_ids
 

@@ -166,11 +166,14 @@ grid says what the colours mean.
         produced: tuple[str, ...] | None = None,
         *,
         whole_model: bool = True,
+        cells: tuple[tuple[int, str], ...] | None = None,
     ) -> None:
         """Lay the grid out for these decoder layers (plus the whole-model row); clears it.
 
         `produced`: the stages either side can produce; the other columns are absent at once.
         `whole_model`: False when the run stops before the last layer (no final_norm, lm_head).
+        `cells`: every (layer, stage) the run will yield (the plan's); any other cell can never
+        exist and is absent from the start, not pending.
         """
         self.row_layers = list(layers)
         self.has_reference = has_reference
@@ -188,6 +191,13 @@ grid says what the colours mean.
             missing = np.zeros_like(self.applicable)
             missing[:, never] = self.applicable[:, never]
             self._mark_absent(missing)
+        if cells is not None:
+            planned = np.zeros_like(self.applicable)
+            for layer, stage_name in cells:
+                position = self.position(layer, stage_name)
+                if position is not None:
+                    planned[position] = True
+            self._mark_absent(self.applicable & ~planned)
         self.cursor = (0, 0)
         self._post_cursor()
         self.refresh()

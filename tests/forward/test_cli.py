@@ -357,19 +357,22 @@ def test_bisect_text_report(models):
     result = apr_tui("bisect", models["good"], models["up18"])
     assert result.returncode == 1
     out = result.stdout
-    assert "First divergence (cosine < 0.999): layer 1 post_ffn_residual" in out
+    assert "Origin: layer 1 ffn_up: local error 0.944 is " in out
+    assert "First propagated divergence (cosine < 0.999): layer 1 post_ffn_residual" in out
     assert "First scale divergence (std ratio outside [0.5, 2.0]): layer 1 ffn_up" in out
     header = next(line for line in out.splitlines() if line.lstrip().startswith("layer"))
+    # The grid's own column labels: one vocabulary everywhere.
     assert header.split() == [
-        "layer", "emb", "anorm", "qkv", "q_rope", "k_rope", "score", "smax", "attn", "a_out",
-        "res1", "fnorm", "gate", "up", "silu", "swigl", "f_out", "res2", "final", "logits",
+        "layer", "emb", "attn_n", "qkv", "q_rope", "k_rope", "score", "smax", "attn", "attn_o",
+        "res1", "ffn_n", "gate", "up", "silu", "swigl", "ffn_o", "res2", "f_norm", "logits",
     ]  # fmt: skip
     row1 = next(line for line in out.splitlines() if line.split()[:1] == ["1"])
-    assert "1.0*" in row1.split()  # ffn_up: same direction, std outside the band
+    assert "◆1.0*" in row1.split()  # ffn_up: the origin; same direction, std outside the band
 
     same = apr_tui("bisect", models["good"], models["good"])
     assert same.returncode == 0
-    assert "No divergence: all 51 compared stages have cosine ≥ 0.999" in same.stdout
+    assert "No origin: every stage's local error is within its noise floor" in same.stdout
+    assert "No propagated divergence: all 51 compared stages have cosine ≥ 0.999" in same.stdout
 
 
 def test_bisect_layers_before_the_defect_do_not_diverge(models):

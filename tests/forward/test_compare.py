@@ -12,20 +12,17 @@ import pytest
 from engine.aprt import write_stage, write_tokens_json
 from engine.compare import (
     Cell,
-    DirectorySource,
-    ModelSource,
     compare,
     cosine_diverged,
     first_divergence,
     first_std_divergence,
-    open_pair,
-    open_source,
     std_diverged,
     std_ratio,
 )
 from engine.errors import TokenizerError, TokenMismatchError
 from engine.forward import trace
 from engine.model import DictWeightStore
+from engine.sources import DirectorySource, ModelSource, open_pair, open_source
 from engine.stages import WHOLE_MODEL_LAYER
 from engine.stats import DiffStats, TensorStats
 from tests.forward.agreement import cosine

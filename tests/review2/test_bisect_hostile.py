@@ -10,7 +10,7 @@ import pytest
 
 from aprtui.app import make_app
 from engine.aprt import read_aprt, write_stage, write_tokens_json
-from engine.compare import open_pair
+from engine.sources import open_pair
 from tests.review2.conftest import assert_one_line_error, run_cli
 
 TOKENS = [3, 17, 42, 100, 5]
@@ -46,8 +46,14 @@ def test_trace_dir_of_another_width_is_an_error_even_with_tokens_json(apr_tui, m
 def test_models_of_different_depth_compare_their_common_layers(apr_tui, models):
     """Documented choice: a different layer count is a meaningful partial comparison."""
     result = run_cli([*apr_tui, "bisect", str(models.apr), str(models.deep), "--json"])
-    assert result.returncode == 1, result.stderr  # the extra layer changes final_norm
+    # The seeded models share nothing but their shape: every layer the two have in common adds
+    # the same error locally (none: B recomputed with A's weights is B), B's extra layer has no
+    # weights in A to recompute with, and the first stage whose weights differ is final_norm.
+    assert result.returncode == 1, result.stderr
     document = json.loads(result.stdout)
+    assert (document["origin"]["layer"], document["origin"]["stage"]) == (None, "final_norm")
+    layer2 = [c for c in document["cells"] if c["layer"] == 2 and c["stage"] == "ffn_out"]
+    assert layer2[0]["local_missing"] == "m.apr has no tensor model.layers.2.mlp.down_proj.weight"
     both = {(c["layer"], c["stage"]) for c in document["cells"] if c["a"] and c["b"]}
     only_b = {(c["layer"], c["stage"]) for c in document["cells"] if c["a"] is None}
     assert (1, "ffn_out") in both and (2, "attn_norm") in only_b

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.compare import open_pair
 from engine.demo import DemoPair, build_small_demo
+from engine.sources import open_pair
 
 FINAL_STATES = ("finished", "failed", "cancelled")
 SIZE = (150, 40)

@@ -9,7 +9,8 @@ from aprtui.screens.cell_detail import CellDetailScreen
 from aprtui.screens.file_browser import FileBrowserScreen
 from aprtui.screens.help import HelpScreen
 from aprtui.widgets.stage_grid import ABSENT, CELL_WIDTH, LABEL_WIDTH, StageGrid
-from engine.compare import compare, open_pair
+from engine.compare import compare
+from engine.sources import open_pair
 from engine.stages import WHOLE_MODEL_LAYER
 from tests.tui.conftest import SIZE, Notifications, explorer, screen_text, settle
 

@@ -12,7 +12,8 @@ import pytest
 
 from aprtui.app import FilesApp
 from aprtui.messages import RunProgress, RunStarted
-from engine.compare import compare, open_pair
+from engine.plan import plan_for
+from engine.sources import open_pair
 from tests.tui.conftest import explorer, settle
 
 SNAP_SIZE = (150, 40)
@@ -28,17 +29,9 @@ def test_grid_mid_fill(snap_compare, demo_pair):
 
     async def run_before(pilot):
         a, b = open_pair(demo_pair.model_a, demo_pair.model_b, device="cpu")
-        cells = list(compare(a, b))[:MID_FILL_CELLS]
-        app.post_message(
-            RunStarted(
-                a.label,
-                b.label,
-                tuple(a.token_ids),
-                tuple(range(a.num_layers)),
-                "cpu",
-                stages=tuple(a.stages),
-            )
-        )
+        plan = plan_for(a, b)
+        cells = list(plan.run())[:MID_FILL_CELLS]
+        app.post_message(RunStarted(plan, "cpu"))
         await pilot.pause()
         for cell in cells:
             app.apply_cell(cell)

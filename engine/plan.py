@@ -1,0 +1,390 @@
+"""The plan of a comparison: everything decided before anything runs.
+
+`prepare(a, b, ...)` opens both sides (`engine.sources.open_pair`) and `plan_for(a, b)` settles
+what the comparison will do: the tokens both sides trace (a model without explicit tokens adopts
+a trace directory's tokens.json; two token lists must agree), the layers and whether the
+whole-model stages are included, the exact set of cells the run will yield (so a consumer can
+tell "pending" from "never"), and which side's local error is checked against which model's
+weights. Every refusal is raised here, once, with one wording; `Plan.run(cancel)` then only
+pairs captures and computes statistics. The CLI, `bisect`, the explorer and the tests all
+consume a Plan; none re-derives what it decided.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.compare import Cell, make_cell, merged, stage_order_key
+from engine.errors import DiffError, PlanError, TokenMismatchError
+from engine.forward import check_token_ids
+from engine.local_error import LocalError, LocalErrorTracker, local_error_supported
+from engine.memory import check_prompt_fits
+from engine.model import Model
+from engine.sources.base import TraceSource
+from engine.sources.model_run import ModelSource
+from engine.sources.opening import open_pair
+from engine.sources.trace_dir import DirectorySource
+from engine.stages import STAGE_BY_NAME, STAGES, WHOLE_MODEL_LAYER
+
+_CLOSE_LOCK = threading.Lock()
+
+Side = str
+"""`"a"` or `"b"`."""
+
+
+@dataclass(frozen=True)
+class LocalCheck:
+    """How local error is computed in this run: the captures of `side` are recomputed stage by
+    stage from that side's own inputs, with the weights of `weights`.
+
+    The checked side is the reference B, except when B is our own pass over a model and A is
+    not (then A, the foreign path, is the one to check); two models: B with A's weights, so a
+    re-quantized copy shows its weight noise and an altered copy a spike.
+    """
+
+    side: Side
+    weights: Model | None
+    """None when neither side is a model file: only the recipes that need no weights run."""
+    weights_label: str | None
+    note: str | None = None
+    """Why local error is limited in this run (shown with the report), or None."""
+
+
+@dataclass
+class Plan:
+    """A comparison, fully decided; `run` yields its cells in computation order."""
+
+    a: TraceSource
+    b: TraceSource | None
+    token_ids: tuple[int, ...] | None
+    """The ids both sides trace; None only for two trace directories without tokens.json."""
+    layers: range
+    """The per-layer rows of the comparison (END exclusive)."""
+    whole_model: bool
+    """Whether `final_norm` / `lm_head` are part of the run."""
+    stages: tuple[str, ...]
+    """The stages at least one side produces, in computation order."""
+    cells: tuple[tuple[int, str], ...]
+    """Every (layer, stage) the run yields, in computation order; any other is never computed."""
+    local: LocalCheck | None
+    """None in single-model mode."""
+    closed: bool = False
+
+    @property
+    def expected(self) -> int:
+        return len(self.cells)
+
+    @property
+    def seq_len(self) -> int | None:
+        return None if self.token_ids is None else len(self.token_ids)
+
+    @property
+    def single_model(self) -> bool:
+        return self.b is None
+
+    def run(self, cancel: threading.Event | None = None) -> Iterator[Cell]:
+        """Pair both sides' captures and yield one Cell per (layer, stage), in order."""
+        a, b = self.a, self.b
+        stream_a = a.captures(layers=self.layers, cancel=cancel, whole_model=self.whole_model)
+        stream_b = (
+            None
+            if b is None
+            else b.captures(layers=self.layers, cancel=cancel, whole_model=self.whole_model)
+        )
+        tracker = None
+        if self.local is not None:
+            checked = self.b if self.local.side == "b" else self.a
+            depth = checked.config.num_layers if isinstance(checked, ModelSource) else None
+            tracker = LocalErrorTracker(
+                self.local.weights, self.token_ids, self._checked_config(), depth
+            )
+        for capture_a, capture_b in merged(stream_a, stream_b):
+            if cancel is not None and cancel.is_set():
+                return
+            local = None
+            if tracker is not None and self.local is not None:
+                checked = capture_b if self.local.side == "b" else capture_a
+                local = (
+                    tracker.observe(checked)
+                    if checked is not None
+                    else LocalError(None, (), "the checked side does not produce this stage")
+                )
+            yield make_cell(capture_a, capture_b, seq_len=self.seq_len, local=local)
+
+    def _checked_config(self):
+        for side in (self.a, self.b):
+            if isinstance(side, ModelSource):
+                return side.config
+        return None
+
+    def close(self) -> None:
+        """Close both sides; safe to call more than once and from two threads."""
+        with _CLOSE_LOCK:
+            if self.closed:
+                return
+            self.closed = True
+        for side in (self.a, self.b):
+            if side is not None:
+                side.close()
+
+    def __enter__(self) -> Plan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def prepare(
+    spec_a: str | Path,
+    spec_b: str | Path | None,
+    *,
+    prompt: str | None = None,
+    token_ids: list[int] | None = None,
+    layers: range | tuple[int, int] | None = None,
+    device: str = "auto",
+) -> Plan:
+    """Open both sides and plan their comparison; on any refusal both are closed again."""
+    a, b = open_pair(spec_a, spec_b, prompt=prompt, token_ids=token_ids, device=device)
+    try:
+        return plan_for(a, b, layers=layers)
+    except BaseException:
+        a.close()
+        if b is not None:
+            b.close()
+        raise
+
+
+def plan_for(
+    a: TraceSource,
+    b: TraceSource | None,
+    *,
+    layers: range | tuple[int, int] | None = None,
+) -> Plan:
+    """Plan the comparison of two open sources (`b=None`: single-model mode).
+
+    `layers` limits the per-layer stages (END exclusive; it must lie within the deeper side);
+    whole-model stages are included when the range reaches the last layer. By default two
+    models compare every layer and a model against a directory runs only the layers the
+    directory holds (plus the whole-model stages if it has them).
+    """
+    check_comparable(a, b)
+    token_ids = reconcile_tokens(a, b)
+    for side in (a, b):
+        if isinstance(side, ModelSource):
+            side.token_ids = check_token_ids(side.token_ids, side.config, side.label)
+            check_prompt_fits(side.config, len(side.token_ids), side.label, side.backend)
+    for side, other in ((a, b), (b, a)):
+        if isinstance(side, DirectorySource) and isinstance(other, ModelSource):
+            side.shape_config = other.config
+            if side.token_ids is None:
+                side.token_ids = list(other.token_ids)
+    if token_ids is None:
+        token_ids = next((s.token_ids for s in (a, b) if s is not None and s.token_ids), None)
+    if layers is None:
+        span, whole_model = default_span(a, b)
+    else:
+        span, whole_model = explicit_span(a, b, layers)
+    cells = planned_cells(a, b, span, whole_model)
+    stages = tuple(s.name for s in STAGES if any(name == s.name for _, name in cells))
+    return Plan(
+        a=a,
+        b=b,
+        token_ids=None if token_ids is None else tuple(token_ids),
+        layers=span,
+        whole_model=whole_model,
+        stages=stages,
+        cells=cells,
+        local=local_check(a, b),
+    )
+
+
+def local_check(a: TraceSource, b: TraceSource | None) -> LocalCheck | None:
+    """Which side's local error is computed, with which weights (see LocalCheck)."""
+    if b is None:
+        return None
+    side = "a" if isinstance(b, ModelSource) and not isinstance(a, ModelSource) else "b"
+    checked, other = (a, b) if side == "a" else (b, a)
+    owner = other if isinstance(other, ModelSource) else checked
+    if not isinstance(owner, ModelSource):
+        return LocalCheck(
+            side, None, None, "neither side is a model file: only weight-free stages are checked"
+        )
+    supported, reason = local_error_supported(owner.config)
+    return LocalCheck(side, owner.model, owner.label, None if supported else reason)
+
+
+def planned_cells(
+    a: TraceSource, b: TraceSource | None, layers: range, whole_model: bool
+) -> tuple[tuple[int, str], ...]:
+    """The (layer, stage) keys the run will yield: the union of what each side produces."""
+    keys: set[tuple[int, str]] = set()
+    for side in (a, b):
+        if side is None:
+            continue
+        if isinstance(side, DirectorySource):
+            for layer, name in side.trace_dir.entries:
+                if layer == WHOLE_MODEL_LAYER:
+                    if whole_model:
+                        keys.add((layer, name))
+                elif layer in layers:
+                    keys.add((layer, name))
+            continue
+        depth = side.num_layers
+        for name in side.stages:
+            if not STAGE_BY_NAME[name].per_layer:
+                if whole_model:
+                    keys.add((WHOLE_MODEL_LAYER, name))
+                continue
+            for layer in layers:
+                if layer < depth and (name != "embedding" or layer == 0):
+                    keys.add((layer, name))
+    return tuple(sorted(keys, key=lambda key: stage_order_key(*key)))
+
+
+def describe_ids(ids: list[int]) -> str:
+    shown = ", ".join(str(i) for i in ids[:12])
+    return f"[{shown}{', ...' if len(ids) > 12 else ''}] ({len(ids)} tokens)"
+
+
+def reconcile_tokens(a: TraceSource, b: TraceSource | None) -> list[int] | None:
+    """Make both sides trace the same tokens, or raise TokenMismatchError saying how they differ.
+
+    A model run without explicit tokens adopts the other side's tokens.json; two token lists
+    must be equal; against a directory without tokens.json, the sequence length implied by its
+    `[seq, hidden]` stage files must equal the model's token count.
+    """
+    if b is None:
+        return a.token_ids
+    for model_side, other in ((a, b), (b, a)):
+        if (
+            isinstance(model_side, ModelSource)
+            and not model_side.tokens_explicit
+            and other.token_ids is not None
+            and (not isinstance(other, ModelSource) or other.tokens_explicit)
+        ):
+            model_side.adopt_tokens(other.token_ids, getattr(other, "prompt", None))
+    if a.token_ids is not None and b.token_ids is not None:
+        if isinstance(a, ModelSource) and isinstance(b, ModelSource):
+            b.adopt_tokens(a.token_ids, a.prompt)  # two models: B runs A's token ids
+        elif a.token_ids != b.token_ids:
+            raise TokenMismatchError(
+                f"token ids differ: {a.label} has {describe_ids(a.token_ids)}, "
+                f"{b.label} has {describe_ids(b.token_ids)}; trace both with the same "
+                "--prompt or --tokens"
+            )
+    for model_side, directory in ((a, b), (b, a)):
+        if isinstance(model_side, ModelSource) and isinstance(directory, DirectorySource):
+            _check_directory_fits(directory, model_side)
+            return model_side.token_ids
+    if isinstance(a, DirectorySource) and isinstance(b, DirectorySource):
+        _check_directories_fit(a, b)
+    return a.token_ids if a.token_ids is not None else b.token_ids
+
+
+def _check_directory_fits(directory: DirectorySource, model_side: ModelSource) -> None:
+    """The directory's `[seq, hidden]` stage files must hold seq × hidden values for the model's
+    hidden size and token count; otherwise it was traced on another prompt or another model
+    (a tokens.json only vouches for the prompt)."""
+    hidden = model_side.config.hidden_size
+    implied = directory.implied_seq_len(hidden)
+    if implied is None or implied[0] == len(model_side.token_ids):
+        return
+    seq, evidence = implied
+    if seq < 0 or directory.token_ids is not None:
+        raise DiffError(
+            f"{directory.root}: its stage files do not fit {model_side.label} ({evidence}, "
+            f"but {len(model_side.token_ids)} tokens × hidden {hidden} = "
+            f"{len(model_side.token_ids) * hidden}): it comes from a model of another "
+            + (
+                "shape, or its tokens.json does not describe its stage files"
+                if directory.token_ids is not None
+                else "shape"
+            )
+        )
+    raise TokenMismatchError(
+        f"{directory.root}: its stage files were traced on a different prompt "
+        f"({evidence} = {seq} tokens × hidden {hidden}) but {model_side.label} traces "
+        f"{describe_ids(model_side.token_ids)}; pass the prompt or --tokens the "
+        'trace was made with (apr trace uses "What is 2+2?")'
+    )
+
+
+def _check_directories_fit(a: DirectorySource, b: DirectorySource) -> None:
+    """The first stage file both directories hold must have the same element count; otherwise
+    they were traced on different prompts or models and no cell could be compared."""
+    from engine.aprt import read_aprt_header
+
+    common = sorted(
+        set(a.trace_dir.entries) & set(b.trace_dir.entries),
+        key=lambda key: stage_order_key(*key),
+    )
+    if not common:
+        return
+    key = common[0]
+    path_a, path_b = a.trace_dir.entries[key], b.trace_dir.entries[key]
+    size_a = read_aprt_header(path_a).dim_product
+    size_b = read_aprt_header(path_b).dim_product
+    if size_a != size_b:
+        raise TokenMismatchError(
+            f"{a.root} and {b.root} were traced on different prompts (or models): "
+            f"{path_a.relative_to(a.root)} holds {size_a} vs {size_b} values"
+        )
+
+
+SHAPE_FIELDS = ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
+"""Config fields two models must share for their stages to be comparable element-wise.
+
+Layer count, vocabulary and architecture may differ: the common layers still pair up (a
+deeper model's extra layers show as one-sided cells, a different vocabulary makes `lm_head` a
+size mismatch (diverged), a missing QKV bias or Q/K norm is a stage one side lacks), which is a
+meaningful partial comparison. A different width makes every cell a size mismatch, which is not."""
+
+
+def check_comparable(a: TraceSource, b: TraceSource | None) -> None:
+    """DiffError when two models differ in a dimension that every stage's size depends on."""
+    if not (isinstance(a, ModelSource) and isinstance(b, ModelSource)):
+        return
+    differ = [
+        f"{field} {getattr(a.config, field)} vs {getattr(b.config, field)}"
+        for field in SHAPE_FIELDS
+        if getattr(a.config, field) != getattr(b.config, field)
+    ]
+    if differ:
+        raise DiffError(
+            f"{a.label} and {b.label} are models of different shapes ({', '.join(differ)}); "
+            "no stage can be compared element-wise"
+        )
+
+
+def depth_of(a: TraceSource, b: TraceSource | None) -> int:
+    return max(s.num_layers for s in (a, b) if s is not None)
+
+
+def default_span(a: TraceSource, b: TraceSource | None) -> tuple[range, bool]:
+    """Which layers to pair, and whether to include whole-model stages, when not told."""
+    directories = [s for s in (a, b) if isinstance(s, DirectorySource)]
+    if directories and any(isinstance(s, ModelSource) for s in (a, b)):
+        # Run the model only as far as the directory can answer.
+        spans = [d.per_layer_range for d in directories if d.per_layer_range]
+        start = min((r.start for r in spans), default=0)
+        stop = max((r.stop for r in spans), default=0)
+        return range(start, stop), any(d.has_whole_model for d in directories)
+    return range(depth_of(a, b)), True
+
+
+def explicit_span(
+    a: TraceSource, b: TraceSource | None, layers: range | tuple[int, int]
+) -> tuple[range, bool]:
+    """`--layers START..END` checked against the deeper side: never silently clipped."""
+    if not isinstance(layers, range):
+        layers = range(*layers)
+    depth = depth_of(a, b)
+    if layers.start >= depth or layers.stop > depth:
+        raise PlanError(
+            f"--layers {layers.start}..{layers.stop}: the model has {depth} layers "
+            f"(0..{depth}); nothing to compare beyond layer {depth - 1}"
+        )
+    return layers, layers.stop >= depth

@@ -1,0 +1,128 @@
+"""Our own forward pass over a model file as a trace source.
+
+`ModelSource` runs `engine.forward.trace` on a fixed token sequence and keeps a bounded cache of
+host copies for drill-down; a tensor that fell out of the cache is recomputed (one layer's pass).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import numpy as np
+
+from engine.backend import Backend, resolve_backend, to_host
+from engine.forward import Capture, produced_stages, trace
+from engine.model import Model
+from engine.sources.base import TraceSource
+from engine.stages import STAGE_BY_NAME, WHOLE_MODEL_LAYER
+
+CACHE_BYTES = 64 * 1024 * 1024
+"""Host bytes of full tensors a model source keeps for drill-down before evicting the oldest."""
+
+
+class ModelSource(TraceSource):
+    """A model run through engine.forward.trace on a fixed token sequence."""
+
+    kind = "model"
+
+    def __init__(
+        self,
+        model: Model,
+        token_ids: list[int],
+        *,
+        prompt: str | None = None,
+        tokens_explicit: bool = False,
+        backend: str | Backend = "numpy",
+        cache_bytes: int = CACHE_BYTES,
+    ) -> None:
+        self.model = model
+        self.config = model.config
+        self.token_ids = list(token_ids)
+        self.prompt = prompt
+        self.tokens_explicit = tokens_explicit
+        """True when the caller fixed the tokens (--tokens or --prompt); False for the default."""
+        self.backend = resolve_backend(backend)
+        self.num_layers = model.config.num_layers
+        self.stages = produced_stages(model.config)
+        self.label = model.path.name or str(model.path)
+        self.description = (
+            f"{model.path} ({model.format}, {model.config.architecture}, "
+            f"{model.config.num_layers} layers, {self.backend.device_name})"
+        )
+        self._cache: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_limit = cache_bytes
+        self._lock = threading.Lock()
+
+    def adopt_tokens(self, token_ids: list[int], prompt: str | None = None) -> None:
+        """Trace these ids instead of the default prompt's (a reference's tokens.json)."""
+        self.token_ids = list(token_ids)
+        self.prompt = prompt
+        self._clear_cache()
+
+    def captures(
+        self,
+        layers: range | None = None,
+        cancel: threading.Event | None = None,
+        whole_model: bool = True,
+    ) -> Iterator[Capture]:
+        stage_names = [s for s in self.stages if whole_model or STAGE_BY_NAME[s].per_layer]
+        for capture in trace(
+            self.model,
+            self.token_ids,
+            backend=self.backend,
+            stages=stage_names,
+            layers=layers,
+            cancel=cancel,
+        ):
+            self._remember(capture)
+            yield capture
+
+    def tensor(self, layer: int, stage_name: str) -> np.ndarray | None:
+        if stage_name not in self.stages:
+            return None
+        key = (layer, stage_name)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        if STAGE_BY_NAME[stage_name].per_layer:
+            if not 0 <= layer < self.num_layers or (stage_name == "embedding" and layer != 0):
+                return None
+            layers = range(layer, layer + 1)
+        elif layer != WHOLE_MODEL_LAYER:
+            return None
+        else:
+            layers = range(0)
+        for capture in trace(
+            self.model, self.token_ids, backend=self.backend, stages=[stage_name], layers=layers
+        ):
+            self._remember(capture)
+            return np.asarray(to_host(capture.array), dtype=np.float32)
+        return None
+
+    def _remember(self, capture: Capture) -> np.ndarray | None:
+        """Keep a host copy of the capture for drill-down while it fits the cache budget."""
+        if int(capture.array.nbytes) > self._cache_limit:
+            return None
+        host = np.asarray(to_host(capture.array), dtype=np.float32)
+        with self._lock:
+            key = (capture.layer, capture.stage)
+            if key not in self._cache:
+                self._cache[key] = host
+                self._cache_bytes += host.nbytes
+            while self._cache_bytes > self._cache_limit:
+                _, evicted = self._cache.popitem(last=False)
+                self._cache_bytes -= evicted.nbytes
+        return host
+
+    def _clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._cache_bytes = 0
+
+    def close(self) -> None:
+        self._clear_cache()
+        self.model.close()

@@ -1,0 +1,98 @@
+"""Opening the two sides of a comparison from what the user typed.
+
+A path is a trace directory (`looks_like_trace_dir`) or a model file; a model side gets its
+token ids here: explicit `--tokens`, else `--prompt` (default apr's "What is 2+2?") encoded by its
+own tokenizer (or the other model's), else a directory's tokens.json. Which tokens the pair
+finally traces is settled by `engine.plan.prepare`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.backend import Backend, resolve_backend
+from engine.model import Model
+from engine.sources.base import TraceSource
+from engine.sources.model_run import ModelSource
+from engine.sources.trace_dir import DirectorySource, looks_like_trace_dir
+
+
+def open_source(
+    spec: str | Path,
+    *,
+    prompt: str | None = None,
+    token_ids: list[int] | None = None,
+    device: str | Backend = "auto",
+) -> TraceSource:
+    """A model file / HF directory as a ModelSource, or an APRT directory as a DirectorySource.
+
+    For a model: explicit `token_ids` win, else `prompt` (default apr's "What is 2+2?") is
+    encoded with the model's own tokenizer, as apr does (no chat template).
+    """
+    a, _ = open_pair(spec, None, prompt=prompt, token_ids=token_ids, device=device)
+    return a
+
+
+def open_pair(
+    spec_a: str | Path,
+    spec_b: str | Path | None,
+    *,
+    prompt: str | None = None,
+    token_ids: list[int] | None = None,
+    device: str | Backend = "auto",
+) -> tuple[TraceSource, TraceSource | None]:
+    """Open both sides of a comparison and settle which tokens a model side traces.
+
+    Token ids, by precedence: `token_ids`; `prompt` encoded by the model's tokenizer; a trace
+    directory's tokens.json (checked again by `compare`); the default prompt encoded by the
+    model's tokenizer, or by the other model's when this one carries none.
+    """
+    from engine.errors import TokenizerError
+    from engine.formats import open_model
+    from engine.tokenizer import DEFAULT_PROMPT, encode_prompt
+
+    backend = resolve_backend(device)  # a bad --device fails before any model is opened
+    specs = [Path(spec_a)] + ([Path(spec_b)] if spec_b is not None else [])
+    opened: list[TraceSource | Model] = []
+    try:
+        for path in specs:
+            opened.append(DirectorySource(path) if looks_like_trace_dir(path) else open_model(path))
+        models = [m for m in opened if isinstance(m, Model)]
+        sources: list[TraceSource] = []
+        for item in opened:
+            if not isinstance(item, Model):
+                sources.append(item)
+                continue
+            if token_ids is not None:
+                ids, used_prompt, explicit = list(token_ids), None, True
+            else:
+                used_prompt = prompt if prompt is not None else DEFAULT_PROMPT
+                explicit = prompt is not None
+                encoders = [item] + [m for m in models if m is not item and m.tokenizer]
+                encoder = next((m for m in encoders if m.tokenizer is not None), item)
+                try:
+                    ids = encode_prompt(encoder, used_prompt)
+                except TokenizerError:
+                    if prompt is not None:  # the user's own prompt: never swap it silently
+                        raise
+                    directory_ids = next(
+                        (
+                            s.token_ids
+                            for s in opened
+                            if isinstance(s, DirectorySource) and s.token_ids
+                        ),
+                        None,
+                    )
+                    if directory_ids is None:
+                        raise
+                    ids, used_prompt, explicit = directory_ids, None, False
+            sources.append(
+                ModelSource(
+                    item, ids, prompt=used_prompt, tokens_explicit=explicit, backend=backend
+                )
+            )
+    except BaseException:
+        for item in opened:
+            item.close()
+        raise
+    return sources[0], (sources[1] if len(sources) > 1 else None)

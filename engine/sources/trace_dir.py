@@ -1,0 +1,136 @@
+"""A directory of APRT stage files as a trace source: ours, or one `apr trace --save-tensor`
+(or another runtime) wrote: `layer-<N>/<stage>.bin`, `final_norm.bin`, `lm_head.bin`.
+
+Files hold flat payloads; when the directory is paired with a model, captures get the stage's
+logical shape (`logical_shape`) from that model's config and the token count.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from engine.forward import Capture
+from engine.model import ModelConfig
+from engine.sources.base import TraceSource
+from engine.stages import STAGE_BY_NAME, WHOLE_MODEL_LAYER, WHOLE_MODEL_STAGES
+
+
+def logical_shape(stage_name: str, config: ModelConfig, seq_len: int) -> tuple[int, ...]:
+    """The §5 shape of a stage for a model and prompt length (what our trace produces)."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    q, kv = config.q_dim, config.kv_dim
+    shapes = {
+        "qkv_matmul": (seq_len, q + 2 * kv),
+        "qkv_bias": (seq_len, q + 2 * kv),
+        "q_post_rope": (seq_len, q),
+        "k_post_rope": (seq_len, kv),
+        "attn_scores": (config.num_heads, seq_len, seq_len),
+        "attn_softmax": (config.num_heads, seq_len, seq_len),
+        "attention": (seq_len, q),
+        "ffn_gate": (seq_len, inter),
+        "ffn_up": (seq_len, inter),
+        "ffn_silu": (seq_len, inter),
+        "ffn_swigl": (seq_len, inter),
+        "lm_head": (config.vocab_size,),
+    }
+    return shapes.get(stage_name, (seq_len, hidden))
+
+
+class DirectorySource(TraceSource):
+    """A directory of APRT stage files: `layer-<N>/<stage>.bin`, `final_norm.bin`, `lm_head.bin`."""
+
+    kind = "trace-dir"
+
+    def __init__(self, path: str | Path) -> None:
+        from engine.aprt import read_trace_dir
+
+        self.trace_dir = read_trace_dir(path)
+        self.root = self.trace_dir.root
+        self.token_ids = self.trace_dir.token_ids
+        self.prompt = self.trace_dir.prompt
+        entries = self.trace_dir.entries
+        per_layer = [layer for layer, _ in entries if layer != WHOLE_MODEL_LAYER]
+        self.num_layers = max(per_layer) + 1 if per_layer else 0
+        present = {stage_name for _, stage_name in entries}
+        self.stages = tuple(s.name for s in STAGE_BY_NAME.values() if s.name in present)
+        self.has_whole_model = any(layer == WHOLE_MODEL_LAYER for layer, _ in entries)
+        self.label = self.root.name + "/"
+        tokens = "tokens.json" if self.token_ids is not None else "no tokens.json"
+        self.description = f"{self.root}/ (APRT stage files, {len(entries)} files, {tokens})"
+        self.shape_config: ModelConfig | None = None
+        """Set when paired with a model, so captures carry logical shapes instead of flat ones."""
+
+    @property
+    def per_layer_range(self) -> range:
+        per_layer = [layer for layer, _ in self.trace_dir.entries if layer != WHOLE_MODEL_LAYER]
+        return range(min(per_layer), max(per_layer) + 1) if per_layer else range(0)
+
+    def implied_seq_len(self, hidden_size: int) -> tuple[int, str] | None:
+        """(seq, evidence) from the first `[seq, hidden]` stage file present, or None."""
+        from engine.aprt import read_aprt_header
+
+        for (_layer, stage_name), path in self.trace_dir.entries.items():
+            if stage_name in ("embedding", "attn_norm", "post_ffn_residual", "final_norm"):
+                count = read_aprt_header(path).dim_product
+                return count // hidden_size if count % hidden_size == 0 else -1, (
+                    f"{path.relative_to(self.root)} holds {count} values"
+                )
+        return None
+
+    def embedding_size(self) -> int | None:
+        """dim_product of layer-0/embedding.bin (seq × hidden), or None without one."""
+        from engine.aprt import read_aprt_header
+
+        path = self.trace_dir.entries.get((0, "embedding"))
+        return None if path is None else read_aprt_header(path).dim_product
+
+    def _shape(self, stage_name: str, count: int) -> tuple[int, ...]:
+        config = self.shape_config
+        if config is not None and self.token_ids is not None:
+            shape = logical_shape(stage_name, config, len(self.token_ids))
+            if math.prod(shape) == count:
+                return shape
+        return (count,)
+
+    def captures(
+        self,
+        layers: range | None = None,
+        cancel: threading.Event | None = None,
+        whole_model: bool = True,
+    ) -> Iterator[Capture]:
+        from engine.aprt import read_aprt
+
+        for (layer, stage_name), path in self.trace_dir.entries.items():
+            if cancel is not None and cancel.is_set():
+                return
+            if layer == WHOLE_MODEL_LAYER:
+                if not whole_model:
+                    continue
+            elif layers is not None and layer not in layers:
+                continue
+            values = read_aprt(path).values
+            shape = self._shape(stage_name, values.size)
+            yield Capture(layer, stage_name, values.reshape(shape), shape)
+
+    def tensor(self, layer: int, stage_name: str) -> np.ndarray | None:
+        from engine.aprt import read_aprt
+
+        path = self.trace_dir.entries.get((layer, stage_name))
+        if path is None:
+            return None
+        values = read_aprt(path).values
+        return values.reshape(self._shape(stage_name, values.size))
+
+
+def looks_like_trace_dir(path: Path) -> bool:
+    """A directory with `layer-N/` subdirectories or whole-model stage files, and no config.json."""
+    if not path.is_dir() or (path / "config.json").exists():
+        return False
+    if any((path / f"{s.name}.bin").is_file() for s in WHOLE_MODEL_STAGES):
+        return True
+    return any(child.is_dir() and child.name.startswith("layer-") for child in path.iterdir())
