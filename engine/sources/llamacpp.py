@@ -494,7 +494,6 @@ class LlamaCppSource(TraceSource):
         self.lib = load_library()
         self._model: Any = None
         self._model_lock = threading.Lock()
-        self._run_lock = threading.Lock()
         self._resolved_threads: int | None = None
         self._cache: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
         self._cache_bytes = 0
@@ -571,7 +570,12 @@ class LlamaCppSource(TraceSource):
             return self._model
 
     def _decode(self, run: _Run) -> None:
-        """One llama_decode of the whole prompt with a fresh context, copying wanted nodes."""
+        """One llama_decode of the whole prompt with a fresh context, copying wanted nodes.
+
+        A context per decode (cheap next to the decode itself) lets runs overlap: a drill-down
+        `tensor()` while a `captures()` iteration is paused runs its own decode on the shared
+        model instead of waiting for the paused one.
+        """
         llama, lib = self.lib.llama, self.lib
         model = self._load_model()
         seq = len(self.token_ids)
@@ -678,8 +682,7 @@ class LlamaCppSource(TraceSource):
         def work() -> None:
             outcome: Any = done
             try:
-                with self._run_lock:
-                    self._decode(_Run(want=want, emit=emit, seq=seq))
+                self._decode(_Run(want=want, emit=emit, seq=seq))
             except BaseException as error:
                 outcome = error
             while not stop.is_set():

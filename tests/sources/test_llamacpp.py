@@ -331,3 +331,25 @@ def test_a_planted_scale_bug_shows_where_it_was_planted(smollm2_gguf, smollm2_ca
     np.testing.assert_array_equal(bugged[(3, "ffn_swigl")], clean[(3, "ffn_swigl")])
     assert not np.array_equal(bugged[(3, "ffn_out")], clean[(3, "ffn_out")])
     assert _cosine(bugged[(3, "ffn_out")], clean[(3, "ffn_out")]) > 0.9
+
+
+@pytest.mark.slow
+def test_drill_down_while_a_capture_run_is_paused(smollm2_gguf, smollm2_captures):
+    """The explorer asks for a tensor while the grid's capture iteration is suspended."""
+    from engine.sources.llamacpp import LlamaCppSource
+
+    clean = {(layer, stage): values for layer, stage, values in smollm2_captures}
+    with LlamaCppSource(smollm2_gguf, TOKENS, n_threads=THREADS) as source:
+        running = source.captures()
+        first = next(running)
+        assert (first.layer, first.stage) == (0, "embedding")
+        result: list[np.ndarray] = []
+        worker = threading.Thread(
+            target=lambda: result.append(source.tensor(20, "ffn_up")), daemon=True
+        )
+        worker.start()
+        worker.join(timeout=300)
+        assert not worker.is_alive(), "tensor() waited for the paused capture run"
+        np.testing.assert_array_equal(result[0], clean[(20, "ffn_up")])
+        rest = list(running)
+        assert (rest[-1].layer, rest[-1].stage) == (WHOLE_MODEL_LAYER, "lm_head")
