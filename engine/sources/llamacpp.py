@@ -61,7 +61,6 @@ own graph buffers.
 from __future__ import annotations
 
 import ctypes
-import queue
 import re
 import threading
 from collections import OrderedDict, deque
@@ -77,6 +76,7 @@ from engine.errors import AprTuiError, FormatError, MissingPackageError
 from engine.formats.gguf import config_from_metadata, read_header, unpermute_rows
 from engine.forward import Capture, check_token_ids
 from engine.model import ModelConfig
+from engine.sources.streaming import Emit, run_in_worker
 from engine.stages import DENSE_STAGES, STAGE_BY_NAME, STAGES, WHOLE_MODEL_LAYER
 
 LLAMA_CPP_PACKAGE = "llama-cpp-python"
@@ -657,59 +657,18 @@ class LlamaCppSource(TraceSource):
         want: Callable[[int, str], bool],
         cancel: threading.Event | None,
     ) -> Iterator[tuple[int, list[tuple[str, np.ndarray]]]]:
-        """(layer, stages) as each layer completes, from a decode on a worker thread.
-
-        The worker blocks in the callback until the consumer takes the layer, so at most one
-        assembled layer waits at a time; leaving the iterator early stops the decode.
-        """
-        handoff: queue.Queue[Any] = queue.Queue(maxsize=1)
-        stop = threading.Event()
+        """(layer, stages) as each layer completes, from a decode on a worker thread
+        (engine.sources.streaming): at most one assembled layer waits at a time, and leaving
+        the iterator early stops the decode."""
         seq = len(self.token_ids)
-        done = object()
 
-        def emit(layer: int, nodes: dict[str, _Node]) -> bool:
-            item = (layer, assemble_layer(nodes, seq))
-            while not stop.is_set():
-                if cancel is not None and cancel.is_set():
-                    return False
-                try:
-                    handoff.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+        def run(emit: Emit) -> None:
+            def emit_layer(layer: int, nodes: dict[str, _Node]) -> bool:
+                return emit((layer, assemble_layer(nodes, seq)))
 
-        def work() -> None:
-            outcome: Any = done
-            try:
-                self._decode(_Run(want=want, emit=emit, seq=seq))
-            except BaseException as error:
-                outcome = error
-            while not stop.is_set():
-                try:
-                    handoff.put(outcome, timeout=0.05)
-                    return
-                except queue.Full:
-                    continue
+            self._decode(_Run(want=want, emit=emit_layer, seq=seq))
 
-        worker = threading.Thread(target=work, name="llama.cpp-decode", daemon=True)
-        worker.start()
-        try:
-            while True:
-                try:
-                    item = handoff.get(timeout=0.05)
-                except queue.Empty:
-                    if cancel is not None and cancel.is_set() and not worker.is_alive():
-                        return
-                    continue
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            worker.join()
+        return run_in_worker(run, cancel, name="llama.cpp-decode")
 
     # -- TraceSource --------------------------------------------------------------------
 
