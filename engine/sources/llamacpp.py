@@ -753,23 +753,10 @@ def dump_llamacpp_trace(
     layers: range | None = None,
     **settings: Any,
 ) -> Path:
-    """Run `gguf_path` through llama.cpp and write every stage as an APRT trace directory.
+    """Run `gguf_path` through llama.cpp and write every stage as an APRT trace directory
+    (engine.sources.dump.write_trace: stage files, `tokens.json`, `source.json` with the
+    settings). Refuses a directory that already holds files. Returns the directory."""
+    from engine.sources.dump import write_trace
 
-    Writes `layer-N/<stage>.bin`, `final_norm.bin`, `lm_head.bin` (engine.aprt writers),
-    `tokens.json` with the token ids and `source.json` with the source's record (engine,
-    settings, conventions, stages not produced). Refuses a directory that already holds files,
-    so nothing the user did not ask for is overwritten. Returns the directory.
-    """
-    from engine.aprt import write_stage, write_tokens_json
-    from engine.sources.provenance import write_source_record
-
-    target = Path(out_dir)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise AprTuiError(f"{target}: exists and is not an empty directory; not overwriting it")
     with LlamaCppSource(gguf_path, token_ids, prompt=prompt, **settings) as source:
-        target.mkdir(parents=True, exist_ok=True)
-        for capture in source.captures(layers=layers):
-            write_stage(target, capture.stage, capture.layer, capture.array)
-        write_tokens_json(target, source.token_ids, prompt=prompt, model=source.path)
-        write_source_record(target, source.record())
-    return target
+        return write_trace(source, out_dir, prompt=prompt, layers=layers)

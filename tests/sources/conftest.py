@@ -25,3 +25,10 @@ def llama_cpp_installed() -> None:
         "llama_cpp",
         "pip install ../shared/wheels/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl",
     )
+
+
+@pytest.fixture(scope="session")
+def hf_installed() -> None:
+    """torch + transformers (the `[hf]` extra; CI installs them with `[test]`)."""
+    require_package("torch", "pip install 'apr-tui[hf]'")
+    require_package("transformers", "pip install 'apr-tui[hf]'")
