@@ -35,3 +35,7 @@ class DiffError(AprTuiError):
 
 class TokenMismatchError(DiffError):
     """Two traces that were produced from different token sequences."""
+
+
+class MissingPackageError(AprTuiError):
+    """An optional package a feature needs is not installed; the message names what to install."""

@@ -1,8 +1,10 @@
-"""Trace sources: the things a comparison's two sides can be.
+"""Trace sources: the paths a comparison can put side by side.
 
-`TraceSource` (base) is the interface; `ModelSource` runs our forward pass over a model file,
-`DirectorySource` reads a directory of APRT stage files; `open_pair` opens both sides from what
-the user typed.
+`TraceSource` (base) is the interface. `ModelSource` runs our forward pass over a model file,
+`DirectorySource` reads a directory of APRT stage files, `llamacpp` runs llama.cpp's own graph,
+`hf` runs HF transformers, `tensor_dump` reads another engine's dumped tensors through a name
+map; `open_pair` opens both sides of a comparison from what the user typed. Every source yields
+captures in apr's layout (shared/reference/aprender-formats.md §5).
 """
 
 from engine.sources.base import TraceSource

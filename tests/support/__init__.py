@@ -1,0 +1,1 @@
+"""Helpers the tests share: independent dumps from real runtimes and GGUF surgery."""
