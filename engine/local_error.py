@@ -228,6 +228,19 @@ class LocalErrorTracker:
         if recipe is None:
             raise _Missing(f"no local-error recipe for {stage}")
         recomputed, reference, inputs = recipe(self, layer, output)
+        if stage in ("qkv_matmul", "qkv_bias") and self.config is not None:
+            # Q, K and V are three projections: a bug in the small V block must not be diluted
+            # by the larger Q block, so each is measured alone and the worst one counts.
+            seq, edges = self._seq(), _qkv_edges(self.config)
+            recomputed = recomputed.reshape(seq, -1)
+            reference = reference.reshape(seq, -1)
+            return LocalError(
+                max(
+                    relative_error(recomputed[:, lo:hi], reference[:, lo:hi])
+                    for lo, hi in zip(edges[:-1], edges[1:], strict=True)
+                ),
+                tuple(inputs),
+            )
         return LocalError(relative_error(recomputed, reference), tuple(inputs))
 
     # -- recipes -------------------------------------------------------------------------
@@ -457,6 +470,11 @@ RECIPES: dict[str, Callable[[LocalErrorTracker, int, np.ndarray], Any]] = {
 }
 """Stage → its recipe: how to recompute it from the checked side's inputs (one per dense stage;
 the MoE stages have none yet and say so)."""
+
+
+def _qkv_edges(config: ModelConfig) -> list[int]:
+    """Column edges of the Q, K and V blocks in a `[seq, q_dim + 2 kv_dim]` stage."""
+    return [0, config.q_dim, config.q_dim + config.kv_dim, config.q_dim + 2 * config.kv_dim]
 
 
 def _where(layer: int) -> str:

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from engine.compare import DirectorySource
+from engine.sources import DirectorySource
 from engine.errors import AprTuiError, FormatError
 from engine.formats import safetensors as safetensors_format
 from engine.formats.gguf import open_gguf

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from engine.aprt import read_tokens_json, read_trace_dir
-from engine.compare import DirectorySource
+from engine.sources import DirectorySource
 from engine.errors import AprTuiError
 from engine.formats import gguf as gguf_format
 from engine.formats.gguf import open_gguf
