@@ -45,9 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from engine.sources.base import TraceSource
 from engine.errors import AprTuiError, FormatError, MissingPackageError, UnsupportedModelError
 from engine.forward import Capture
+from engine.sources.base import TraceSource
 from engine.sources.streaming import Emit, run_in_worker
 from engine.stages import DENSE_STAGES, STAGE_BY_NAME, STAGES, WHOLE_MODEL_LAYER
 

@@ -71,11 +71,11 @@ from typing import Any
 
 import numpy as np
 
-from engine.sources.base import TraceSource
 from engine.errors import AprTuiError, FormatError, MissingPackageError
 from engine.formats.gguf import config_from_metadata, read_header, unpermute_rows
 from engine.forward import Capture, check_token_ids
 from engine.model import ModelConfig
+from engine.sources.base import TraceSource
 from engine.sources.streaming import Emit, run_in_worker
 from engine.stages import DENSE_STAGES, STAGE_BY_NAME, STAGES, WHOLE_MODEL_LAYER
 

@@ -47,10 +47,10 @@ from typing import Any
 
 import numpy as np
 
-from engine.sources.base import TraceSource
 from engine.errors import AprTuiError, FormatError
 from engine.fileio import open_regular
 from engine.forward import Capture
+from engine.sources.base import TraceSource
 from engine.stages import STAGE_BY_NAME, STAGES, WHOLE_MODEL_LAYER
 
 MAX_FILES = 100_000

@@ -14,11 +14,11 @@ import sys
 import numpy as np
 import pytest
 
-from engine.sources import DirectorySource
 from engine.errors import AprTuiError, FormatError
 from engine.formats import safetensors as safetensors_format
 from engine.formats.gguf import open_gguf
 from engine.forward import trace
+from engine.sources import DirectorySource
 from engine.stages import STAGE_BY_NAME, STAGES, WHOLE_MODEL_LAYER
 from engine.synth import synthesize
 from tests.forward.agreement import (
