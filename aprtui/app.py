@@ -44,14 +44,16 @@ from aprtui.screens.cell_detail import CellContext, CellDetailScreen
 from aprtui.screens.file_browser import FileBrowserScreen
 from aprtui.screens.help import HelpScreen
 from aprtui.widgets.legend import Legend
-from aprtui.widgets.metrics import cell_title
+from aprtui.widgets.metrics import STAGE_SHORT_NAMES, cell_title
 from aprtui.widgets.stage_grid import StageGrid
 from aprtui.widgets.stats_panel import StatsPanel
 from aprtui.widgets.status_line import StatusLine
 from engine.compare import cosine_diverged, std_diverged
 from engine.defaults import DEFAULT_THRESHOLD
 from engine.errors import AprTuiError
+from engine.noise import Origin, calibrate, find_origin
 from engine.plan import Plan, plan_for
+from engine.stages import WHOLE_MODEL_LAYER
 
 if TYPE_CHECKING:
     from engine.compare import Cell
@@ -127,6 +129,10 @@ class ExplorerApp(App[int]):
         self.autostart = autostart
         self.save_dir = save_dir
         self.plan: Plan | None = None
+        self.cells: list[Cell] = []
+        """Every cell of the run so far, in computation order (the floors are calibrated on
+        them)."""
+        self.origin: Origin | None = None
         self.source_a: TraceSource | None = None
         self.source_b: TraceSource | None = None
         self.token_ids: tuple[int, ...] = ()
@@ -249,6 +255,8 @@ class ExplorerApp(App[int]):
 
     def on_run_started(self, message: RunStarted) -> None:
         plan = message.plan
+        self.cells = []
+        self.origin = None
         self.plan = plan
         self.source_a, self.source_b = plan.a, plan.b
         self.state = "running"
@@ -283,11 +291,15 @@ class ExplorerApp(App[int]):
         self.apply_cell(message.cell)
 
     def apply_cell(self, cell: Cell) -> None:
-        """Put one result into the grid and update the divergence marks."""
+        """Put one result into the grid and update the divergence marks; after each layer (and
+        at the end) recalibrate the noise floors and re-mark the origin."""
         grid = self.grid
         grid.set_cell(cell)
         if not grid.has_reference:
             return
+        self.cells.append(cell)
+        if cell.stage == "post_ffn_residual" or cell.layer == WHOLE_MODEL_LAYER:
+            self.recalibrate()
         if "cosine" not in grid.divergences and cosine_diverged(cell, self.run_spec.threshold):
             grid.mark_divergence("cosine", cell)
             self._announce_divergence()
@@ -295,9 +307,28 @@ class ExplorerApp(App[int]):
             grid.mark_divergence("std", cell)
             self._announce_divergence()
 
+    def recalibrate(self) -> None:
+        """Floors from every cell so far (engine.noise); the origin under them, marked ◆."""
+        grid = self.grid
+        floors = calibrate(self.cells)
+        grid.set_floors(floors)
+        origin = find_origin(self.cells, floors)
+        self.origin = origin
+        if origin is None:
+            grid.mark_divergence("origin", None)
+        else:
+            layer = WHOLE_MODEL_LAYER if origin.layer is None else origin.layer
+            position = grid.position(layer, origin.stage)
+            grid.mark_divergence("origin", None if position is None else grid.cell_at(*position))
+        self._announce_divergence()
+
     def _announce_divergence(self) -> None:
         grid = self.grid
         parts = []
+        if self.origin is not None:
+            where = "model" if self.origin.layer is None else f"L{self.origin.layer}"
+            short = STAGE_SHORT_NAMES.get(self.origin.stage, self.origin.stage)
+            parts.append(f"origin {where} {short} ({self.origin.ratio:.3g}× its noise floor)")
         for kind, label in (("std", "std"), ("cosine", "cosine")):
             position = grid.divergences.get(kind)
             if position is None:
@@ -306,14 +337,16 @@ class ExplorerApp(App[int]):
             if cell is None:
                 continue
             if kind == "cosine" and cell.diff is not None:
-                parts.append(f"{label}: {_short_title(cell)} ({cell.diff.cosine_sim:.4f})")
+                parts.append(f"first {label}: {_short_title(cell)} ({cell.diff.cosine_sim:.4f})")
             elif cell.stats_a is not None and cell.stats_b is not None and cell.stats_b.std:
                 ratio = cell.stats_a.std / cell.stats_b.std
                 factor = f"×{ratio:.3g}" if ratio >= 1 else f"÷{1 / ratio:.3g}"
-                parts.append(f"{label}: {_short_title(cell)} (A/B {factor})")
+                parts.append(f"first {label}: {_short_title(cell)} (A/B {factor})")
             else:
-                parts.append(f"{label}: {_short_title(cell)}")
-        self.status.set(divergence="first divergence " + ", ".join(parts))
+                parts.append(f"first {label}: {_short_title(cell)}")
+        if not parts:
+            return
+        self.status.set(divergence=", ".join(parts))
 
     def on_run_progress(self, message: RunProgress) -> None:
         self.status.set(done=message.done, total=message.total)
@@ -325,8 +358,21 @@ class ExplorerApp(App[int]):
         if not message.cancelled:
             grid.mark_missing_absent()
         self.status.set(state=self.state, done=grid.done_count)
-        if grid.has_reference and grid.first_divergence is None and not message.cancelled:
-            self.status.set(divergence=f"no divergence: every cosine ≥ {self.run_spec.threshold}")
+        if grid.has_reference and not message.cancelled:
+            self.recalibrate()
+            if self.origin is None:
+                noise = "no origin: every local error is within its noise floor"
+                if grid.first_divergence is None:
+                    noise += f", every cosine ≥ {self.run_spec.threshold}"
+                self.status.set(divergence=noise + self._propagated_note())
+
+    def _propagated_note(self) -> str:
+        grid = self.grid
+        position = grid.divergences.get("cosine")
+        cell = None if position is None else grid.cell_at(*position)
+        if cell is None or cell.diff is None:
+            return ""
+        return f" (first cosine < {self.run_spec.threshold}: {_short_title(cell)}, noise)"
 
     def on_run_failed(self, message: RunFailed) -> None:
         self._stop_clock()
@@ -385,6 +431,7 @@ class ExplorerApp(App[int]):
             token_text=_token_text_of(source_a),
             heads=_heads_of(source_a, source_b),
             save_dir=self.save_dir,
+            floor=self.grid.floors.get(cell.stage),
         )
 
     # -- actions ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ messages up to the app ("attributes down, messages up").
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from textual.message import Message
@@ -88,3 +89,5 @@ class TensorsLoaded(Message):
     a: np.ndarray | None
     b: np.ndarray | None
     error: str | None = None
+    details: Any = None
+    """The screen's own computed views of the tensors (cell_detail.DetailData)."""

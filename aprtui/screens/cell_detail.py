@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.table import Table
@@ -32,11 +33,16 @@ from aprtui.coordinates import HeadLayout, decode_index, display_token
 from aprtui.messages import TensorsLoaded
 from aprtui.widgets.histogram import DeltaHistogram
 from aprtui.widgets.metrics import cell_title
-from aprtui.widgets.stats_panel import diff_stats_table, std_ratio_of, tensor_stats_table
+from aprtui.widgets.stats_panel import (
+    diff_stats_table,
+    local_error_table,
+    std_ratio_of,
+    tensor_stats_table,
+)
 from aprtui.widgets.token_strip import TokenStrip, per_token_cosine, per_token_rows
 from engine.compare import Cell
 from engine.stages import WHOLE_MODEL_LAYER
-from engine.stats import DiffStats, TopDiff
+from engine.stats import TopDiff
 
 TOP_K = 20
 SAVE_DIR_NAME = "apr-tui-saved"
@@ -59,6 +65,24 @@ class CellContext:
     directories, which carry no model config."""
     save_dir: Path | None = None
     """Where `s` writes APRT files; default `./apr-tui-saved/`."""
+    floor: Any = None
+    """The noise floor of the cell's stage in this pair (engine.noise.Floor), when calibrated."""
+
+
+@dataclass(frozen=True)
+class DetailData:
+    """What the drill-down shows from the full tensors, computed in its worker."""
+
+    a: np.ndarray
+    """Side A, flat float32, in the comparison's conventions (engine.compare.comparable)."""
+    b: np.ndarray | None
+    magnitudes: np.ndarray
+    """|A-B| (or |A| without a reference) for the histogram."""
+    histogram_title: str
+    per_token: np.ndarray | None
+    """Cosine per token (or RMS of A per token without a reference)."""
+    cosine: bool
+    top: tuple[TopDiff, ...]
 
 
 def unused_path(directory: Path, stem: str) -> Path:
@@ -167,6 +191,7 @@ as APRT files under `./apr-tui-saved/` (never overwriting a file), `esc` goes ba
                     self.context.threshold,
                     std_ratio_of(self.cell.stats_a, self.cell.stats_b),
                 ),
+                local_error_table(self.cell, self.context.floor),
             )
         else:
             grid.add_row(tensor_stats_table(self.cell.stats_a, None, show_b=False, flags=flags))
@@ -203,43 +228,56 @@ as APRT files under `./apr-tui-saved/` (never overwriting a file), `esc` goes ba
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="tensors")
     def load_tensors(self) -> None:
+        """Load both tensors and compute everything the screen shows from them, in this worker
+        thread; the handler on the main thread only fills the widgets."""
         try:
             a, b = self.context.load_tensors()
+            details = None if a is None else self._details(a, b)
         except Exception as error:  # shown in the screen; the app stays usable
             self.post_message(TensorsLoaded(None, None, error=str(error) or type(error).__name__))
             return
-        self.post_message(TensorsLoaded(a, b))
+        self.post_message(TensorsLoaded(a, b, details=details))
+
+    def _details(self, a: np.ndarray, b: np.ndarray | None) -> DetailData:
+        """Histogram input, per-token values and top-K of one cell (worker thread)."""
+        from engine.compare import comparable
+        from engine.stats import diff_stats
+
+        context = self.context
+        n_tokens = len(context.token_ids)
+        a, b = comparable(self.cell.stage, a, b, n_tokens or None)
+        a = np.asarray(a, dtype=np.float32).ravel()
+        b = None if b is None else np.asarray(b, dtype=np.float32).ravel()
+        shape = self.cell.shape or (a.size,)
+        if a.size != int(np.prod(shape)):
+            shape = (a.size,)
+        rows_a = per_token_rows(a, shape, n_tokens)
+        if b is not None and b.size == a.size:
+            rows_b = per_token_rows(b, shape, n_tokens)
+            per_token = None if rows_a is None else per_token_cosine(rows_a, rows_b)
+            top = diff_stats(a, b, limit=TOP_K).top_diffs
+            return DetailData(a, b, np.abs(a - b), "|A-B| per decade", per_token, True, top)
+        rms = None if rows_a is None else np.sqrt(np.mean(rows_a.astype(np.float64) ** 2, 1))
+        return DetailData(a, b, np.abs(a), "|A| per decade", rms, False, self._largest_a(a))
 
     def on_tensors_loaded(self, message: TensorsLoaded) -> None:
         histogram = self.query_one(DeltaHistogram)
         strip = self.query_one(TokenStrip)
-        if message.error is not None or message.a is None:
+        details = message.details
+        if message.error is not None or message.a is None or details is None:
             reason = message.error or "side A does not produce this stage"
             histogram.update(Text(f"tensors unavailable: {reason}", style="red"))
             strip.update("")
             return
-        a = np.asarray(message.a, dtype=np.float32).ravel()
-        b = None if message.b is None else np.asarray(message.b, dtype=np.float32).ravel()
-        self.tensors = (a, b)
-        context = self.context
-        labels = self._token_labels()
-        n_tokens = len(context.token_ids)
-        shape = self.cell.shape or (a.size,)
-        rows_a = per_token_rows(a, shape, n_tokens)
-        if b is not None and b.size == a.size:
-            from engine.stats import diff_stats
-
-            histogram.show(np.abs(a - b), "|A-B| per decade")
-            rows_b = per_token_rows(b, shape, n_tokens)
-            per_token = None if rows_a is None else per_token_cosine(rows_a, rows_b)
-            strip.show(per_token, cosine=True, threshold=context.threshold, token_labels=labels)
-            full: DiffStats = diff_stats(a, b, limit=TOP_K)
-            self._fill_topk(full.top_diffs)
-        else:
-            histogram.show(np.abs(a), "|A| per decade")
-            rms = None if rows_a is None else np.sqrt(np.mean(rows_a.astype(np.float64) ** 2, 1))
-            strip.show(rms, cosine=False, threshold=context.threshold, token_labels=labels)
-            self._fill_topk(self._largest_a(a))
+        self.tensors = (details.a, details.b)
+        histogram.show(details.magnitudes, details.histogram_title)
+        strip.show(
+            details.per_token,
+            cosine=details.cosine,
+            threshold=self.context.threshold,
+            token_labels=self._token_labels(),
+        )
+        self._fill_topk(details.top)
 
     def _largest_a(self, a: np.ndarray) -> tuple[TopDiff, ...]:
         magnitude = np.abs(a)

@@ -114,6 +114,13 @@ def std_score(std: float) -> float:
     return _clip01((math.log10(max(std, 1e-12)) + 3.0) / 6.0)
 
 
+def local_ratio_score(ratio: float) -> float:
+    """Local error as a multiple of its floor: 0 at ≤ 0.1×, 0.5 at the floor (1×), 1 at ≥ 10×."""
+    if math.isinf(ratio):
+        return 1.0
+    return _clip01(0.5 + math.log10(max(ratio, 1e-12)) / 2.0)
+
+
 def std_ratio_score(ratio: float) -> float:
     """0 at ratio 1, 0.5 at ×2 or ÷2, 1 at ×4 or ÷4 and beyond."""
     if ratio <= 0 or math.isinf(ratio):
@@ -137,6 +144,9 @@ class Metric:
     text: Callable[[float], str]
     score: Callable[[float, Cell, float], float]
     """(value, cell, cosine threshold) -> heat score in [0, 1]."""
+    uses_floors: bool = False
+    """The value is the cell's local error over its stage's noise floor, which the grid knows
+    (`StageGrid.floors`) and re-scores when the floors are recalibrated; `value` is unused."""
 
 
 def _cosine_value(cell: Cell) -> float | None:
@@ -206,6 +216,17 @@ METRICS: tuple[Metric, ...] = (
         value=_std_ratio_value,
         text=short_number,
         score=lambda value, cell, threshold: std_ratio_score(value),
+    ),
+    Metric(
+        key="local",
+        title="local error ÷ noise floor (>1: not noise)",
+        needs_reference=True,
+        palette="diverging",
+        scale=((0.0, "≤0.1×"), (0.5, "1× floor"), (1.0, "≥10×")),
+        value=lambda cell: None,
+        text=short_number,
+        score=lambda value, cell, threshold: local_ratio_score(value),
+        uses_floors=True,
     ),
 )
 METRIC_BY_KEY: dict[str, Metric] = {metric.key: metric for metric in METRICS}

@@ -35,6 +35,7 @@ from aprtui.widgets.metrics import (
 )
 from aprtui.widgets.palette import heat_styles, score_index
 from engine.compare import Cell
+from engine.noise import local_ratio
 from engine.stages import DENSE_STAGES, STAGE_BY_NAME, WHOLE_MODEL_LAYER
 
 LABEL_WIDTH = 6
@@ -133,7 +134,9 @@ grid says what the colours mean.
         self.stages: list[str] = default_stages()
         self.cells: dict[tuple[int, int], Cell] = {}
         self.divergences: dict[str, tuple[int, int]] = {}
-        """Marked cells by kind (`cosine`, `std`) -> (row, column)."""
+        """Marked cells by kind (`origin`, `cosine`, `std`) -> (row, column)."""
+        self.floors: dict = {}
+        """The noise floor of each stage (engine.noise.Floor), for the `local` metric."""
         self.anomalies: dict[tuple[int, int], CellAnomalies] = {}
         """apr's anomaly flags of the flagged cells, by (row, column)."""
         self._row_of: dict[int, int] = {}
@@ -279,7 +282,7 @@ grid says what the colours mean.
         nonfinite = is_nonfinite(cell)
         for metric in METRICS:
             key = metric.key
-            value = metric.value(cell)
+            value = local_ratio(cell, self.floors) if metric.uses_floors else metric.value(cell)
             if nonfinite or (value is not None and not math.isfinite(value) and value != 0):
                 if value is not None and math.isinf(value) and not nonfinite:
                     self.kinds[key][row, col] = VALUE
@@ -305,6 +308,15 @@ grid says what the colours mean.
                     self.texts[key][row, col] = "·"
                     self.kinds[key][row, col] = ABSENT
         return row, col
+
+    def set_floors(self, floors: dict) -> None:
+        """New noise floors (recalibrated as layers arrive): re-score every stored cell."""
+        if floors == self.floors:
+            return
+        self.floors = dict(floors)
+        for cell in list(self.cells.values()):
+            self._store(cell)
+        self.refresh()
 
     def mark_divergence(self, kind: str, cell: Cell | None) -> None:
         """Mark `cell` as the first divergence of `kind` (`cosine` or `std`); None unmarks."""
@@ -528,7 +540,7 @@ grid says what the colours mean.
         self.metric = keys[(index + 1) % len(keys)]
 
     def action_jump_divergence(self) -> None:
-        position = self.first_divergence
+        position = self.divergences.get("origin") or self.first_divergence
         if position is None:
             if not self.has_reference:
                 message = "single-model mode: nothing to diverge from"

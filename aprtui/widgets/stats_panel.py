@@ -122,6 +122,32 @@ def diff_stats_table(
     return table
 
 
+def local_error_table(cell: Cell, floor) -> Table:
+    """The error this stage adds on its own (engine.local_error) against its noise floor, and
+    what the recomputation read: shown beside the propagated A-vs-B numbers."""
+    table = Table(box=None, pad_edge=False, show_edge=False, expand=False)
+    table.add_column("", style="bold")
+    table.add_column("local (checked side)", justify="left", max_width=44)
+    local = cell.local
+    if local is None:
+        table.add_row("local", "not computed in this run")
+        return table
+    if local.error is None:
+        table.add_row("local", Text(local.missing or "n/a", style="dim"))
+        return table
+    table.add_row("error", f"{local.error:.4e}")
+    if floor is not None:
+        ratio = local.error / floor.value
+        shown = Text(f"{ratio:.4g}× floor")
+        if ratio > 1:
+            shown.stylize("bold red")
+        table.add_row("vs floor", shown)
+        how = floor.source if floor.median is None else f"4× median of {floor.layers} layers"
+        table.add_row("floor", f"{floor.value:.3e} ({how})")
+    table.add_row("inputs", "\n".join(local.inputs))
+    return table
+
+
 class StatsPanel(Static):
     """The cell under the grid cursor: shape, both sides' statistics and the diff."""
 

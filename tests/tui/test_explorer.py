@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from aprtui.messages import CellReady, RunFinished, RunProgress, RunStarted
@@ -79,7 +80,9 @@ async def test_planted_defect_is_marked_where_it_is(demo_pair):
         assert line.lstrip().startswith("▶L2")
         assert line.count("▶") == 3  # the row label and both marked cells
         status = screen_text(app.status)
-        assert "first divergence" in status and "L2 up" in status and "L2 res2" in status
+        assert "origin L2 up" in status and "first cosine: L2 res2" in status
+        # The origin: B's ffn_up against A's weights from B's own input, far above its floor.
+        assert grid.divergences["origin"] == grid.position(DEFECT_LAYER, "ffn_up")
         # The std ratio there is 1/18 (side B carries the ×18).
         assert grid.values["std_ratio"][row, grid.position(2, "ffn_up")[1]] == pytest.approx(
             1 / 18, rel=1e-4
@@ -94,7 +97,8 @@ async def test_threshold_option_decides_the_cosine_verdict(demo_pair):
         await settle(pilot)
         grid = app.grid
         assert app.state == "finished"
-        assert grid.divergences == {"std": grid.position(DEFECT_LAYER, "ffn_up")}
+        up = grid.position(DEFECT_LAYER, "ffn_up")
+        assert grid.divergences == {"std": up, "origin": up}
         await pilot.press("f")
         assert grid.cursor == grid.position(DEFECT_LAYER, "ffn_up")
 
@@ -133,7 +137,7 @@ async def test_cursor_keys_and_jumps(demo_pair):
         assert grid.values["cosine"][best] == pytest.approx(1.0)
 
 
-async def test_metric_key_cycles_the_four_metrics_and_the_legend(demo_pair):
+async def test_metric_key_cycles_the_five_metrics_and_the_legend(demo_pair):
     app = explorer(demo_pair.model_a, demo_pair.model_b)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
@@ -142,12 +146,14 @@ async def test_metric_key_cycles_the_four_metrics_and_the_legend(demo_pair):
         row, col = grid.position(DEFECT_LAYER, "ffn_up")
         seen = {}
         titles = {}
-        for _ in range(4):
+        for _ in range(5):
             seen[grid.metric] = painted_text(grid, row, col)
             titles[grid.metric] = screen_text(legend)
             await pilot.press("m")
-        assert list(seen) == ["cosine", "max_diff", "std_a", "std_ratio"]
+        assert list(seen) == ["cosine", "max_diff", "std_a", "std_ratio", "local"]
         assert grid.metric == "cosine"  # wrapped around
+        assert "local error ÷ noise floor" in titles["local"]
+        assert seen["local"] == "94444"  # 0.944 relative over the 1e-5 float32 floor
         assert "cosine(A, B)" in titles["cosine"]
         assert "max|A-B|" in titles["max_diff"]
         assert "std of A" in titles["std_a"]
@@ -356,3 +362,25 @@ async def test_layers_option_limits_the_rows(demo_pair):
         row, col = grid.position(WHOLE_MODEL_LAYER, "lm_head")
         assert painted_text(grid, row, col) == ""
         assert grid.divergences["std"] == grid.position(DEFECT_LAYER, "ffn_up")
+
+
+async def test_local_error_metric_and_origin(demo_pair):
+    """The fifth metric is local error over its stage's noise floor; `f` jumps to the origin."""
+    app = explorer(demo_pair.model_a, demo_pair.model_b)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        grid = app.grid
+        for _ in range(4):
+            await pilot.press("m")
+        assert grid.metric == "local"
+        origin = grid.position(DEFECT_LAYER, "ffn_up")
+        # |1 - 18| / 18 relative against the float32 floor 1e-5 of an exact copy.
+        assert grid.values["local"][origin] == pytest.approx((17 / 18) / 1e-5, rel=1e-6)
+        others = np.delete(
+            grid.values["local"].ravel(), np.ravel_multi_index(origin, grid.values["local"].shape)
+        )
+        assert np.nanmax(others) < 1.0  # everything else is float32 rounding
+        await pilot.press("home")
+        await pilot.press("f")
+        assert grid.cursor == origin
+        assert "local error" in screen_text(app.screen_stack[0].query_one("#legend"))

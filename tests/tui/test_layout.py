@@ -30,7 +30,7 @@ async def test_status_legend_and_footer_are_whole(demo_pair, size):
         status = app.status
         shown = " ".join(screen_text(status).split())
         parts = status_text(status.status).plain.split(" │ ")
-        assert any(part.startswith("first divergence") for part in parts)
+        assert any(part.startswith("origin L2 up") for part in parts)
         for part in parts:
             assert " ".join(part.split()) in shown, part
         assert status.region.bottom <= height - 1  # above the footer
