@@ -20,6 +20,8 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 
 from aprtui import __version__
@@ -49,14 +51,22 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated
 
 
-def _terminate_cleanly() -> None:
-    """Turn SIGTERM into `Terminated` for commands that write files (main thread only)."""
+@contextmanager
+def _sigterm_raises(enabled: bool) -> Iterator[None]:
+    """While the block runs, SIGTERM raises `Terminated` (main thread only, and only where
+    SIGTERM still has its default action); the previous handler is restored afterwards."""
     import signal
     import threading
 
     main = threading.current_thread() is threading.main_thread()
-    if main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _raise_terminated)
+    if not (enabled and main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def name_writes_files(module: ModuleType) -> bool:
@@ -189,14 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         prog = "apr-tui"
     parser = _build_parser(prog, module)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _sigterm_raises(name_writes_files(module)):
             # numpy's RuntimeWarnings (overflow, invalid value) print source lines on stderr;
             # every result they concern is checked where it matters (metadata is validated,
             # NaN/Inf in a capture are counted and flagged), so they only break the one-line
             # error contract.
             warnings.simplefilter("ignore", RuntimeWarning)
-            if name_writes_files(module):
-                _terminate_cleanly()
             args = parser.parse_args(args_list)
             return int(module.run(args) or 0)
     except Terminated:

@@ -184,6 +184,28 @@ def _sweep_once(directory: Path) -> None:
         remove_stale_temporaries(directory)
 
 
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for the block (delivered right after it).
+
+    Between `os.open` creating the temporary and the caller holding its name, an exception
+    raised by a signal handler would leave a temporary nobody removes; a test that sends SIGTERM
+    the moment the temporary appears hits exactly that instant.
+    """
+    import signal
+    import threading
+
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        yield  # Python runs handlers in the main thread only: nothing to defer elsewhere
+        return
+    previous = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, previous)
+
+
 def _create_temporary(directory: Path) -> tuple[int, Path]:
     """A new, locked, empty temporary in `directory`: (descriptor holding the lock, path)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -257,7 +279,8 @@ def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = True) -> It
     temp: Path | None = None
     fd = -1
     try:
-        fd, temp = _create_temporary(target.parent)
+        with _signals_deferred():
+            fd, temp = _create_temporary(target.parent)
         yield temp
         _publish(temp, target, overwrite)
     except BaseException as error:

@@ -39,7 +39,7 @@ class TraceOutput:
     @property
     def is_new(self) -> bool:
         """Whether this run created the directory itself."""
-        return bool(self.created) and self.created[-1] == self.directory
+        return self.directory in self.created
 
     def mkdir(self, path: Path) -> None:
         """Create `path` and its missing parents, remembering the levels created here."""
@@ -92,7 +92,5 @@ class TraceOutput:
     def _remove_empty_created(self) -> None:
         """rmdir every directory this run created that holds nothing now, innermost first."""
         for level in sorted(self.created, key=lambda p: len(p.parts), reverse=True):
-            try:
+            with contextlib.suppress(OSError):  # not empty (or gone): keep it
                 os.rmdir(level)
-            except OSError:
-                pass  # not empty (or gone): keep it
