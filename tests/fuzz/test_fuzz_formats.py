@@ -8,6 +8,7 @@ import json
 import shutil
 import struct
 import zlib
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -70,9 +71,9 @@ def test_aprt_files(originals, tmp_path):
         directory = aprt_case(originals, rng, tmp_path / str(case))
         file = directory / "layer-0" / "attn_norm.bin"
         label = f"aprt case {case}"
-        expect_contract(label, lambda: read_aprt(file), str(file))
-        expect_contract(label, lambda: read_trace_dir(directory), str(directory))
-        expect_contract(label, lambda: read_trace_dir(directory, strict=False), str(directory))
+        expect_contract(label, partial(read_aprt, file), str(file))
+        expect_contract(label, partial(read_trace_dir, directory), str(directory))
+        expect_contract(label, partial(read_trace_dir, directory, strict=False), str(directory))
 
 
 def tokens_case(originals, rng, root: Path) -> Path:
@@ -91,8 +92,8 @@ def test_tokens_json(originals, tmp_path):
     for case in range(CASES):
         directory = tokens_case(originals, rng, tmp_path / str(case))
         label = f"tokens.json case {case}"
-        expect_contract(label, lambda: read_tokens_json(directory / "tokens.json"), "tokens.json")
-        expect_contract(label, lambda: read_trace_dir(directory), str(directory))
+        expect_contract(label, partial(read_tokens_json, directory / "tokens.json"), "tokens.json")
+        expect_contract(label, partial(read_trace_dir, directory), str(directory))
 
 
 # ----------------------------------------------------------------------------- models
@@ -187,7 +188,7 @@ def test_model_formats(originals, tmp_path, family):
     make = MODEL_FAMILIES[family]
     for case in range(CASES):
         path = make(originals, rng, tmp_path / str(case))
-        expect_contract(f"{family} case {case}", lambda: exercise_model(path), str(path))
+        expect_contract(f"{family} case {case}", partial(exercise_model, path), str(path))
 
 
 # ----------------------------------------------------------------------------- the real CLI
