@@ -30,7 +30,11 @@ ffn_gate, ffn_up, ffn_silu, ffn_swigl, ffn_out, post_ffn_residual (alias layer_o
 final_norm, lm_head (the moe_* stages are accepted and never produced by dense models).
 
 The command refuses to write into a directory that holds anything other than stage files
-and tokens.json (files it did not write) unless --force is given; it never deletes a file."""
+and tokens.json (files it did not write) unless --force is given, and never replaces a file
+that appears in it during the run. One run at a time writes a directory (it is locked).
+tokens.json says "complete": true only once the run has finished; an interrupted run leaves
+whole stage files marked incomplete, and a failed run (a full disk) in a directory it created
+removes what it wrote. It never deletes a file it did not write."""
 
 EPILOG = """\
 examples:

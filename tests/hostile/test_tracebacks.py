@@ -165,6 +165,11 @@ def test_prompt_that_is_not_utf8(apr_tui, files, tmp_path):
     assert not (tmp_path / "out").exists()
     bisect = run_cli(apr_tui, "bisect", files.apr, files.gguf, "--prompt", b"\xff")
     one_line_error(bisect, "--prompt", "not valid UTF-8")
+    # The explorer and the demo refuse it before any screen opens.
+    explorer = run_cli(apr_tui, files.apr, "--ref", files.gguf, "--prompt", b"x\xfey")
+    one_line_error(explorer, "--prompt", "not valid UTF-8", "0xfe")
+    demo = run_cli(apr_tui, "demo", "--small", "--prompt", b"\xff")
+    one_line_error(demo, "--prompt", "not valid UTF-8")
 
 
 def test_shard_index_whose_weight_map_is_not_an_object(apr_tui, files, tmp_path):
