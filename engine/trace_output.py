@@ -61,13 +61,11 @@ class TraceOutput:
 
     def __enter__(self) -> TraceOutput:
         self.mkdir(self.directory)
-        self._lock = locked_directory(self.directory)
-        try:
-            self._lock.__enter__()
-        except BaseException:
-            self._lock = None
-            self._remove_empty_created()
-            raise
+        lock = locked_directory(self.directory)
+        # On failure nothing is removed: the run holding the lock may be about to write into
+        # the directory we just created, and removing it would pull it from under that run.
+        lock.__enter__()
+        self._lock = lock
         return self
 
     def __exit__(
