@@ -19,6 +19,9 @@ import importlib
 import os
 import re
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 
 from aprtui import __version__
@@ -34,6 +37,42 @@ COMMANDS: dict[str, str] = {
 EXPLORE = "aprtui.commands.explore"
 
 EXIT_USAGE = 2
+EXIT_TERMINATED = 128 + 15
+"""The shell's status for a process ended by SIGTERM."""
+
+
+class Terminated(BaseException):
+    """SIGTERM as an exception, so that every `finally` and every writer's cleanup (the hidden
+    temporary of `convert`, the half-made trace directory) runs before the process exits.
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_raises(enabled: bool) -> Iterator[None]:
+    """While the block runs, SIGTERM raises `Terminated` (main thread only, and only where
+    SIGTERM still has its default action); the previous handler is restored afterwards."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    if not (enabled and main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def name_writes_files(module: ModuleType) -> bool:
+    """Whether a command module writes files (and so needs SIGTERM cleanup); the explorer and
+    the demo leave signals to Textual."""
+    return bool(getattr(module, "WRITES_FILES", False))
 
 
 _NEGATIVE_NUMBER = re.compile(r"-[0-9]*\.?[0-9]+")
@@ -76,6 +115,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _print_error(message: str) -> None:
+    """`apr-tui: error: MESSAGE` as exactly one line: every control character, line break and
+    undecodable path byte in MESSAGE (a file name, a flag value, a metadata string) is shown as
+    a visible escape (engine.errors.printable), never sent to the terminal as it is."""
+    from engine.errors import printable
+
+    message = printable(message)
     if sys.stderr.isatty() and not os.environ.get("NO_COLOR"):
         sys.stderr.write(f"\x1b[31mapr-tui: error:\x1b[0m {message}\n")
     else:
@@ -95,6 +140,14 @@ def _build_parser(prog: str, module: ModuleType) -> argparse.ArgumentParser:
     )
     module.add_arguments(parser)
     return parser
+
+
+def _usage_line() -> str:
+    """The one-line usage printed when `apr-tui` is run with no arguments."""
+    return (
+        f"usage: apr-tui MODEL [--ref REF] [options] | apr-tui {{{','.join(COMMANDS)}}} [ARGS]"
+        " (apr-tui --help for more)"
+    )
 
 
 def _top_help() -> str:
@@ -127,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):  # a path the terminal cannot encode must not crash
         codecs.register_error(_ESCAPE, _json_escape)  # the report (PYTHONIOENCODING=ascii)
         sys.stdout.reconfigure(errors=_ESCAPE)
-    if not args_list:
-        print(_top_help(), file=sys.stderr)
+    if not args_list:  # a usage error: one usage line on stderr (the full help is --help's)
+        sys.stderr.write(_usage_line() + "\n")
         return EXIT_USAGE
     if args_list[0] in ("-h", "--help", "help"):
         print(_top_help())
@@ -146,8 +199,17 @@ def main(argv: list[str] | None = None) -> int:
         prog = "apr-tui"
     parser = _build_parser(prog, module)
     try:
-        args = parser.parse_args(args_list)
-        return int(module.run(args) or 0)
+        with warnings.catch_warnings(), _sigterm_raises(name_writes_files(module)):
+            # numpy's RuntimeWarnings (overflow, invalid value) print source lines on stderr;
+            # every result they concern is checked where it matters (metadata is validated,
+            # NaN/Inf in a capture are counted and flagged), so they only break the one-line
+            # error contract.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            args = parser.parse_args(args_list)
+            return int(module.run(args) or 0)
+    except Terminated:
+        sys.stderr.write("apr-tui: terminated\n")
+        return EXIT_TERMINATED
     except AprTuiError as error:
         _print_error(str(error))
         return EXIT_USAGE

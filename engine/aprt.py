@@ -8,7 +8,20 @@ is the file name. Whole-model stages (`final_norm`, `lm_head`) carry the layer s
 Values travel as raw bytes in both directions, so NaN payloads, ±Inf and -0.0 survive bit for
 bit. Reading checks the file size against the header before allocating anything, so a corrupt
 dim_product cannot make us allocate more than the file holds. Writing goes to a temporary name
-in the target directory and is renamed into place, so a reader never sees a half-written file.
+in the target directory and is published in one step (engine.fileio.atomic_output), so a reader
+never sees a half-written file, and a writer told not to overwrite never replaces a file that
+appeared meanwhile.
+
+A trace directory is complete only when the run that wrote it finished: `tokens.json` carries
+`"complete": false` from the start of a run and `"complete": true` as the run's last write, so a
+Ctrl+C, a SIGKILL or a full disk leaves a directory that says it is partial (`TraceDir.complete`).
+Directories written by `apr trace` (no tokens.json) or by older apr-tui (no field) say nothing:
+`complete` is None there.
+
+A file at one of apr's stage names whose header is unreadable, or whose header layer disagrees
+with where it sits, is a corrupt stage file, not an unknown one: `read_trace_dir` refuses the
+directory (FormatError naming the file) unless called with `strict=False` (the file browser,
+which lists such files with the reason).
 """
 
 from __future__ import annotations
@@ -17,14 +30,22 @@ import json
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
-from engine.errors import FormatError
-from engine.fileio import NotRegularFileError, atomic_output, loads_json, open_regular, read_regular
+from engine.errors import FormatError, path_text
+from engine.fileio import (
+    ANY_TEMP_NAME,
+    NotRegularFileError,
+    atomic_output,
+    loads_json,
+    open_regular,
+    read_regular,
+)
 from engine.stages import (
     ALIASES,
     STAGE_BY_NAME,
@@ -46,7 +67,7 @@ PROVENANCE_FILE = "_PROVENANCE.txt"
 """Written beside the stage files by aprender's HF reference script; understood and skipped."""
 
 _LAYER_DIR = re.compile(r"layer-(0|[1-9][0-9]*)", re.ASCII)
-_TEMP_NAME = re.compile(r"\..+\.[0-9]+\.[0-9a-f]{8}\.tmp", re.ASCII)
+_TEMP_NAME = ANY_TEMP_NAME  # in-flight (or killed) writes of ours: never stage files
 
 
 class AprtFormatError(FormatError):
@@ -173,21 +194,29 @@ def _to_host_f32(values: Any) -> np.ndarray:
     return np.ascontiguousarray(array.reshape(-1), dtype=_F32_LE)
 
 
-def _atomic_write(path: Path, chunks: list[bytes | np.ndarray]) -> None:
-    """Write to a hidden temporary name beside `path`, then rename over it."""
-    with atomic_output(path) as temp, open(temp, "wb") as handle:
+def _atomic_write(path: Path, chunks: list[bytes | np.ndarray], overwrite: bool = True) -> None:
+    """Write to a hidden temporary name beside `path`, then publish it (atomic_output).
+
+    Arrays go through `write` (not `ndarray.tofile`, whose short write is an OSError without
+    errno or file name: "10752 requested and 4093 written"), so a full disk is reported as
+    ENOSPC naming `path`.
+    """
+    with atomic_output(path, overwrite=overwrite) as temp, open(temp, "wb") as handle:
         for chunk in chunks:
             if isinstance(chunk, np.ndarray):
-                chunk.tofile(handle)
+                handle.write(memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)))
             else:
                 handle.write(chunk)
 
 
-def write_aprt(path: str | os.PathLike[str], layer: int, values: Any) -> Path:
+def write_aprt(
+    path: str | os.PathLike[str], layer: int, values: Any, *, overwrite: bool = True
+) -> Path:
     """Write `values` (any shape, numpy or CuPy; cast to f32, flattened in C order) as APRT.
 
     `layer` goes into the header as given (0..0xFFFFFFFF); use `write_stage` for the
-    whole-model sentinel rule.
+    whole-model sentinel rule. With `overwrite=False` an existing file (also one that appears
+    while this writes) is never replaced: engine.fileio.OutputExistsError.
     """
     if not 0 <= int(layer) <= U32_MAX:
         raise ValueError(f"APRT layer must be in 0..=0xFFFFFFFF, got {layer}")
@@ -195,17 +224,24 @@ def write_aprt(path: str | os.PathLike[str], layer: int, values: Any) -> Path:
     if body.size > U32_MAX:
         raise ValueError(f"APRT holds at most 2**32-1 values, got {body.size}")
     target = Path(path)
-    _atomic_write(target, [_HEADER.pack(MAGIC, int(layer), body.size), body])
+    _atomic_write(target, [_HEADER.pack(MAGIC, int(layer), body.size), body], overwrite)
     return target
 
 
 def write_stage(
-    directory: str | os.PathLike[str], stage_name: str, layer: int, values: Any
+    directory: str | os.PathLike[str],
+    stage_name: str,
+    layer: int,
+    values: Any,
+    *,
+    overwrite: bool | Callable[[Path], bool] = True,
 ) -> Path:
     """Write one stage capture where apr puts it, creating `layer-N/` as needed.
 
     Per-layer stages go to `<dir>/layer-<N>/<stage>.bin` with header layer N; whole-model stages
     go to `<dir>/<stage>.bin` with header layer 0xFFFFFFFF whatever `layer` says (§1.3).
+    `overwrite` may be a predicate on the stage path (a trace replaces only the files it
+    vetted before it started).
     """
     try:
         selected = stage(stage_name)
@@ -219,7 +255,8 @@ def write_stage(
         header_layer = WHOLE_MODEL_LAYER
     path = stage_path(directory, selected.name, layer)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_aprt(path, header_layer, values)
+    allowed = overwrite(path) if callable(overwrite) else overwrite
+    return write_aprt(path, header_layer, values, overwrite=allowed)
 
 
 # ----------------------------------------------------------------------------- tokens.json
@@ -232,6 +269,9 @@ class TokensInfo:
     token_ids: list[int]
     prompt: str | None = None
     model: str | None = None
+    complete: bool | None = None
+    """False while (or after an interrupted) run writes the directory, True when it finished,
+    None when the file does not say (written before the field existed)."""
 
 
 def write_tokens_json(
@@ -239,8 +279,15 @@ def write_tokens_json(
     token_ids: list[int],
     prompt: str | None = None,
     model: str | os.PathLike[str] | None = None,
+    *,
+    complete: bool = True,
 ) -> Path:
-    """Write `<dir>/tokens.json` beside the stage files (the directory is created)."""
+    """Write `<dir>/tokens.json` beside the stage files (the directory is created).
+
+    A run writes it with `complete=False` before its first stage file and again with
+    `complete=True` as its very last write. The model path is stored as text (bytes of a
+    name that are not UTF-8 as `\\xNN`), so any path can be recorded.
+    """
     ids = [int(token) for token in token_ids]
     if any(not 0 <= token <= U32_MAX for token in ids):
         raise ValueError("token ids must be in 0..2**32")
@@ -248,7 +295,8 @@ def write_tokens_json(
         "schema": TOKENS_SCHEMA,
         "token_ids": ids,
         "prompt": prompt,
-        "model": None if model is None else os.fspath(model),
+        "model": None if model is None else path_text(model),
+        "complete": bool(complete),
     }
     target = Path(directory) / TOKENS_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -288,7 +336,10 @@ def read_tokens_json(path: str | os.PathLike[str]) -> TokensInfo:
     for key in ("prompt", "model"):
         if document.get(key) is not None and not isinstance(document[key], str):
             raise bad(f'"{key}" must be a string or null')
-    return TokensInfo(ids, document.get("prompt"), document.get("model"))
+    complete = document.get("complete")
+    if complete is not None and not isinstance(complete, bool):
+        raise bad('"complete" must be true or false')
+    return TokensInfo(ids, document.get("prompt"), document.get("model"), complete)
 
 
 # ----------------------------------------------------------------------------- trace dirs
@@ -310,6 +361,13 @@ class TraceDir:
     token_ids: list[int] | None = None
     prompt: str | None = None
     model: str | None = None
+    complete: bool | None = None
+    """True: the run that wrote the directory finished. False: it was interrupted, failed, or
+    is still writing (the stage files present are whole, but stages are missing). None: the
+    directory does not say (apr's own traces, or apr-tui before the field existed)."""
+    corrupt: list[tuple[Path, str]] = field(default_factory=list)
+    """Files at one of apr's stage names whose header cannot be read or disagrees with their
+    place (also listed in `unknown`). `read_trace_dir` refuses them unless strict=False."""
 
     @property
     def layers(self) -> list[int]:
@@ -334,12 +392,13 @@ def _stage_file_problem(name: str, per_layer_dir: bool) -> str | None:
     return None
 
 
-def read_trace_dir(path: str | os.PathLike[str]) -> TraceDir:
+def read_trace_dir(path: str | os.PathLike[str], *, strict: bool = True) -> TraceDir:
     """Discover the stage files of a trace directory (headers only; no tensor is loaded).
 
     Raises FormatError for a missing path, a non-directory, a directory without a single valid
-    stage file, or a malformed tokens.json. Files it does not understand are reported in
-    `.unknown` instead.
+    stage file, a malformed tokens.json, or (when `strict`) a corrupt stage file: a reference
+    with a broken stage must not pass as one whose stage is merely absent. Files it does not
+    understand are reported in `.unknown` instead (corrupt ones also in `.corrupt`).
     """
     root = Path(path)
     if not root.exists():
@@ -358,12 +417,13 @@ def read_trace_dir(path: str | os.PathLike[str]) -> TraceDir:
             header = read_aprt_header(file)
         except AprtFormatError as error:
             trace.unknown.append((file, error.reason))
+            trace.corrupt.append((file, error.reason))
             return
         if header.layer != expected_layer:
             where = "its directory" if per_layer_dir else "the root (whole-model)"
-            trace.unknown.append(
-                (file, f"header layer {header.layer} disagrees with {where} ({expected_layer})")
-            )
+            reason = f"header layer {header.layer} disagrees with {where} ({expected_layer})"
+            trace.unknown.append((file, reason))
+            trace.corrupt.append((file, reason))
             return
         found.append((expected_layer, file.name[: -len(".bin")], file))
 
@@ -395,11 +455,16 @@ def read_trace_dir(path: str | os.PathLike[str]) -> TraceDir:
         elif child.name == TOKENS_FILE:
             info = read_tokens_json(child)
             trace.token_ids, trace.prompt, trace.model = info.token_ids, info.prompt, info.model
+            trace.complete = info.complete
         elif child.name == PROVENANCE_FILE:
             continue
         else:
             consider(child, WHOLE_MODEL_LAYER, per_layer_dir=False)
 
+    if strict and trace.corrupt:
+        file, reason = trace.corrupt[0]
+        more = f" (and {len(trace.corrupt) - 1} more)" if len(trace.corrupt) > 1 else ""
+        raise FormatError(f"{file}: corrupt stage file: {reason}{more}")
     if not found:
         raise FormatError(
             f"{root}: no APRT stage files (expected layer-<N>/<stage>.bin or "

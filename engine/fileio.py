@@ -1,6 +1,6 @@
 """Defensive file plumbing shared by every reader and writer of the engine.
 
-Three hazards that each format module would otherwise handle (or forget) on its own:
+Hazards that each format module would otherwise handle (or forget) on its own:
 
 * Opening a FIFO, a terminal or a character device by mistake blocks forever or never ends;
   `open_regular` opens without blocking and refuses anything but a regular file.
@@ -8,9 +8,23 @@ Three hazards that each format module would otherwise handle (or forget) on its 
   nesting (`[[[[...`) and a plain `ValueError` for an integer literal over Python's 4300-digit
   limit. `loads_json` turns both into a `JSONDecodeError`, so a caller's one `except` clause
   covers every malformed document.
-* `tempfile.mkstemp` creates files with mode 0600, so a converted model would be unreadable by
-  the user's group; `atomic_output` creates its temporary with 0666 less the umask (what a plain
-  `open(path, "w")` gives) and renames it into place only when the write succeeded.
+* Writing. `atomic_output` writes to a hidden temporary beside the target and publishes it only
+  when the write succeeded, so the target is either untouched or complete:
+  - the temporary is created with 0666 less the umask (what a plain `open(path, "w")` gives;
+    `tempfile.mkstemp`'s 0600 would make a converted model unreadable by the user's group);
+  - its name is short and fixed-length (`.apr-tui.<pid>.<8 hex>.tmp`), so a target name near
+    NAME_MAX still gets a temporary;
+  - the writer holds an `flock` on it for its whole life, so any later run can tell a temporary
+    whose writer died (SIGKILL, power loss) from one being written, and removes the former
+    (`remove_stale_temporaries`, run once per directory per process before the first write);
+  - publication is a rename over the target only when replacing is allowed; otherwise it is a
+    hard link, which fails if the name exists: a file that appeared at the target while we
+    wrote (another process, a concurrent apr-tui) is never replaced, and of two concurrent
+    writers of one new name exactly one wins;
+  - an OSError of the write (ENOSPC, EDQUOT, EIO) is re-raised naming the target, not the
+    temporary, and the temporary is removed.
+* `locked_directory` holds an exclusive `flock` on a directory, so that one run at a time
+  writes a trace directory's stage files and its tokens.json.
 """
 
 from __future__ import annotations
@@ -18,12 +32,31 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 import stat
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from engine.errors import OutputError
+
+try:  # POSIX; elsewhere temporaries are not locked and stale ones are left alone
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+TEMP_PREFIX = ".apr-tui."
+TEMP_NAME = re.compile(r"\.apr-tui\.[0-9]+\.[0-9a-f]{8}\.tmp", re.ASCII)
+"""The temporaries `atomic_output` creates: hidden, 25-34 bytes whatever the target's name."""
+
+ANY_TEMP_NAME = re.compile(r"\..+\.[0-9]+\.[0-9a-f]{8}\.tmp", re.ASCII)
+"""What readers of a trace directory skip: our temporaries, and the longer
+`.<target name>.<pid>.<8 hex>.tmp` of earlier versions (TEMP_NAME is a special case of it)."""
+
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
+"""os.link failures that mean "this file system has no hard links" (FAT, some FUSE mounts)."""
 
 
 class NotRegularFileError(OSError):
@@ -79,21 +112,201 @@ def loads_json(text: str | bytes) -> Any:
         raise JsonLimitError(str(error).split(":")[0]) from None
 
 
-@contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """A new hidden temporary file beside `path`, renamed over `path` if the block succeeds.
+class OutputExistsError(OutputError):
+    """A target that appeared while we wrote it, and replacing was not allowed."""
 
-    The temporary is `.<name>.<pid>.<8 hex>.tmp` (trace-directory readers skip that pattern), is
-    created empty with mode 0666 less the umask, and is removed if the block raises, so `path`
-    is either untouched or completely written.
+    def __init__(self, target: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(target)
+        super().__init__(
+            f"{self.path}: appeared while apr-tui was writing it (another process created it); "
+            "not replaced, pass --force to replace it"
+        )
+
+
+def _lock(fd: int, *, wait: bool = False) -> bool:
+    """An exclusive flock on `fd`; False when another open file description holds one."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError:  # a file system without flock (some network mounts): nothing to rely on
+        return True
+    return True
+
+
+_SWEPT: set[str] = set()
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Remove every temporary of ours in `directory` whose writer is gone; return them.
+
+    A temporary's writer holds an flock on it until it publishes or removes it, and the kernel
+    drops that lock when the process dies however it dies. So a temporary we can lock has no
+    writer: it is what a SIGKILLed run left. The inode is checked again under the lock, so a
+    name reused in between is never removed. Nothing but our own TEMP_NAME pattern is touched.
+    """
+    removed: list[Path] = []
+    if fcntl is None:
+        return removed
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not TEMP_NAME.fullmatch(entry.name):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if (
+                _lock(fd)
+                and os.stat(entry.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            ):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _sweep_once(directory: Path) -> None:
+    key = os.fspath(directory.absolute())
+    if key not in _SWEPT:
+        _SWEPT.add(key)
+        remove_stale_temporaries(directory)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for the block (delivered right after it).
+
+    Between `os.open` creating the temporary and the caller holding its name, an exception
+    raised by a signal handler would leave a temporary nobody removes; a test that sends SIGTERM
+    the moment the temporary appears hits exactly that instant.
+    """
+    import signal
+    import threading
+
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        yield  # Python runs handlers in the main thread only: nothing to defer elsewhere
+        return
+    previous = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, previous)
+
+
+def _create_temporary(directory: Path) -> tuple[int, Path]:
+    """A new, locked, empty temporary in `directory`: (descriptor holding the lock, path)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        temp = directory / f"{TEMP_PREFIX}{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(temp, flags, 0o666)
+        except FileExistsError:
+            continue  # a name collision: draw another
+        try:
+            _lock(fd, wait=True)
+            # A sweeper that locked the file in the instant before we did has removed it.
+            if os.stat(temp, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                return fd, temp
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            temp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+
+
+def _publish(temp: Path, target: Path, overwrite: bool) -> None:
+    """Move the finished temporary to `target`: a rename when replacing is allowed, otherwise
+    a hard link that fails if `target` exists (then the temporary is dropped)."""
+    if overwrite:
+        os.replace(temp, target)
+        return
+    try:
+        os.link(temp, target)
+    except FileExistsError:
+        raise OutputExistsError(target) from None
+    except OSError as error:
+        if error.errno not in _NO_HARD_LINKS:
+            raise
+        # No hard links here: claim the name exclusively, then rename over our own claim.
+        try:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            raise OutputExistsError(target) from None
+        os.replace(temp, target)
+        return
+    temp.unlink()
+
+
+def _naming(error: OSError, target: Path, temp: Path | None) -> OSError:
+    """`error` with the target as its file name (the user never asked for the temporary)."""
+    if error.filename is not None and os.fspath(error.filename) not in (
+        os.fspath(temp) if temp is not None else None,
+        os.fspath(target),
+    ):
+        return error  # about another file (a read of the input, say): leave it as it is
+    reason = error.strerror or str(error) or type(error).__name__
+    if error.errno is None:  # numpy's "10752 requested and 4093 written": a short write
+        return OSError(errno.EIO, f"write failed: {reason}", os.fspath(target))
+    return OSError(error.errno, reason, os.fspath(target))
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iterator[Path]:
+    """A new hidden temporary file beside `path`, published as `path` if the block succeeds.
+
+    With `overwrite=False` an existing `path` is never replaced: if one appeared while the
+    block ran, OutputExistsError is raised and the temporary removed. On any exception
+    (including KeyboardInterrupt and aprtui's SIGTERM exception) the temporary is removed, so
+    `path` is either untouched or completely written. An OSError names `path`.
     """
     target = Path(path)
-    temp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    _sweep_once(target.parent)
+    temp: Path | None = None
+    fd = -1
     try:
-        # Created inside the try: an interrupt right after creation still removes it.
-        os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        with _signals_deferred():
+            fd, temp = _create_temporary(target.parent)
         yield temp
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
+        _publish(temp, target, overwrite)
+    except BaseException as error:
+        if temp is not None:
+            with suppress(OSError):
+                temp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise _naming(error, target, temp) from None
         raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+@contextmanager
+def locked_directory(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive flock on the directory `path` for the block, or raise OutputError at
+    once when another process holds it (two runs writing one trace directory would mix their
+    files). On a file system without flock the block runs unlocked."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not _lock(fd):
+            raise OutputError(
+                f"{os.fspath(path)}: another apr-tui run is writing into this directory; "
+                "wait for it to finish or choose another directory"
+            )
+        yield
+    finally:
+        os.close(fd)

@@ -155,7 +155,10 @@ def _parse_u32(side: str) -> int | None:
     """Rust's `u32::from_str` on an already-trimmed side: optional `+`, ASCII digits, < 2**32."""
     if not _U32_TEXT.fullmatch(side):
         return None
-    value = int(side.lstrip("+"))
+    digits = side.lstrip("+").lstrip("0")
+    if len(digits) > 10:  # beyond u32 (and int() of 4300+ digits raises): no conversion
+        return None
+    value = int(digits or "0")
     return value if value <= U32_MAX else None
 
 

@@ -14,6 +14,7 @@ when the model's metadata asks for one. `--tokens 1,2,3` bypasses the tokenizer 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,10 +101,16 @@ class BpeTokenizer:
                 f"{self.source}: tokenizer has {len(self.tokens)} tokens but "
                 f"{len(self.token_types)} token types"
             )
-        if self.kind == "spm" and self.scores is not None and len(self.scores) != len(self.tokens):
-            raise TokenizerError(
-                f"{self.source}: tokenizer has {len(self.tokens)} tokens but {len(self.scores)} scores"
-            )
+        if self.kind == "spm" and self.scores is not None:
+            if len(self.scores) != len(self.tokens):
+                raise TokenizerError(
+                    f"{self.source}: tokenizer has {len(self.tokens)} tokens but "
+                    f"{len(self.scores)} scores"
+                )
+            # NaN has no order, so the merge ranks derived from the scores would be arbitrary.
+            bad = next((i for i, score in enumerate(self.scores) if math.isnan(score)), None)
+            if bad is not None:
+                raise TokenizerError(f"{self.source}: the score of token {bad} is NaN")
 
     def piece_scores(self) -> list[float]:
         """SentencePiece scores: the stored ones, or -id for normal pieces (earlier = merged first)."""
@@ -175,19 +182,35 @@ def spm_merges(
     tokens: list[str], token_types: list[int], scores: list[float]
 ) -> list[tuple[str, str]]:
     """Merges implied by a SentencePiece vocabulary: every split of a normal piece into two
-    pieces of the vocabulary, best score first (llama.cpp merges the best-scoring pair first)."""
+    pieces of the vocabulary, best score first (llama.cpp merges the best-scoring pair first).
+
+    Only split points where both halves have the length of some piece are tried, so the work
+    is bounded by the vocabulary's size: a piece of n characters costs at most min(n, number of
+    distinct piece lengths) look-ups, never all n splits (one 400 kB piece in a hostile GGUF
+    made trying every split of it quadratic: minutes for a 0.4 MB file).
+    """
     vocab: dict[str, int] = {}
     for token_id, token in enumerate(tokens):
         vocab.setdefault(token, token_id)
+    lengths = sorted({len(token) for token in vocab})
+    length_set = set(lengths)
     candidates: list[tuple[float, int, int, str, str]] = []
     for token_id, token in enumerate(tokens):
         if token_types[token_id] != TOKEN_TYPE_NORMAL or vocab[token] != token_id:
             continue
-        local = [
-            (vocab[token[:k]], vocab[token[k:]], token[:k], token[k:])
-            for k in range(1, len(token))
-            if token[:k] in vocab and token[k:] in vocab
-        ]
+        size = len(token)
+        local = []
+        for k in lengths:
+            if k >= size:
+                break
+            if size - k not in length_set:
+                continue
+            left = token[:k]
+            if left not in vocab:
+                continue
+            right = token[k:]
+            if right in vocab:
+                local.append((vocab[left], vocab[right], left, right))
         for _, _, left, right in sorted(local):  # ties in piece-id order
             candidates.append((scores[token_id], len(left), len(right), left, right))
     candidates.sort(key=lambda c: (c[0], c[1], c[2]), reverse=True)  # stable: ties keep id order
@@ -339,8 +362,25 @@ def _pre_from_tokenizer_json(spec: dict) -> str:
     return DEFAULT_PRE
 
 
+def check_prompt_text(text: str) -> str:
+    """`text` if it is valid Unicode, else ValueError naming the first bad byte.
+
+    Python hands a command-line argument that is not valid UTF-8 over with each bad byte as a
+    lone surrogate (surrogateescape); `tokenizers` refuses such a str with a TypeError.
+    """
+    for position, char in enumerate(text):
+        if "\ud800" <= char <= "\udfff":
+            shown = f"0x{ord(char) - 0xDC00:02x}" if ord(char) >= 0xDC80 else f"U+{ord(char):04X}"
+            raise ValueError(f"not valid UTF-8 text (byte {shown} at character {position})")
+    return text
+
+
 def encode_prompt(model: Model, prompt: str) -> list[int]:
     """The token ids `apr trace` runs for `prompt`: no chat template, BOS only when asked for."""
+    try:
+        check_prompt_text(prompt)
+    except ValueError as error:
+        raise TokenizerError(f"--prompt: {error}") from None
     tokenizer = model.tokenizer
     if tokenizer is None:
         reason = model.metadata.get("tokenizer_error", "the file carries no tokenizer")

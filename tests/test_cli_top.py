@@ -32,10 +32,14 @@ def test_every_command_has_help(apr_tui, command):
 
 
 def test_no_arguments_is_a_usage_error_on_stderr(apr_tui):
+    """One usage line on stderr and exit 2 (was: the 14-line help on stderr)."""
     result = run([*apr_tui])
     assert result.returncode == 2
     assert result.stdout == ""
-    assert "usage: apr-tui MODEL" in result.stderr
+    assert result.stderr.splitlines() == [
+        "usage: apr-tui MODEL [--ref REF] [options] | "
+        "apr-tui {demo,diff,trace,bisect,convert,files} [ARGS] (apr-tui --help for more)"
+    ]
 
 
 def test_version_from_the_module_entry_point():

@@ -8,6 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+WRITES_FILES = True
+"""SIGTERM cleans up this command's temporaries (aprtui.cli.Terminated)."""
+
 HELP = "convert a .gguf / .safetensors / .apr model (or HF directory) to APR v2"
 
 DESCRIPTION = """\
@@ -69,15 +72,22 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     with open_model(source) as model:
         progress = _Progress(enabled=not args.quiet and (sys.stderr.isatty() or _big(model)))
-        apr.write(model, target, args.dtype, progress=progress)
+        # Without --force, OUT is published only if it still does not exist: a file created
+        # there meanwhile (another process, a concurrent convert) is never replaced.
+        apr.write(model, target, args.dtype, progress=progress, overwrite=args.force)
         progress.done()
         config = model.config
+        tokenizer_error = model.metadata.get("tokenizer_error") if model.tokenizer is None else None
     size = target.stat().st_size
     print(
         f"wrote {target} ({_human(size)}, {args.dtype}): {config.architecture}, "
         f"{config.num_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size} "
         f"in {time.monotonic() - started:.1f}s"
     )
+    if tokenizer_error:  # the weights converted; say why prompts will need --tokens
+        from engine.errors import printable
+
+        print(f"note: tokenizer not embedded: {printable(tokenizer_error)}")
     return 0
 
 

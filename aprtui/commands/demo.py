@@ -40,7 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="use the built-in small model even if SmolLM2 is installed",
     )
-    parser.add_argument("--prompt", metavar="TEXT", help='prompt to trace (default "What is 2+2?")')
+    parser.add_argument(
+        "--prompt",
+        type=options.prompt_text,  # text that is not UTF-8: one line, before the screen opens
+        metavar="TEXT",
+        help='prompt to trace (default "What is 2+2?")',
+    )
     options.add_device_option(parser)
 
 

@@ -28,5 +28,5 @@ def run(args: argparse.Namespace) -> int:
     from engine.aprt import read_trace_dir
 
     directory = Path(args.directory)
-    read_trace_dir(directory)  # a missing or empty directory fails here, as one line
+    read_trace_dir(directory, strict=False)  # a missing or empty directory fails here, as one line
     return int(FilesApp(directory).run() or 0)

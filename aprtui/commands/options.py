@@ -41,11 +41,25 @@ def add_threshold(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.set_defaults(threshold_given=False)
 
 
+def prompt_text(text: str) -> str:
+    """argparse type of `--prompt`: text that is valid UTF-8 (a command line that is not comes
+    in with surrogate escapes, which a tokenizer cannot take)."""
+    from engine.tokenizer import check_prompt_text
+
+    try:
+        return check_prompt_text(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def add_prompt_options(parser: argparse.ArgumentParser) -> None:
     """`--prompt TEXT | --tokens IDS`, mutually exclusive."""
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument(
-        "--prompt", metavar="TEXT", help=f"prompt to trace (default {DEFAULT_PROMPT!r})"
+        "--prompt",
+        type=prompt_text,
+        metavar="TEXT",
+        help=f"prompt to trace (default {DEFAULT_PROMPT!r})",
     )
     prompt.add_argument(
         "--tokens", metavar="IDS", help="comma-separated token ids to trace, e.g. 1,2,3"

@@ -8,6 +8,9 @@ from pathlib import Path
 
 from aprtui.commands import options
 
+WRITES_FILES = True
+"""SIGTERM cleans up this command's temporaries (aprtui.cli.Terminated)."""
+
 HELP = "write APRT stage files as `apr trace --save-tensor` does (plus tokens.json)"
 
 DESCRIPTION = """\
@@ -27,7 +30,11 @@ ffn_gate, ffn_up, ffn_silu, ffn_swigl, ffn_out, post_ffn_residual (alias layer_o
 final_norm, lm_head (the moe_* stages are accepted and never produced by dense models).
 
 The command refuses to write into a directory that holds anything other than stage files
-and tokens.json (files it did not write) unless --force is given; it never deletes a file."""
+and tokens.json (files it did not write) unless --force is given, and never replaces a file
+that appears in it during the run. One run at a time writes a directory (it is locked).
+tokens.json says "complete": true only once the run has finished; an interrupted run leaves
+whole stage files marked incomplete, and a failed run (a full disk) in a directory it created
+removes what it wrote. It never deletes a file it did not write."""
 
 EPILOG = """\
 examples:
@@ -290,8 +297,9 @@ def run(args: argparse.Namespace) -> int:
     from engine.formats import open_model
     from engine.forward import check_token_ids, trace
     from engine.memory import check_prompt_fits
-    from engine.stages import SaveTensorPlan
+    from engine.stages import SaveTensorPlan, stage_path
     from engine.tokenizer import DEFAULT_PROMPT, encode_prompt, parse_token_ids
+    from engine.trace_output import TraceOutput
 
     model_path = Path(args.model)
     if args.save_tensor_dir is not None and not args.save_tensor_dir.strip():
@@ -313,26 +321,45 @@ def run(args: argparse.Namespace) -> int:
         token_ids = check_token_ids(token_ids, model.config, str(model_path))
         check_prompt_fits(model.config, len(token_ids), str(model_path), backend)
         _check_layers_reach(plan, model.config, args.save_tensor_layers)
-        _check_earlier_tokens(directory, args.force, token_ids)
-        # tokens.json first: it marks the directory as ours, also after an interrupted run.
-        write_tokens_json(directory, token_ids, prompt, model_path)
-        stage_names = list(dict.fromkeys(s.name for s in plan.stages))  # a duplicate = one file
-        with _Progress(f"tracing {model_path.name}") as progress, _Interrupt() as interrupt:
-            for capture in trace(
-                model,
-                token_ids,
-                backend=backend,
-                stages=stage_names,
-                layers=(plan.layer_start, plan.layer_end),
-                on_layer=progress.update,
-                cancel=interrupt.cancel,
-            ):
-                if plan.should_save(capture.stage, capture.layer):
-                    written.append(
-                        write_stage(directory, capture.stage, capture.layer, capture.array)
-                    )
-        if interrupt.cancel.is_set():
-            raise KeyboardInterrupt
+        with TraceOutput(directory) as out:
+            # Checked again under the directory lock: what another run did meanwhile counts.
+            _check_output_dir(directory, args.force)
+            _check_earlier_tokens(directory, args.force, token_ids)
+            # Only the stage files vetted just now may be replaced; one that appears later
+            # (another process) is refused unless --force (engine.fileio.OutputExistsError).
+            replaceable = {path for path in directory.rglob("*.bin") if path.is_file()}
+
+            def may_replace(path: Path) -> bool:
+                return args.force or path in replaceable
+
+            # tokens.json first, marked incomplete: it marks the directory as ours, also after
+            # an interrupted run, and says the stage files are not all there yet.
+            out.record(write_tokens_json(directory, token_ids, prompt, model_path, complete=False))
+            stage_names = list(dict.fromkeys(s.name for s in plan.stages))  # duplicate = one file
+            with _Progress(f"tracing {model_path.name}") as progress, _Interrupt() as interrupt:
+                for capture in trace(
+                    model,
+                    token_ids,
+                    backend=backend,
+                    stages=stage_names,
+                    layers=(plan.layer_start, plan.layer_end),
+                    on_layer=progress.update,
+                    cancel=interrupt.cancel,
+                ):
+                    if plan.should_save(capture.stage, capture.layer):
+                        out.mkdir(stage_path(directory, capture.stage, capture.layer).parent)
+                        path = write_stage(
+                            directory,
+                            capture.stage,
+                            capture.layer,
+                            capture.array,
+                            overwrite=may_replace,
+                        )
+                        written.append(out.record(path))
+            if interrupt.cancel.is_set():
+                raise KeyboardInterrupt
+            # The run's last write: the directory is complete.
+            write_tokens_json(directory, token_ids, prompt, model_path, complete=True)
         config = model.config
 
     console = Console(highlight=False, soft_wrap=True)

@@ -122,7 +122,7 @@ Highlight a file to see its header, statistics and first values. `space` marks u
         tree = self.query_one(Tree)
         tree.root.expand()
         try:
-            self.trace = read_trace_dir(self.directory)
+            self.trace = read_trace_dir(self.directory, strict=False)  # lists corrupt files
         except AprTuiError as error:
             self.query_one("#aprt-header", Static).update(Text(str(error), style="bold red"))
             self.notify(str(error), title="APRT browser", severity="error", markup=False)

@@ -3,11 +3,14 @@
 Layout (§4.1): a 64-byte header, JSON metadata padded to 64, a variable-length tensor index
 padded to 64, tensor data (each tensor padded to 64), and a CRC32 footer over everything before
 it. The header carries its own CRC32 (bytes 0..40 and 44..64), which the reader checks; the
-footer is only checked by `verify_footer` (it needs every byte of the file, and aprender does not
-check it either).
+footer CRC of an uncompressed file is checked at open too (aprender does not), reading the file
+once in 16 MiB chunks (about 1 s per GB here), because nothing else covers the index and the
+tensor bytes: without it a flipped byte decodes as plausible garbage and the trace exits 0.
 
 Reading is lazy: the header, metadata and index are parsed at open, every offset and size
-checked against the file; tensor bytes stay in a memory map until `get(name)`. Data is located
+checked against the file, every tensor start checked to be 64-aligned and no two tensors allowed
+to share bytes (as llama.cpp does for GGUF); tensor bytes stay in a memory map until
+`get(name)`. Plain integer dtypes are legal APR but never weights, and are refused. Data is located
 by each index entry's offset, never by index order (the streaming writer sorts only the index).
 Compressed files (§4.7: LZ4 size-prepended block or a zstd frame after the header) are
 decompressed into memory at open, capped so a corrupt size cannot demand more than a bounded
@@ -34,7 +37,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from engine.errors import FormatError, MissingTensorError, UnsupportedModelError
+from engine.errors import FormatError, MissingTensorError, UnsupportedModelError, path_text
 from engine.fileio import atomic_output, loads_json, open_regular
 from engine.formats.common import (
     HF_ARCHITECTURE_CLASS,
@@ -397,6 +400,9 @@ def decode(raw: np.ndarray, entry: AprIndexEntry, codec: _Codec) -> np.ndarray:
     return values.reshape(entry.shape)
 
 
+_INTEGER_KINDS = frozenset({"i32", "i64", "i8", "u8"})
+"""Plain integer dtypes (§4.5): legal in APR, but never a weight of the models we trace."""
+
 _PLAIN_WIDTHS = {"f32": 4, "f16": 2, "bf16": 2, "f64": 8, "i32": 4, "i64": 8, "i8": 1, "u8": 1}
 
 
@@ -543,7 +549,68 @@ def read_structure(path: Path) -> AprFile:
                 f"{source}: tensor {entry.name!r} data [{entry.offset}, {entry.offset + entry.size}) "
                 f"lies past the end of the data section ({data_size} bytes)"
             )
+        if entry.offset % ALIGNMENT:
+            raise FormatError(
+                f"{source}: tensor {entry.name!r} data offset {entry.offset} is not a multiple of "
+                f"{ALIGNMENT} (APR aligns every tensor)"
+            )
+    _check_no_overlap(entries, source)
+    if not header.flags & (FLAG_LZ4 | FLAG_ZSTD):
+        _check_footer(path, size, source)
     return AprFile(header, metadata, entries, buf)
+
+
+def _check_no_overlap(entries: list[AprIndexEntry], source: str) -> None:
+    """No two tensors share bytes: a corrupt offset pointing into another tensor would
+    otherwise decode that tensor's bytes as garbage, silently."""
+    spans = sorted((entry.offset, entry.offset + entry.size, entry.name) for entry in entries)
+    previous_end, previous_name = 0, None
+    for start, end, name in spans:
+        if end == start:
+            continue  # an empty tensor occupies no bytes
+        if start < previous_end:
+            raise FormatError(
+                f"{source}: tensor {name!r} data [{start}, {end}) overlaps tensor "
+                f"{previous_name!r} (which ends at {previous_end})"
+            )
+        previous_end, previous_name = end, name
+
+
+_CRC_CHUNK = 16 << 20
+"""Bytes read per step of the footer check: memory stays flat whatever the file's size."""
+
+
+def _check_footer(path: Path, size: int, source: str) -> None:
+    """The trailing CRC32 against every byte before it, read in chunks (about 1 s per GB).
+
+    aprender does not check the footer, but without it a flipped byte in the tensor data or
+    the index (which the header CRC does not cover) decodes as plausible garbage.
+    """
+    if size < HEADER_SIZE + 4:
+        raise FormatError(f"{source}: truncated APR file ({size} bytes)")
+    crc = 0
+    remaining = size - 4
+    chunk = bytearray(min(_CRC_CHUNK, remaining) or 1)
+    view = memoryview(chunk)
+    try:
+        with open_regular(path) as handle:
+            while remaining:
+                got = handle.readinto(view[: min(len(chunk), remaining)])
+                if not got:
+                    raise FormatError(f"{source}: the file shrank while it was read")
+                crc = zlib.crc32(view[:got], crc)
+                remaining -= got
+            stored_bytes = handle.read(4)
+    except OSError as error:
+        raise FormatError(f"{source}: cannot read: {error.strerror or error}") from None
+    if len(stored_bytes) != 4:
+        raise FormatError(f"{source}: the file shrank while it was read")
+    (stored,) = struct.unpack("<I", stored_bytes)
+    if stored != crc & 0xFFFFFFFF:
+        raise FormatError(
+            f"{source}: APR footer CRC mismatch (stored 0x{stored:08x}, computed "
+            f"0x{crc & 0xFFFFFFFF:08x}): the file is corrupt or was cut short"
+        )
 
 
 def _decompress(path: Path, head: bytes, flags: int, size: int, source: str) -> np.ndarray:
@@ -598,16 +665,10 @@ def _decompress(path: Path, head: bytes, flags: int, size: int, source: str) -> 
 
 
 def verify_footer(path: Path) -> None:
-    """Check the trailing CRC32 of an uncompressed APR file against every byte before it."""
-    data = path.read_bytes()
-    if len(data) < HEADER_SIZE + 4:
-        raise FormatError(f"{path}: truncated APR file ({len(data)} bytes)")
-    (stored,) = struct.unpack_from("<I", data, len(data) - 4)
-    computed = zlib.crc32(data[:-4]) & 0xFFFFFFFF
-    if stored != computed:
-        raise FormatError(
-            f"{path}: APR footer CRC mismatch (stored 0x{stored:08x}, computed 0x{computed:08x})"
-        )
+    """Check the trailing CRC32 of an uncompressed APR file against every byte before it
+    (`read_structure` does this for every uncompressed file it opens)."""
+    path = Path(path)
+    _check_footer(path, path.stat().st_size, str(path))
 
 
 def _canonical_name(name: str) -> str:
@@ -637,7 +698,9 @@ def config_from_metadata(meta: dict[str, Any], names: set[str], source: str) -> 
 
     hidden = get_int("hidden_size", 64)
     heads = get_int("num_heads", 4)
-    head_dim = int_field(meta, ("head_dim",), source) or (hidden // heads if heads else 0)
+    head_dim = int_field(meta, ("head_dim",), source)  # an explicit 0 is refused, not defaulted
+    if head_dim is None:
+        head_dim = hidden // heads if heads else 0
     rope_type = int_field(meta, ("rope_type",), source)
     if rope_type not in (None, 0, 2):
         raise UnsupportedModelError(f"{source}: rope_type {rope_type} is not supported (0 or 2)")
@@ -752,7 +815,14 @@ def open_apr(path: Path) -> Model:
         name = _canonical_name(entry.name)
         if name in entries:
             raise FormatError(f"{source}: tensor {name!r} appears twice in the index")
-        entries[name] = (entry, resolve_codec(entry, source))
+        codec = resolve_codec(entry, source)
+        if codec.kind in _INTEGER_KINDS:
+            # Integers are never weights: decoding them as floats gives plausible garbage.
+            raise UnsupportedModelError(
+                f"{source}: tensor {entry.name!r} has integer dtype {codec.kind} "
+                f"(code {entry.dtype}); weights must be floating point or quantized"
+            )
+        entries[name] = (entry, codec)
     config = config_from_metadata(apr.metadata, set(entries), source)
     weights = AprWeightStore(source, apr.buf, apr.header.data_offset, entries)
     check_weights(config, weights, source)
@@ -861,11 +931,13 @@ def write_file(
     *,
     flags: int = FLAG_ROW_MAJOR,
     progress: Callable[[int, int, str], None] | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Write an APR v2 file: tensors sorted by name, every section aligned to 64, CRCs set.
 
     Streams: sizes come from each plan, so only one tensor's bytes exist at a time. Writes to
-    a temporary name beside `path`, renamed into place when complete.
+    a temporary name beside `path`, published when complete (engine.fileio.atomic_output; with
+    `overwrite=False` a file that appeared at `path` meanwhile is never replaced).
     """
     plans = sorted(tensors, key=lambda plan: plan.name.encode("utf-8"))
     meta = metadata_json(metadata)
@@ -887,7 +959,7 @@ def write_file(
         data_offset=data_offset,
     )
     path = Path(path)
-    with atomic_output(path) as temp, open(temp, "wb") as out:
+    with atomic_output(path, overwrite=overwrite) as temp, open(temp, "wb") as out:
         crc = 0
 
         def emit(chunk: bytes) -> None:
@@ -914,11 +986,11 @@ def model_metadata(model: Model, dtype: str, plans: list[TensorPlan]) -> dict[st
     config = model.config
     meta: dict[str, Any] = {
         "model_type": config.architecture,
-        "name": str(model.metadata.get("name") or model.name),
+        "name": path_text(str(model.metadata.get("name") or model.name)),
         "license": None,
         "data_source": None,
         "data_license": None,
-        "source": model.path.name,
+        "source": path_text(model.path.name),
         "original_format": model.format,
         "total_size": sum(plan.size for plan in plans),
         "param_count": sum(math.prod(plan.shape) for plan in plans),
@@ -954,7 +1026,10 @@ def model_metadata(model: Model, dtype: str, plans: list[TensorPlan]) -> dict[st
     tokenizer = model.tokenizer
     if isinstance(tokenizer, BpeTokenizer):
         if tokenizer.kind == "spm":  # GGUF's vocabulary names: `llama` SentencePiece, `gpt2` BPE
-            pieces = {"tokenizer.model_type": "llama", "tokenizer.scores": tokenizer.piece_scores()}
+            pieces = {
+                "tokenizer.model_type": "llama",
+                "tokenizer.scores": [_json_score(x) for x in tokenizer.piece_scores()],
+            }
             if not tokenizer.add_space_prefix:
                 pieces["tokenizer.add_space_prefix"] = False
         else:
@@ -977,12 +1052,24 @@ def model_metadata(model: Model, dtype: str, plans: list[TensorPlan]) -> dict[st
     return meta
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _json_score(score: float) -> float:
+    """A SentencePiece score as JSON can hold it: ±Inf (GGUF allows it; JSON does not) becomes
+    ±f32 max, which keeps every comparison the merge order depends on (the scores were f32)."""
+    if math.isinf(score):
+        return math.copysign(_F32_MAX, score)
+    return score
+
+
 def write(
     model: Model,
     path: Path | str,
     dtype: str = "f32",
     *,
     progress: Callable[[int, int, str], None] | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """`model` as an APR v2 file at `path` (HF tensor names, HF row order)."""
     check_write_dtype(path, "APR", dtype, WRITE_DTYPES)
@@ -996,7 +1083,12 @@ def write(
     if isinstance(model.tokenizer, BpeTokenizer):
         flags |= FLAG_HAS_VOCAB
     return write_file(
-        Path(path), model_metadata(model, dtype, plans), plans, flags=flags, progress=progress
+        Path(path),
+        model_metadata(model, dtype, plans),
+        plans,
+        flags=flags,
+        progress=progress,
+        overwrite=overwrite,
     )
 
 

@@ -220,11 +220,14 @@ def hf_config_to_model_config(spec: Mapping[str, Any], source: str) -> ModelConf
     if hidden is None or heads is None:
         raise FormatError(f"{source}: config.json lacks hidden_size or num_attention_heads")
     kv_heads = int_field(spec, ("num_key_value_heads",), source, heads)
-    head_dim = int_field(spec, ("head_dim",), source) or (hidden // heads if heads else 0)
+    # An explicit 0 is a value (refused by check_dims), not an absent key: only None defaults.
+    head_dim = int_field(spec, ("head_dim",), source)
+    if head_dim is None:
+        head_dim = hidden // heads if heads else 0
     rope = spec.get("rope_parameters") if isinstance(spec.get("rope_parameters"), dict) else {}
-    rope_theta = float_field(spec, ("rope_theta",), source) or float_field(
-        rope, ("rope_theta",), source, 10000.0
-    )
+    rope_theta = float_field(spec, ("rope_theta",), source)
+    if rope_theta is None:
+        rope_theta = float_field(rope, ("rope_theta",), source, 10000.0)
     eos = spec.get("eos_token_id")
     if isinstance(eos, list):
         eos = eos[0] if eos else None

@@ -17,6 +17,7 @@ Qwen2 and Qwen3 files are stored unpermuted (NEOX RoPE).
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import re
@@ -362,8 +363,32 @@ def _parse_header(buf: Any, size: int, source: str) -> GgufHeader:
     for name, dims, raw_type, offset in infos:
         if name in tensors:
             raise FormatError(f"{source}: duplicate tensor {name!r}")
+        if offset % alignment:
+            # llama.cpp (gguf_init_from_file) refuses this too: a shifted offset decodes the
+            # neighbouring bytes as plausible garbage.
+            raise FormatError(
+                f"{source}: tensor {name!r} has data offset {offset}, not a multiple of the "
+                f"alignment {alignment}"
+            )
         tensors[name] = _tensor_info(source, size, data_offset, name, dims, raw_type, offset)
+    _check_no_overlap(tensors, source)
     return GgufHeader(version, metadata, tensors, data_offset)
+
+
+def _check_no_overlap(tensors: dict[str, GgufTensorInfo], source: str) -> None:
+    """No two tensors share bytes (llama.cpp requires each to start where the previous one's
+    padded data ends); an offset pointing into another tensor is corruption."""
+    spans = sorted((info.start, info.start + info.nbytes, name) for name, info in tensors.items())
+    previous_end, previous_name = 0, None
+    for start, end, name in spans:
+        if end == start:
+            continue  # an empty tensor occupies no bytes
+        if start < previous_end:
+            raise FormatError(
+                f"{source}: tensor {name!r} data [{start}, {end}) overlaps tensor "
+                f"{previous_name!r} (which ends at {previous_end})"
+            )
+        previous_end, previous_name = end, name
 
 
 def _tensor_info(
@@ -491,6 +516,17 @@ _PLAIN_TYPES = {
 }
 
 
+_INTEGER_TYPES = frozenset(
+    {
+        GGMLQuantizationType.I8,
+        GGMLQuantizationType.I16,
+        GGMLQuantizationType.I32,
+        GGMLQuantizationType.I64,
+    }
+)
+"""GGML's plain integer types: legal GGUF, never a weight of the models we trace."""
+
+
 def _decode(raw: np.ndarray, info: GgufTensorInfo) -> np.ndarray:
     qtype = info.qtype
     if qtype == GGMLQuantizationType.BF16:
@@ -592,8 +628,15 @@ def config_from_metadata(
 
 def _shortest_float(value: float) -> float:
     """GGUF stores these as f32: 1e-05 reads back as 9.99999974e-06; give the f32's shortest
-    decimal (what the converter was given), which rounds to the very same f32."""
+    decimal (what the converter was given), which rounds to the very same f32. A value beyond
+    f32 (an f64 key holding 1e300) or not finite is returned as it is, for check_dims to refuse,
+    instead of overflowing the cast (a RuntimeWarning on stderr)."""
+    if not math.isfinite(value) or abs(value) > _F32_MAX:
+        return float(value)
     return float(str(np.float32(value)))
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def tokenizer_from_metadata(metadata: dict[str, Any], source: str) -> BpeTokenizer:
@@ -660,6 +703,12 @@ def open_gguf(path: Path) -> Model:
             permuted[f"model.layers.{layer}.self_attn.q_proj.weight"] = config.num_heads
             permuted[f"model.layers.{layer}.self_attn.k_proj.weight"] = config.num_kv_heads
     for name, info in canonical.items():
+        if info.qtype in _INTEGER_TYPES:
+            # Integers are never weights: decoding them as floats gives plausible garbage.
+            raise UnsupportedModelError(
+                f"{source}: tensor {info.name!r} has integer type {info.qtype.name}; weights "
+                "must be floating point or quantized"
+            )
         if info.qtype not in _PLAIN_TYPES and not can_dequantize(info.qtype):
             raise UnsupportedModelError(
                 f"{source}: tensor {name!r} has GGML type {info.qtype.name}, which cannot be dequantized"

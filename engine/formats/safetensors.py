@@ -260,13 +260,20 @@ def _weight_files(path: Path, directory: Path) -> list[Path]:
     if index_path.is_file():
         try:
             index = loads_json(index_path.read_text(encoding="utf-8"))
-            weight_map = index["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise FormatError(f"{index_path}: unreadable shard index: {error}") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise FormatError(
+                f'{index_path}: shard index has no "weight_map" object (tensor name -> shard file)'
+            )
+        if not all(
+            isinstance(shard, str) and shard and "\0" not in shard for shard in weight_map.values()
+        ):
+            raise FormatError(f'{index_path}: every "weight_map" value must be a shard file name')
         files = []
-        for shard in shards:
-            shard_path = directory / str(shard)
+        for shard in sorted(set(weight_map.values())):
+            shard_path = directory / shard
             if shard_path.parent != directory or not shard_path.is_file():
                 raise FormatError(f"{index_path}: shard {shard!r} is missing from {directory}")
             files.append(shard_path)
