@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.backend import to_host as _to_host
 from engine.errors import DiffError
 
 
@@ -84,12 +85,6 @@ def _array_module(*arrays: Array) -> ModuleType:
 
         return cupy
     return np
-
-
-def _to_host(x: Array) -> np.ndarray:
-    if type(x).__module__.split(".")[0] == "cupy":
-        return x.get()
-    return np.asarray(x)
 
 
 def _flat_f32(x: Array, xp: ModuleType) -> Array:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -421,13 +421,3 @@ def parse_token_ids(text: str, *, flag: str = "--tokens") -> list[int]:
             )
         ids.append(int(part))
     return ids
-
-
-def check_token_ids(ids: Sequence[int], vocab_size: int, source: str) -> None:
-    """Every id inside the model's vocabulary, or a one-line error naming the first one outside."""
-    for position, token_id in enumerate(ids, start=1):
-        if not 0 <= token_id < vocab_size:
-            raise TokenizerError(
-                f"{source}: token id {token_id} at position {position} is outside the vocabulary "
-                f"(0..{vocab_size - 1})"
-            )

@@ -117,10 +117,12 @@ def _layer_json(layer: int) -> int | str:
 
 
 def cell_json(cell: Cell, threshold: float, floors: dict | None = None) -> dict[str, Any]:
+    from engine.anomalies import cell_anomalies, grid_anomalies
     from engine.compare import cosine_diverged, std_diverged, std_ratio
     from engine.noise import local_ratio
 
     local = cell.local
+    flags, one_sided = cell_anomalies(cell), grid_anomalies(cell)
     return {
         "layer": _layer_json(cell.layer),
         "stage": cell.stage,
@@ -136,6 +138,11 @@ def cell_json(cell: Cell, threshold: float, floors: dict | None = None) -> dict[
         "local_ratio": None if floors is None else local_ratio(cell, floors),
         "local_inputs": None if local is None else list(local.inputs),
         "local_missing": None if local is None else local.missing,
+        "anomalies": {
+            side.lower(): [{"rule": f.rule, "detail": f.detail} for f in found]
+            for side, found in (("A", flags.a), ("B", flags.b))
+        },
+        "one_sided_anomalies": [f.rule for f in (*one_sided.a, *one_sided.b)],
     }
 
 
@@ -280,6 +287,7 @@ def _print_summary(
             f"[magenta]First scale divergence[/] (std ratio outside [{low}, {high}]): "
             f"{_describe(first_std)}"
         )
+    _print_anomalies(console, cells)
     for side in (a, b):
         ignored = _ignored_files(side)
         if ignored:
@@ -302,6 +310,25 @@ def _print_summary(
 
 PIPED_PROGRESS_EVERY_S = 5.0
 """Without a terminal, a progress line on stderr at most this often (nothing for short runs)."""
+
+
+def _print_anomalies(console, cells: list[Cell]) -> None:
+    """apr's anomaly flags (NaN, Inf, near-zero variance, large values, large mean bias,
+    HIGH-VAR) that one side breaks and the other does not: the first one and a count."""
+    from engine.anomalies import grid_anomalies
+    from engine.stages import WHOLE_MODEL_LAYER
+
+    flagged = [(cell, flags) for cell in cells if (flags := grid_anomalies(cell))]
+    if not flagged:
+        return
+    cell, flags = flagged[0]
+    where = "whole model" if cell.layer == WHOLE_MODEL_LAYER else f"layer {cell.layer}"
+    more = f"; {len(flagged) - 1} more stage(s) flagged" if len(flagged) > 1 else ""
+    console.print(
+        f"apr anomaly flags on one side only: {where} {cell.stage}: {flags.summary()}{more}",
+        style="yellow",
+        markup=False,
+    )
 
 
 def _collect(cells, expected: int) -> list[Cell]:

@@ -146,3 +146,21 @@ def test_explorer_without_a_terminal_says_so(apr_tui, demo_pair):
         f"apr-tui: error: apr-tui {demo_pair.model_a}: the explorer needs a terminal (stdin and "
         "stdout are not both a tty); use `apr-tui bisect` or `apr-tui trace` for headless work"
     )
+
+
+def test_bisect_reports_apr_anomaly_flags(apr_tui, demo_pair):
+    """apr's rules (engine.anomalies) in bisect's report: only what one side breaks is news."""
+    import json
+
+    result = run_cli(apr_tui, "bisect", demo_pair.model_a, demo_pair.model_b, "--json")
+    assert result.returncode == 1
+    cells = {(c["layer"], c["stage"]): c for c in json.loads(result.stdout)["cells"]}
+    swigl = cells[(2, "ffn_swigl")]
+    # B carries the ×18: its values pass apr's 100, A's do not (checked from the statistics).
+    assert max(abs(swigl["b"]["min"]), abs(swigl["b"]["max"])) > 100
+    assert max(abs(swigl["a"]["min"]), abs(swigl["a"]["max"])) <= 100
+    assert swigl["one_sided_anomalies"] == ["large_values"]
+    assert [flag["rule"] for flag in swigl["anomalies"]["b"]] == ["large_values"]
+    assert cells[(1, "ffn_swigl")]["one_sided_anomalies"] == []
+    text = run_cli(apr_tui, "bisect", demo_pair.model_a, demo_pair.model_b)
+    assert "apr anomaly flags on one side only: layer 2 ffn_swigl: B: large values" in text.stdout
