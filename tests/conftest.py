@@ -27,17 +27,19 @@ def smollm2_gguf() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def apr_tui() -> list[str]:
-    """argv prefix that runs the installed `apr-tui` console script (falls back to -m aprtui)."""
-    import shutil
+def apr_tui_argv() -> list[str]:
+    """The one way tests find the command: the `apr-tui` console script that the README's
+    install puts beside this Python (falling back to `python -m aprtui`)."""
     import sys
 
     script = Path(sys.executable).parent / "apr-tui"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("apr-tui")
-    return [found] if found else [sys.executable, "-m", "aprtui"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "aprtui"]
+
+
+@pytest.fixture(scope="session")
+def apr_tui() -> list[str]:
+    """argv prefix that runs the installed `apr-tui` (apr_tui_argv)."""
+    return apr_tui_argv()
 
 
 @pytest.fixture(scope="session")

@@ -68,9 +68,50 @@ def test_unknown_option_is_one_line_and_exit_2(apr_tui):
     )
 
 
+def stderr_on_a_terminal(argv: list[str], env: dict[str, str]) -> tuple[int, bytes]:
+    """Run with stderr on a pseudo-terminal (so the command may colour it); its bytes back."""
+    import os
+    import pty
+
+    main, child = pty.openpty()
+    try:
+        result = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=child,
+            env=env,
+            timeout=60,
+        )
+        os.close(child)
+        child = -1
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the terminal has no writer left
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return result.returncode, b"".join(chunks)
+    finally:
+        if child >= 0:
+            os.close(child)
+        os.close(main)
+
+
 def test_error_colour_respects_no_color(apr_tui, tmp_path):
-    """Not a tty here, so never colour; the plain prefix is what scripts grep for."""
-    result = run([*apr_tui, "files", str(tmp_path / "none")], env={"NO_COLOR": "1", "PATH": ""})
-    assert result.returncode == 2
-    assert "\x1b[" not in result.stderr
-    assert result.stderr.startswith("apr-tui: error: ")
+    """On a terminal the error prefix is coloured, unless NO_COLOR is set; scripts grep the
+    plain prefix. (Was a test that could not fail: stderr was never a terminal.)"""
+    import os
+
+    argv = [*apr_tui, "files", str(tmp_path / "none")]
+    base = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    code, coloured = stderr_on_a_terminal(argv, base)
+    assert code == 2
+    assert b"\x1b[" in coloured
+    code, plain = stderr_on_a_terminal(argv, {**base, "NO_COLOR": "1"})
+    assert code == 2
+    assert b"\x1b[" not in plain
+    assert plain.startswith(b"apr-tui: error: ")

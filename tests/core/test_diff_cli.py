@@ -6,26 +6,21 @@ import json
 import os
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from engine.aprt import write_stage, write_tokens_json
+from tests.conftest import apr_tui_argv
 
 WHOLE = 0xFFFFFFFF
-
-
-def apr_tui_command() -> list[str]:
-    script = Path(sys.executable).with_name("apr-tui")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "aprtui"]
 
 
 def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "100", "NO_COLOR": "1"}
     return subprocess.run(
-        [*apr_tui_command(), *map(str, args)],
+        [*apr_tui_argv(), *map(str, args)],
         capture_output=True,
         text=True,
         timeout=60,

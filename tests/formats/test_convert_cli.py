@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from engine.formats import open_model
+from tests.conftest import apr_tui_argv
 
 from .test_gguf import bound_q6_k
 
 
 def apr_tui(*args: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("apr-tui") or str(Path(sys.executable).parent / "apr-tui")
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([*apr_tui_argv(), *args], capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("source", ["gguf", "safetensors"])

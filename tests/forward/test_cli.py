@@ -12,16 +12,15 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.conftest import apr_tui_argv
 from tests.forward.agreement import TINY_MAX_REL_ERR, disagreements
 from tests.forward.hf_oracle import build_hf_model, hf_stage_captures
 
-APR_TUI = str(Path(sys.executable).with_name("apr-tui"))
 WHOLE = 0xFFFFFFFF
 LLAMA_PER_LAYER = [
     "attn_norm",
@@ -46,7 +45,7 @@ LLAMA_PER_LAYER = [
 def apr_tui(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
     return subprocess.run(
-        [APR_TUI, *map(str, args)],
+        [*apr_tui_argv(), *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,

@@ -115,14 +115,19 @@ class Notifications(list):
         return [notification.message for notification in self]
 
 
-async def settle(pilot) -> None:
-    """Wait until the engine run has ended and its messages are drawn."""
+async def settle(pilot, timeout: float = 120.0) -> None:
+    """Wait until the engine run has ended and its messages are drawn; fail loudly after
+    `timeout` seconds instead of falling through."""
+    import asyncio
+
     app = pilot.app
-    await app.workers.wait_for_complete()
-    for _ in range(500):
+    await asyncio.wait_for(app.workers.wait_for_complete(), timeout)
+    for _ in range(int(timeout / 0.01)):
         if app.state in FINAL_STATES:
             break
         await pilot.pause(0.01)
+    else:
+        raise AssertionError(f"the engine run did not end within {timeout} s (state {app.state})")
     await pilot.pause()
     await pilot.pause()
 

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-APR_TUI = Path(sys.executable).parent / "apr-tui"
+from tests.conftest import apr_tui_argv
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(APR_TUI), *args], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+        [*apr_tui_argv(), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
     )
 
 

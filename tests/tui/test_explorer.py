@@ -281,8 +281,12 @@ async def test_ctrl_c_quits_and_stops_a_running_worker(tmp_path):
 
     app = make_app(open_sources, clock=None)
     async with app.run_test(size=SIZE) as pilot:
-        while not produced:
+        for _ in range(6000):  # 60 s at most, then fail loudly
+            if produced:
+                break
             await pilot.pause(0.01)
+        else:
+            raise AssertionError("the engine produced no capture within 60 s")
         await pilot.press("ctrl+c")
         await pilot.pause()
     assert app.return_code == 0
