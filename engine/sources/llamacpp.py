@@ -474,7 +474,7 @@ class LlamaCppSource(TraceSource):
         self.path = Path(gguf_path)
         self.settings = settings or LlamaCppSettings(**setting_overrides)
         if not self.path.is_file():
-            raise FormatError(f"{self.path}: no such GGUF file")
+            raise FormatError(f"{self.path}: not a GGUF file (llama.cpp runs .gguf models)")
         header = read_header(self.path)
         self.config: ModelConfig
         self.config, self.gguf_architecture = config_from_metadata(

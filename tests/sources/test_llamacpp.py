@@ -252,7 +252,7 @@ def test_bad_settings_and_missing_files_are_one_line_errors(tmp_path):
 
     with pytest.raises(AprTuiError, match="type_k 'q3'"):
         LlamaCppSource(tmp_path / "x.gguf", [1], type_k="q3")
-    with pytest.raises(AprTuiError, match="no such GGUF"):
+    with pytest.raises(AprTuiError, match="not a GGUF file"):
         LlamaCppSource(tmp_path / "missing.gguf", [1])
 
 
