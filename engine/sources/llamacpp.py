@@ -502,6 +502,16 @@ class LlamaCppSource(TraceSource):
         self.label = f"llama.cpp:{self.path.name}"
         self.description = self._describe()
 
+    def adopt_tokens(self, token_ids: list[int], prompt: str | None = None) -> None:
+        """Run these ids from now on (e.g. the other side's tokens.json); drops cached stages."""
+        ids = check_token_ids(token_ids, self.config, str(self.path))
+        if not ids:
+            raise AprTuiError(f"{self.path}: llama.cpp needs at least one token")
+        self.token_ids, self.prompt = ids, prompt
+        with self._cache_lock:
+            self._cache.clear()
+            self._cache_bytes = 0
+
     # -- what it is ---------------------------------------------------------------------
 
     def _not_produced(self) -> dict[str, str]:
