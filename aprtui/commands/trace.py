@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from aprtui.commands import options
+from aprtui.commands import options, trace_engines
 
 WRITES_FILES = True
 """SIGTERM cleans up this command's temporaries (aprtui.cli.Terminated)."""
@@ -41,6 +41,8 @@ examples:
   apr-tui trace model.gguf --save-tensor all
   apr-tui trace model.apr --save-tensor attn_norm,ffn_swigl,lm_head --save-tensor-layers 0..4
   apr-tui trace model.gguf --save-tensor all --tokens 1,2,3 --save-tensor-dir /tmp/mine
+  apr-tui trace ./hf-model --engine hf --dtype float16 --save-tensor all
+  apr-tui trace model.gguf --engine llama.cpp --save-tensor all --save-tensor-layers 0..30
 
 exit codes: 0 written, 2 bad input (unreadable model, bad plan, refused directory)."""
 
@@ -66,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="layers to save, END exclusive (default 0..1: layer 0 only)",
     )
     options.add_device_option(parser)
+    trace_engines.add_arguments(parser)  # --engine hf|llama.cpp, --dtype (issue 14)
     parser.add_argument(
         "--force",
         action="store_true",
@@ -301,6 +304,8 @@ def run(args: argparse.Namespace) -> int:
     from engine.tokenizer import DEFAULT_PROMPT, encode_prompt, parse_token_ids
     from engine.trace_output import TraceOutput
 
+    if args.engine != "apr" or args.dtype is not None:  # another engine's stages (issue 14)
+        return trace_engines.run_engine(args)
     model_path = Path(args.model)
     if args.save_tensor_dir is not None and not args.save_tensor_dir.strip():
         raise AprTuiError("--save-tensor-dir: empty path (leave the flag out for <stem>-trace)")

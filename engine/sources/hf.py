@@ -296,15 +296,7 @@ class HfSource(TraceSource):
             raise UnsupportedModelError(
                 f"{self.path}: model_type {config.model_type!r} is not supported"
             )
-        vocab = int(config.vocab_size)
-        bad = [t for t in token_ids if not 0 <= int(t) < vocab]
-        if bad:
-            raise AprTuiError(
-                f"{self.path}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})"
-            )
-        if not token_ids:
-            raise AprTuiError(f"{self.path}: the HF source needs at least one token")
-        self.token_ids = [int(t) for t in token_ids]
+        self.token_ids = self._checked(token_ids)
         self.prompt = prompt
         self.num_layers = int(config.num_hidden_layers)
         first = self.model.model.layers[0].self_attn
@@ -323,6 +315,24 @@ class HfSource(TraceSource):
         self._cache_limit = cache_bytes
         self._cache_lock = threading.Lock()
         self._handles = self._install_hooks()
+
+    def _checked(self, token_ids: list[int]) -> list[int]:
+        vocab = int(self.model.config.vocab_size)
+        bad = [t for t in token_ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise AprTuiError(
+                f"{self.path}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})"
+            )
+        if not token_ids:
+            raise AprTuiError(f"{self.path}: the HF source needs at least one token")
+        return [int(t) for t in token_ids]
+
+    def adopt_tokens(self, token_ids: list[int], prompt: str | None = None) -> None:
+        """Run these ids from now on (e.g. the other side's tokens.json); drops cached stages."""
+        self.token_ids, self.prompt = self._checked(token_ids), prompt
+        with self._cache_lock:
+            self._cache.clear()
+            self._cache_bytes = 0
 
     def record(self) -> dict[str, Any]:
         """What this source is (JSON-ready)."""

@@ -474,7 +474,7 @@ class LlamaCppSource(TraceSource):
         self.path = Path(gguf_path)
         self.settings = settings or LlamaCppSettings(**setting_overrides)
         if not self.path.is_file():
-            raise FormatError(f"{self.path}: no such GGUF file")
+            raise FormatError(f"{self.path}: not a GGUF file (llama.cpp runs .gguf models)")
         header = read_header(self.path)
         self.config: ModelConfig
         self.config, self.gguf_architecture = config_from_metadata(
@@ -501,6 +501,16 @@ class LlamaCppSource(TraceSource):
         self._cache_lock = threading.Lock()
         self.label = f"llama.cpp:{self.path.name}"
         self.description = self._describe()
+
+    def adopt_tokens(self, token_ids: list[int], prompt: str | None = None) -> None:
+        """Run these ids from now on (e.g. the other side's tokens.json); drops cached stages."""
+        ids = check_token_ids(token_ids, self.config, str(self.path))
+        if not ids:
+            raise AprTuiError(f"{self.path}: llama.cpp needs at least one token")
+        self.token_ids, self.prompt = ids, prompt
+        with self._cache_lock:
+            self._cache.clear()
+            self._cache_bytes = 0
 
     # -- what it is ---------------------------------------------------------------------
 

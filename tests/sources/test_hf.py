@@ -154,6 +154,11 @@ def test_partial_runs_and_early_exit(seeded_dirs):
         for _ in source.captures():
             break  # leaving a run early releases its worker
         assert source.tensor(2, "attn_softmax").shape == (4, len(TINY_TOKENS), len(TINY_TOKENS))
+        source.adopt_tokens(TINY_TOKENS[:3])
+        assert source.tensor(2, "attn_softmax").shape == (4, 3, 3)
+        adopted = source.tensor(0, "attn_out")
+    with HfSource(seeded_dirs["qwen3"], TINY_TOKENS[:3]) as fresh:
+        np.testing.assert_array_equal(adopted, fresh.tensor(0, "attn_out"))
 
 
 def test_bad_input_is_one_line(seeded_dirs, tmp_path):

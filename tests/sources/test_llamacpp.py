@@ -252,7 +252,7 @@ def test_bad_settings_and_missing_files_are_one_line_errors(tmp_path):
 
     with pytest.raises(AprTuiError, match="type_k 'q3'"):
         LlamaCppSource(tmp_path / "x.gguf", [1], type_k="q3")
-    with pytest.raises(AprTuiError, match="no such GGUF"):
+    with pytest.raises(AprTuiError, match="not a GGUF file"):
         LlamaCppSource(tmp_path / "missing.gguf", [1])
 
 
@@ -353,3 +353,19 @@ def test_drill_down_while_a_capture_run_is_paused(smollm2_gguf, smollm2_captures
         np.testing.assert_array_equal(result[0], clean[(20, "ffn_up")])
         rest = list(running)
         assert (rest[-1].layer, rest[-1].stage) == (WHOLE_MODEL_LAYER, "lm_head")
+
+
+def test_adopt_tokens_reruns_on_the_new_ids(tmp_path):
+    from engine.sources.llamacpp import LlamaCppSource
+
+    model = synthesize("qwen2", seed=8, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
+    path = gguf_format.write(model, tmp_path / "q.gguf", "f32")
+    with LlamaCppSource(path, [5, 6, 7], n_threads=THREADS) as source:
+        before = source.tensor(0, "attn_out")
+        source.adopt_tokens([5, 6, 7, 8, 9])
+        after = source.tensor(0, "attn_out")
+        with pytest.raises(AprTuiError):
+            source.adopt_tokens([10**7])
+    with LlamaCppSource(path, [5, 6, 7, 8, 9], n_threads=THREADS) as fresh:
+        np.testing.assert_array_equal(after, fresh.tensor(0, "attn_out"))
+    assert before.shape == (3, 64) and after.shape == (5, 64)
