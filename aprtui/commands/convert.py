@@ -79,14 +79,14 @@ def run(args: argparse.Namespace) -> int:
         config = model.config
         tokenizer_error = model.metadata.get("tokenizer_error") if model.tokenizer is None else None
     size = target.stat().st_size
+    from engine.errors import printable
+
     print(
-        f"wrote {target} ({_human(size)}, {args.dtype}): {config.architecture}, "
+        f"wrote {printable(target)} ({_human(size)}, {args.dtype}): {config.architecture}, "
         f"{config.num_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size} "
         f"in {time.monotonic() - started:.1f}s"
     )
     if tokenizer_error:  # the weights converted; say why prompts will need --tokens
-        from engine.errors import printable
-
         print(f"note: tokenizer not embedded: {printable(tokenizer_error)}")
     return 0
 

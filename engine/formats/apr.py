@@ -543,6 +543,8 @@ def read_structure(path: Path) -> AprFile:
         buf, header.tensor_index_offset, header.data_offset, header.tensor_count, source
     )
     data_size = total - header.data_offset
+    if not header.flags & (FLAG_LZ4 | FLAG_ZSTD):
+        data_size = max(0, data_size - 4)  # the footer CRC is not tensor data
     for entry in entries:
         if entry.offset > data_size or entry.size > data_size - entry.offset:
             raise FormatError(
