@@ -72,7 +72,11 @@ def parse_layers(text: str | None) -> tuple[int, int] | None:
         raise AprTuiError(f"--layers {text!r}: {reason}") from None
 
 
-def resolve_reference(model: Path, ref: str | None) -> Path | None:
+def resolve_reference(model: Path, ref: str | None) -> Path | str | None:
+    from engine.sources.specs import split_spec
+
+    if ref is not None and split_spec(ref) is not None:
+        return ref  # another engine (llama.cpp, hf:DIR, dump:DIR): opened by the plan
     if ref is not None:
         path = Path(ref)
         if not path.exists():
@@ -122,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         plan,
         threshold=args.threshold,
         device=args.device,
-        reference_dir=reference if reference is not None and reference.is_dir() else None,
+        reference_dir=reference if isinstance(reference, Path) and reference.is_dir() else None,
         single_model=reference is None,
     )
     return int(app.run() or 0)

@@ -54,7 +54,11 @@ def legend_text(metric_key: str, threshold: float, has_reference: bool) -> Text:
     )
     if has_reference:
         text.append_text(
-            Text.assemble("\n", ("▶", "bold red"), "   first divergence (cosine / std ratio)")
+            Text.assemble(
+                "\n",
+                ("▶", "bold red"),
+                "   origin (local error > floor) / first cosine, std divergence",
+            )
         )
     return text
 

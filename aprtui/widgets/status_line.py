@@ -66,7 +66,8 @@ def status_text(status: RunStatus, width: int | None = None) -> Text:
     else:
         parts.append(Text(status.state, "bold red" if status.state == "failed" else "yellow"))
     if status.divergence:
-        parts.append(Text(status.divergence, "bold red"))
+        agrees = status.divergence.startswith("no origin")
+        parts.append(Text(status.divergence, "bold green" if agrees else "bold red"))
     if width is None:
         return Text(SEPARATOR).join(parts)
     lines: list[list[Text]] = [[]]

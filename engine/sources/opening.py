@@ -43,19 +43,36 @@ def open_pair(
 ) -> tuple[TraceSource, TraceSource | None]:
     """Open both sides of a comparison and settle which tokens a model side traces.
 
+    A side is another engine when it is one of `engine.sources.specs`' specs (`llama.cpp`,
+    `llama.cpp:PATH.gguf`, `hf:PATH`, `dump:PATH`; a bare `llama.cpp` runs the other side's GGUF),
+    else a trace directory, else a model file.
+
     Token ids, by precedence: `token_ids`; `prompt` encoded by the model's tokenizer; a trace
     directory's tokens.json (checked again by `compare`); the default prompt encoded by the
     model's tokenizer, or by the other model's when this one carries none.
     """
     from engine.errors import TokenizerError
     from engine.formats import open_model
+    from engine.sources.specs import open_spec
     from engine.tokenizer import DEFAULT_PROMPT, encode_prompt
 
     backend = resolve_backend(device)  # a bad --device fails before any model is opened
-    specs = [Path(spec_a)] + ([Path(spec_b)] if spec_b is not None else [])
+    specs = [spec_a] + ([spec_b] if spec_b is not None else [])
     opened: list[TraceSource | Model] = []
     try:
-        for path in specs:
+        for index, spec in enumerate(specs):
+            other = specs[1 - index] if len(specs) == 2 else None
+            engine_source = open_spec(
+                str(spec),
+                token_ids=token_ids,
+                prompt=prompt,
+                device=device if isinstance(device, str) else backend.name.replace("numpy", "cpu"),
+                model=other,
+            )
+            if engine_source is not None:
+                opened.append(engine_source)
+                continue
+            path = Path(spec)
             opened.append(DirectorySource(path) if looks_like_trace_dir(path) else open_model(path))
         models = [m for m in opened if isinstance(m, Model)]
         sources: list[TraceSource] = []

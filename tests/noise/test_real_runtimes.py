@@ -31,7 +31,7 @@ PROMPTS = {
 }
 
 
-def bisect(apr_tui, a: Path, b: Path) -> tuple[int, dict]:
+def bisect(apr_tui, a: Path | str, b: Path | str) -> tuple[int, dict]:
     env = dict(os.environ, NO_COLOR="1")
     result = subprocess.run(
         [*apr_tui, "bisect", str(a), str(b), "--json"],
@@ -155,3 +155,12 @@ def test_altered_tensor_in_a_conversion_is_the_origin(smollm2_gguf, conversions)
     # ×1.05 on B's weights: B's output is 1.05× the recomputation, 4.8% relative, inside the
     # std band and invisible to cosine at that stage.
     assert origin.local_error == pytest.approx(0.05 / 1.05, rel=0.2)
+
+
+def test_llamacpp_spec_runs_the_same_gguf(apr_tui, smollm2_gguf, llama_cpp_installed):
+    """`apr-tui bisect model.gguf llama.cpp`: the other engine as a spec, one command."""
+    code, report = bisect(apr_tui, smollm2_gguf, "llama.cpp")
+    assert code == 0
+    assert report["origin"] is None
+    assert "llama.cpp" in report["b"]["description"]
+    assert report["checked_side"] == "b"

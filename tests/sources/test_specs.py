@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from engine.aprt import read_aprt, read_tokens_json
-from engine.compare import DirectorySource
 from engine.errors import AprTuiError
 from engine.formats import gguf as gguf_format
 from engine.formats import open_model
 from engine.formats import safetensors as safetensors_format
 from engine.forward import trace
+from engine.sources import DirectorySource
 from engine.sources.specs import open_spec, split_spec
 from engine.stages import WHOLE_MODEL_LAYER
 from engine.synth import synthesize
