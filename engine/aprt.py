@@ -65,6 +65,8 @@ TOKENS_FILE = "tokens.json"
 TOKENS_SCHEMA = "apr-tui-tokens-v1"
 PROVENANCE_FILE = "_PROVENANCE.txt"
 """Written beside the stage files by aprender's HF reference script; understood and skipped."""
+SOURCE_RECORD_FILE = "source.json"
+"""engine.sources.provenance's record of the engine that wrote a directory (not a stage file)."""
 
 _LAYER_DIR = re.compile(r"layer-(0|[1-9][0-9]*)", re.ASCII)
 _TEMP_NAME = ANY_TEMP_NAME  # in-flight (or killed) writes of ours: never stage files
@@ -456,8 +458,8 @@ def read_trace_dir(path: str | os.PathLike[str], *, strict: bool = True) -> Trac
             info = read_tokens_json(child)
             trace.token_ids, trace.prompt, trace.model = info.token_ids, info.prompt, info.model
             trace.complete = info.complete
-        elif child.name == PROVENANCE_FILE:
-            continue
+        elif child.name in (PROVENANCE_FILE, SOURCE_RECORD_FILE):
+            continue  # metadata of ours, read by the trace-directory source
         else:
             consider(child, WHOLE_MODEL_LAYER, per_layer_dir=False)
 

@@ -151,6 +151,7 @@ def _source_json(source: TraceSource | None) -> dict[str, Any] | None:
         return None
     return {
         "kind": source.kind,
+        "complete": getattr(source, "complete", None),
         "label": source.label,
         "description": source.description,
         "token_ids": source.token_ids,
@@ -289,6 +290,13 @@ def _print_summary(
         )
     _print_anomalies(console, cells)
     for side in (a, b):
+        if getattr(side, "complete", None) is False:
+            console.print(
+                f"{side.label}: INCOMPLETE trace: the run that wrote it did not finish; its "
+                "missing stages are one-sided, not compared",
+                style="bold yellow",
+                markup=False,
+            )
         ignored = _ignored_files(side)
         if ignored:
             path, reason = ignored[0]

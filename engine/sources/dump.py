@@ -31,14 +31,15 @@ def write_trace(
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise AprTuiError(f"{target}: exists and is not an empty directory; not overwriting it")
     target.mkdir(parents=True, exist_ok=True)
+    tokens = {
+        "prompt": prompt if prompt is not None else getattr(source, "prompt", None),
+        "model": model if model is not None else getattr(source, "path", None),
+    }
+    # Partial until the last write (engine.aprt): an interrupted dump never passes as complete.
+    write_tokens_json(target, source.token_ids, **tokens, complete=False)
     for capture in source.captures(layers=layers):
         write_stage(target, capture.stage, capture.layer, capture.array)
-    write_tokens_json(
-        target,
-        source.token_ids,
-        prompt=prompt if prompt is not None else getattr(source, "prompt", None),
-        model=model if model is not None else getattr(source, "path", None),
-    )
     record = source.record() if hasattr(source, "record") else {"engine": source.kind}
     write_source_record(target, record)
+    write_tokens_json(target, source.token_ids, **tokens, complete=True)
     return target

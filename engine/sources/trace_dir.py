@@ -61,7 +61,23 @@ class DirectorySource(TraceSource):
         self.has_whole_model = any(layer == WHOLE_MODEL_LAYER for layer, _ in entries)
         self.label = self.root.name + "/"
         tokens = "tokens.json" if self.token_ids is not None else "no tokens.json"
-        self.description = f"{self.root}/ (APRT stage files, {len(entries)} files, {tokens})"
+        self.complete = self.trace_dir.complete
+        """False when the run that wrote the directory did not finish (engine.aprt); None when
+        it does not say (apr's own traces)."""
+        partial = (
+            ", INCOMPLETE: the run that wrote it did not finish" if self.complete is False else ""
+        )
+        from engine.sources.provenance import read_source_record
+
+        self.record = read_source_record(self.root)
+        """What wrote the directory (engine, dtype, settings), from its source.json; None when
+        it has none (apr's traces and ours)."""
+        engine = ""
+        if self.record is not None and "engine" in self.record:
+            engine = f", written by {self.record['engine']}"
+        self.description = (
+            f"{self.root}/ (APRT stage files, {len(entries)} files, {tokens}{engine}{partial})"
+        )
         self.shape_config: ModelConfig | None = None
         """Set when paired with a model, so captures carry logical shapes instead of flat ones."""
 

@@ -164,3 +164,24 @@ def test_bisect_reports_apr_anomaly_flags(apr_tui, demo_pair):
     assert cells[(1, "ffn_swigl")]["one_sided_anomalies"] == []
     text = run_cli(apr_tui, "bisect", demo_pair.model_a, demo_pair.model_b)
     assert "apr anomaly flags on one side only: layer 2 ffn_swigl: B: large values" in text.stdout
+
+
+def test_an_incomplete_trace_directory_says_so(apr_tui, demo_pair, tmp_path):
+    """A directory whose writer did not finish (tokens.json `complete: false`) is never read as
+    a complete reference: bisect's header, summary and JSON say it is incomplete."""
+    import json
+
+    from engine.aprt import write_tokens_json
+
+    directory = tmp_path / "partial-trace"
+    ids = write_trace_dir(demo_pair.model_a, directory)
+    write_tokens_json(directory, ids, None, str(demo_pair.model_a), complete=False)
+    text = run_cli(apr_tui, "bisect", demo_pair.model_a, directory)
+    assert text.returncode == 0, text.stderr
+    assert "INCOMPLETE: the run that wrote it did not finish" in text.stdout
+    assert "partial-trace/: INCOMPLETE trace: the run that wrote it did not finish" in text.stdout
+    report = json.loads(run_cli(apr_tui, "bisect", demo_pair.model_a, directory, "--json").stdout)
+    assert report["b"]["complete"] is False
+    write_tokens_json(directory, ids, None, str(demo_pair.model_a), complete=True)
+    done = run_cli(apr_tui, "bisect", demo_pair.model_a, directory)
+    assert "INCOMPLETE" not in done.stdout
