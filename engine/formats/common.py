@@ -278,7 +278,7 @@ def hf_ordered(config: ModelConfig, name: str, values: np.ndarray) -> np.ndarray
     """
     if config.rope_pairing != "adjacent":
         return values
-    from engine.formats.gguf import unpermute_rows
+    from engine.formats.row_order import unpermute_rows
 
     if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
         return unpermute_rows(values, config.num_heads)

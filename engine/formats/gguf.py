@@ -43,6 +43,7 @@ from engine.formats.common import (
     stored_tensor_names,
 )
 from engine.formats.quant import can_dequantize, dequantize_ggml, ggml_row_nbytes, quantize_ggml
+from engine.formats.row_order import permute_rows, unpermute_rows  # noqa: F401 (re-exported)
 from engine.model import Model, ModelConfig, check_row_range
 from engine.tokenizer import TOKEN_TYPE_NORMAL, BpeTokenizer
 
@@ -134,29 +135,6 @@ def hf_to_gguf_name(name: str) -> str:
     if match and match.group(2) in _HF_TO_GGUF_LAYER:
         return f"blk.{match.group(1)}.{_HF_TO_GGUF_LAYER[match.group(2)]}"
     raise ValueError(f"no GGUF name for tensor {name!r}")
-
-
-def permute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp `convert_hf_to_gguf.py` permute: HF rotate-half rows -> adjacent-pair rows.
-
-    Within each head, HF row `j*hd/2 + i` (j in {0,1}) moves to row `2i + j`.
-    """
-    rows = weight.shape[0]
-    return (
-        weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weight.shape)
-    )
-
-
-def unpermute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of `permute_rows`: GGUF row `2i + j` of each head back to HF row `j*hd/2 + i`."""
-    rows = weight.shape[0]
-    return (
-        weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weight.shape)
-    )
 
 
 # ---------------------------------------------------------------------------------------------
