@@ -611,8 +611,11 @@ class LlamaCppSource(TraceSource):
                     return False
                 tensor = GgmlTensor.from_address(address)
                 src1 = tensor.src[1]
-                src1_name = GgmlTensor.from_address(src1).name.decode() if src1 else None
-                found = classify(tensor.name.decode(), lib.op_name(tensor.op), src1_name)
+                src1_name = (
+                    GgmlTensor.from_address(src1).name.decode(errors="replace") if src1 else None
+                )
+                name = tensor.name.decode(errors="replace")
+                found = classify(name, lib.op_name(tensor.op), src1_name)
                 if found is None or not run.want(*found):
                     return not ask  # not wanted: skip it when asked, carry on otherwise
                 if ask:
