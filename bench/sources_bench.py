@@ -11,7 +11,7 @@ For each of a few prompts (encoded by our tokenizer of the GGUF) it runs, on the
 
 It prints, per stage, the worst cosine over layers and prompts between llama.cpp and ours on the
 causal part (`attn_scores` / `attn_softmax` causal entries, `lm_head` last row), and the wall
-time of each path as the best of `--repeat` runs, with the ratio capture / llama.cpp alone.
+time of each path as the best of `--repeat` interleaved rounds, with the ratio capture / llama.cpp alone.
 Numbers only; nothing is asserted.
 """
 
@@ -50,13 +50,16 @@ def comparable(stage: str, values: np.ndarray, seq: int) -> np.ndarray:
     return values[-1] if stage == "lm_head" and values.ndim == 2 else values
 
 
-def best(fn, repeat: int) -> float:
-    times = []
+def best_interleaved(fns: list, repeat: int) -> list[float]:
+    """Best wall time of each function, run in rounds (one of each per round) so that load from
+    other processes on shared cores falls on all of them alike."""
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for fn, spent in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [min(spent) for spent in times]
 
 
 def decode_only(source: LlamaCppSource) -> None:
@@ -84,9 +87,14 @@ def main() -> None:
             ours = {(c.layer, c.stage): np.asarray(c.array) for c in trace(model, ids)}
             with LlamaCppSource(path, ids, n_threads=args.threads) as source:
                 got = {(c.layer, c.stage): c.array for c in source.captures()}
-                t_ours = best(lambda ids=ids: list(trace(model, ids)), args.repeat)
-                t_capture = best(lambda s=source: list(s.captures()), args.repeat)
-                t_plain = best(lambda s=source: decode_only(s), args.repeat)
+                t_ours, t_capture, t_plain = best_interleaved(
+                    [
+                        lambda ids=ids: list(trace(model, ids)),
+                        lambda s=source: list(s.captures()),
+                        lambda s=source: decode_only(s),
+                    ],
+                    args.repeat,
+                )
             for (layer, stage), values in got.items():
                 c = cosine(
                     comparable(stage, values, seq), comparable(stage, ours[(layer, stage)], seq)

@@ -452,6 +452,8 @@ class _Run:
     want: Callable[[int, str], bool]
     emit: Callable[[int, dict[str, _Node]], bool]
     seq: int
+    stop_after: int | None = None
+    """The last layer wanted when no whole-model stage is: the graph stops right after it."""
     parts: dict[int, dict[str, _Node]] = field(default_factory=dict)
     stopped: bool = False
     error: BaseException | None = None
@@ -612,8 +614,11 @@ class LlamaCppSource(TraceSource):
                     return False
                 tensor = GgmlTensor.from_address(address)
                 src1 = tensor.src[1]
-                src1_name = GgmlTensor.from_address(src1).name.decode() if src1 else None
-                found = classify(tensor.name.decode(), lib.op_name(tensor.op), src1_name)
+                src1_name = (
+                    GgmlTensor.from_address(src1).name.decode(errors="replace") if src1 else None
+                )
+                name = tensor.name.decode(errors="replace")
+                found = classify(name, lib.op_name(tensor.op), src1_name)
                 if found is None or not run.want(*found):
                     return not ask  # not wanted: skip it when asked, carry on otherwise
                 if ask:
@@ -627,6 +632,9 @@ class LlamaCppSource(TraceSource):
                 complete = role == _LAST_ROLE or role == "result_output"
                 if complete and not run.emit(layer, run.parts.pop(layer)):
                     run.stopped = True
+                    return False
+                if complete and layer == run.stop_after:
+                    run.stopped = True  # nothing later is wanted: skip the rest of the graph
                     return False
                 return True
             except BaseException as error:  # never let an exception cross into C
@@ -667,6 +675,7 @@ class LlamaCppSource(TraceSource):
         self,
         want: Callable[[int, str], bool],
         cancel: threading.Event | None,
+        stop_after: int | None = None,
     ) -> Iterator[tuple[int, list[tuple[str, np.ndarray]]]]:
         """(layer, stages) as each layer completes, from a decode on a worker thread
         (engine.sources.streaming): at most one assembled layer waits at a time, and leaving
@@ -677,7 +686,7 @@ class LlamaCppSource(TraceSource):
             def emit_layer(layer: int, nodes: dict[str, _Node]) -> bool:
                 return emit((layer, assemble_layer(nodes, seq)))
 
-            self._decode(_Run(want=want, emit=emit_layer, seq=seq))
+            self._decode(_Run(want=want, emit=emit_layer, seq=seq, stop_after=stop_after))
 
         return run_in_worker(run, cancel, name="llama.cpp-decode")
 
@@ -698,7 +707,9 @@ class LlamaCppSource(TraceSource):
                 return 0 in selected
             return layer in selected
 
-        for layer, stages in self._stream(want, cancel):
+        wanted = [n for n in selected if 0 <= n < self.num_layers]
+        stop_after = None if whole_model or not wanted else max(wanted)
+        for layer, stages in self._stream(want, cancel, stop_after):
             for stage_name, values in stages:
                 if stage_name not in self.stages:
                     continue
