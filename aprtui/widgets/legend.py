@@ -57,7 +57,7 @@ def legend_text(metric_key: str, threshold: float, has_reference: bool) -> Text:
             Text.assemble(
                 "\n",
                 ("▶", "bold red"),
-                "   origin (local error > floor) / first cosine, std divergence",
+                "   origin / first divergence",
             )
         )
     return text
