@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from engine.aprt import read_aprt, read_trace_dir, write_stage
-from tests.review2.conftest import assert_one_line_error, run_cli, snapshot
+from tests.commands.conftest import assert_one_line_error, run_cli, snapshot
 
 
 def _trace(apr_tui, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:

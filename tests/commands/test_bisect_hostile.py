@@ -11,7 +11,7 @@ import pytest
 from aprtui.app import make_app
 from engine.aprt import read_aprt, write_stage, write_tokens_json
 from engine.sources import open_pair
-from tests.review2.conftest import assert_one_line_error, run_cli
+from tests.commands.conftest import assert_one_line_error, run_cli
 
 TOKENS = [3, 17, 42, 100, 5]
 

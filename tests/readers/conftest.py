@@ -1,4 +1,4 @@
-"""Fixtures for the review's regression tests: the real `apr-tui` in a subprocess, and the small
+"""Fixtures of the reader tests (hostile input to the file readers): the real `apr-tui` in a subprocess, and the small
 llama model of tests/formats written by our real writers (`llama_files`)."""
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.review2.conftest import run_cli
+from tests.commands.conftest import run_cli
 
 TOKENS = [3, 17, 42, 100, 5]
 WHOLE_MODEL = 0xFFFFFFFF

@@ -19,7 +19,7 @@ import pytest
 
 from engine.aprt import write_aprt
 from tests.formats.apr_bytes import ROW_MAJOR, apr_file, header
-from tests.review.conftest import assert_one_line_error
+from tests.readers.conftest import assert_one_line_error
 
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="os.mkfifo (POSIX) needed")
 
