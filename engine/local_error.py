@@ -23,7 +23,7 @@ so) rather than a wrong one.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,26 +96,64 @@ def rope64(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, pairing: str) -> np.
     return np.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(x.shape)
 
 
-def causal_rows_softmax64(scores: np.ndarray) -> np.ndarray:
-    """Softmax of [heads, seq, seq] over keys j ≤ i, 0.0 above the diagonal, in float64."""
-    seq = scores.shape[-1]
-    future = np.triu(np.ones((seq, seq), dtype=bool), k=1)  # [seq, seq]
-    masked = np.where(future, -np.inf, scores)
-    weights = np.exp(masked - masked.max(axis=-1, keepdims=True))
-    return weights / weights.sum(axis=-1, keepdims=True)
-
-
 def silu64(x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         return x / (1.0 + np.exp(-x))
 
 
-def causal_part(array: np.ndarray) -> np.ndarray:
-    """The entries j ≤ i of a [heads, seq, seq] tensor, flattened: what attention stages are
-    compared on (engine.compare.CAUSAL_STAGES)."""
-    seq = array.shape[-1]
-    rows, cols = np.tril_indices(seq)
-    return array[:, rows, cols]
+ATTENTION_BLOCK_VALUES = 1 << 20
+"""Values of one `[rows, seq]` float64 block of an attention recipe (8 MiB): the attention
+stages are checked a block of query rows of one head at a time, so a 4,096-token prompt never
+holds a `[heads, seq, seq]` float64 array (1.2 GB for SmolLM2)."""
+
+
+def attention_rows(seq: int) -> int:
+    """Query rows per block for a prompt of `seq` tokens."""
+    return max(1, min(seq, ATTENTION_BLOCK_VALUES // max(seq, 1)))
+
+
+def attention_row_blocks(array: Any, heads: int, seq: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(head, first query row, float64 block [rows, seq]) of a `[heads, seq, seq]` stage, in
+    file order, from an array or a lazy capture with `.blocks(rows)`."""
+    rows = attention_rows(seq)
+    if hasattr(array, "blocks"):
+        for offset, block in array.blocks(rows):
+            head, rest = divmod(offset, seq * seq)
+            yield head, rest // seq, np.asarray(to_host(block), np.float64).reshape(-1, seq)
+        return
+    square = np.asarray(array).reshape(heads, seq, seq)
+    for head in range(heads):
+        for start in range(0, seq, rows):
+            yield head, start, square[head, start : start + rows].astype(np.float64)
+
+
+def causal_block(start: int, stop: int, seq: int) -> np.ndarray:
+    """True where key j ≤ query i, for query rows [start, stop): [rows, seq] bool."""
+    return np.arange(seq)[None, :] <= np.arange(start, stop)[:, None]
+
+
+class ErrorSum:
+    """‖recomputed − reference‖ / ‖reference‖ accumulated over blocks (relative_error's
+    definition, float64 sums)."""
+
+    def __init__(self) -> None:
+        self.difference = 0.0
+        self.scale = 0.0
+        self.finite = True
+
+    def add(self, recomputed: np.ndarray, reference: np.ndarray) -> None:
+        if not (np.isfinite(recomputed).all() and np.isfinite(reference).all()):
+            self.finite = False
+            return
+        delta = recomputed - reference
+        self.difference += float(np.dot(delta.ravel(), delta.ravel()))
+        self.scale += float(np.dot(reference.ravel(), reference.ravel()))
+
+    def value(self) -> float:
+        if not self.finite:
+            return math.inf
+        difference = math.sqrt(self.difference)
+        return difference / math.sqrt(self.scale) if self.scale > 0 else difference
 
 
 # ------------------------------------------------------------------------------ the tracker
@@ -160,6 +198,12 @@ class LocalErrorTracker:
             return self.current[stage].astype(np.float64)
         raise _Missing(f"the checked side lacks {_where(layer)} {stage}")
 
+    def _raw_input(self, layer: int, stage: str) -> Any:
+        """The checked side's capture as stored: an array, or a lazy attention capture."""
+        if layer == self.layer and stage in self.current:
+            return self.current[stage]
+        raise _Missing(f"the checked side lacks {_where(layer)} {stage}")
+
     def _residual_in(self, layer: int) -> tuple[np.ndarray, str]:
         """The layer's input: the previous layer's post_ffn_residual, or the embedding."""
         key = layer - 1 if layer > 0 else -1
@@ -195,7 +239,9 @@ class LocalErrorTracker:
     def observe(self, capture: Capture) -> LocalError:
         """Record the capture as an input for later stages and return its own local error."""
         layer, stage = capture.layer, capture.stage
-        array = np.asarray(to_host(capture.array), dtype=np.float32)
+        array = capture.array
+        if not hasattr(array, "blocks"):  # a lazy attention capture stays lazy (long prompts)
+            array = np.asarray(to_host(array), dtype=np.float32)
         if layer != WHOLE_MODEL_LAYER and layer != self.layer:
             if self.layer is not None and "post_ffn_residual" in self.current:
                 self.outputs = {self.layer: self.current["post_ffn_residual"]}
@@ -228,6 +274,8 @@ class LocalErrorTracker:
         if recipe is None:
             raise _Missing(f"no local-error recipe for {stage}")
         recomputed, reference, inputs = recipe(self, layer, output)
+        if reference is None:  # a blockwise recipe measured its error as it went
+            return LocalError(float(recomputed), tuple(inputs))
         if stage in ("qkv_matmul", "qkv_bias") and self.config is not None:
             # Q, K and V are three projections: a bug in the small V block must not be diluted
             # by the larger Q block, so each is measured alone and the worst one counts.
@@ -323,35 +371,53 @@ class LocalErrorTracker:
         x = self._input(layer, stage).reshape(self._seq(), count, config.head_dim)
         return x.transpose(1, 0, 2)
 
-    def _attn_scores(self, layer: int, output: np.ndarray) -> Recipe:
+    def _attn_scores(self, layer: int, output: Any) -> Recipe:
         config = self._need_config()
+        seq, group = self._seq(), config.num_heads // config.num_kv_heads
         q = self._heads(layer, "q_post_rope", config.num_heads)  # [nh, seq, hd]
         k = self._heads(layer, "k_post_rope", config.num_kv_heads)  # [nkv, seq, hd]
-        group = config.num_heads // config.num_kv_heads
-        k = np.repeat(k, group, axis=0)  # [nh, seq, hd]
-        scores = (q @ k.transpose(0, 2, 1)) * config.head_dim**-0.5  # [nh, seq, seq]
-        reference = output.reshape(scores.shape).astype(np.float64)
+        scale = config.head_dim**-0.5
+        error = ErrorSum()
+        for head, start, block in attention_row_blocks(output, config.num_heads, seq):
+            stop = start + block.shape[0]
+            recomputed = (q[head, start:stop] @ k[head // group].T) * scale  # [rows, seq]
+            causal = causal_block(start, stop, seq)
+            error.add(recomputed[causal], block[causal])
         inputs = [f"{_where(layer)} q_post_rope", f"{_where(layer)} k_post_rope"]
-        return causal_part(scores), causal_part(reference), inputs
+        return error.value(), None, inputs
 
-    def _attn_softmax(self, layer: int, output: np.ndarray) -> Recipe:
+    def _attn_softmax(self, layer: int, output: Any) -> Recipe:
         config = self._need_config()
         seq = self._seq()
-        scores = self._input(layer, "attn_scores").reshape(config.num_heads, seq, seq)
-        probs = causal_rows_softmax64(scores)
-        reference = output.reshape(probs.shape).astype(np.float64)
-        return causal_part(probs), causal_part(reference), [f"{_where(layer)} attn_scores"]
+        scores = self._raw_input(layer, "attn_scores")
+        error = ErrorSum()
+        pairs = zip(
+            attention_row_blocks(scores, config.num_heads, seq),
+            attention_row_blocks(output, config.num_heads, seq),
+            strict=True,
+        )
+        for (_, start, score_block), (_, _, block) in pairs:
+            stop = start + block.shape[0]
+            causal = causal_block(start, stop, seq)
+            masked = np.where(causal, score_block, -np.inf)
+            weights = np.exp(masked - masked.max(axis=-1, keepdims=True))
+            probs = weights / weights.sum(axis=-1, keepdims=True)  # [rows, seq]
+            error.add(probs[causal], block[causal])
+        return error.value(), None, [f"{_where(layer)} attn_scores"]
 
-    def _attention(self, layer: int, output: np.ndarray) -> Recipe:
+    def _attention(self, layer: int, output: Any) -> Recipe:
         config = self._need_config()
-        seq = self._seq()
-        probs = self._input(layer, "attn_softmax").reshape(config.num_heads, seq, seq)
-        future = np.triu(np.ones((seq, seq), dtype=bool), k=1)
-        probs = np.where(future, 0.0, probs)  # a runtime may leave anything above the diagonal
+        seq, hd = self._seq(), config.head_dim
+        group = config.num_heads // config.num_kv_heads
+        probs = self._raw_input(layer, "attn_softmax")
         qkv, name = self._qkv(layer)
-        v = qkv[:, config.q_dim + config.kv_dim :].reshape(seq, config.num_kv_heads, -1)
-        v = np.repeat(v.transpose(1, 0, 2), config.num_heads // config.num_kv_heads, axis=0)
-        context = (probs @ v).transpose(1, 0, 2).reshape(seq, -1)  # [seq, nh*hd]
+        v = qkv[:, config.q_dim + config.kv_dim :].reshape(seq, config.num_kv_heads, hd)
+        context = np.zeros((seq, config.num_heads * hd))  # [seq, nh*hd]
+        for head, start, block in attention_row_blocks(probs, config.num_heads, seq):
+            stop = start + block.shape[0]
+            # a runtime may leave anything above the diagonal: only the causal weights count
+            weights = np.where(causal_block(start, stop, seq), block, 0.0)
+            context[start:stop, head * hd : (head + 1) * hd] = weights @ v[:, head // group]
         return context, output, [f"{_where(layer)} attn_softmax", f"{name} (V)"]
 
     def _linear(

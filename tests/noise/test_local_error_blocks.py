@@ -1,0 +1,84 @@
+"""The attention recipes of engine.local_error, checked a block of query rows at a time.
+
+Long prompts hand the attention stages over lazily (objects with `.blocks(rows)`); the recipes
+must give the same local error from blocks as from whole arrays, and the same as a plain
+float64 formula written here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine import local_error
+from engine.forward import Capture
+from engine.local_error import LocalErrorTracker
+from engine.plan import prepare
+
+
+class LazyStage:
+    """A `[heads, seq, seq]` array handed out only through `.blocks(rows)`, in file order."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+        self.shape = array.shape
+        self.size = array.size
+
+    def blocks(self, rows: int):
+        heads, seq, _ = self.shape
+        for head in range(heads):
+            for start in range(0, seq, rows):
+                block = self.array[head, start : start + rows]
+                yield (head * seq + start) * seq, np.ascontiguousarray(block)
+
+
+def checked_errors(captures: list[Capture], model, ids) -> dict[tuple[int, str], float]:
+    tracker = LocalErrorTracker(model, tuple(ids), model.config)
+    return {(c.layer, c.stage): tracker.observe(c).error for c in captures}
+
+
+@pytest.fixture(scope="module")
+def captures(demo_pair):
+    """The defective demo model's captures of layers 0..1 (side B of the demo pair)."""
+    with prepare(demo_pair.model_b, None, device="cpu") as plan:
+        ids = plan.token_ids
+        return [c for c in plan.a.captures() if c.layer in (0, 1)], ids
+
+
+def test_blocks_and_whole_arrays_agree(demo_pair, captures, monkeypatch):
+    caps, ids = captures
+    with prepare(demo_pair.model_a, None, device="cpu") as plan:
+        model = plan.a.model
+        whole = checked_errors(caps, model, ids)
+        lazy = [
+            Capture(c.layer, c.stage, LazyStage(np.asarray(c.array)), c.shape)
+            if c.stage in ("attn_scores", "attn_softmax")
+            else c
+            for c in caps
+        ]
+        monkeypatch.setattr(local_error, "ATTENTION_BLOCK_VALUES", 2 * len(ids))  # 2-row blocks
+        blocked = checked_errors(lazy, model, ids)
+    for key in ("attn_scores", "attn_softmax", "attention"):
+        for layer in (0, 1):
+            assert blocked[(layer, key)] == pytest.approx(whole[(layer, key)], rel=1e-9, abs=1e-15)
+
+
+def test_scores_recipe_against_a_plain_formula(demo_pair, captures):
+    """Layer 0 attn_scores of B recomputed here with one einsum over the causal entries."""
+    caps, ids = captures
+    by_stage = {c.stage: np.asarray(c.array, dtype=np.float64) for c in caps if c.layer == 0}
+    with prepare(demo_pair.model_a, None, device="cpu") as plan:
+        config = plan.a.config
+        errors = checked_errors(caps, plan.a.model, ids)
+    seq, nh, nkv, hd = len(ids), config.num_heads, config.num_kv_heads, config.head_dim
+    q = by_stage["q_post_rope"].reshape(seq, nh, hd)
+    k = by_stage["k_post_rope"].reshape(seq, nkv, hd)
+    k = np.repeat(k, nh // nkv, axis=1)
+    scores = np.einsum("ihd,jhd->hij", q, k) / np.sqrt(hd)
+    causal = np.tril(np.ones((seq, seq), dtype=bool))
+    reference = by_stage["attn_scores"].reshape(nh, seq, seq)
+    expected = np.linalg.norm(scores[:, causal] - reference[:, causal]) / np.linalg.norm(
+        reference[:, causal]
+    )
+    assert errors[(0, "attn_scores")] == pytest.approx(expected, rel=1e-6)
+    assert expected < 1e-5  # our own float32 scores: rounding only
