@@ -9,11 +9,68 @@ our forward pass over a model file (`engine.sources.model_run`), a directory of 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import numpy as np
 
 from engine.forward import Capture
+from engine.stages import STAGE_BY_NAME, WHOLE_MODEL_LAYER
+
+CACHE_BYTES = 64 * 1024 * 1024
+"""Host bytes of full tensors a running source keeps for drill-down before evicting the oldest."""
+
+
+class TensorCache:
+    """Full tensors by (layer, stage), least recently used evicted past a byte budget;
+    thread-safe (the engine worker fills it, drill-down workers read it)."""
+
+    def __init__(self, limit: int = CACHE_BYTES) -> None:
+        self.limit = limit
+        self._arrays: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, str]) -> np.ndarray | None:
+        with self._lock:
+            if key not in self._arrays:
+                return None
+            self._arrays.move_to_end(key)
+            return self._arrays[key]
+
+    def put(self, key: tuple[int, str], values: np.ndarray) -> None:
+        """Keep `values` unless it alone is over the budget; evict the oldest past it."""
+        if values.nbytes > self.limit:
+            return
+        with self._lock:
+            if key not in self._arrays:
+                self._arrays[key] = values
+                self._bytes += values.nbytes
+            while self._bytes > self.limit:
+                _, evicted = self._arrays.popitem(last=False)
+                self._bytes -= evicted.nbytes
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held now (never above `limit`)."""
+        return self._bytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._arrays.clear()
+            self._bytes = 0
+
+
+def rerun_span(num_layers: int, layer: int, stage_name: str) -> tuple[range, bool] | None:
+    """The run that produces one (layer, stage) again: (layers, whole_model), or None when a
+    source of `num_layers` layers cannot have it (the embedding exists at layer 0 only)."""
+    if STAGE_BY_NAME[stage_name].per_layer:
+        if not 0 <= layer < num_layers or (stage_name == "embedding" and layer != 0):
+            return None
+        return range(layer, layer + 1), False
+    if layer != WHOLE_MODEL_LAYER:
+        return None
+    return range(0), True
 
 
 class TraceSource:

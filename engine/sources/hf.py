@@ -43,7 +43,6 @@ import contextlib
 import importlib
 import io
 import threading
-from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,7 @@ import numpy as np
 
 from engine.errors import AprTuiError, FormatError, MissingPackageError, UnsupportedModelError
 from engine.forward import Capture
-from engine.sources.base import TraceSource
+from engine.sources.base import TensorCache, TraceSource, rerun_span
 from engine.sources.streaming import Emit, run_in_worker
 from engine.stages import DENSE_STAGES, STAGE_BY_NAME, STAGES, WHOLE_MODEL_LAYER
 
@@ -315,10 +314,7 @@ class HfSource(TraceSource):
         self.versions = f"transformers {transformers.__version__}, torch {torch.__version__}"
         self.label = f"hf:{self.path.name}"
         self.description = f"{self.path} via HF transformers ({self.versions}, {dtype}, {device})"
-        self._cache: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
-        self._cache_bytes = 0
-        self._cache_limit = cache_bytes
-        self._cache_lock = threading.Lock()
+        self._cache = TensorCache(cache_bytes)
         self._handles = self._install_hooks()
 
     def _checked(self, token_ids: list[int]) -> list[int]:
@@ -335,9 +331,7 @@ class HfSource(TraceSource):
     def adopt_tokens(self, token_ids: list[int], prompt: str | None = None) -> None:
         """Run these ids from now on (e.g. the other side's tokens.json); drops cached stages."""
         self.token_ids, self.prompt = self._checked(token_ids), prompt
-        with self._cache_lock:
-            self._cache.clear()
-            self._cache_bytes = 0
+        self._cache.clear()
 
     def record(self) -> dict[str, Any]:
         """What this source is (JSON-ready)."""
@@ -474,36 +468,21 @@ class HfSource(TraceSource):
         if stage_name not in self.stages:
             return None
         key = (layer, stage_name)
-        with self._cache_lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        per_layer = STAGE_BY_NAME[stage_name].per_layer
-        if per_layer:
-            if not 0 <= layer < self.num_layers or (stage_name == "embedding" and layer != 0):
-                return None
-            layers = range(layer, layer + 1)
-        elif layer != WHOLE_MODEL_LAYER:
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        span = rerun_span(self.num_layers, layer, stage_name)
+        if span is None:
             return None
-        else:
-            layers = range(0)
+        layers, whole_model = span
         found = None
-        for capture in self.captures(layers=layers, whole_model=not per_layer):
+        for capture in self.captures(layers=layers, whole_model=whole_model):
             if (capture.layer, capture.stage) == key:
                 found = capture.array
         return found
 
     def _remember(self, layer: int, stage_name: str, values: np.ndarray) -> None:
-        if values.nbytes > self._cache_limit:
-            return
-        with self._cache_lock:
-            key = (layer, stage_name)
-            if key not in self._cache:
-                self._cache[key] = values
-                self._cache_bytes += values.nbytes
-            while self._cache_bytes > self._cache_limit:
-                _, evicted = self._cache.popitem(last=False)
-                self._cache_bytes -= evicted.nbytes
+        self._cache.put((layer, stage_name), values)
 
     def close(self) -> None:
         for handle in self._handles:
@@ -512,6 +491,4 @@ class HfSource(TraceSource):
         if self._borrowed_attention is not None:
             self.model.set_attn_implementation(self._borrowed_attention)
             self._borrowed_attention = None
-        with self._cache_lock:
-            self._cache.clear()
-            self._cache_bytes = 0
+        self._cache.clear()

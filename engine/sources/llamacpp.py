@@ -63,7 +63,7 @@ from __future__ import annotations
 import ctypes
 import re
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,9 +76,9 @@ from engine.formats.gguf import config_from_metadata, read_header
 from engine.formats.row_order import unpermute_rows
 from engine.forward import Capture, check_token_ids
 from engine.model import ModelConfig
-from engine.sources.base import TraceSource
+from engine.sources.base import TensorCache, TraceSource, rerun_span
 from engine.sources.streaming import Emit, run_in_worker
-from engine.stages import DENSE_STAGES, STAGE_BY_NAME, STAGES, WHOLE_MODEL_LAYER
+from engine.stages import DENSE_STAGES, STAGES, WHOLE_MODEL_LAYER
 
 LLAMA_CPP_PACKAGE = "llama-cpp-python"
 """The PyPI package that provides `llama_cpp` (a CPU wheel is in ../shared/wheels/)."""
@@ -498,10 +498,7 @@ class LlamaCppSource(TraceSource):
         self._model: Any = None
         self._model_lock = threading.Lock()
         self._resolved_threads: int | None = None
-        self._cache: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
-        self._cache_bytes = 0
-        self._cache_limit = cache_bytes
-        self._cache_lock = threading.Lock()
+        self._cache = TensorCache(cache_bytes)
         self.label = f"llama.cpp:{self.path.name}"
         self.description = self._describe()
 
@@ -511,9 +508,7 @@ class LlamaCppSource(TraceSource):
         if not ids:
             raise AprTuiError(f"{self.path}: llama.cpp needs at least one token")
         self.token_ids, self.prompt = ids, prompt
-        with self._cache_lock:
-            self._cache.clear()
-            self._cache_bytes = 0
+        self._cache.clear()
 
     # -- what it is ---------------------------------------------------------------------
 
@@ -722,41 +717,24 @@ class LlamaCppSource(TraceSource):
         if stage_name not in self.stages:
             return None
         key = (layer, stage_name)
-        with self._cache_lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        per_layer = STAGE_BY_NAME[stage_name].per_layer
-        if per_layer:
-            if not 0 <= layer < self.num_layers or (stage_name == "embedding" and layer != 0):
-                return None
-            layers = range(layer, layer + 1)
-        elif layer != WHOLE_MODEL_LAYER:
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        span = rerun_span(self.num_layers, layer, stage_name)
+        if span is None:
             return None
-        else:
-            layers = range(0)
+        layers, whole_model = span
         found = None
-        for capture in self.captures(layers=layers, whole_model=not per_layer):
+        for capture in self.captures(layers=layers, whole_model=whole_model):
             if (capture.layer, capture.stage) == key:
                 found = capture.array
         return found
 
     def _remember(self, layer: int, stage_name: str, values: np.ndarray) -> None:
-        if values.nbytes > self._cache_limit:
-            return
-        with self._cache_lock:
-            key = (layer, stage_name)
-            if key not in self._cache:
-                self._cache[key] = values
-                self._cache_bytes += values.nbytes
-            while self._cache_bytes > self._cache_limit:
-                _, evicted = self._cache.popitem(last=False)
-                self._cache_bytes -= evicted.nbytes
+        self._cache.put((layer, stage_name), values)
 
     def close(self) -> None:
-        with self._cache_lock:
-            self._cache.clear()
-            self._cache_bytes = 0
+        self._cache.clear()
         with self._model_lock:
             if self._model is not None:
                 self.lib.llama.llama_model_free(self._model)

@@ -7,7 +7,6 @@ host copies for drill-down; a tensor that fell out of the cache is recomputed (o
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,11 +14,8 @@ import numpy as np
 from engine.backend import Backend, resolve_backend, to_host
 from engine.forward import Capture, produced_stages, trace
 from engine.model import Model
-from engine.sources.base import TraceSource
-from engine.stages import STAGE_BY_NAME, WHOLE_MODEL_LAYER
-
-CACHE_BYTES = 64 * 1024 * 1024
-"""Host bytes of full tensors a model source keeps for drill-down before evicting the oldest."""
+from engine.sources.base import CACHE_BYTES, TensorCache, TraceSource, rerun_span
+from engine.stages import STAGE_BY_NAME
 
 
 class ModelSource(TraceSource):
@@ -51,16 +47,13 @@ class ModelSource(TraceSource):
             f"{model.path} ({model.format}, {model.config.architecture}, "
             f"{model.config.num_layers} layers, {self.backend.device_name})"
         )
-        self._cache: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
-        self._cache_bytes = 0
-        self._cache_limit = cache_bytes
-        self._lock = threading.Lock()
+        self._cache = TensorCache(cache_bytes)
 
     def adopt_tokens(self, token_ids: list[int], prompt: str | None = None) -> None:
         """Trace these ids instead of the default prompt's (a reference's tokens.json)."""
         self.token_ids = list(token_ids)
         self.prompt = prompt
-        self._clear_cache()
+        self._cache.clear()
 
     def captures(
         self,
@@ -83,19 +76,13 @@ class ModelSource(TraceSource):
     def tensor(self, layer: int, stage_name: str) -> np.ndarray | None:
         if stage_name not in self.stages:
             return None
-        key = (layer, stage_name)
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        if STAGE_BY_NAME[stage_name].per_layer:
-            if not 0 <= layer < self.num_layers or (stage_name == "embedding" and layer != 0):
-                return None
-            layers = range(layer, layer + 1)
-        elif layer != WHOLE_MODEL_LAYER:
+        cached = self._cache.get((layer, stage_name))
+        if cached is not None:
+            return cached
+        span = rerun_span(self.num_layers, layer, stage_name)
+        if span is None:
             return None
-        else:
-            layers = range(0)
+        layers, _ = span
         for capture in trace(
             self.model, self.token_ids, backend=self.backend, stages=[stage_name], layers=layers
         ):
@@ -103,26 +90,12 @@ class ModelSource(TraceSource):
             return np.asarray(to_host(capture.array), dtype=np.float32)
         return None
 
-    def _remember(self, capture: Capture) -> np.ndarray | None:
+    def _remember(self, capture: Capture) -> None:
         """Keep a host copy of the capture for drill-down while it fits the cache budget."""
-        if int(capture.array.nbytes) > self._cache_limit:
-            return None
-        host = np.asarray(to_host(capture.array), dtype=np.float32)
-        with self._lock:
-            key = (capture.layer, capture.stage)
-            if key not in self._cache:
-                self._cache[key] = host
-                self._cache_bytes += host.nbytes
-            while self._cache_bytes > self._cache_limit:
-                _, evicted = self._cache.popitem(last=False)
-                self._cache_bytes -= evicted.nbytes
-        return host
-
-    def _clear_cache(self) -> None:
-        with self._lock:
-            self._cache.clear()
-            self._cache_bytes = 0
+        if int(capture.array.nbytes) <= self._cache.limit:
+            host = np.asarray(to_host(capture.array), dtype=np.float32)
+            self._cache.put((capture.layer, capture.stage), host)
 
     def close(self) -> None:
-        self._clear_cache()
+        self._cache.clear()
         self.model.close()

@@ -248,8 +248,8 @@ def test_model_source_cache_stays_within_its_budget(hf_llama):
     budget = 16 * 1024
     source = ModelSource(_model(hf_llama), TOKENS, cache_bytes=budget)
     for _ in source.captures():
-        assert source._cache_bytes <= budget
-    assert source._cache_bytes > 0
+        assert source._cache.nbytes <= budget
+    assert source._cache.nbytes > 0
 
 
 def _stats(std: float, zeros: int = 0, nans: int = 0) -> TensorStats:
