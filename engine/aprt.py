@@ -28,7 +28,6 @@ from engine.fileio import NotRegularFileError, atomic_output, loads_json, open_r
 from engine.stages import (
     ALIASES,
     STAGE_BY_NAME,
-    STAGES,
     U32_MAX,
     WHOLE_MODEL_LAYER,
     stage,
@@ -405,7 +404,7 @@ def read_trace_dir(path: str | os.PathLike[str]) -> TraceDir:
             f"{root}: no APRT stage files (expected layer-<N>/<stage>.bin or "
             "final_norm.bin / lm_head.bin)"
         )
-    order = {s.name: s.index for s in STAGES}
+    order = {name: s.index for name, s in STAGE_BY_NAME.items()}  # apr's + apr-tui's
     for layer, name, file in sorted(found, key=lambda item: (item[0], order[item[1]])):
         trace.entries[(layer, name)] = file
     return trace

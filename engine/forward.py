@@ -32,7 +32,7 @@ import numpy as np
 from engine.backend import Backend, resolve_backend
 from engine.errors import FormatError, TokenizerError
 from engine.model import Model, ModelConfig, gather_rows, weight_rows
-from engine.stages import DENSE_STAGES, WHOLE_MODEL_LAYER, Stage, stage
+from engine.stages import DENSE_STAGES, LOGITS_ALL, WHOLE_MODEL_LAYER, Stage, stage
 
 Array = Any
 """A numpy or CuPy ndarray."""
@@ -358,7 +358,7 @@ def trace(
     ids = check_token_ids(token_ids, config, str(model.path))
     wanted = _stage_filter(stages)
     captured_layers = layer_range(layers, config.num_layers)
-    whole_model_wanted = bool(wanted & {"final_norm", "lm_head"})
+    whole_model_wanted = bool(wanted & {"final_norm", "lm_head", LOGITS_ALL})
     run_to = config.num_layers if whole_model_wanted else captured_layers.stop
     weights = _LayerWeights(model, be)
 
@@ -420,6 +420,12 @@ def trace(
         checkpoint()
         if "lm_head" in wanted:
             yield capture(WHOLE_MODEL_LAYER, "lm_head", lm_head_logits(model, weights, final_norm))
+        if LOGITS_ALL in wanted:  # apr-tui's every-position logits, only when asked for
+            from engine.logits import ModelLogits
+
+            checkpoint()
+            table = ModelLogits(model, final_norm)
+            yield capture(WHOLE_MODEL_LAYER, LOGITS_ALL, table.rows(0, table.shape[0]))
     except _Cancelled:
         return
 

@@ -309,6 +309,24 @@ def _collect(cells) -> list[Cell]:
     return collected
 
 
+def logits_block(a: TraceSource, b: TraceSource, cells: list[Cell]) -> tuple[dict | None, list]:
+    """Per-position logit metrics (engine.logits) when the comparison reached the whole-model
+    stages and both sides have every position's logits: the JSON object and the text lines."""
+    from engine.logits import format_logit_report, pair_logit_report
+    from engine.stages import WHOLE_MODEL_LAYER
+
+    if not any(cell.layer == WHOLE_MODEL_LAYER for cell in cells):
+        return None, []
+    report = pair_logit_report(a, b)
+    if report is None:
+        return None, []
+    tokenizer = next(
+        (t for s in (a, b) if (t := getattr(getattr(s, "model", None), "tokenizer", None))),
+        None,
+    )
+    return report, format_logit_report(report, tokenizer.token_text if tokenizer else None)
+
+
 def run(args: argparse.Namespace) -> int:
     from engine.compare import (
         DEFAULT_STD_BAND,
@@ -325,6 +343,7 @@ def run(args: argparse.Namespace) -> int:
     assert b is not None
     try:
         cells = _collect(compare(a, b, layers=layers))
+        logits, logits_lines = logits_block(a, b, cells)
     finally:
         a.close()
         b.close()
@@ -345,8 +364,11 @@ def run(args: argparse.Namespace) -> int:
             "first_divergence": cell_json(first, args.threshold) if first else None,
             "first_std_divergence": cell_json(first_std, args.threshold) if first_std else None,
             "cells": [cell_json(cell, args.threshold) for cell in cells],
+            "logits": logits,
         }
         sys.stdout.write(json.dumps(_finite(document), indent=2, allow_nan=False) + "\n")
     else:
         _print_summary(a, b, cells, args.threshold, first, first_std)
+        if logits_lines:
+            sys.stdout.write("\n" + "\n".join(logits_lines) + "\n")
     return 1 if diverged else 0

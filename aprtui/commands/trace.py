@@ -24,7 +24,9 @@ can check that two traces saw the same prompt. The prompt defaults to apr's own,
 STAGES is `all` or a comma list of: embedding, attn_norm, qkv_matmul, qkv_bias, q_post_rope,
 k_post_rope, attn_scores, attn_softmax, attention, attn_out, post_attn_residual, ffn_norm,
 ffn_gate, ffn_up, ffn_silu, ffn_swigl, ffn_out, post_ffn_residual (alias layer_output),
-final_norm, lm_head (the moe_* stages are accepted and never produced by dense models).
+final_norm, lm_head (the moe_* stages are accepted and never produced by dense models),
+and apr-tui's own logits_all: every position's logits, [seq, vocab], written as
+logits_all.bin at the root only when named (`all` means apr's stages, as in apr).
 
 The command refuses to write into a directory that holds anything other than stage files
 and tokens.json (files it did not write) unless --force is given; it never deletes a file."""
@@ -359,7 +361,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"  (and {len(stale)} stage file(s) from an earlier run, left untouched)")
     console.print(f"  {escape(str(directory / 'tokens.json'))}")
     console.print()
-    if any(name in stage_names for name in ("final_norm", "lm_head")):
+    if any(name in stage_names for name in ("final_norm", "lm_head", "logits_all")):
         console.print(
             f"Forward pass succeeded — {config.num_layers} layer activations, "
             f"{config.vocab_size} logits"
