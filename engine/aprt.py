@@ -17,6 +17,7 @@ import json
 import os
 import re
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -219,6 +220,43 @@ def write_stage(
     path = stage_path(directory, selected.name, layer)
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_aprt(path, header_layer, values)
+
+
+def write_stage_stream(
+    directory: str | os.PathLike[str],
+    stage_name: str,
+    layer: int,
+    count: int,
+    blocks: Iterable[Any],
+) -> Path:
+    """`write_stage` for a tensor that arrives in blocks (a long prompt's attention stages).
+
+    `blocks`: arrays (numpy or CuPy) whose flattened values, in order, are the payload; `count`
+    values in all, which the header states up front. Only one block is held at a time. Written
+    to a temporary name and renamed, like every stage file; if the blocks hold more or fewer
+    than `count` values, ValueError and nothing is left behind.
+    """
+    selected = stage(stage_name)
+    if not 0 <= count <= U32_MAX:
+        raise ValueError(f"APRT holds at most 2**32-1 values, got {count}")
+    header_layer = layer if selected.per_layer else WHOLE_MODEL_LAYER
+    path = stage_path(directory, selected.name, layer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def chunks() -> Iterator[bytes | np.ndarray]:
+        yield _HEADER.pack(MAGIC, int(header_layer), count)
+        written = 0
+        for block in blocks:
+            body = _to_host_f32(block)
+            written += body.size
+            if written > count:
+                break
+            yield body
+        if written != count:
+            raise ValueError(f"{path}: blocks held {written} values, the header says {count}")
+
+    _atomic_write(path, chunks())  # type: ignore[arg-type]
+    return path
 
 
 # ----------------------------------------------------------------------------- tokens.json

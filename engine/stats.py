@@ -267,3 +267,214 @@ def diff_stats(a: Array, b: Array, limit: int = 10) -> DiffStats:
         cosine_sim=cosine_sim,
         top_diffs=top_diffs,
     )
+
+
+# ----------------------------------------------------------------------------- streaming
+#
+# A long prompt's attention stages arrive as blocks (engine.attention.AttentionStage.blocks:
+# (flat offset, block) in payload order), never as one array. These accumulators give the same
+# statistics from the blocks, holding one block at a time:
+#
+# * diff statistics are exact: the four float64 sums continue left to right across blocks
+#   (the running totals are the first row of each block's [n + 1, 4] reduction, so the order of
+#   additions is the one-array order), the first maximum wins across blocks (a later block
+#   must be strictly larger), and the top-K is merged by (d descending, index ascending), which
+#   is the one-array stable order for NaN-free d. With NaN the documented n > 20 rule applies
+#   within each block;
+# * tensor statistics: counts, min, max, max|x| exact; mean, std and the L2 norm combine the
+#   blocks' float64 sums (std by Chan's pairwise update), equal to the one-array values to
+#   float64 rounding.
+
+
+def blocks_of(x: Array, rows_like: Any = None) -> Any:
+    """(offset, flat block) pairs of x: its own `.blocks()` when it has them (a lazy capture),
+    else slices of the array at the offsets and sizes of `rows_like`'s blocks, else x whole."""
+    if hasattr(x, "blocks"):
+        for offset, block in x.blocks():
+            yield offset, block.reshape(-1)
+        return
+    flat = _flat_f32(x, _array_module(x))
+    if rows_like is not None and hasattr(rows_like, "blocks"):
+        for offset, block in rows_like.blocks():
+            yield offset, flat[offset : offset + block.size]
+        return
+    yield 0, flat
+
+
+class StatsAccumulator:
+    """`tensor_stats` of a tensor fed block by block (`add`), result by `result()`."""
+
+    def __init__(self) -> None:
+        self.count = self.nan = self.inf = self.zero = self.valid = 0
+        self.mean = self.m2 = self.sum_sq = 0.0
+        self.min, self.max, self.max_abs = math.inf, -math.inf, 0.0
+
+    def add(self, block: Array) -> None:
+        xp = _array_module(block)
+        flat = _flat_f32(block, xp)
+        if flat.size == 0:
+            return
+        self.count += int(flat.size)
+        nan_count = int(xp.count_nonzero(xp.isnan(flat)))
+        inf_count = int(xp.count_nonzero(xp.isinf(flat)))
+        self.nan += nan_count
+        self.inf += inf_count
+        self.zero += int(xp.count_nonzero(flat == 0))
+        finite = flat if nan_count + inf_count == 0 else flat[xp.isfinite(flat)]
+        n = int(finite.size)
+        if n == 0:
+            return
+        finite64 = finite.astype(np.float64)
+        mean = float(finite64.sum()) / n
+        centred = finite64 - mean
+        m2 = float((centred * centred).sum())
+        total = self.valid + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta * delta * self.valid * n / total
+        self.valid = total
+        self.sum_sq += float((finite64 * finite64).sum())
+        self.min = min(self.min, float(finite.min()))
+        self.max = max(self.max, float(finite.max()))
+        self.max_abs = max(self.max_abs, float(xp.abs(finite).max()))
+
+    def result(self) -> TensorStats:
+        if self.count == 0:
+            return TensorStats(0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        if self.valid == 0:
+            return TensorStats(
+                self.count, self.nan, self.inf, self.zero, math.inf, -math.inf, 0.0, 0.0, 0.0, 0.0
+            )
+        std = math.sqrt(self.m2 / (self.valid - 1)) if self.valid > 1 else 0.0
+        return TensorStats(
+            count=self.count,
+            nan_count=self.nan,
+            inf_count=self.inf,
+            zero_count=self.zero,
+            min=self.min,
+            max=self.max,
+            mean=self.mean,
+            std=std,
+            l2_norm=math.sqrt(self.sum_sq),
+            max_abs=self.max_abs,
+        )
+
+
+class DiffAccumulator:
+    """`diff_stats` of two tensors fed as aligned blocks (`add(offset, a, b)`), in order."""
+
+    def __init__(self, limit: int = 10) -> None:
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        self.k = max(limit, 1)
+        self.count = 0
+        self.totals = np.zeros(4, dtype=np.float64)  # sum d², a·b, ‖a‖², ‖b‖²
+        self.max_d, self.max_index = -1.0, 0
+        self.nan_seen = False
+        self.top = np.empty((0, 4), dtype=np.float64)  # rows (index, a, b, d)
+
+    def add(self, offset: int, a: Array, b: Array) -> None:
+        xp = _array_module(a, b)
+        fa, fb = _flat_f32(a, xp), _flat_f32(b, xp)
+        if fa.size != fb.size:
+            raise DiffError(f"blocks differ in size at offset {offset}: {fa.size} vs {fb.size}")
+        n = int(fa.size)
+        if n == 0:
+            return
+        self.count += n
+        with np.errstate(all="ignore"):
+            d = xp.abs(fa - fb)  # [n] float32
+            if xp is np:
+                products = np.empty((n + 1, 4), dtype=np.float64)  # row 0: the running totals
+                products[0] = self.totals
+                np.multiply(d, d, out=products[1:, 0], dtype=np.float64)
+                np.multiply(fa, fb, out=products[1:, 1], dtype=np.float64)
+                np.multiply(fa, fa, out=products[1:, 2], dtype=np.float64)
+                np.multiply(fb, fb, out=products[1:, 3], dtype=np.float64)
+                self.totals = np.add.reduce(products, axis=0)
+                del products
+            else:
+                self.totals = self.totals + np.array(_accumulate(fa, fb, d, xp))
+            nan_mask = xp.isnan(d)
+            nan_count = int(xp.count_nonzero(nan_mask))
+            d_no_nan = xp.where(nan_mask, np.float32(0), d) if nan_count else d
+            index = int(xp.argmax(d_no_nan))
+            value = float(d_no_nan[index])
+            if value > self.max_d:
+                self.max_d, self.max_index = value, offset + index
+        k = min(self.k, n)
+        if nan_count:
+            self.nan_seen = True
+            d_host = _to_host(d)
+            top = _top_k_with_nan(d_host, np.flatnonzero(np.isnan(d_host)), k)
+        else:
+            top = _top_k_no_nan(d, k, xp)
+        top_device = xp.asarray(top)
+        rows = np.stack(
+            [top.astype(np.float64) + offset]
+            + [_to_host(v[top_device]).astype(np.float64) for v in (fa, fb, d)],
+            axis=1,
+        )  # [k, (index, a, b, d)]
+        merged = np.concatenate([self.top, rows])
+        if self.nan_seen:  # NaN keeps its place: earlier candidates stay ahead (block order)
+            self.top = merged[: self.k]
+        else:
+            order = np.lexsort((merged[:, 0], -merged[:, 3]))  # d descending, index ascending
+            self.top = merged[order[: self.k]]
+
+    def result(self) -> DiffStats:
+        if self.count == 0:
+            return DiffStats(0, 0.0, 0, 0.0, 0.0, ())
+        sum_sq_diff, dot, norm_a_sq, norm_b_sq = self.totals.tolist()
+        with np.errstate(all="ignore"):
+            rms_diff = float(np.float32(math.sqrt(sum_sq_diff / self.count)))
+        if norm_a_sq > 0.0 and norm_b_sq > 0.0:
+            cosine_sim = dot / (math.sqrt(norm_a_sq) * math.sqrt(norm_b_sq))
+        else:
+            cosine_sim = 0.0
+        top_diffs = tuple(
+            TopDiff(int(i), float(np.float32(x)), float(np.float32(y)), float(np.float32(z)))
+            for i, x, y, z in self.top.tolist()
+        )
+        return DiffStats(
+            count=self.count,
+            max_abs_diff=max(self.max_d, 0.0),
+            max_abs_diff_index=self.max_index,
+            rms_diff=rms_diff,
+            cosine_sim=cosine_sim,
+            top_diffs=top_diffs,
+        )
+
+
+def streamed_stats(x: Array) -> TensorStats:
+    """`tensor_stats` of an array or a lazy capture with `.blocks()`, one block at a time."""
+    if not hasattr(x, "blocks"):
+        return tensor_stats(x)
+    acc = StatsAccumulator()
+    for _, block in x.blocks():
+        acc.add(block)
+    return acc.result()
+
+
+def streamed_pair_stats(
+    a: Array, b: Array, limit: int = 10
+) -> tuple[TensorStats, TensorStats, DiffStats | None]:
+    """Both sides' `tensor_stats` and their `diff_stats` in one pass over aligned blocks.
+
+    Either side may be an array or a lazy capture (`.blocks()`); the other side is sliced at
+    the lazy side's block offsets, so at most one block per side is held. Sizes that differ
+    give `diff None`. Two plain arrays take the one-array functions.
+    """
+    if not hasattr(a, "blocks") and not hasattr(b, "blocks"):
+        diff = diff_stats(a, b, limit) if int(a.size) == int(b.size) else None
+        return tensor_stats(a), tensor_stats(b), diff
+    if int(a.size) != int(b.size):
+        return streamed_stats(a), streamed_stats(b), None
+    guide = a if hasattr(a, "blocks") else b
+    stats_a, stats_b, diff = StatsAccumulator(), StatsAccumulator(), DiffAccumulator(limit)
+    pairs = zip(blocks_of(a, guide), blocks_of(b, guide), strict=True)
+    for (offset, block_a), (_, block_b) in pairs:
+        stats_a.add(block_a)
+        stats_b.add(block_b)
+        diff.add(offset, block_a, block_b)
+    return stats_a.result(), stats_b.result(), diff.result()

@@ -97,3 +97,19 @@ def test_working_set_is_bounded_by_the_block_budget():
     assert attention.use_blocked(9, 4096) and not attention.use_blocked(9, 1024)
     assert attention.attention_peak_bytes(9, 4096) <= 4 * attention.ATTENTION_BLOCK_BYTES
     assert attention.attention_peak_bytes(9, 1024) == 5 * 9 * 1024 * 1024 * 4
+
+
+def test_streamed_statistics_of_a_lazy_attention_capture(blocked):
+    """Diff statistics of a lazy capture, block by block, equal the one-array statistics of its
+    materialised array exactly (apr's left-to-right float64 sums across blocks)."""
+    from engine.stats import diff_stats, streamed_pair_stats, tensor_stats
+
+    model = engine_model(build_hf_model("llama", seed=2))
+    stage = next(c.array for c in trace(model, TOKENS, stages=["attn_softmax"], layers=(1, 2)))
+    assert isinstance(stage, attention.AttentionStage)
+    whole = np.asarray(stage)
+    other = (whole * np.float32(1.001)).astype(np.float32)
+    stats_a, stats_b, diff = streamed_pair_stats(stage, other)
+    assert diff == diff_stats(whole, other)
+    assert stats_a.count == whole.size and stats_a.zero_count == tensor_stats(whole).zero_count
+    assert stats_b.std == pytest.approx(tensor_stats(other).std, rel=1e-12)

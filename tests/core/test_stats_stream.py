@@ -1,0 +1,97 @@
+"""Streaming statistics (engine.stats accumulators) against the one-array functions.
+
+The one-array `diff_stats` is itself checked against a Python loop in tests/core/test_stats.py;
+here the streamed results must equal it exactly (diff statistics) or to float64 rounding
+(mean / std / L2 of tensor statistics), over block splits chosen to cross ties and maxima.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from engine.stats import (
+    DiffAccumulator,
+    StatsAccumulator,
+    diff_stats,
+    streamed_pair_stats,
+    tensor_stats,
+)
+
+
+class Blocked:
+    """A stand-in lazy capture: the array served as (offset, block) pairs of `step` values."""
+
+    def __init__(self, array: np.ndarray, step: int) -> None:
+        self.array, self.step = array, step
+        self.size, self.shape = array.size, array.shape
+
+    def blocks(self):
+        flat = self.array.reshape(-1)
+        for start in range(0, flat.size, self.step):
+            yield start, flat[start : start + self.step]
+
+
+def _diff_in_blocks(a, b, step, limit=10):
+    acc = DiffAccumulator(limit)
+    for start in range(0, a.size, step):
+        acc.add(start, a[start : start + step], b[start : start + step])
+    return acc.result()
+
+
+@pytest.mark.parametrize("step", [1, 7, 64, 1000, 5000])
+def test_streamed_diff_equals_one_array_diff_exactly(step):
+    rng = np.random.default_rng(step)
+    a = rng.standard_normal(3001).astype(np.float32)
+    b = a + rng.standard_normal(3001).astype(np.float32) * np.float32(1e-3)
+    # ties in |a - b| across block edges: the lower index must win, as in a stable sort
+    b[[5, 700, 2999]] = a[[5, 700, 2999]] + np.float32(0.5)
+    b[[6, 1400]] = a[[6, 1400]] - np.float32(0.5)
+    assert _diff_in_blocks(a, b, step) == diff_stats(a, b)
+    assert _diff_in_blocks(a, b, step, limit=3) == diff_stats(a, b, limit=3)
+
+
+def test_streamed_diff_of_identical_and_zero_tensors():
+    zeros = np.zeros(100, np.float32)
+    assert _diff_in_blocks(zeros, zeros, 30) == diff_stats(zeros, zeros)
+    x = np.linspace(-1, 1, 100, dtype=np.float32)
+    assert _diff_in_blocks(x, x.copy(), 33) == diff_stats(x, x.copy())
+
+
+@pytest.mark.parametrize("step", [1, 13, 500])
+def test_streamed_tensor_stats_match(step):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(1234) * 3 + 7).astype(np.float32)
+    x[[3, 400]] = np.nan
+    x[[10]] = np.inf
+    x[[11, 12]] = 0.0
+    acc = StatsAccumulator()
+    for start in range(0, x.size, step):
+        acc.add(x[start : start + step])
+    got, expected = acc.result(), tensor_stats(x)
+    exact = ("count", "nan_count", "inf_count", "zero_count", "min", "max", "max_abs")
+    for field in exact:
+        assert getattr(got, field) == getattr(expected, field), field
+    for field in ("mean", "std", "l2_norm"):
+        assert getattr(got, field) == pytest.approx(getattr(expected, field), rel=1e-13)
+
+
+def test_pair_stats_of_a_lazy_side_against_an_array():
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((3, 40, 40)).astype(np.float32)
+    b = (a * np.float32(1.01)).astype(np.float32)
+    for left, right in (
+        (Blocked(a, 40 * 7), b),
+        (a, Blocked(b, 40 * 7)),
+        (Blocked(a, 40), Blocked(b, 40)),
+    ):
+        stats_a, stats_b, diff = streamed_pair_stats(left, right)
+        assert diff == diff_stats(a, b)
+        assert dataclasses.replace(stats_a, mean=0, std=0, l2_norm=0) == dataclasses.replace(
+            tensor_stats(a), mean=0, std=0, l2_norm=0
+        )
+        assert stats_b.std == pytest.approx(tensor_stats(b).std, rel=1e-12)
+    _, _, diff = streamed_pair_stats(Blocked(a, 40), np.zeros(5, np.float32))
+    assert diff is None  # sizes differ
