@@ -282,13 +282,93 @@ class _Progress:
         self.bar.update(self.task, completed=done)
 
 
+LONG_RUN_BYTES = 256 * 1024 * 1024
+"""A run that writes more than this is announced before it starts (files, bytes, memory)."""
+
+
+def _run_cost(plan, config, seq_len: int, stage_names: list[str]) -> tuple[int, int, int]:
+    """(files, bytes on disk, peak working-set bytes) the run will need, before it starts."""
+    from engine.attention import attention_peak_bytes
+    from engine.compare import logical_shape
+    from engine.stages import STAGE_BY_NAME
+
+    layers = max(0, min(plan.layer_end, config.num_layers) - plan.layer_start)
+    produced = {"qkv_bias"} if config.qkv_bias else set()
+    files = size = 0
+    for name in stage_names:
+        stage = STAGE_BY_NAME[name]
+        if stage.moe or (name == "qkv_bias" and name not in produced):
+            continue
+        if name == "logits_all":
+            count = seq_len * config.vocab_size
+        else:
+            count = 1
+            for dim in logical_shape(name, config, seq_len):
+                count *= dim
+        if not stage.per_layer:
+            copies = 1
+        elif name == "embedding":
+            copies = 1 if plan.layer_start == 0 else 0
+        else:
+            copies = layers
+        files += copies
+        size += copies * (12 + 4 * count)
+    activations = 12 * seq_len * max(config.hidden_size, config.intermediate_size) * 4
+    peak = attention_peak_bytes(config.num_heads, seq_len) + activations
+    return files, size, peak
+
+
+def _check_cost(directory: Path, cost: tuple[int, int, int], seq_len: int, label: str) -> None:
+    """Say what a long run costs on stderr; refuse (exit 2) one that cannot fit the free disk
+    space or memory."""
+    import shutil
+
+    from engine.compare import available_memory
+    from engine.errors import AprTuiError
+
+    files, size, peak = cost
+    mib = 1024 * 1024
+    if size > LONG_RUN_BYTES:
+        sys.stderr.write(
+            f"{label}: {seq_len} tokens: {files} stage files, {size / mib:,.0f} MiB to write, "
+            f"about {peak / mib:,.0f} MiB of working memory\n"
+        )
+        sys.stderr.flush()
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free if probe.exists() else None
+    if free is not None and size > free:
+        raise AprTuiError(
+            f"--save-tensor-dir {directory}: the run writes {size / mib:,.0f} MiB, only "
+            f"{free / mib:,.0f} MiB free; save fewer stages or layers, or a shorter prompt"
+        )
+    available = available_memory()
+    if available is not None and peak > available:
+        raise AprTuiError(
+            f"{label}: {seq_len} tokens need about {peak / mib:,.0f} MiB of working memory, "
+            f"more than the {available / mib:,.0f} MiB available; trace a shorter prompt"
+        )
+
+
+def _write(directory: Path, capture) -> Path:
+    """One capture to its stage file; a lazy attention capture is streamed block by block."""
+    from engine.aprt import write_stage, write_stage_stream
+
+    if hasattr(capture.array, "blocks"):
+        blocks = (block for _, block in capture.array.blocks())
+        return write_stage_stream(
+            directory, capture.stage, capture.layer, capture.array.size, blocks
+        )
+    return write_stage(directory, capture.stage, capture.layer, capture.array)
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    from engine.aprt import write_stage, write_tokens_json
+    from engine.aprt import write_tokens_json
     from engine.backend import resolve_backend
-    from engine.compare import check_prompt_fits
     from engine.errors import AprTuiError
     from engine.formats import open_model
     from engine.forward import check_token_ids, trace
@@ -313,12 +393,13 @@ def run(args: argparse.Namespace) -> int:
             prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
             token_ids = encode_prompt(model, prompt)
         token_ids = check_token_ids(token_ids, model.config, str(model_path))
-        check_prompt_fits(model.config, len(token_ids), str(model_path), backend)
         _check_layers_reach(plan, model.config, args.save_tensor_layers)
         _check_earlier_tokens(directory, args.force, token_ids)
+        stage_names = list(dict.fromkeys(s.name for s in plan.stages))  # a duplicate = one file
+        cost = _run_cost(plan, model.config, len(token_ids), stage_names)
+        _check_cost(directory, cost, len(token_ids), str(model_path))
         # tokens.json first: it marks the directory as ours, also after an interrupted run.
         write_tokens_json(directory, token_ids, prompt, model_path)
-        stage_names = list(dict.fromkeys(s.name for s in plan.stages))  # a duplicate = one file
         with _Progress(f"tracing {model_path.name}") as progress, _Interrupt() as interrupt:
             for capture in trace(
                 model,
@@ -330,9 +411,7 @@ def run(args: argparse.Namespace) -> int:
                 cancel=interrupt.cancel,
             ):
                 if plan.should_save(capture.stage, capture.layer):
-                    written.append(
-                        write_stage(directory, capture.stage, capture.layer, capture.array)
-                    )
+                    written.append(_write(directory, capture))
         if interrupt.cancel.is_set():
             raise KeyboardInterrupt
         config = model.config
