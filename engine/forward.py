@@ -178,12 +178,15 @@ class _LayerWeights:
     """Fetches one weight at a time onto the device, checking its shape against the config."""
 
     def __init__(self, model: Model, backend: Backend) -> None:
+        from engine.prefetch import WeightPrefetcher
+
         self.model = model
         self.backend = backend
+        self.prefetch = WeightPrefetcher(model.weights, model.config.num_layers)
 
     def get(self, name: str, shape: tuple[int, ...]) -> Array:
         self._check(name, shape)
-        return self.backend.asarray(self.model.weights.get(name))
+        return self.backend.asarray(self.prefetch.get(name))  # the next one decodes meanwhile
 
     def _check(self, name: str, shape: tuple[int, ...]) -> None:
         actual = tuple(self.model.weights.shape(name))
@@ -418,6 +421,8 @@ def trace(
             yield capture(WHOLE_MODEL_LAYER, LOGITS_ALL, table.rows(0, table.shape[0]))
     except _Cancelled:
         return
+    finally:
+        weights.prefetch.close()  # no decode may outlive the pass (the model may close next)
 
 
 def lm_head_weight_name(model: Model) -> str:

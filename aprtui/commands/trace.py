@@ -363,6 +363,57 @@ def _write(directory: Path, capture) -> Path:
     return write_stage(directory, capture.stage, capture.layer, capture.array)
 
 
+WRITE_AHEAD_BYTES = 64 * 1024 * 1024
+"""Bytes of captures waiting for the writer thread before the pass waits for it."""
+
+
+class _Writer:
+    """Stage files written by a background thread while the pass computes the next stages.
+
+    Creating a file costs a few milliseconds of system calls (483 of them for a full SmolLM2
+    trace: ~1 s); the thread overlaps them with the arithmetic. In order, at most
+    WRITE_AHEAD_BYTES of captures queued (the pass waits beyond that), and a lazy attention
+    capture (streamed block by block) is written by the pass itself after the queue drains,
+    so memory stays bounded. A failed write is raised at the next submit or at the end.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.directory = directory
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aprt-writer")
+        self.pending: list = []  # (future, nbytes)
+        self.written: list[Path] = []
+
+    def submit(self, capture) -> None:
+        if hasattr(capture.array, "blocks"):
+            self._drain(0)
+            self.written.append(_write(self.directory, capture))
+            return
+        nbytes = int(capture.array.nbytes)
+        self._drain(WRITE_AHEAD_BYTES - nbytes)
+        future = self.pool.submit(_write, self.directory, capture)
+        self.pending.append((future, nbytes))
+
+    def _drain(self, budget: int) -> None:
+        """Collect finished writes in order; wait while the queue holds more than budget."""
+        while self.pending and (
+            self.pending[0][0].done() or sum(n for _, n in self.pending) > budget
+        ):
+            future, _ = self.pending.pop(0)
+            self.written.append(future.result())
+
+    def close(self) -> list[Path]:
+        """Wait for every queued write (also after an interrupt) and return the paths."""
+        try:
+            while self.pending:
+                future, _ = self.pending.pop(0)
+                self.written.append(future.result())
+        finally:
+            self.pool.shutdown(wait=True)
+        return self.written
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
@@ -386,7 +437,6 @@ def run(args: argparse.Namespace) -> int:
     token_ids = parse_token_ids(args.tokens) if args.tokens is not None else None
     _check_output_dir(directory, args.force)
 
-    written: list[Path] = []
     with open_model(model_path) as model:
         prompt = None
         if token_ids is None:
@@ -400,18 +450,25 @@ def run(args: argparse.Namespace) -> int:
         _check_cost(directory, cost, len(token_ids), str(model_path))
         # tokens.json first: it marks the directory as ours, also after an interrupted run.
         write_tokens_json(directory, token_ids, prompt, model_path)
-        with _Progress(f"tracing {model_path.name}") as progress, _Interrupt() as interrupt:
-            for capture in trace(
-                model,
-                token_ids,
-                backend=backend,
-                stages=stage_names,
-                layers=(plan.layer_start, plan.layer_end),
-                on_layer=progress.update,
-                cancel=interrupt.cancel,
+        writer = _Writer(directory)
+        try:
+            with (
+                _Progress(f"tracing {model_path.name}") as progress,
+                _Interrupt() as interrupt,
             ):
-                if plan.should_save(capture.stage, capture.layer):
-                    written.append(_write(directory, capture))
+                for capture in trace(
+                    model,
+                    token_ids,
+                    backend=backend,
+                    stages=stage_names,
+                    layers=(plan.layer_start, plan.layer_end),
+                    on_layer=progress.update,
+                    cancel=interrupt.cancel,
+                ):
+                    if plan.should_save(capture.stage, capture.layer):
+                        writer.submit(capture)
+        finally:
+            written = writer.close()
         if interrupt.cancel.is_set():
             raise KeyboardInterrupt
         config = model.config
