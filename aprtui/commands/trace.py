@@ -351,16 +351,24 @@ def _check_cost(directory: Path, cost: tuple[int, int, int], seq_len: int, label
         )
 
 
-def _write(directory: Path, capture) -> Path:
-    """One capture to its stage file; a lazy attention capture is streamed block by block."""
-    from engine.aprt import write_stage, write_stage_stream
+def _write(directory: Path, capture, made: set[Path] | None = None) -> Path:
+    """One capture to its stage file; a lazy attention capture is streamed block by block.
+    `made`: directories already created (one mkdir per layer directory, not per file)."""
+    from engine.aprt import write_aprt, write_stage_stream
+    from engine.stages import STAGE_BY_NAME, WHOLE_MODEL_LAYER, stage_path
 
     if hasattr(capture.array, "blocks"):
         blocks = (block for _, block in capture.array.blocks())
         return write_stage_stream(
             directory, capture.stage, capture.layer, capture.array.size, blocks
         )
-    return write_stage(directory, capture.stage, capture.layer, capture.array)
+    per_layer = STAGE_BY_NAME[capture.stage].per_layer
+    path = stage_path(directory, capture.stage, capture.layer)
+    if made is None or path.parent not in made:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if made is not None:
+            made.add(path.parent)
+    return write_aprt(path, capture.layer if per_layer else WHOLE_MODEL_LAYER, capture.array)
 
 
 WRITE_AHEAD_BYTES = 64 * 1024 * 1024
@@ -384,6 +392,7 @@ class _Writer:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aprt-writer")
         self.pending: list = []  # (future, nbytes)
         self.written: list[Path] = []
+        self.made: set[Path] = set()  # touched by the writer thread only
 
     def submit(self, capture) -> None:
         if hasattr(capture.array, "blocks"):
@@ -392,7 +401,7 @@ class _Writer:
             return
         nbytes = int(capture.array.nbytes)
         self._drain(WRITE_AHEAD_BYTES - nbytes)
-        future = self.pool.submit(_write, self.directory, capture)
+        future = self.pool.submit(_write, self.directory, capture, self.made)
         self.pending.append((future, nbytes))
 
     def _drain(self, budget: int) -> None:
