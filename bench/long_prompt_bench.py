@@ -35,6 +35,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -96,34 +97,32 @@ def run_child(
         preexec_fn=limit_memory,
     )
     layer_times: list[float] = []
-    last_line = ""
-    deadline = start + timeout
+    last = [""]
+
+    def read_stderr() -> None:  # a thread: stderr lines timestamped as they arrive
+        assert child.stderr is not None
+        for line in child.stderr:
+            if ": layer " in line:
+                layer_times.append(time.perf_counter() - start)
+            elif line.strip():
+                last[0] = line.strip()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     timed_out = False
-    assert child.stderr is not None
-    os.set_blocking(child.stderr.fileno(), False)
-    buffer = ""
-    while child.poll() is None:
-        if time.perf_counter() > deadline:
+    while True:  # wait4, not Popen.wait: the child's rusage carries its peak RSS
+        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+        if pid:
+            break
+        if not timed_out and time.perf_counter() - start > timeout:
             child.kill()
             timed_out = True
-            break
-        chunk = child.stderr.read()
-        if chunk:
-            buffer += chunk
-            *lines, buffer = buffer.split("\n")
-            for line in lines:
-                if ": layer " in line:
-                    layer_times.append(time.perf_counter() - start)
-                elif line.strip():
-                    last_line = line.strip()
-        time.sleep(0.02)
-    _, status, usage = os.wait4(child.pid, 0)
+        time.sleep(0.05)
+    child.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
-    rest = child.stderr.read() or ""
-    for line in rest.splitlines():
-        if line.strip() and ": layer " not in line:
-            last_line = line.strip()
-    code = os.waitstatus_to_exitcode(status)
+    reader.join(timeout=5)
+    last_line = last[0]
+    code = child.returncode
     outcome = "ok" if code in (0, 1) else ("timed out" if timed_out else f"exit {code}")
     phases = None
     if layer_times:
