@@ -73,10 +73,12 @@ def strip_text(
     token_labels: list[str],
     per_line: int = STRIP_PER_LINE,
     max_cells: int = STRIP_MAX_CELLS,
+    score_fn=None,
 ) -> Text:
     """Coloured 7-column cells, `per_line` to a line pair (labels above values): one per token
     position, or per bin of positions (its worst value) past `max_cells`; then, for more than
-    one line, the worst positions with their token text."""
+    one line, the worst positions with their token text. `score_fn(value) -> [0, 1]` replaces
+    the RMS colour scale of a non-cosine strip (the logits screen's KL per position)."""
     styles = heat_styles("diverging" if cosine else "sequential")
     values = np.asarray(values, dtype=np.float64)
     bins = _bins(len(values), max_cells)
@@ -95,7 +97,10 @@ def strip_text(
                 cells.append(" ")
                 cells.append(f"{'NaN':>6}", "bold bright_white on magenta")
                 continue
-            score = cosine_score(value, threshold) if cosine else std_score(value)
+            if cosine:
+                score = cosine_score(value, threshold)
+            else:
+                score = score_fn(value) if score_fn is not None else std_score(value)
             text = cosine_text(value) if cosine else short_number(value)
             cells.append(" ")
             cells.append(f"{text:>6}", styles[score_index(score)])
