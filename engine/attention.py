@@ -124,28 +124,37 @@ def attention_context(xp: Any, probs: Array, v: Array) -> Array:
 
 
 def _row_block(
-    xp: Any, q: Array, k: Array, head: int, start: int, stop: int, scale: float
-) -> tuple[Array, Array]:
-    """Scores and softmax weights of query rows [start, stop) of one head: [rows, seq] each,
-    keys beyond the causal limit exactly 0.0 in both (as the whole path's captures)."""
-    seq = k.shape[0]
+    xp: Any, q: Array, k: Array, head: int, start: int, stop: int, scale: float, want: str
+) -> Array:
+    """Query rows [start, stop) of one head against the keys they may see, [0, stop):
+    `want` = "scores" (q·kᵀ·scale) or "probs" (the causal softmax), [rows, stop] float32.
+
+    Keys at or past `stop` are in every row's future, so they are not computed at all (on
+    average half the work of a full-width block); `AttentionStage` pads them with the 0.0 the
+    captures hold there. The row sums of the softmax run over `stop` entries instead of `seq`,
+    which can round the last bit differently from the whole path (the tests allow float32
+    rounding).
+    """
     kv_head = head // (q.shape[1] // k.shape[1])
-    scores = q[start:stop, head, :] @ k[:, kv_head, :].T  # [rows, seq]
+    scores = q[start:stop, head, :] @ k[:stop, kv_head, :].T  # [rows, stop]
     scores *= xp.float32(scale)
-    future = xp.arange(seq)[None, :] > xp.arange(start, stop)[:, None]  # [rows, seq]
+    future = xp.arange(stop)[None, :] > xp.arange(start, stop)[:, None]  # [rows, stop]
+    if want == "scores":
+        scores[future] = 0.0
+        return scores
     masked = xp.where(future, -xp.inf, scores)
-    shifted = masked - masked.max(axis=-1, keepdims=True)
+    del scores
+    masked -= masked.max(axis=-1, keepdims=True)  # the diagonal is always finite
+    weights = xp.exp(masked)  # exp(-inf) = 0 for future keys
     del masked
-    weights = xp.exp(shifted)
-    del shifted
-    probs = weights / weights.sum(axis=-1, keepdims=True)
-    scores = xp.where(future, xp.float32(0.0), scores)
-    return scores, probs
+    weights /= weights.sum(axis=-1, keepdims=True)
+    return weights
 
 
 def blocked_context(xp: Any, q: Array, k: Array, v: Array, scale: float) -> Array:
     """The attention output [seq, nh * hd] computed one head and one query block at a time;
-    the same numbers as `attention_context(causal_softmax(attention_scores(...)))`."""
+    the same numbers as `attention_context(causal_softmax(attention_scores(...)))` to float32
+    rounding."""
     seq, nh, hd = q.shape
     group = nh // k.shape[1]
     out = xp.empty((seq, nh, hd), dtype=xp.float32)  # [seq, nh, hd]
@@ -154,8 +163,8 @@ def blocked_context(xp: Any, q: Array, k: Array, v: Array, scale: float) -> Arra
         values = v[:, head // group, :]  # [seq, hd]
         for start in range(0, seq, rows):
             stop = min(start + rows, seq)
-            _, probs = _row_block(xp, q, k, head, start, stop, scale)
-            out[start:stop, head, :] = probs @ values
+            probs = _row_block(xp, q, k, head, start, stop, scale, "probs")  # [rows, stop]
+            out[start:stop, head, :] = probs @ values[:stop]
     return out.reshape(seq, nh * hd)
 
 
@@ -183,12 +192,16 @@ class AttentionStage:
         """(flat offset, C-contiguous float32 block [n_rows, seq]) in file order."""
         nh, seq, _ = self.shape
         step = rows or block_rows(seq)
-        which = 0 if self.stage == "attn_scores" else 1
+        want = "scores" if self.stage == "attn_scores" else "probs"
+        xp = self.xp
         for head in range(nh):
             for start in range(0, seq, step):
                 stop = min(start + step, seq)
-                block = _row_block(self.xp, self.q, self.k, head, start, stop, self.scale)[which]
-                yield (head * seq + start) * seq, self.xp.ascontiguousarray(block)
+                block = xp.zeros((stop - start, seq), dtype=xp.float32)  # [rows, seq]
+                block[:, :stop] = _row_block(
+                    xp, self.q, self.k, head, start, stop, self.scale, want
+                )
+                yield (head * seq + start) * seq, block
 
     def materialize(self) -> Array:
         """The whole [nh, seq, seq] float32 array on the pass's device."""
