@@ -103,7 +103,9 @@ class LogitsScreen(Screen[None]):
             value = kl[position]
             table.add_row(
                 str(position),
-                self._token_name(self.token_ids[position]) if position < len(self.token_ids) else "",
+                self._token_name(self.token_ids[position])
+                if position < len(self.token_ids)
+                else "",
                 "NaN" if value is None else short_number(value),
                 " ".join(self._token_name(t) for t in report["top_a"][position]),
                 " ".join(self._token_name(t) for t in report["top_b"][position]),
