@@ -54,10 +54,10 @@ class Capture:
     `array` is a C-contiguous float32 array in apr's token-major layout (§5), on the backend's
     device (numpy or CuPy), already in its logical `shape`, e.g. (seq, hidden), (heads, seq, seq)
     or (vocab,): `array.reshape(-1)` is exactly the payload of the stage's APRT file. The forward
-    pass never writes into an array after handing it out. Exception: on a long prompt
-    (engine.attention.use_blocked) `attn_scores` / `attn_softmax` are
-    `engine.attention.AttentionStage` objects that yield their payload in blocks
-    (`.blocks()`) and materialise only through `np.asarray`.
+    pass never writes into an array after handing it out. Exceptions, lazy captures that yield
+    their payload in blocks (`.blocks()`) and materialise only through `np.asarray`: on a long
+    prompt (engine.attention.use_blocked) `attn_scores` / `attn_softmax`
+    (`engine.attention.AttentionStage`), and always `logits_all` (`engine.logits.LogitsStage`).
     """
 
     layer: int
@@ -357,7 +357,7 @@ def trace(
             raise _Cancelled
 
     def capture(layer: int, stage_name: str, array: Array) -> Capture:
-        if isinstance(array, AttentionStage):  # computed block by block when consumed
+        if hasattr(array, "blocks"):  # lazy: computed block by block when consumed
             return Capture(layer=layer, stage=stage_name, array=array, shape=array.shape)
         array = xp.ascontiguousarray(array, dtype=xp.float32)
         return Capture(layer=layer, stage=stage_name, array=array, shape=tuple(array.shape))
@@ -414,11 +414,12 @@ def trace(
         if "lm_head" in wanted:
             yield capture(WHOLE_MODEL_LAYER, "lm_head", lm_head_logits(model, weights, final_norm))
         if LOGITS_ALL in wanted:  # apr-tui's every-position logits, only when asked for
-            from engine.logits import ModelLogits
+            from engine.logits import LogitsStage, ModelLogits
 
             checkpoint()
-            table = ModelLogits(model, final_norm)
-            yield capture(WHOLE_MODEL_LAYER, LOGITS_ALL, table.rows(0, table.shape[0]))
+            yield capture(
+                WHOLE_MODEL_LAYER, LOGITS_ALL, LogitsStage(ModelLogits(model, final_norm))
+            )
     except _Cancelled:
         return
     finally:

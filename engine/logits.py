@@ -148,6 +148,33 @@ class ModelLogits:
         return out if self._bias is None else out + self._bias
 
 
+class LogitsStage:
+    """The `logits_all` capture of a pass: `[seq, vocab]`, produced a block of positions at a
+    time (`blocks()`, in APRT payload order) so that a writer or a statistics pass never holds
+    the whole table (805 MB for 4,096 SmolLM2 positions); `np.asarray` materialises it."""
+
+    def __init__(self, table: ModelLogits) -> None:
+        self.table = table
+        self.shape = tuple(table.shape)
+        self.size = self.shape[0] * self.shape[1]
+        self.nbytes = 4 * self.size
+        self.dtype = np.dtype(np.float32)
+        self.ndim = 2
+
+    def blocks(self) -> Any:
+        seq, vocab = self.shape
+        step = block_positions(vocab)
+        for start in range(0, seq, step):
+            yield start * vocab, self.table.rows(start, min(start + step, seq))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self.table.rows(0, self.shape[0])
+        return whole if dtype is None else whole.astype(dtype)
+
+    def reshape(self, *shape: Any) -> np.ndarray:
+        return np.asarray(self).reshape(*shape)
+
+
 # --------------------------------------------------------------------------------- metrics
 
 
