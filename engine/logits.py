@@ -52,8 +52,10 @@ TOP_TOKENS = 5
 """How many of each side's top tokens the report lists per position (for the explorer)."""
 
 
-def block_positions(vocab: int, budget: int = LOGIT_BLOCK_BYTES) -> int:
-    """Positions per block so that one float64 `[block, vocab]` array fits `budget` bytes."""
+def block_positions(vocab: int, budget: int | None = None) -> int:
+    """Positions per block so that one float64 `[block, vocab]` array fits `budget` bytes
+    (LOGIT_BLOCK_BYTES, read at call time, when None)."""
+    budget = LOGIT_BLOCK_BYTES if budget is None else budget
     return max(1, budget // (8 * max(vocab, 1)))
 
 

@@ -272,3 +272,29 @@ def test_text_block_names_the_disagreeing_positions_worst_first():
         == "  2 position(s) predict another token: 2 (A 0 'x' / B 1 'y'), 0 (A 0 'x' / B 1 'y')"
     )
     assert "top-1 agreement 1/3 (33.3%)" in lines[2]
+
+
+def test_logits_all_capture_streams_position_blocks_equal_to_hf(monkeypatch):
+    """The lazy logits_all capture: blocks of 3 positions tile the [seq, vocab] payload in
+    order, and every row is HF's logits at that position."""
+    import engine.logits as logits_module
+    from engine.forward import trace
+    from engine.stages import WHOLE_MODEL_LAYER
+    from tests.forward.hf_oracle import build_hf_model, engine_model
+
+    hf_model = build_hf_model("qwen2", seed=4, tied=False)
+    ids = [5, 17, 99, 3, 42, 7, 127, 64]
+    vocab = hf_model.config.vocab_size
+    monkeypatch.setattr(logits_module, "LOGIT_BLOCK_BYTES", 8 * vocab * 3)
+    (capture,) = list(trace(engine_model(hf_model), ids, stages=["logits_all"]))
+    assert capture.layer == WHOLE_MODEL_LAYER and capture.shape == (len(ids), vocab)
+    offsets, rows = [], []
+    for offset, block in capture.array.blocks():
+        offsets.append(offset)
+        rows.append(block)
+    assert offsets == [0, 3 * vocab, 6 * vocab] and [len(r) for r in rows] == [3, 3, 2]
+    table = np.concatenate(rows)
+    assert np.array_equal(table, np.asarray(capture.array))
+    with torch.no_grad():
+        expected = hf_model(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(table, expected, rtol=1e-4, atol=1e-5)
