@@ -203,6 +203,8 @@ def _top_k_candidates(d: np.ndarray, k: int) -> np.ndarray | None:
     """
     n = int(d.size)
     full = n - n % TOPK_CHUNK
+    # Many ties at the threshold (a causal attention tensor's zeros, identical stages) can
+    # make this every value; the caller then partitions all n instead.
     maxima = d[:full].reshape(-1, TOPK_CHUNK).max(axis=1)  # [n // chunk]
     if full < n:
         maxima = np.append(maxima, d[full:].max())
@@ -212,7 +214,7 @@ def _top_k_candidates(d: np.ndarray, k: int) -> np.ndarray | None:
     return np.flatnonzero(d >= threshold)
 
 
-def _top_k_no_nan(d: Array, k: int, xp: ModuleType) -> np.ndarray:
+def _top_k_no_nan(d: Array, k: int, xp: ModuleType, prefilter: bool = True) -> np.ndarray:
     """Indices of the k largest d (NaN-free), d descending, ties by ascending index.
 
     That is exactly the first k of a stable sort by d descending. O(n): one partition finds
@@ -223,10 +225,10 @@ def _top_k_no_nan(d: Array, k: int, xp: ModuleType) -> np.ndarray:
     if k >= n:
         host = _to_host(d)
         return np.argsort(-host, kind="stable")
-    if n >= TOPK_PREFILTER_MIN and xp is np:
+    if prefilter and n >= TOPK_PREFILTER_MIN and xp is np:
         candidates = _top_k_candidates(d, k)
-        if candidates is not None:
-            return candidates[_top_k_no_nan(d[candidates], k, xp)]
+        if candidates is not None and candidates.size <= n // 4:
+            return candidates[_top_k_no_nan(d[candidates], k, xp, prefilter=False)]
     threshold = xp.partition(d, n - k)[n - k]  # the k-th largest value
     above = xp.flatnonzero(d > threshold)
     tied = xp.flatnonzero(d == threshold)[: k - int(above.size)]

@@ -120,3 +120,21 @@ def test_large_diff_is_apr_exact_across_sum_chunks_and_topk_prefilter():
     expected_top = np.argsort(-d, kind="stable")[:10].tolist()
     assert [t.index for t in got.top_diffs] == expected_top
     assert expected_top[:4] == [3, 5000, 150_001, 200_002]
+
+
+def test_large_diff_with_mostly_tied_differences():
+    """Identical tensors (every |a - b| is 0) and a causal-attention-like pair (half the values
+    exactly 0 on both sides): the top-K prefilter finds nothing to narrow and must fall back to
+    the plain selection, giving the stable order (lowest indices first among ties)."""
+    n = 200_000
+    x = np.linspace(-1, 1, n, dtype=np.float32)
+    same = diff_stats(x, x.copy())
+    assert [t.index for t in same.top_diffs] == list(range(10)) and same.max_abs_diff == 0.0
+    a = np.zeros(n, np.float32)
+    b = np.zeros(n, np.float32)
+    a[n // 2 :] = np.linspace(0, 1, n - n // 2, dtype=np.float32)
+    b[n // 2 :] = a[n // 2 :]
+    b[[n // 2 + 7, n - 1]] += np.float32(0.25)
+    got = diff_stats(a, b)
+    d = np.abs(a - b)
+    assert [t.index for t in got.top_diffs] == np.argsort(-d, kind="stable")[:10].tolist()
