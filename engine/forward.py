@@ -29,10 +29,19 @@ from typing import Any
 
 import numpy as np
 
+from engine.attention import (  # noqa: F401  (attention_scores & co. stay importable from here)
+    AttentionStage,
+    attention_context,
+    attention_scores,
+    blocked_context,
+    causal_mask,
+    causal_softmax,
+    use_blocked,
+)
 from engine.backend import Backend, resolve_backend
 from engine.errors import FormatError, TokenizerError
 from engine.model import Model, ModelConfig, gather_rows, weight_rows
-from engine.stages import DENSE_STAGES, WHOLE_MODEL_LAYER, Stage, stage
+from engine.stages import DENSE_STAGES, LOGITS_ALL, WHOLE_MODEL_LAYER, Stage, stage
 
 Array = Any
 """A numpy or CuPy ndarray."""
@@ -45,7 +54,10 @@ class Capture:
     `array` is a C-contiguous float32 array in apr's token-major layout (§5), on the backend's
     device (numpy or CuPy), already in its logical `shape`, e.g. (seq, hidden), (heads, seq, seq)
     or (vocab,): `array.reshape(-1)` is exactly the payload of the stage's APRT file. The forward
-    pass never writes into an array after handing it out.
+    pass never writes into an array after handing it out. Exceptions, lazy captures that yield
+    their payload in blocks (`.blocks()`) and materialise only through `np.asarray`: on a long
+    prompt (engine.attention.use_blocked) `attn_scores` / `attn_softmax`
+    (`engine.attention.AttentionStage`), and always `logits_all` (`engine.logits.LogitsStage`).
     """
 
     layer: int
@@ -61,8 +73,13 @@ class Capture:
 
 
 def linear(x: Array, weight: Array, bias: Array | None = None) -> Array:
-    """`x @ weightᵀ (+ bias)`, HF nn.Linear: x [seq, in], weight [out, in] -> [seq, out]."""
-    out = x @ weight.T
+    """`x @ weightᵀ (+ bias)`, HF nn.Linear: x [seq, in], weight [out, in] -> [seq, out].
+
+    Computed as `(weight @ xᵀ)ᵀ`: the same dot products (bit-identical with OpenBLAS, checked
+    by the oracle tests), but BLAS runs the [out, in] × [in, seq] product up to 2-3× faster
+    for prompt-sized seq than the transposed-weight form (bench/trace_bench.py).
+    """
+    out = (weight @ x.T).T
     return out if bias is None else out + bias
 
 
@@ -102,43 +119,6 @@ def apply_rope(xp: Any, x: Array, cos: Array, sin: Array, pairing: str) -> Array
         rotated = xp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [seq, h, hd/2, 2]
         return rotated.reshape(x.shape)
     raise ValueError(f"unknown RoPE pairing {pairing!r}")
-
-
-def attention_scores(xp: Any, q: Array, k: Array, scale: float) -> Array:
-    """`q·kᵀ·scale` for every query head, [nh, seq, seq], over all positions (mask applied later).
-
-    q [seq, nh, hd], k [seq, nkv, hd]. GQA as HF `repeat_kv`: query head h reads KV head
-    h // (nh / nkv), so consecutive query heads share one KV head.
-    """
-    group = q.shape[1] // k.shape[1]
-    q_heads = q.transpose(1, 0, 2)  # [nh, seq, hd]
-    k_heads = xp.repeat(k.transpose(1, 0, 2), group, axis=0)  # [nh, seq, hd]
-    return (q_heads @ k_heads.transpose(0, 2, 1)) * scale  # [nh, seq, seq]
-
-
-def causal_mask(xp: Any, seq_len: int) -> Array:
-    """True above the diagonal: the future keys a query may not see. [seq, seq] bool."""
-    return xp.triu(xp.ones((seq_len, seq_len), dtype=bool), k=1)
-
-
-def causal_softmax(xp: Any, scores: Array, future: Array) -> Array:
-    """Row softmax of scores [nh, seq, seq] over keys j <= i; exactly 0.0 above the diagonal."""
-    masked = xp.where(future, -xp.inf, scores)
-    shifted = masked - masked.max(axis=-1, keepdims=True)  # the diagonal is always finite
-    weights = xp.exp(shifted)  # exp(-inf) = 0 for future keys
-    return weights / weights.sum(axis=-1, keepdims=True)
-
-
-def attention_context(xp: Any, probs: Array, v: Array) -> Array:
-    """`probs · v` per head, laid out token-major as o_proj reads it: [seq, nh * hd].
-
-    probs [nh, seq, seq], v [seq, nkv, hd], with the same GQA grouping as `attention_scores`.
-    """
-    group = probs.shape[0] // v.shape[1]
-    v_heads = xp.repeat(v.transpose(1, 0, 2), group, axis=0)  # [nh, seq, hd]
-    context = probs @ v_heads  # [nh, seq, hd]
-    seq_len = probs.shape[1]
-    return xp.ascontiguousarray(context.transpose(1, 0, 2)).reshape(seq_len, -1)
 
 
 def silu(xp: Any, x: Array) -> Array:
@@ -198,12 +178,15 @@ class _LayerWeights:
     """Fetches one weight at a time onto the device, checking its shape against the config."""
 
     def __init__(self, model: Model, backend: Backend) -> None:
+        from engine.prefetch import WeightPrefetcher
+
         self.model = model
         self.backend = backend
+        self.prefetch = WeightPrefetcher(model.weights, model.config.num_layers)
 
     def get(self, name: str, shape: tuple[int, ...]) -> Array:
         self._check(name, shape)
-        return self.backend.asarray(self.model.weights.get(name))
+        return self.backend.asarray(self.prefetch.get(name))  # the next one decodes meanwhile
 
     def _check(self, name: str, shape: tuple[int, ...]) -> None:
         actual = tuple(self.model.weights.shape(name))
@@ -283,12 +266,19 @@ def _decoder_layer(
     yield "q_post_rope", q.reshape(seq_len, nh * hd)
     yield "k_post_rope", k.reshape(seq_len, nkv * hd)
 
-    scores = attention_scores(xp, q, k, hd**-0.5)  # [nh, seq, seq]
-    yield "attn_scores", xp.where(future, xp.float32(0.0), scores) if capture_scores else None
-    probs = causal_softmax(xp, scores, future)  # [nh, seq, seq], 0.0 above the diagonal
-    del scores
-    yield "attn_softmax", probs
-    context = attention_context(xp, probs, v)  # [seq, nh*hd]
+    if future is None:  # a long prompt: blocks of query rows, lazy [nh, seq, seq] captures
+        scale = hd**-0.5
+        yield "attn_scores", AttentionStage(xp, "attn_scores", q, k, scale)
+        yield "attn_softmax", AttentionStage(xp, "attn_softmax", q, k, scale)
+        context = blocked_context(xp, q, k, v, scale)  # [seq, nh*hd]
+    else:
+        scores = attention_scores(xp, q, k, hd**-0.5)  # [nh, seq, seq]
+        yield "attn_scores", xp.where(future, xp.float32(0.0), scores) if capture_scores else None
+        probs = causal_softmax(xp, scores, future)  # [nh, seq, seq], 0.0 above the diagonal
+        del scores
+        yield "attn_softmax", probs
+        context = attention_context(xp, probs, v)  # [seq, nh*hd]
+        del probs
     yield "attention", context
 
     attn_out = linear(
@@ -358,7 +348,7 @@ def trace(
     ids = check_token_ids(token_ids, config, str(model.path))
     wanted = _stage_filter(stages)
     captured_layers = layer_range(layers, config.num_layers)
-    whole_model_wanted = bool(wanted & {"final_norm", "lm_head"})
+    whole_model_wanted = bool(wanted & {"final_norm", "lm_head", LOGITS_ALL})
     run_to = config.num_layers if whole_model_wanted else captured_layers.stop
     weights = _LayerWeights(model, be)
 
@@ -367,6 +357,8 @@ def trace(
             raise _Cancelled
 
     def capture(layer: int, stage_name: str, array: Array) -> Capture:
+        if hasattr(array, "blocks"):  # lazy: computed block by block when consumed
+            return Capture(layer=layer, stage=stage_name, array=array, shape=array.shape)
         array = xp.ascontiguousarray(array, dtype=xp.float32)
         return Capture(layer=layer, stage=stage_name, array=array, shape=tuple(array.shape))
 
@@ -384,7 +376,8 @@ def trace(
 
         seq_len = len(ids)
         rope = rope_cos_sin(xp, seq_len, config.head_dim, config.rope_theta)
-        future = causal_mask(xp, seq_len)
+        blocked = use_blocked(config.num_heads, seq_len)
+        future = None if blocked else causal_mask(xp, seq_len)  # None: the blocked path
         for layer in range(run_to):
             checkpoint()
             keep_layer = layer in captured_layers
@@ -420,8 +413,17 @@ def trace(
         checkpoint()
         if "lm_head" in wanted:
             yield capture(WHOLE_MODEL_LAYER, "lm_head", lm_head_logits(model, weights, final_norm))
+        if LOGITS_ALL in wanted:  # apr-tui's every-position logits, only when asked for
+            from engine.logits import LogitsStage, ModelLogits
+
+            checkpoint()
+            yield capture(
+                WHOLE_MODEL_LAYER, LOGITS_ALL, LogitsStage(ModelLogits(model, final_norm))
+            )
     except _Cancelled:
         return
+    finally:
+        weights.prefetch.close()  # no decode may outlive the pass (the model may close next)
 
 
 def lm_head_weight_name(model: Model) -> str:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
+from engine.attention import ATTENTION_COPIES
 from engine.backend import Backend
 from engine.model import ModelConfig
 
-ATTENTION_COPIES = 5
-"""How many `[heads, seq, seq]` float32 arrays one layer's attention holds at its peak: the raw
-scores (kept for the `attn_scores` capture), the masked copy, the shifted copy, the exponentials
-and the normalised weights (engine.forward.causal_softmax)."""
-
-
 def attention_peak_bytes(config: ModelConfig, seq_len: int) -> int:
-    """Host bytes the prefill attention of one layer needs for `seq_len` tokens (no KV cache,
-    so it grows with seq²: 30 000 tokens on 4 heads is 72 GB)."""
+    """Host bytes one layer's attention needs in a *comparison* for `seq_len` tokens: the whole
+    path's ATTENTION_COPIES `[heads, seq, seq]` float32 arrays (engine.attention). A trace alone
+    computes long prompts in blocks (engine.attention.use_blocked) and checks its own, smaller
+    budget; a comparison still reads a trace directory's attention files whole, so it is held
+    to the whole-path figure (30 000 tokens on 4 heads: 72 GB)."""
     return ATTENTION_COPIES * config.num_heads * seq_len * seq_len * 4
 
 

@@ -74,7 +74,16 @@ STAGES: tuple[Stage, ...] = tuple(
 )
 """All 23 stages in canonical order."""
 
-STAGE_BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGES}
+LOGITS_ALL = "logits_all"
+"""apr-tui's own whole-model stage: the logits of every position, `[seq, vocab]` token-major,
+beside apr's last-token `lm_head`. apr has no such stage, so it is not in STAGES: `all` and
+apr's error texts are unchanged, and `trace` writes `logits_all.bin` (layer 0xFFFFFFFF, at the
+trace root) only when the stage list names it."""
+
+APR_TUI_STAGES: tuple[Stage, ...] = (Stage(name=LOGITS_ALL, index=len(STAGES), per_layer=False),)
+"""Stages apr-tui adds after apr's 23; canonical order continues after `lm_head`."""
+
+STAGE_BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGES + APR_TUI_STAGES}
 
 ALIASES: dict[str, str] = {"layer_output": "post_ffn_residual"}
 """The only alias apr accepts. File names always use the canonical name."""

@@ -93,30 +93,45 @@ def _flat_f32(x: Array, xp: ModuleType) -> Array:
     return flat if flat.dtype == np.float32 else flat.astype(np.float32)
 
 
+SUM_CHUNK = 1 << 16
+"""Values per chunk of the sequential float64 sums: 512 KiB of float64, cache-resident."""
+
+
 def _accumulate(
-    fa: Array, fb: Array, d: Array, xp: ModuleType
+    fa: Array,
+    fb: Array,
+    d: Array,
+    xp: ModuleType,
+    totals: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0),
 ) -> tuple[float, float, float, float]:
-    """sum d², a·b, ‖a‖², ‖b‖² in float64, left to right as apr's `acc += x` loop does.
+    """sum d², a·b, ‖a‖², ‖b‖² in float64, left to right as apr's `acc += x` loop does,
+    continuing from `totals` (the sums of the values before these, for streamed blocks).
 
     numpy's `sum` along a contiguous axis is pairwise, which differs from apr in the last bits.
-    Reducing axis 0 of an [n, 4] array instead walks the rows in order and adds each row into
-    the 4 running totals: a strictly sequential sum per column (bit-identical to apr, checked
-    by the tests against a Python loop), and one pass over memory for all four. f32 x f32
-    products are exact in f64, so only the summation order matters. On CuPy the reduction is
-    parallel and agrees to rounding only.
+    A cumulative sum is a strictly sequential scan, so each sum is computed a chunk at a time
+    as `cumsum([running total, x_i, x_i+1, ...])[-1]`: exactly apr's order of additions
+    (bit-identical, checked by the tests against a Python loop), about 2× faster than walking
+    the rows of an [n, 4] array, with a chunk-sized buffer instead of 32 bytes per value. f32 x
+    f32 products are exact in f64, so only the summation order matters. On CuPy the sums are
+    parallel reductions and agree to rounding only.
     """
     if xp is not np:
         d64, a64, b64 = (v.astype(np.float64) for v in (d, fa, fb))
-        return tuple(
-            float(xp.sum(x * y)) for x, y in ((d64, d64), (a64, b64), (a64, a64), (b64, b64))
-        )
-    products = np.empty((fa.size, 4), dtype=np.float64)  # [n, (d², a·b, a², b²)]
-    np.multiply(d, d, out=products[:, 0], dtype=np.float64)
-    np.multiply(fa, fb, out=products[:, 1], dtype=np.float64)
-    np.multiply(fa, fa, out=products[:, 2], dtype=np.float64)
-    np.multiply(fb, fb, out=products[:, 3], dtype=np.float64)
-    sum_sq_diff, dot, norm_a_sq, norm_b_sq = np.add.reduce(products, axis=0).tolist()
-    return sum_sq_diff, dot, norm_a_sq, norm_b_sq
+        pairs = ((d64, d64), (a64, b64), (a64, a64), (b64, b64))
+        return tuple(t + float(xp.sum(x * y)) for t, (x, y) in zip(totals, pairs, strict=True))
+    out = list(totals)
+    n = int(fa.size)
+    buffer = np.empty(min(n, SUM_CHUNK) + 1, dtype=np.float64)  # [running total, chunk...]
+    pairs = ((d, d), (fa, fb), (fa, fa), (fb, fb))
+    for start in range(0, n, SUM_CHUNK):
+        stop = min(start + SUM_CHUNK, n)
+        part = buffer[: stop - start + 1]
+        for column, (x, y) in enumerate(pairs):
+            part[0] = out[column]
+            np.multiply(x[start:stop], y[start:stop], out=part[1:], dtype=np.float64)
+            np.cumsum(part, out=part)
+            out[column] = float(part[-1])
+    return out[0], out[1], out[2], out[3]
 
 
 # ----------------------------------------------------------------------------- tensor stats
@@ -166,7 +181,35 @@ def tensor_stats(x: Array) -> TensorStats:
 # ----------------------------------------------------------------------------- diff stats
 
 
-def _top_k_no_nan(d: Array, k: int, xp: ModuleType) -> np.ndarray:
+TOPK_PREFILTER_MIN = 1 << 16
+"""From this many values on, top-K first narrows the candidates with per-chunk maxima."""
+
+TOPK_CHUNK = 1024
+
+
+def _top_k_candidates(d: np.ndarray, k: int) -> np.ndarray | None:
+    """Ascending indices of every d >= t, where t is the k-th largest of the maxima of
+    TOPK_CHUNK-value chunks; None when there are too few chunks.
+
+    Those k maxima are k distinct values of d, so the k-th largest d is >= t: every value that
+    can be in the top k (and every value tied with the k-th) is a candidate, and the exact
+    selection among them gives the same answer as among all n. One vectorised pass for the
+    maxima and one comparison, instead of a partition of all n (50× faster at 2.4 M values).
+    """
+    n = int(d.size)
+    full = n - n % TOPK_CHUNK
+    # Many ties at the threshold (a causal attention tensor's zeros, identical stages) can
+    # make this every value; the caller then partitions all n instead.
+    maxima = d[:full].reshape(-1, TOPK_CHUNK).max(axis=1)  # [n // chunk]
+    if full < n:
+        maxima = np.append(maxima, d[full:].max())
+    if maxima.size <= k:
+        return None
+    threshold = np.partition(maxima, maxima.size - k)[maxima.size - k]
+    return np.flatnonzero(d >= threshold)
+
+
+def _top_k_no_nan(d: Array, k: int, xp: ModuleType, prefilter: bool = True) -> np.ndarray:
     """Indices of the k largest d (NaN-free), d descending, ties by ascending index.
 
     That is exactly the first k of a stable sort by d descending. O(n): one partition finds
@@ -177,6 +220,10 @@ def _top_k_no_nan(d: Array, k: int, xp: ModuleType) -> np.ndarray:
     if k >= n:
         host = _to_host(d)
         return np.argsort(-host, kind="stable")
+    if prefilter and n >= TOPK_PREFILTER_MIN and xp is np:
+        candidates = _top_k_candidates(d, k)
+        if candidates is not None and candidates.size <= n // 4:
+            return candidates[_top_k_no_nan(d[candidates], k, xp, prefilter=False)]
     threshold = xp.partition(d, n - k)[n - k]  # the k-th largest value
     above = xp.flatnonzero(d > threshold)
     tied = xp.flatnonzero(d == threshold)[: k - int(above.size)]
@@ -262,3 +309,204 @@ def diff_stats(a: Array, b: Array, limit: int = 10) -> DiffStats:
         cosine_sim=cosine_sim,
         top_diffs=top_diffs,
     )
+
+
+# ----------------------------------------------------------------------------- streaming
+#
+# A long prompt's attention stages arrive as blocks (engine.attention.AttentionStage.blocks:
+# (flat offset, block) in payload order), never as one array. These accumulators give the same
+# statistics from the blocks, holding one block at a time:
+#
+# * diff statistics are exact: the four float64 sums continue left to right across blocks
+#   (each block's scan starts from the running totals, so the order of additions is the
+#   one-array order), the first maximum wins across blocks (a later block
+#   must be strictly larger), and the top-K is merged by (d descending, index ascending), which
+#   is the one-array stable order for NaN-free d. With NaN the documented n > 20 rule applies
+#   within each block;
+# * tensor statistics: counts, min, max, max|x| exact; mean, std and the L2 norm combine the
+#   blocks' float64 sums (std by Chan's pairwise update), equal to the one-array values to
+#   float64 rounding.
+
+
+def blocks_of(x: Array, rows_like: Any = None) -> Any:
+    """(offset, flat block) pairs of x: its own `.blocks()` when it has them (a lazy capture),
+    else slices of the array at the offsets and sizes of `rows_like`'s blocks, else x whole."""
+    if hasattr(x, "blocks"):
+        for offset, block in x.blocks():
+            yield offset, block.reshape(-1)
+        return
+    flat = _flat_f32(x, _array_module(x))
+    if rows_like is not None and hasattr(rows_like, "blocks"):
+        for offset, block in rows_like.blocks():
+            yield offset, flat[offset : offset + block.size]
+        return
+    yield 0, flat
+
+
+class StatsAccumulator:
+    """`tensor_stats` of a tensor fed block by block (`add`), result by `result()`."""
+
+    def __init__(self) -> None:
+        self.count = self.nan = self.inf = self.zero = self.valid = 0
+        self.mean = self.m2 = self.sum_sq = 0.0
+        self.min, self.max, self.max_abs = math.inf, -math.inf, 0.0
+
+    def add(self, block: Array) -> None:
+        xp = _array_module(block)
+        flat = _flat_f32(block, xp)
+        if flat.size == 0:
+            return
+        self.count += int(flat.size)
+        nan_count = int(xp.count_nonzero(xp.isnan(flat)))
+        inf_count = int(xp.count_nonzero(xp.isinf(flat)))
+        self.nan += nan_count
+        self.inf += inf_count
+        self.zero += int(xp.count_nonzero(flat == 0))
+        finite = flat if nan_count + inf_count == 0 else flat[xp.isfinite(flat)]
+        n = int(finite.size)
+        if n == 0:
+            return
+        finite64 = finite.astype(np.float64)
+        mean = float(finite64.sum()) / n
+        centred = finite64 - mean
+        m2 = float((centred * centred).sum())
+        total = self.valid + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta * delta * self.valid * n / total
+        self.valid = total
+        self.sum_sq += float((finite64 * finite64).sum())
+        self.min = min(self.min, float(finite.min()))
+        self.max = max(self.max, float(finite.max()))
+        self.max_abs = max(self.max_abs, float(xp.abs(finite).max()))
+
+    def result(self) -> TensorStats:
+        if self.count == 0:
+            return TensorStats(0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        if self.valid == 0:
+            return TensorStats(
+                self.count, self.nan, self.inf, self.zero, math.inf, -math.inf, 0.0, 0.0, 0.0, 0.0
+            )
+        std = math.sqrt(self.m2 / (self.valid - 1)) if self.valid > 1 else 0.0
+        return TensorStats(
+            count=self.count,
+            nan_count=self.nan,
+            inf_count=self.inf,
+            zero_count=self.zero,
+            min=self.min,
+            max=self.max,
+            mean=self.mean,
+            std=std,
+            l2_norm=math.sqrt(self.sum_sq),
+            max_abs=self.max_abs,
+        )
+
+
+class DiffAccumulator:
+    """`diff_stats` of two tensors fed as aligned blocks (`add(offset, a, b)`), in order."""
+
+    def __init__(self, limit: int = 10) -> None:
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        self.k = max(limit, 1)
+        self.count = 0
+        self.totals = np.zeros(4, dtype=np.float64)  # sum d², a·b, ‖a‖², ‖b‖²
+        self.max_d, self.max_index = -1.0, 0
+        self.nan_seen = False
+        self.top = np.empty((0, 4), dtype=np.float64)  # rows (index, a, b, d)
+
+    def add(self, offset: int, a: Array, b: Array) -> None:
+        xp = _array_module(a, b)
+        fa, fb = _flat_f32(a, xp), _flat_f32(b, xp)
+        if fa.size != fb.size:
+            raise DiffError(f"blocks differ in size at offset {offset}: {fa.size} vs {fb.size}")
+        n = int(fa.size)
+        if n == 0:
+            return
+        self.count += n
+        with np.errstate(all="ignore"):
+            d = xp.abs(fa - fb)  # [n] float32
+            self.totals = np.array(_accumulate(fa, fb, d, xp, tuple(self.totals.tolist())))
+            nan_mask = xp.isnan(d)
+            nan_count = int(xp.count_nonzero(nan_mask))
+            d_no_nan = xp.where(nan_mask, np.float32(0), d) if nan_count else d
+            index = int(xp.argmax(d_no_nan))
+            value = float(d_no_nan[index])
+            if value > self.max_d:
+                self.max_d, self.max_index = value, offset + index
+        k = min(self.k, n)
+        if nan_count:
+            self.nan_seen = True
+            d_host = _to_host(d)
+            top = _top_k_with_nan(d_host, np.flatnonzero(np.isnan(d_host)), k)
+        else:
+            top = _top_k_no_nan(d, k, xp)
+        top_device = xp.asarray(top)
+        rows = np.stack(
+            [top.astype(np.float64) + offset]
+            + [_to_host(v[top_device]).astype(np.float64) for v in (fa, fb, d)],
+            axis=1,
+        )  # [k, (index, a, b, d)]
+        merged = np.concatenate([self.top, rows])
+        if self.nan_seen:  # NaN keeps its place: earlier candidates stay ahead (block order)
+            self.top = merged[: self.k]
+        else:
+            order = np.lexsort((merged[:, 0], -merged[:, 3]))  # d descending, index ascending
+            self.top = merged[order[: self.k]]
+
+    def result(self) -> DiffStats:
+        if self.count == 0:
+            return DiffStats(0, 0.0, 0, 0.0, 0.0, ())
+        sum_sq_diff, dot, norm_a_sq, norm_b_sq = self.totals.tolist()
+        with np.errstate(all="ignore"):
+            rms_diff = float(np.float32(math.sqrt(sum_sq_diff / self.count)))
+        if norm_a_sq > 0.0 and norm_b_sq > 0.0:
+            cosine_sim = dot / (math.sqrt(norm_a_sq) * math.sqrt(norm_b_sq))
+        else:
+            cosine_sim = 0.0
+        top_diffs = tuple(
+            TopDiff(int(i), float(np.float32(x)), float(np.float32(y)), float(np.float32(z)))
+            for i, x, y, z in self.top.tolist()
+        )
+        return DiffStats(
+            count=self.count,
+            max_abs_diff=max(self.max_d, 0.0),
+            max_abs_diff_index=self.max_index,
+            rms_diff=rms_diff,
+            cosine_sim=cosine_sim,
+            top_diffs=top_diffs,
+        )
+
+
+def streamed_stats(x: Array) -> TensorStats:
+    """`tensor_stats` of an array or a lazy capture with `.blocks()`, one block at a time."""
+    if not hasattr(x, "blocks"):
+        return tensor_stats(x)
+    acc = StatsAccumulator()
+    for _, block in x.blocks():
+        acc.add(block)
+    return acc.result()
+
+
+def streamed_pair_stats(
+    a: Array, b: Array, limit: int = 10
+) -> tuple[TensorStats, TensorStats, DiffStats | None]:
+    """Both sides' `tensor_stats` and their `diff_stats` in one pass over aligned blocks.
+
+    Either side may be an array or a lazy capture (`.blocks()`); the other side is sliced at
+    the lazy side's block offsets, so at most one block per side is held. Sizes that differ
+    give `diff None`. Two plain arrays take the one-array functions.
+    """
+    if not hasattr(a, "blocks") and not hasattr(b, "blocks"):
+        diff = diff_stats(a, b, limit) if int(a.size) == int(b.size) else None
+        return tensor_stats(a), tensor_stats(b), diff
+    if int(a.size) != int(b.size):
+        return streamed_stats(a), streamed_stats(b), None
+    guide = a if hasattr(a, "blocks") else b
+    stats_a, stats_b, diff = StatsAccumulator(), StatsAccumulator(), DiffAccumulator(limit)
+    pairs = zip(blocks_of(a, guide), blocks_of(b, guide), strict=True)
+    for (offset, block_a), (_, block_b) in pairs:
+        stats_a.add(block_a)
+        stats_b.add(block_b)
+        diff.add(offset, block_a, block_b)
+    return stats_a.result(), stats_b.result(), diff.result()

@@ -448,6 +448,24 @@ def _print_noise_verdict(console, verdict: NoiseVerdict) -> None:
     console.print()
 
 
+def logits_block(a: TraceSource, b: TraceSource, cells: list[Cell]) -> tuple[dict | None, list]:
+    """Per-position logit metrics (engine.logits) when the comparison reached the whole-model
+    stages and both sides have every position's logits: the JSON object and the text lines."""
+    from engine.logits import format_logit_report, pair_logit_report
+    from engine.stages import WHOLE_MODEL_LAYER
+
+    if not any(cell.layer == WHOLE_MODEL_LAYER for cell in cells):
+        return None, []
+    report = pair_logit_report(a, b)
+    if report is None:
+        return None, []
+    tokenizer = next(
+        (t for s in (a, b) if (t := getattr(getattr(s, "model", None), "tokenizer", None))),
+        None,
+    )
+    return report, format_logit_report(report, tokenizer.token_text if tokenizer else None)
+
+
 def run(args: argparse.Namespace) -> int:
     from engine.compare import DEFAULT_STD_BAND, first_divergence, first_std_divergence
     from engine.plan import prepare
@@ -462,6 +480,7 @@ def run(args: argparse.Namespace) -> int:
     assert b is not None
     with plan:
         cells = _collect(plan.run(), plan.expected)
+        logits, logits_lines = logits_block(a, b, cells)
     first = first_divergence(cells, args.threshold)
     first_std = first_std_divergence(cells)
     verdict = noise_verdict(cells, None if plan.local is None else plan.local.note)
@@ -489,8 +508,11 @@ def run(args: argparse.Namespace) -> int:
             if first_std
             else None,
             "cells": [cell_json(cell, args.threshold, verdict.floors) for cell in cells],
+            "logits": logits,
         }
         sys.stdout.write(json.dumps(_finite(document), indent=2, allow_nan=False) + "\n")
     else:
         _print_summary(a, b, cells, args.threshold, first, first_std, verdict)
+        if logits_lines:
+            sys.stdout.write("\n" + "\n".join(logits_lines) + "\n")
     return 1 if failed else 0

@@ -27,7 +27,9 @@ can check that two traces saw the same prompt. The prompt defaults to apr's own,
 STAGES is `all` or a comma list of: embedding, attn_norm, qkv_matmul, qkv_bias, q_post_rope,
 k_post_rope, attn_scores, attn_softmax, attention, attn_out, post_attn_residual, ffn_norm,
 ffn_gate, ffn_up, ffn_silu, ffn_swigl, ffn_out, post_ffn_residual (alias layer_output),
-final_norm, lm_head (the moe_* stages are accepted and never produced by dense models).
+final_norm, lm_head (the moe_* stages are accepted and never produced by dense models),
+and apr-tui's own logits_all: every position's logits, [seq, vocab], written as
+logits_all.bin at the root only when named (`all` means apr's stages, as in apr).
 
 The command refuses to write into a directory that holds anything other than stage files
 and tokens.json (files it did not write) unless --force is given, and never replaces a file
@@ -290,17 +292,164 @@ class _Progress:
         self.bar.update(self.task, completed=done)
 
 
+LONG_RUN_BYTES = 256 * 1024 * 1024
+"""A run that writes more than this is announced before it starts (files, bytes, memory)."""
+
+
+def _run_cost(plan, config, seq_len: int, stage_names: list[str]) -> tuple[int, int, int]:
+    """(files, bytes on disk, peak working-set bytes) the run will need, before it starts."""
+    from engine.attention import attention_peak_bytes
+    from engine.sources.trace_dir import logical_shape
+    from engine.stages import STAGE_BY_NAME
+
+    layers = max(0, min(plan.layer_end, config.num_layers) - plan.layer_start)
+    produced = {"qkv_bias"} if config.qkv_bias else set()
+    files = size = 0
+    for name in stage_names:
+        stage = STAGE_BY_NAME[name]
+        if stage.moe or (name == "qkv_bias" and name not in produced):
+            continue
+        if name == "logits_all":
+            count = seq_len * config.vocab_size
+        else:
+            count = 1
+            for dim in logical_shape(name, config, seq_len):
+                count *= dim
+        if not stage.per_layer:
+            copies = 1
+        elif name == "embedding":
+            copies = 1 if plan.layer_start == 0 else 0
+        else:
+            copies = layers
+        files += copies
+        size += copies * (12 + 4 * count)
+    activations = 12 * seq_len * max(config.hidden_size, config.intermediate_size) * 4
+    peak = attention_peak_bytes(config.num_heads, seq_len) + activations
+    return files, size, peak
+
+
+def _check_cost(directory: Path, cost: tuple[int, int, int], seq_len: int, label: str) -> None:
+    """Say what a long run costs on stderr; refuse (exit 2) one that cannot fit the free disk
+    space or memory."""
+    import shutil
+
+    from engine.errors import AprTuiError
+    from engine.memory import available_memory
+
+    files, size, peak = cost
+    mib = 1024 * 1024
+    if size > LONG_RUN_BYTES:
+        sys.stderr.write(
+            f"{label}: {seq_len} tokens: {files} stage files, {size / mib:,.0f} MiB to write, "
+            f"about {peak / mib:,.0f} MiB of working memory\n"
+        )
+        sys.stderr.flush()
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free if probe.exists() else None
+    if free is not None and size > free:
+        raise AprTuiError(
+            f"--save-tensor-dir {directory}: the run writes {size / mib:,.0f} MiB, only "
+            f"{free / mib:,.0f} MiB free; save fewer stages or layers, or a shorter prompt"
+        )
+    available = available_memory()
+    if available is not None and peak > available:
+        raise AprTuiError(
+            f"{label}: {seq_len} tokens need about {peak / mib:,.0f} MiB of working memory, "
+            f"more than the {available / mib:,.0f} MiB available; trace a shorter prompt"
+        )
+
+
+def _write(directory: Path, capture, overwrite) -> Path:
+    """One capture to its stage file (its directory already made); a lazy attention capture is
+    streamed block by block. `overwrite`: the predicate on stage paths the run may replace."""
+    from engine.aprt import write_aprt, write_stage_stream
+    from engine.stages import STAGE_BY_NAME, WHOLE_MODEL_LAYER, stage_path
+
+    if hasattr(capture.array, "blocks"):
+        blocks = (block for _, block in capture.array.blocks())
+        return write_stage_stream(
+            directory, capture.stage, capture.layer, capture.array.size, blocks, overwrite=overwrite
+        )
+    per_layer = STAGE_BY_NAME[capture.stage].per_layer
+    path = stage_path(directory, capture.stage, capture.layer)
+    header_layer = capture.layer if per_layer else WHOLE_MODEL_LAYER
+    return write_aprt(path, header_layer, capture.array, overwrite=overwrite(path))
+
+
+WRITE_AHEAD_BYTES = 64 * 1024 * 1024
+"""Bytes of captures waiting for the writer thread before the pass waits for it."""
+
+
+class _Writer:
+    """Stage files written by a background thread while the pass computes the next stages.
+
+    Creating a file costs a few milliseconds of system calls (483 of them for a full SmolLM2
+    trace: ~1 s); the thread overlaps them with the arithmetic. In order, at most
+    WRITE_AHEAD_BYTES of captures queued (the pass waits beyond that), and a lazy attention
+    capture (streamed block by block) is written by the pass itself after the queue drains,
+    so memory stays bounded. A failed write is raised at the next submit or at the end.
+    """
+
+    def __init__(self, out, overwrite) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.out = out
+        """The run's TraceOutput: directories are made and written files recorded through it,
+        on the calling thread, so a failed run takes back exactly what it made."""
+        self.directory = out.directory
+        self.overwrite = overwrite
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aprt-writer")
+        self.pending: list = []  # (future, nbytes)
+        self.written: list[Path] = []
+        self.made: set[Path] = set()
+
+    def submit(self, capture) -> None:
+        from engine.stages import stage_path
+
+        parent = stage_path(self.directory, capture.stage, capture.layer).parent
+        if parent not in self.made:  # one mkdir per layer directory, on this thread
+            self.out.mkdir(parent)
+            self.made.add(parent)
+        if hasattr(capture.array, "blocks"):
+            self._drain(0)
+            self.written.append(self.out.record(_write(self.directory, capture, self.overwrite)))
+            return
+        nbytes = int(capture.array.nbytes)
+        self._drain(WRITE_AHEAD_BYTES - nbytes)
+        future = self.pool.submit(_write, self.directory, capture, self.overwrite)
+        self.pending.append((future, nbytes))
+
+    def _drain(self, budget: int) -> None:
+        """Collect finished writes in order; wait while the queue holds more than budget."""
+        while self.pending and (
+            self.pending[0][0].done() or sum(n for _, n in self.pending) > budget
+        ):
+            future, _ = self.pending.pop(0)
+            self.written.append(self.out.record(future.result()))
+
+    def close(self) -> list[Path]:
+        """Wait for every queued write (also after an interrupt) and return the paths."""
+        try:
+            while self.pending:
+                future, _ = self.pending.pop(0)
+                self.written.append(self.out.record(future.result()))
+        finally:
+            self.pool.shutdown(wait=True)
+        return self.written
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    from engine.aprt import write_stage, write_tokens_json
+    from engine.aprt import write_tokens_json
     from engine.backend import resolve_backend
     from engine.errors import AprTuiError
     from engine.formats import open_model
     from engine.forward import check_token_ids, trace
-    from engine.memory import check_prompt_fits
-    from engine.stages import SaveTensorPlan, stage_path
+    from engine.stages import SaveTensorPlan
     from engine.tokenizer import DEFAULT_PROMPT, encode_prompt, parse_token_ids
     from engine.trace_output import TraceOutput
 
@@ -317,15 +466,16 @@ def run(args: argparse.Namespace) -> int:
     token_ids = parse_token_ids(args.tokens) if args.tokens is not None else None
     _check_output_dir(directory, args.force)
 
-    written: list[Path] = []
     with open_model(model_path) as model:
         prompt = None
         if token_ids is None:
             prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
             token_ids = encode_prompt(model, prompt)
         token_ids = check_token_ids(token_ids, model.config, str(model_path))
-        check_prompt_fits(model.config, len(token_ids), str(model_path), backend)
         _check_layers_reach(plan, model.config, args.save_tensor_layers)
+        stage_names = list(dict.fromkeys(s.name for s in plan.stages))  # duplicate = one file
+        cost = _run_cost(plan, model.config, len(token_ids), stage_names)
+        _check_cost(directory, cost, len(token_ids), str(model_path))
         with TraceOutput(directory) as out:
             # Checked again under the directory lock: what another run did meanwhile counts.
             _check_output_dir(directory, args.force)
@@ -340,27 +490,26 @@ def run(args: argparse.Namespace) -> int:
             # tokens.json first, marked incomplete: it marks the directory as ours, also after
             # an interrupted run, and says the stage files are not all there yet.
             out.record(write_tokens_json(directory, token_ids, prompt, model_path, complete=False))
-            stage_names = list(dict.fromkeys(s.name for s in plan.stages))  # duplicate = one file
-            with _Progress(f"tracing {model_path.name}") as progress, _Interrupt() as interrupt:
-                for capture in trace(
-                    model,
-                    token_ids,
-                    backend=backend,
-                    stages=stage_names,
-                    layers=(plan.layer_start, plan.layer_end),
-                    on_layer=progress.update,
-                    cancel=interrupt.cancel,
+            # Stage files are written by a background thread while the pass computes on.
+            writer = _Writer(out, may_replace)
+            try:
+                with (
+                    _Progress(f"tracing {model_path.name}") as progress,
+                    _Interrupt() as interrupt,
                 ):
-                    if plan.should_save(capture.stage, capture.layer):
-                        out.mkdir(stage_path(directory, capture.stage, capture.layer).parent)
-                        path = write_stage(
-                            directory,
-                            capture.stage,
-                            capture.layer,
-                            capture.array,
-                            overwrite=may_replace,
-                        )
-                        written.append(out.record(path))
+                    for capture in trace(
+                        model,
+                        token_ids,
+                        backend=backend,
+                        stages=stage_names,
+                        layers=(plan.layer_start, plan.layer_end),
+                        on_layer=progress.update,
+                        cancel=interrupt.cancel,
+                    ):
+                        if plan.should_save(capture.stage, capture.layer):
+                            writer.submit(capture)
+            finally:
+                written = writer.close()
             if interrupt.cancel.is_set():
                 raise KeyboardInterrupt
             # The run's last write: the directory is complete.
@@ -391,7 +540,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"  (and {len(stale)} stage file(s) from an earlier run, left untouched)")
     console.print(f"  {escape(str(directory / 'tokens.json'))}")
     console.print()
-    if any(name in stage_names for name in ("final_norm", "lm_head")):
+    if any(name in stage_names for name in ("final_norm", "lm_head", "logits_all")):
         console.print(
             f"Forward pass succeeded — {config.num_layers} layer activations, "
             f"{config.vocab_size} logits"

@@ -37,26 +37,95 @@ def per_token_cosine(rows_a: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
     return np.divide(dot, norms, out=np.zeros_like(dot), where=norms > 0)
 
 
+STRIP_PER_LINE = 10
+"""Token cells per line: 10 × 7 columns fit an 80-column drill-down; the label line and the
+value line of one chunk always wrap together."""
+
+STRIP_MAX_CELLS = 100
+"""A longer token axis is binned to at most this many cells (10 line pairs), each showing its
+bin's worst value and labelled with the bin's first position, so a 4,096-token prompt reads as
+a heat strip of 100 cells instead of a wall of fragments."""
+
+STRIP_WORST = 5
+"""How many worst positions are listed under a strip longer than one line."""
+
+
+def _bins(n: int, max_cells: int) -> list[tuple[int, int]]:
+    """[start, stop) position ranges: one per position up to max_cells, else equal bins."""
+    if n <= max_cells:
+        return [(i, i + 1) for i in range(n)]
+    width = -(-n // max_cells)
+    return [(start, min(start + width, n)) for start in range(0, n, width)]
+
+
+def _worst(values: np.ndarray, cosine: bool) -> float:
+    """A bin's worst value: NaN if any, else the lowest cosine / the largest RMS."""
+    if not np.all(np.isfinite(values)):
+        return float("nan")
+    return float(values.min() if cosine else values.max())
+
+
 def strip_text(
-    values: np.ndarray, *, cosine: bool, threshold: float, token_labels: list[str]
+    values: np.ndarray,
+    *,
+    cosine: bool,
+    threshold: float,
+    token_labels: list[str],
+    per_line: int = STRIP_PER_LINE,
+    max_cells: int = STRIP_MAX_CELLS,
+    score_fn=None,
 ) -> Text:
-    """One coloured 7-column cell per token: the value on its heat colour, labels above."""
+    """Coloured 7-column cells, `per_line` to a line pair (labels above values): one per token
+    position, or per bin of positions (its worst value) past `max_cells`; then, for more than
+    one line, the worst positions with their token text. `score_fn(value) -> [0, 1]` replaces
+    the RMS colour scale of a non-cosine strip (the logits screen's KL per position)."""
     styles = heat_styles("diverging" if cosine else "sequential")
-    labels = Text()
-    cells = Text()
-    for position, value in enumerate(values):
-        label = token_labels[position] if position < len(token_labels) else str(position)
-        labels.append(f"{label[:6]:>7}", "dim")
-        value = float(value)
-        if not np.isfinite(value):
+    values = np.asarray(values, dtype=np.float64)
+    bins = _bins(len(values), max_cells)
+    binned = len(bins) < len(values)
+    lines: list[Text] = []
+    for first in range(0, len(bins), per_line):
+        labels, cells = Text(), Text()
+        for start, stop in bins[first : first + per_line]:
+            if binned:
+                label = f"{start}+"
+            else:
+                label = token_labels[start] if start < len(token_labels) else str(start)
+            labels.append(f"{label[:6]:>7}", "dim")
+            value = _worst(values[start:stop], cosine)
+            if not np.isfinite(value):
+                cells.append(" ")
+                cells.append(f"{'NaN':>6}", "bold bright_white on magenta")
+                continue
+            if cosine:
+                score = cosine_score(value, threshold)
+            else:
+                score = score_fn(value) if score_fn is not None else std_score(value)
+            text = cosine_text(value) if cosine else short_number(value)
             cells.append(" ")
-            cells.append(f"{'NaN':>6}", "bold bright_white on magenta")
-            continue
-        score = cosine_score(value, threshold) if cosine else std_score(value)
-        text = cosine_text(value) if cosine else short_number(value)
-        cells.append(" ")
-        cells.append(f"{text:>6}", styles[score_index(score)])
-    return Text.assemble(labels, "\n", cells)
+            cells.append(f"{text:>6}", styles[score_index(score)])
+        lines += [labels, cells]
+    if len(bins) > per_line:
+        lines.append(_worst_line(values, cosine, token_labels, binned))
+    return Text("\n").join(lines)
+
+
+def _worst_line(values: np.ndarray, cosine: bool, token_labels: list[str], binned: bool) -> Text:
+    """`worst: 17 'tok' 0.93, ...`: the STRIP_WORST worst positions, NaN first."""
+    key = np.where(np.isfinite(values), values if cosine else -values, -np.inf)
+    order = np.argsort(key, kind="stable")[:STRIP_WORST]
+    parts = []
+    for position in order.tolist():
+        value = float(values[position])
+        token = token_labels[position] if position < len(token_labels) else ""
+        shown = (
+            "NaN"
+            if not np.isfinite(value)
+            else (cosine_text(value) if cosine else short_number(value))
+        )
+        parts.append(f"{position} {token!r} {shown}" if token else f"{position} {shown}")
+    note = f" (of {len(values)} positions, binned)" if binned else ""
+    return Text(f"worst{note}: " + ", ".join(parts), "dim")
 
 
 class TokenStrip(Static):
