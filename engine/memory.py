@@ -6,6 +6,7 @@ from engine.attention import ATTENTION_COPIES
 from engine.backend import Backend
 from engine.model import ModelConfig
 
+
 def attention_peak_bytes(config: ModelConfig, seq_len: int) -> int:
     """Host bytes one layer's attention needs in a *comparison* for `seq_len` tokens: the whole
     path's ATTENTION_COPIES `[heads, seq, seq]` float32 arrays (engine.attention). A trace alone
