@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 from aprtui.commands import options
 
 if TYPE_CHECKING:
-    from engine.compare import Cell, TraceSource
+    from engine.compare import Cell
+    from engine.sources import TraceSource
 
 HELP = "headless noise-or-bug report of two models / traces (exit 1 when a bug's origin is found)"
 

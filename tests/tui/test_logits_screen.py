@@ -8,8 +8,8 @@ from textual.app import App
 from textual.widgets import DataTable
 
 from aprtui.screens.logits import LogitsScreen, kl_score
-from engine.compare import open_pair
 from engine.logits import pair_logit_report
+from engine.sources import open_pair
 from engine.stages import WHOLE_MODEL_LAYER
 
 
