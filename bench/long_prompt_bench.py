@@ -21,10 +21,10 @@ an earlier checkout that needs seq² memory fails or is stopped instead of takin
 that outcome is printed as such. `bisect` progress lines exist only on a terminal in today's
 command, so its phases are printed as a single total.
 
-Bisect in this checkout runs with the streaming comparison proposed for engine.compare (the
-`_cell` below: `engine.stats.streamed_pair_stats` on the lazy attention captures, and the
-blocked path's memory estimate in `check_prompt_fits`), applied by the child at start-up: the
-lead owns engine/compare.py, and this is exactly the change it needs to adopt.
+Bisect streams the lazy attention captures itself (engine.compare.make_cell with
+engine.stats' streamed sums; the local error block by block), so both checkouts run their own
+code unpatched. Its memory check still budgets a comparison at the whole-path figure
+(engine.memory: a trace directory's attention files are read whole).
 """
 
 from __future__ import annotations
@@ -42,39 +42,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-STREAMING_COMPARE = """
-import engine.compare as compare
-from engine.attention import attention_peak_bytes
-from engine.backend import to_host
-from engine.stats import streamed_pair_stats, streamed_stats
-
-def _cell(capture_a, capture_b):
-    present = capture_a if capture_a is not None else capture_b
-    shape = present.shape
-    if capture_a is not None and capture_b is not None and len(capture_b.shape) > len(shape):
-        shape = capture_b.shape
-    if capture_a is not None and capture_b is not None:
-        x, y = capture_a.array, capture_b.array
-        lazy = hasattr(x, "blocks") or hasattr(y, "blocks")
-        if type(x) is not type(y) and not lazy:
-            x, y = to_host(x), to_host(y)
-        stats_a, stats_b, diff = streamed_pair_stats(x, y)
-    else:
-        stats_a = streamed_stats(capture_a.array) if capture_a is not None else None
-        stats_b = streamed_stats(capture_b.array) if capture_b is not None else None
-        diff = None
-    return compare.Cell(present.layer, present.stage, tuple(shape), stats_a, stats_b, diff)
-
-compare._cell = _cell
-compare.attention_peak_bytes = lambda config, seq: attention_peak_bytes(config.num_heads, seq)
-"""
-
 
 def child_argv(root: Path, argv: list[str], streaming: bool) -> list[str]:
-    if not streaming:
-        return [sys.executable, "-m", "aprtui", *argv]
-    code = STREAMING_COMPARE + "\nimport sys\nfrom aprtui.cli import main\nsys.exit(main())\n"
-    return [sys.executable, "-c", code, *argv]
+    """`python -m aprtui ARGV` in `root` (`streaming` is kept for the callers' labels)."""
+    return [sys.executable, "-m", "aprtui", *argv]
 
 
 def run_child(
