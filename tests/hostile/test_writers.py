@@ -409,8 +409,9 @@ def test_convert_on_a_full_disk_names_the_file_and_leaves_nothing(apr_tui, big, 
     assert list(small_disk.iterdir()) == []
 
 
-def test_trace_on_a_full_disk_names_the_file_and_leaves_nothing(apr_tui, big, small_disk):
-    """Was: "10752 requested and 4093 written" (numpy's tofile) and an empty directory left."""
+def test_trace_too_big_for_the_disk_is_refused_up_front(apr_tui, big, small_disk):
+    """Was: "10752 requested and 4093 written" (numpy's tofile) and an empty directory left.
+    Now the run's size is known before it starts (issue 13): refused, nothing written."""
     out = small_disk / "new" / "trace"
     result = run_cli(
         apr_tui,
@@ -426,6 +427,21 @@ def test_trace_on_a_full_disk_names_the_file_and_leaves_nothing(apr_tui, big, sm
         out,
         text=True,
     )
-    line = one_line_error(result, "no space left on device")
-    assert f"apr-tui: error: {out}/" in line and ".bin" in line, line
+    line = one_line_error(result, f"--save-tensor-dir {out}: the run writes", "MiB free")
+    assert line.startswith("apr-tui: error: ")
     assert list(small_disk.iterdir()) == []
+
+
+def test_a_stage_file_on_a_full_disk_names_the_file_and_leaves_nothing(small_disk):
+    """The writer under trace, when the disk fills after the up-front check (another process
+    filled it): ENOSPC naming the stage file, never the temporary, and no temporary left."""
+    import errno
+
+    from engine.aprt import write_stage
+
+    directory = small_disk / "trace"
+    with pytest.raises(OSError) as raised:
+        write_stage(directory, "attn_norm", 0, np.zeros(200_000, dtype=np.float32))  # 800 KB
+    assert raised.value.errno == errno.ENOSPC
+    assert raised.value.filename == str(directory / "layer-0" / "attn_norm.bin")
+    assert [p.name for p in directory.rglob("*") if p.is_file()] == []
