@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import FormatError, MissingTensorError, UnsupportedModelError
-from engine.model import SUPPORTED_ARCHITECTURES, Model, ModelConfig, WeightStore
+from engine.model import FULL, SLIDING, SUPPORTED_ARCHITECTURES, Model, ModelConfig, WeightStore
 
 # HF `model_type` / GGUF `general.architecture` / APR `architecture` spellings of our families.
 ARCHITECTURE_ALIASES: dict[str, str] = {
@@ -26,6 +26,9 @@ ARCHITECTURE_ALIASES: dict[str, str] = {
     "qwen": "qwen2",
     "qwen2.5": "qwen2",
     "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3",
+    "gemma3_text": "gemma3",
 }
 
 HF_ARCHITECTURE_CLASS = {
@@ -33,7 +36,11 @@ HF_ARCHITECTURE_CLASS = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
 }
+HF_MODEL_TYPE = {"gemma3": "gemma3_text"}
+"""HF `model_type` where it differs from our family name (Gemma3ForCausalLM's text config)."""
 _HF_CLASS_TO_ARCH = {cls.lower(): arch for arch, cls in HF_ARCHITECTURE_CLASS.items()}
 
 # Words in an architecture string that mean "not a dense decoder": named in the error.
@@ -83,6 +90,9 @@ def iter_expected_tensors(config: ModelConfig) -> Iterator[tuple[str, tuple[int,
             yield prefix + "self_attn.k_norm.weight", (config.head_dim,)
         yield prefix + "self_attn.o_proj.weight", (hidden, config.q_dim)
         yield prefix + "post_attention_layernorm.weight", (hidden,)
+        if config.sandwich_norms:
+            yield prefix + "pre_feedforward_layernorm.weight", (hidden,)
+            yield prefix + "post_feedforward_layernorm.weight", (hidden,)
         yield prefix + "mlp.gate_proj.weight", (inter, hidden)
         yield prefix + "mlp.up_proj.weight", (inter, hidden)
         yield prefix + "mlp.down_proj.weight", (hidden, inter)
@@ -228,10 +238,34 @@ def hf_config_to_model_config(spec: Mapping[str, Any], source: str) -> ModelConf
     eos = spec.get("eos_token_id")
     if isinstance(eos, list):
         eos = eos[0] if eos else None
+    num_layers = int_field(spec, ("num_hidden_layers",), source, 0)
+    steps = family_steps(arch, hidden)
+    if arch in GEMMA_FAMILY:
+        rope_theta, local_theta = _gemma_rope_bases(spec, rope, arch, source)
+        steps.update(
+            gemma_layer_steps(
+                arch,
+                num_layers,
+                sliding_window=int_field(spec, ("sliding_window",), source),
+                layer_types=spec.get("layer_types"),
+                pattern=int_field(spec, ("sliding_window_pattern",), source),
+                source=source,
+            ),
+            query_pre_attn_scalar=float_field(spec, ("query_pre_attn_scalar",), source, 256.0),
+            attn_logit_softcap=float_field(spec, ("attn_logit_softcapping",), source),
+            final_logit_softcap=float_field(spec, ("final_logit_softcapping",), source),
+            rope_local_theta=local_theta,
+        )
+        if spec.get("hidden_activation", "gelu_pytorch_tanh") not in GELU_TANH_NAMES:
+            raise UnsupportedModelError(
+                f"{source}: hidden_activation {spec.get('hidden_activation')!r} is not supported"
+            )
+    elif arch == "mistral" and spec.get("sliding_window") is not None:
+        steps["sliding_window"] = int_field(spec, ("sliding_window",), source)
     config = ModelConfig(
         architecture=arch,  # type: ignore[arg-type]
         hidden_size=hidden,
-        num_layers=int_field(spec, ("num_hidden_layers",), source, 0),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
@@ -240,17 +274,89 @@ def hf_config_to_model_config(spec: Mapping[str, Any], source: str) -> ModelConf
         rope_theta=rope_theta,
         rope_pairing="half",
         rms_norm_eps=float_field(spec, ("rms_norm_eps",), source, 1e-6),
-        qkv_bias=arch == "qwen2",
-        qk_norm=arch == "qwen3",
-        tied_embeddings=bool(spec.get("tie_word_embeddings", False)),
+        tied_embeddings=bool(spec.get("tie_word_embeddings", arch in GEMMA_FAMILY)),
         bos_token_id=spec.get("bos_token_id")
         if isinstance(spec.get("bos_token_id"), int)
         else None,
         eos_token_id=eos if isinstance(eos, int) else None,
         add_bos=False,
+        **steps,
     )
     check_dims(config, source)
     return config
+
+
+GEMMA_FAMILY = ("gemma2", "gemma3")
+GELU_TANH_NAMES = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new")
+"""HF activation names of the tanh-approximated GELU."""
+GEMMA_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}
+"""Every Nth layer attends globally, the others slide (HF's default `layer_types`, llama.cpp's
+`set_swa_pattern`)."""
+GEMMA3_LOCAL_ROPE_THETA = 10000.0
+"""Gemma 3's RoPE base on sliding layers (HF `rope_local_base_freq`; llama.cpp hard-codes it)."""
+
+
+def family_steps(arch: str, hidden: int) -> dict[str, Any]:
+    """The `ModelConfig` step fields every model of a family has (engine/forward.py's table):
+    Qwen2's QKV bias, Qwen3's Q/K norm, Gemma's (1 + w) norms, sqrt(hidden) embedding scale,
+    sandwich norms and GELU-tanh (with Gemma 3's Q/K norm)."""
+    steps: dict[str, Any] = {"qkv_bias": arch == "qwen2", "qk_norm": arch in ("qwen3", "gemma3")}
+    if arch in GEMMA_FAMILY:
+        steps.update(
+            norm_weight_offset=1.0,
+            # HF multiplies by torch.tensor(hidden ** 0.5): a float32 scalar.
+            embedding_scale=float(np.float32(math.sqrt(hidden))) if hidden else 1.0,
+            sandwich_norms=True,
+            hidden_act="gelu_tanh",
+        )
+    return steps
+
+
+def gemma_layer_steps(
+    arch: str,
+    num_layers: int,
+    *,
+    sliding_window: int | None,
+    layer_types: Any,
+    pattern: int | None,
+    source: str,
+) -> dict[str, Any]:
+    """`sliding_window` and per-layer `layer_types` of a Gemma model: the file's list when it
+    has one, else every `pattern`-th layer global (the family default when absent)."""
+    if layer_types is None:
+        every = pattern or GEMMA_SLIDING_PATTERN[arch]
+        layer_types = [SLIDING if (i + 1) % every else FULL for i in range(num_layers)]
+    if not isinstance(layer_types, list | tuple) or len(layer_types) != num_layers:
+        raise FormatError(f"{source}: layer_types is not a list of {num_layers} layer kinds")
+    if any(kind not in (SLIDING, FULL) for kind in layer_types):
+        raise UnsupportedModelError(f"{source}: layer_types {sorted(set(layer_types))} unsupported")
+    if sliding_window is not None and sliding_window <= 0:
+        raise FormatError(f"{source}: sliding_window {sliding_window} is not positive")
+    return {"sliding_window": sliding_window, "layer_types": tuple(layer_types)}
+
+
+def _gemma_rope_bases(
+    spec: Mapping[str, Any], rope: Mapping[str, Any], arch: str, source: str
+) -> tuple[float, float | None]:
+    """(global theta, sliding-layer theta or None) from a Gemma config.json: transformers 5's
+    per-layer-type `rope_parameters`, or the older `rope_theta` + `rope_local_base_freq`."""
+    full = rope.get(FULL) if isinstance(rope.get(FULL), dict) else None
+    sliding = rope.get(SLIDING) if isinstance(rope.get(SLIDING), dict) else None
+    for params in (full, sliding):
+        if params is not None and params.get("rope_type", "default") != "default":
+            raise UnsupportedModelError(
+                f"{source}: RoPE scaling {params.get('rope_type')!r} is not supported"
+            )
+    default_global = 1000000.0 if arch == "gemma3" else 10000.0
+    theta = float_field(spec, ("rope_theta",), source) or float_field(
+        full or rope, ("rope_theta",), source, default_global
+    )
+    if arch != "gemma3":
+        return theta, None
+    local = float_field(spec, ("rope_local_base_freq",), source) or float_field(
+        sliding or {}, ("rope_theta",), source, GEMMA3_LOCAL_ROPE_THETA
+    )
+    return theta, local
 
 
 def _check_rope_scaling(spec: Mapping[str, Any], source: str) -> None:
@@ -260,9 +366,16 @@ def _check_rope_scaling(spec: Mapping[str, Any], source: str) -> None:
         scaling = spec["rope_parameters"]
     if not isinstance(scaling, dict):
         return
+    if any(key in scaling for key in (FULL, SLIDING)):
+        return  # Gemma's per-layer-type parameters: checked by _gemma_rope_bases
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in (None, "default"):
         raise UnsupportedModelError(f"{source}: RoPE scaling {kind!r} is not supported")
+
+
+def _integral(value: float | None) -> float | int | None:
+    """`24.0` as `24` (transformers' strict config wants an int where the value is one)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def hf_ordered(config: ModelConfig, name: str, values: np.ndarray) -> np.ndarray:
@@ -291,7 +404,7 @@ def model_config_to_hf_config(config: ModelConfig) -> dict[str, Any]:
     arch = config.architecture
     spec: dict[str, Any] = {
         "architectures": [HF_ARCHITECTURE_CLASS[arch]],
-        "model_type": arch,
+        "model_type": HF_MODEL_TYPE.get(arch, arch),
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
         "num_hidden_layers": config.num_layers,
@@ -318,7 +431,28 @@ def model_config_to_hf_config(config: ModelConfig) -> dict[str, Any]:
         spec["mlp_bias"] = False
         spec["pretraining_tp"] = 1
     if arch == "mistral":
-        spec["sliding_window"] = None
+        spec["sliding_window"] = config.sliding_window
+    if arch in GEMMA_FAMILY:
+        spec.pop("hidden_act")
+        spec.pop("rope_theta")
+        spec.update(
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=_integral(config.query_pre_attn_scalar),
+            sliding_window=config.sliding_window,
+            layer_types=list(config.layer_types),
+            attn_logit_softcapping=config.attn_logit_softcap,
+            final_logit_softcapping=config.final_logit_softcap,
+            attention_bias=False,
+        )
+        full = {"rope_type": "default", "rope_theta": config.rope_theta}
+        if arch == "gemma3":
+            local = config.rope_local_theta or config.rope_theta
+            spec["rope_parameters"] = {
+                FULL: full,
+                SLIDING: {"rope_type": "default", "rope_theta": local},
+            }
+        else:
+            spec["rope_parameters"] = full
     if arch in ("qwen2", "qwen3"):
         spec["use_sliding_window"] = False
         spec["sliding_window"] = None

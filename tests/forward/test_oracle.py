@@ -17,18 +17,30 @@ from engine.forward import trace
 from engine.model import Model
 from engine.stages import WHOLE_MODEL_LAYER
 from tests.forward.agreement import TINY_MAX_REL_ERR, disagreements
-from tests.forward.hf_oracle import build_hf_model, engine_model, hf_stage_captures
+from tests.forward.hf_oracle import (
+    TINY_WINDOW,
+    build_hf_model,
+    engine_model,
+    hf_stage_captures,
+)
 
 TOKENS = [5, 17, 99, 3, 42, 7, 127]
-"""Seven tokens, including the last vocabulary row."""
+"""Seven tokens, including the last vocabulary row; longer than the windowed models' window."""
 
 MODELS = {
     "llama-untied": dict(arch="llama", tied=False),
     "llama-tied": dict(arch="llama", tied=True),
     "mistral": dict(arch="mistral", tied=False),
+    "mistral-window": dict(arch="mistral", tied=False, sliding_window=TINY_WINDOW),
     "qwen2-bias-gqa": dict(arch="qwen2", tied=False),
     "qwen3-qk-norm": dict(arch="qwen3", tied=True),
+    "gemma2-softcap-window": dict(arch="gemma2", tied=True),
+    "gemma3-local-global": dict(arch="gemma3", tied=True),
 }
+
+PER_LAYER_STAGES = {"qwen2": 17, "gemma2": 18, "gemma3": 18}
+"""Per-layer stages HF records: 16 for Llama's layer, + qkv_bias (Qwen2), + post_attn_norm and
+post_ffn_norm (Gemma, whose ffn_gelu takes ffn_silu's place)."""
 
 
 def _open_as(source: str, hf_model, tmp_path: Path) -> Model:
@@ -60,8 +72,8 @@ def _open_as(source: str, hf_model, tmp_path: Path) -> Model:
 @pytest.fixture(scope="module", params=list(MODELS))
 def oracle(request):
     """(name, HF model, HF's captures over TOKENS); one HF run per model for all sources."""
-    spec = MODELS[request.param]
-    hf_model = build_hf_model(spec["arch"], seed=len(request.param), tied=spec["tied"])
+    spec = dict(MODELS[request.param])
+    hf_model = build_hf_model(spec.pop("arch"), seed=len(request.param), **spec)
     return request.param, hf_model, hf_stage_captures(hf_model, TOKENS)
 
 
@@ -75,8 +87,9 @@ def test_every_stage_of_every_layer_matches_hf(oracle, source, tmp_path):
         model.close()
 
     config = hf_model.config
-    per_layer = 17 if name.startswith("qwen2") else 16  # qkv_bias only with a QKV bias
+    per_layer = PER_LAYER_STAGES.get(name.split("-")[0], 16)
     assert len(expected) == 1 + config.num_hidden_layers * per_layer + 2
+    assert set(got) == set(expected)
     assert disagreements(got, expected, max_rel=TINY_MAX_REL_ERR) == []
 
 
@@ -117,12 +130,34 @@ def test_stage_shapes_and_layout_follow_apr(oracle):
     assert ((1, "qkv_bias") in shapes) == name.startswith("qwen2")
 
 
-def test_scores_and_softmax_are_zero_above_the_diagonal(oracle):
+def test_scores_and_softmax_are_zero_at_every_blocked_key(oracle):
+    """Above the diagonal, and for a sliding layer also `window` or more positions back."""
     _, hf_model, _ = oracle
-    captures = {c.stage: c.array for c in trace(engine_model(hf_model), TOKENS, layers=(0, 1))}
-    future = np.triu(np.ones((len(TOKENS), len(TOKENS)), dtype=bool), k=1)
-    for stage_name in ("attn_scores", "attn_softmax"):
-        values = captures[stage_name]
-        assert np.all(values[:, future] == 0.0)
-        assert np.all(values[:, ~future] != 0.0)
-    np.testing.assert_allclose(captures["attn_softmax"].sum(axis=-1), 1.0, rtol=1e-6)
+    model = engine_model(hf_model)
+    seq = len(TOKENS)
+    for layer in range(model.config.num_layers):
+        captures = {c.stage: c.array for c in trace(model, TOKENS, layers=(layer, layer + 1))}
+        window = model.config.window(layer)
+        i, j = np.indices((seq, seq))
+        blocked = (j > i) | ((i - j >= window) if window is not None else False)
+        for stage_name in ("attn_scores", "attn_softmax"):
+            values = captures[stage_name]
+            assert np.all(values[:, blocked] == 0.0)
+            assert np.all(values[:, ~blocked] != 0.0)
+        np.testing.assert_allclose(captures["attn_softmax"].sum(axis=-1), 1.0, rtol=1e-6)
+
+
+def test_windowed_models_have_sliding_and_full_layers_as_hf_says(oracle):
+    """The window is shorter than the prompt, so the sliding layers do cut keys off."""
+    name, hf_model, _ = oracle
+    config = engine_model(hf_model).config
+    windows = [config.window(layer) for layer in range(config.num_layers)]
+    if name == "gemma3-local-global":
+        assert windows == [TINY_WINDOW, None, TINY_WINDOW] and len(TOKENS) > TINY_WINDOW
+        assert [config.layer_rope_theta(layer) for layer in range(3)] == [1e4, 1e6, 1e4]
+    elif name == "gemma2-softcap-window":
+        assert windows == [TINY_WINDOW, None, TINY_WINDOW]
+    elif name == "mistral-window":
+        assert windows == [TINY_WINDOW] * 3
+    else:
+        assert windows == [None] * config.num_layers
