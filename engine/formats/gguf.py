@@ -113,7 +113,7 @@ _GEMMA_LAYER = {
     # llama.cpp's Gemma 2/3 names where they differ from Llama's: Gemma's HF
     # `post_attention_layernorm` normalizes the attention output, and its FFN input norm is
     # `pre_feedforward_layernorm`, which llama.cpp calls ffn_norm as it does Llama's.
-    "attn_post_norm.weight": "post_attention_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
     "ffn_norm.weight": "pre_feedforward_layernorm.weight",
     "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
 }

@@ -98,7 +98,7 @@ def test_gguf_stores_gemma_the_llama_cpp_way(tmp_path):
     tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
     pairs = {
         "blk.1.attn_norm.weight": "input_layernorm",
-        "blk.1.attn_post_norm.weight": "post_attention_layernorm",
+        "blk.1.post_attention_norm.weight": "post_attention_layernorm",
         "blk.1.ffn_norm.weight": "pre_feedforward_layernorm",
         "blk.1.post_ffw_norm.weight": "post_feedforward_layernorm",
         "blk.1.attn_q_norm.weight": None,
