@@ -106,3 +106,26 @@ def test_a_prompt_longer_than_the_window_agrees_with_hf(gemma3_gguf, gemma3_hf):
     assert np.all(got[(5, "attn_softmax")][:, -1, :] > 0.0)
     hf_top = int(np.argmax(expected[(WHOLE_MODEL_LAYER, "lm_head")]))
     assert int(np.argmax(got[(WHOLE_MODEL_LAYER, "lm_head")])) == hf_top
+
+
+def test_demo_pair_opens_and_bisect_finds_the_planted_scale(gemma3_gguf, apr_tui, tmp_path):
+    """`apr-tui demo --model gemma3`'s pair (engine.demo.build_gemma3_demo): the real GGUF and a
+    Q8_0 .apr copy with layer 2's up_proj ×18, through the real `apr-tui bisect`. Gemma's
+    post-FFN norm divides the scale out again, so only the std ratio sees it, at L2 ffn_up."""
+    import subprocess
+
+    from engine.demo import build_gemma3_demo
+
+    pair = build_gemma3_demo(tmp_path, gemma3_gguf)
+    assert pair.model_a == gemma3_gguf and pair.model_b.suffix == ".apr"
+    result = subprocess.run(
+        [*apr_tui, "bisect", str(pair.model_a), str(pair.model_b)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "(gguf, gemma3, 18 layers" in result.stdout
+    assert "(apr, gemma3, 18 layers" in result.stdout
+    assert "p_attn" in result.stdout and "gelu" in result.stdout and "p_ffn" in result.stdout
+    assert "First scale divergence (std ratio outside [0.5, 2.0]): layer 2 ffn_up" in result.stdout
