@@ -33,7 +33,7 @@ from engine.stages import (
     WHOLE_MODEL_LAYER,
     WHOLE_MODEL_STAGES,
 )
-from engine.stats import DiffStats, TensorStats, diff_stats, tensor_stats
+from engine.stats import DiffStats, IndexDiff, TensorStats, diff_stats, index_diff, tensor_stats
 
 DEFAULT_THRESHOLD = 0.999
 """Cosine below which a cell has diverged: apr's documented Q4_K noise floor (contract
@@ -68,6 +68,8 @@ class Cell:
     stats_a: TensorStats | None
     stats_b: TensorStats | None
     diff: DiffStats | None
+    index_diff: IndexDiff | None = None
+    """For an index payload (`moe_router_indices`) on both sides: the ids compared as ids."""
 
 
 def stage_order_key(layer: int, stage_name: str) -> tuple[int, int]:
@@ -90,7 +92,11 @@ def logical_shape(stage_name: str, config: ModelConfig, seq_len: int) -> tuple[i
         "ffn_gate": (seq_len, inter),
         "ffn_up": (seq_len, inter),
         "ffn_silu": (seq_len, inter),
+        "ffn_gelu": (seq_len, inter),
         "ffn_swigl": (seq_len, inter),
+        "moe_router": (config.num_experts_per_tok,),
+        "moe_router_indices": (config.num_experts_per_tok,),
+        "moe_ffn_out": (hidden,),
         "lm_head": (config.vocab_size,),
     }
     return shapes.get(stage_name, (seq_len, hidden))
@@ -641,7 +647,14 @@ def _cell(capture_a: Capture | None, capture_b: Capture | None) -> Cell:
         if type(x) is not type(y):
             x, y = to_host(x), to_host(y)
         diff = diff_stats(x, y)
-    return Cell(present.layer, present.stage, tuple(shape), stats_a, stats_b, diff)
+    ids = None
+    if (
+        capture_a is not None
+        and capture_b is not None
+        and STAGE_BY_NAME[present.stage].index_payload
+    ):
+        ids = index_diff(capture_a.array, capture_b.array)
+    return Cell(present.layer, present.stage, tuple(shape), stats_a, stats_b, diff, ids)
 
 
 def _merged(
@@ -731,6 +744,8 @@ def cosine_diverged(cell: Cell, threshold: float = DEFAULT_THRESHOLD) -> bool:
         return True  # both present, different element counts
     if cell.diff.max_abs_diff == 0.0 and cell.stats_a.nan_count == cell.stats_b.nan_count == 0:
         return False
+    if cell.index_diff is not None:
+        return not cell.index_diff.equal  # expert ids must match exactly
     if STAGE_BY_NAME[cell.stage].index_payload:
         return True  # expert ids must match exactly
     return not cell.diff.cosine_sim >= threshold

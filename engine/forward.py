@@ -24,6 +24,7 @@ the named steps other families add, each one line here and one field there:
 | `sandwich_norms`                        | attention and FFN outputs normed before their residual add (`post_attn_norm`, `post_ffn_norm`) | Gemma |
 | `hidden_act`                            | gate activation SiLU (`ffn_silu`) or GELU-tanh (`ffn_gelu`) | Gemma |
 | `final_logit_softcap`                   | logits become cap·tanh(logits/cap)            | Gemma 2 |
+| `num_experts` + `is_moe_layer`          | the FFN is a routed mixture of gated FFNs (`_moe_ffn`) | Qwen3-MoE |
 
 Adding an architecture that is a combination of these is a reader change only (formats/ fill
 the fields); a genuinely new step is one field, one line in the layer below, and a stage name
@@ -360,13 +361,68 @@ def _decoder_layer(
 
     ffn_norm = norm(hidden, config.ffn_norm_name)
     yield "ffn_norm", ffn_norm  # [seq, H]
-    ffn_out = yield from _gated_ffn(xp, config, weights, prefix, ffn_norm)  # [seq, H]
+    routing = None
+    if config.is_moe_layer(layer):
+        ffn_out, routing = _moe_ffn(xp, config, weights, prefix, ffn_norm)  # [seq, H]
+        yield "ffn_out", ffn_out
+    else:
+        ffn_out = yield from _gated_ffn(xp, config, weights, prefix, ffn_norm)  # [seq, H]
     if config.sandwich_norms:  # Gemma: the FFN output is normed before the residual add
         ffn_out = norm(ffn_out, "post_feedforward_layernorm")
         yield "post_ffn_norm", ffn_out  # [seq, H]
     hidden = hidden + ffn_out
     yield "post_ffn_residual", hidden
+    if routing is not None:  # apr's MoE stages: the last token's routing and expert output
+        weights_k, experts_k = routing
+        yield "moe_router", weights_k[-1]  # [k]
+        yield "moe_ffn_out", ffn_out[-1]  # [H]
+        yield "moe_router_indices", experts_k[-1].astype(xp.float32)  # [k], ids as f32
     return hidden
+
+
+def route(xp: Any, logits: Array, k: int, renormalize: bool) -> tuple[Array, Array]:
+    """Top-k routing, HF Qwen3-MoE's: softmax over all experts, the k largest probabilities in
+    descending order (ties: the lower expert id first), renormalized to sum to 1 when asked.
+
+    logits [seq, E] -> (weights [seq, k] float32, expert ids [seq, k] int).
+    """
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    probs = xp.exp(shifted)
+    probs = probs / probs.sum(axis=-1, keepdims=True)  # [seq, E]
+    experts = xp.argsort(-probs, axis=-1, kind="stable")[:, :k]  # [seq, k]
+    top = xp.take_along_axis(probs, experts, axis=-1)  # [seq, k]
+    if renormalize:
+        top = top / top.sum(axis=-1, keepdims=True)
+    return top, experts
+
+
+def _moe_ffn(
+    xp: Any, config: ModelConfig, weights: _LayerWeights, prefix: str, x: Array
+) -> tuple[Array, tuple[Array, Array]]:
+    """The mixture-of-experts FFN: route each token (`route`), run each expert some token routed
+    to on just those tokens, and add its output times the token's routing weight.
+
+    x [seq, H] -> (out [seq, H], (weights [seq, k], expert ids [seq, k])). An expert no token
+    picked is never fetched; a picked one is fetched one matrix at a time (a GGUF store decodes
+    only that expert's slice of llama.cpp's merged tensor). Contributions are added in
+    ascending expert order, as HF does.
+    """
+    H, E, inter = config.hidden_size, config.num_experts, config.moe_intermediate_size
+    logits = linear(x, weights.get(prefix + "mlp.gate.weight", (E, H)))  # [seq, E]
+    top, experts = route(xp, logits, config.num_experts_per_tok, config.norm_topk_prob)
+    out = xp.zeros_like(x)  # [seq, H]
+    for expert in sorted({int(e) for e in experts.ravel().tolist()}):
+        tokens, slot = xp.nonzero(experts == expert)  # the tokens that picked it, and where
+        name = f"{prefix}mlp.experts.{expert}."
+        picked = x[tokens]  # [n, H]
+        gate = linear(picked, weights.get(name + "gate_proj.weight", (inter, H)))  # [n, inter]
+        up = linear(picked, weights.get(name + "up_proj.weight", (inter, H)))  # [n, inter]
+        _, activation = ACTIVATIONS[config.hidden_act]
+        expert_out = linear(
+            activation(xp, gate) * up, weights.get(name + "down_proj.weight", (H, inter))
+        )  # [n, H]
+        out[tokens] += expert_out * top[tokens, slot][:, None]
+    return out, (top, experts)
 
 
 def _gated_ffn(
@@ -564,11 +620,17 @@ def lm_head_logits(model: Model, weights: _LayerWeights, final_norm: Array) -> A
 
 
 def produced_stages(config: ModelConfig) -> tuple[str, ...]:
-    """The stages a trace of this model produces, in computation order: the dense stages,
-    `qkv_bias` only with a QKV bias, the activation's own stage (`ffn_silu` or `ffn_gelu`), the
-    two post-block norms only with sandwich norms; never the MoE stages."""
+    """The stages a trace of this model produces, in canonical order: the dense stages, `qkv_bias`
+    only with a QKV bias, the activation's own stage (`ffn_silu` or `ffn_gelu`), the two
+    post-block norms only with sandwich norms, the MoE stages only with MoE layers (and the
+    dense FFN's inner stages only when some layer is dense)."""
+    layers = range(config.num_layers)
+    moe = any(config.is_moe_layer(layer) for layer in layers)
+    dense = not all(config.is_moe_layer(layer) for layer in layers)
     skip = {"qkv_bias"} if not config.qkv_bias else set()
     skip |= {name for act, (name, _) in ACTIVATIONS.items() if act != config.hidden_act}
     if not config.sandwich_norms:
         skip |= {"post_attn_norm", "post_ffn_norm"}
-    return tuple(s.name for s in STAGES if not s.moe and s.name not in skip)
+    if not dense:
+        skip |= {"ffn_gate", "ffn_up", "ffn_silu", "ffn_gelu", "ffn_swigl"}
+    return tuple(s.name for s in STAGES if s.name not in skip and (moe or not s.moe))

@@ -17,8 +17,14 @@ Canonical tensor names (HF):
     model.layers.N.post_feedforward_layernorm.weight [hidden]  (Gemma: the norm of the FFN output)
     model.layers.N.mlp.{gate,up}_proj.weight       [intermediate, hidden]
     model.layers.N.mlp.down_proj.weight            [hidden, intermediate]
+    model.layers.N.mlp.gate.weight                 [experts, hidden]  (MoE layers: the router)
+    model.layers.N.mlp.experts.E.{gate,up}_proj.weight [moe_intermediate, hidden]  (expert E)
+    model.layers.N.mlp.experts.E.down_proj.weight  [hidden, moe_intermediate]
     model.norm.weight                              [hidden]
     lm_head.weight                                 [vocab, hidden]  (absent when tied)
+
+Experts are separate 2-D tensors (HF's checkpoint names), whatever the container: a GGUF store
+serves expert E of llama.cpp's merged `ffn_*_exps` tensor by decoding only E's slice.
 """
 
 from __future__ import annotations
@@ -32,12 +38,13 @@ import numpy as np
 
 from engine.errors import MissingTensorError
 
-Architecture = Literal["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"]
+Architecture = Literal["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3"]
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "llama",
     "mistral",
     "qwen2",
     "qwen3",
+    "qwen3_moe",
     "gemma2",
     "gemma3",
 )
@@ -101,6 +108,24 @@ class ModelConfig:
     none otherwise."""
     rope_local_theta: float | None = None
     """RoPE base of the sliding layers (Gemma 3's 10000 beside the global 1e6); None: rope_theta."""
+
+    # Mixture of experts (Qwen3-MoE): a router picks `num_experts_per_tok` of `num_experts`
+    # gated FFNs per token, in the layers `is_moe_layer` names; the rest keep the dense FFN.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    """Renormalize the top-k routing weights to sum to 1 (HF `norm_topk_prob`)."""
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """HF Qwen3-MoE's rule: experts in every `decoder_sparse_step`-th layer not listed dense."""
+        return (
+            self.num_experts > 0
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
 
     def window(self, layer: int) -> int | None:
         """The sliding window of `layer`, or None for full causal attention."""

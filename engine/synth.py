@@ -53,6 +53,7 @@ _DEFAULT_ROPE_THETA = {
     "mistral": 10000.0,
     "qwen2": 1000000.0,
     "qwen3": 1000000.0,
+    "qwen3_moe": 1000000.0,
     "gemma2": 10000.0,
     "gemma3": 1000000.0,
 }
@@ -61,6 +62,7 @@ _DEFAULT_RMS_EPS = {
     "mistral": 1e-5,
     "qwen2": 1e-6,
     "qwen3": 1e-6,
+    "qwen3_moe": 1e-6,
     "gemma2": 1e-6,
     "gemma3": 1e-6,
 }
@@ -141,10 +143,14 @@ def synthesize(
     rms_norm_eps: float | None = None,
     add_bos: bool = False,
     name: str | None = None,
+    num_experts: int = 8,
+    num_experts_per_tok: int = 2,
+    norm_topk_prob: bool = True,
 ) -> Model:
     """A small random model of `arch` (llama | mistral | qwen2 | qwen3 | gemma2 | gemma3), the
-    same for the same seed."""
-    from engine.formats.common import GEMMA_FAMILY, family_steps
+    same for the same seed. A Qwen3-MoE model routes every layer through `num_experts` experts
+    of half the intermediate size, `num_experts_per_tok` per token."""
+    from engine.formats.common import GEMMA_FAMILY, family_steps, moe_steps
 
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
@@ -159,6 +165,16 @@ def synthesize(
     steps = family_steps(arch, hidden_size)
     if arch in GEMMA_FAMILY:
         steps.update(_gemma_steps(arch, num_layers, head_dim))
+    if arch == "qwen3_moe":
+        steps.update(
+            moe_steps(
+                num_experts=num_experts,
+                per_token=num_experts_per_tok,
+                moe_intermediate=max(intermediate_size // 2, 2),
+                norm_topk_prob=norm_topk_prob,
+                source="synthesize",
+            )
+        )
     config = ModelConfig(
         architecture=arch,  # type: ignore[arg-type]
         hidden_size=hidden_size,
@@ -231,6 +247,15 @@ def random_weights(config: ModelConfig, rng: np.random.Generator) -> dict[str, n
         if config.sandwich_norms:
             arrays[prefix + "pre_feedforward_layernorm.weight"] = norm(hidden)
             arrays[prefix + "post_feedforward_layernorm.weight"] = norm(hidden)
+        if config.is_moe_layer(layer):
+            moe_inter = config.moe_intermediate_size
+            arrays[prefix + "mlp.gate.weight"] = linear(config.num_experts, hidden)  # router
+            for expert in range(config.num_experts):
+                name = f"{prefix}mlp.experts.{expert}."
+                arrays[name + "gate_proj.weight"] = linear(moe_inter, hidden)
+                arrays[name + "up_proj.weight"] = linear(moe_inter, hidden)
+                arrays[name + "down_proj.weight"] = linear(hidden, moe_inter)
+            continue
         arrays[prefix + "mlp.gate_proj.weight"] = linear(inter, hidden)
         arrays[prefix + "mlp.up_proj.weight"] = linear(inter, hidden)
         arrays[prefix + "mlp.down_proj.weight"] = linear(hidden, inter)

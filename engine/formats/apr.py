@@ -48,6 +48,7 @@ from engine.formats.common import (
     float_field,
     gemma_layer_steps,
     int_field,
+    moe_steps,
     normalize_architecture,
     stored_tensor_names,
 )
@@ -630,11 +631,11 @@ def config_from_metadata(meta: dict[str, Any], names: set[str], source: str) -> 
         if isinstance(value, str) and value.strip() and value.strip().lower() != "auto":
             found = value
             break
-    if (int_field(meta, ("num_experts",), source, 0) or 0) > 0:
+    arch = normalize_architecture(found, source)
+    if (int_field(meta, ("num_experts",), source, 0) or 0) > 0 and arch != "qwen3_moe":
         raise UnsupportedModelError(
             f"{source}: unsupported architecture {found!r} with experts (mixture-of-experts)"
         )
-    arch = normalize_architecture(found, source)
 
     def get_int(canonical: str, default: Any) -> Any:
         return int_field(meta, _keys(canonical), source, default)
@@ -671,6 +672,23 @@ def config_from_metadata(meta: dict[str, Any], names: set[str], source: str) -> 
         )
     elif arch == "mistral":
         steps["sliding_window"] = int_field(meta, ("sliding_window",), source)
+    elif arch == "qwen3_moe":  # apr's own MoE keys (§4.3); dense layers are those without a router
+        steps.update(
+            moe_steps(
+                num_experts=int_field(meta, ("num_experts",), source, 0),
+                per_token=int_field(meta, ("num_experts_per_tok",), source, 0),
+                moe_intermediate=int_field(meta, ("moe_intermediate_size",), source, 0),
+                norm_topk_prob=meta.get("norm_topk_prob") is True,
+                mlp_only_layers=tuple(
+                    layer
+                    for layer in range(
+                        min(num_layers, len(names)) if isinstance(num_layers, int) else 0
+                    )
+                    if f"model.layers.{layer}.mlp.gate.weight" not in names
+                ),
+                source=source,
+            )
+        )
     config = ModelConfig(
         architecture=arch,  # type: ignore[arg-type]
         hidden_size=hidden,
@@ -976,6 +994,15 @@ def model_metadata(model: Model, dtype: str, plans: list[TensorPlan]) -> dict[st
             "tied_embeddings": config.tied_embeddings,
         }
     )
+    if config.num_experts:
+        meta.update(
+            {
+                "num_experts": config.num_experts,
+                "num_experts_per_tok": config.num_experts_per_tok,
+                "moe_intermediate_size": config.moe_intermediate_size,
+                "norm_topk_prob": config.norm_topk_prob,
+            }
+        )
     if config.architecture == "mistral" and config.sliding_window is not None:
         meta["sliding_window"] = config.sliding_window
     if config.architecture in GEMMA_FAMILY:  # custom keys, named as in HF's config.json

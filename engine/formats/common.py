@@ -26,6 +26,8 @@ ARCHITECTURE_ALIASES: dict[str, str] = {
     "qwen": "qwen2",
     "qwen2.5": "qwen2",
     "qwen3": "qwen3",
+    "qwen3_moe": "qwen3_moe",
+    "qwen3moe": "qwen3_moe",
     "gemma2": "gemma2",
     "gemma3": "gemma3",
     "gemma3_text": "gemma3",
@@ -36,6 +38,7 @@ HF_ARCHITECTURE_CLASS = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
 }
@@ -93,6 +96,14 @@ def iter_expected_tensors(config: ModelConfig) -> Iterator[tuple[str, tuple[int,
         if config.sandwich_norms:
             yield prefix + "pre_feedforward_layernorm.weight", (hidden,)
             yield prefix + "post_feedforward_layernorm.weight", (hidden,)
+        if config.is_moe_layer(layer):
+            moe_inter = config.moe_intermediate_size
+            yield prefix + "mlp.gate.weight", (config.num_experts, hidden)
+            for expert in range(config.num_experts):
+                yield f"{prefix}mlp.experts.{expert}.gate_proj.weight", (moe_inter, hidden)
+                yield f"{prefix}mlp.experts.{expert}.up_proj.weight", (moe_inter, hidden)
+                yield f"{prefix}mlp.experts.{expert}.down_proj.weight", (hidden, moe_inter)
+            continue
         yield prefix + "mlp.gate_proj.weight", (inter, hidden)
         yield prefix + "mlp.up_proj.weight", (inter, hidden)
         yield prefix + "mlp.down_proj.weight", (hidden, inter)
@@ -212,11 +223,11 @@ def hf_config_to_model_config(spec: Mapping[str, Any], source: str) -> ModelConf
     found = spec.get("model_type")
     if not found and isinstance(spec.get("architectures"), list) and spec["architectures"]:
         found = spec["architectures"][0]
-    if spec.get("num_local_experts") or spec.get("num_experts"):
+    arch = normalize_architecture(found if isinstance(found, str) else None, source)
+    if (spec.get("num_local_experts") or spec.get("num_experts")) and arch != "qwen3_moe":
         raise UnsupportedModelError(
             f"{source}: unsupported architecture {found!r} with experts (mixture-of-experts)"
         )
-    arch = normalize_architecture(found if isinstance(found, str) else None, source)
     _check_rope_scaling(spec, source)
     quantization = spec.get("quantization_config")
     if isinstance(quantization, dict):
@@ -262,6 +273,21 @@ def hf_config_to_model_config(spec: Mapping[str, Any], source: str) -> ModelConf
             )
     elif arch == "mistral" and spec.get("sliding_window") is not None:
         steps["sliding_window"] = int_field(spec, ("sliding_window",), source)
+    elif arch == "qwen3_moe":
+        only = spec.get("mlp_only_layers") or []
+        if not isinstance(only, list) or not all(isinstance(i, int) for i in only):
+            raise FormatError(f"{source}: mlp_only_layers is not a list of layer indices")
+        steps.update(
+            moe_steps(
+                num_experts=int_field(spec, ("num_experts", "num_local_experts"), source, 0),
+                per_token=int_field(spec, ("num_experts_per_tok",), source, 0),
+                moe_intermediate=int_field(spec, ("moe_intermediate_size",), source, 0),
+                norm_topk_prob=bool(spec.get("norm_topk_prob", False)),
+                sparse_step=int_field(spec, ("decoder_sparse_step",), source, 1),
+                mlp_only_layers=tuple(only),
+                source=source,
+            )
+        )
     config = ModelConfig(
         architecture=arch,  # type: ignore[arg-type]
         hidden_size=hidden,
@@ -296,11 +322,41 @@ GEMMA3_LOCAL_ROPE_THETA = 10000.0
 """Gemma 3's RoPE base on sliding layers (HF `rope_local_base_freq`; llama.cpp hard-codes it)."""
 
 
+def moe_steps(
+    *,
+    num_experts: int,
+    per_token: int,
+    moe_intermediate: int,
+    norm_topk_prob: bool,
+    sparse_step: int = 1,
+    mlp_only_layers: tuple[int, ...] = (),
+    source: str,
+) -> dict[str, Any]:
+    """The MoE fields of a Qwen3-MoE config, checked (a corrupt count must not reach the pass)."""
+    if not 0 < per_token <= num_experts <= (1 << 16):
+        raise FormatError(
+            f"{source}: {per_token} experts per token of {num_experts} is not a valid routing"
+        )
+    if moe_intermediate <= 0 or sparse_step <= 0:
+        raise FormatError(f"{source}: moe_intermediate_size {moe_intermediate} is not positive")
+    return dict(
+        num_experts=num_experts,
+        num_experts_per_tok=per_token,
+        moe_intermediate_size=moe_intermediate,
+        norm_topk_prob=norm_topk_prob,
+        decoder_sparse_step=sparse_step,
+        mlp_only_layers=mlp_only_layers,
+    )
+
+
 def family_steps(arch: str, hidden: int) -> dict[str, Any]:
     """The `ModelConfig` step fields every model of a family has (engine/forward.py's table):
     Qwen2's QKV bias, Qwen3's Q/K norm, Gemma's (1 + w) norms, sqrt(hidden) embedding scale,
     sandwich norms and GELU-tanh (with Gemma 3's Q/K norm)."""
-    steps: dict[str, Any] = {"qkv_bias": arch == "qwen2", "qk_norm": arch in ("qwen3", "gemma3")}
+    steps: dict[str, Any] = {
+        "qkv_bias": arch == "qwen2",
+        "qk_norm": arch in ("qwen3", "qwen3_moe", "gemma3"),
+    }
     if arch in GEMMA_FAMILY:
         steps.update(
             norm_weight_offset=1.0,
@@ -453,7 +509,17 @@ def model_config_to_hf_config(config: ModelConfig) -> dict[str, Any]:
             }
         else:
             spec["rope_parameters"] = full
-    if arch in ("qwen2", "qwen3"):
+    if arch == "qwen3_moe":
+        spec.update(
+            num_experts=config.num_experts,
+            num_experts_per_tok=config.num_experts_per_tok,
+            moe_intermediate_size=config.moe_intermediate_size,
+            norm_topk_prob=config.norm_topk_prob,
+            decoder_sparse_step=config.decoder_sparse_step,
+            mlp_only_layers=list(config.mlp_only_layers),
+            attention_bias=False,
+        )
+    if arch in ("qwen2", "qwen3", "qwen3_moe"):
         spec["use_sliding_window"] = False
         spec["sliding_window"] = None
         spec["max_window_layers"] = config.num_layers

@@ -42,6 +42,7 @@ from engine.formats.common import (
     gemma_layer_steps,
     hf_ordered,
     int_field,
+    moe_steps,
     normalize_architecture,
     stored_tensor_names,
 )
@@ -102,6 +103,7 @@ _GGUF_TO_HF_LAYER = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight",  # the MoE router
     # Biases the forward pass does not apply: mapped so that check_weights names and refuses them
     # instead of the model silently loading without them.
     "ffn_gate.bias": "mlp.gate_proj.bias",
@@ -119,6 +121,15 @@ _GEMMA_LAYER = {
 }
 _GGUF_TO_HF_GEMMA_LAYER = {**_GGUF_TO_HF_LAYER, **_GEMMA_LAYER}
 _HF_TO_GGUF_GEMMA_LAYER = {hf: gg for gg, hf in _GGUF_TO_HF_GEMMA_LAYER.items()}
+_MERGED_EXPERTS = {
+    # llama.cpp stacks the experts of an MoE layer into one 3-D tensor per projection,
+    # [experts, rows, cols] (ggml dims cols, rows, experts): expert E's matrix is the E-th
+    # contiguous slab of it.
+    "ffn_gate_exps.weight": "gate_proj.weight",
+    "ffn_up_exps.weight": "up_proj.weight",
+    "ffn_down_exps.weight": "down_proj.weight",
+}
+_EXPERT_NAME = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+_proj\.weight)$")
 GEMMA_NORM_SHIFT = 1.0
 """llama.cpp's converter stores Gemma's norm weights as `1 + w` (its RMSNorm multiplies by the
 stored weight); the reader subtracts it back to HF's `w`, as transformers' GGUF loader does, and
@@ -153,6 +164,26 @@ def hf_to_gguf_name(name: str, arch: str = "llama") -> str:
     if match and match.group(2) in layer_names:
         return f"blk.{match.group(1)}.{layer_names[match.group(2)]}"
     raise ValueError(f"no GGUF name for tensor {name!r}")
+
+
+def expert_slices(name: str, info: GgufTensorInfo) -> dict[str, GgufTensorInfo]:
+    """Expert E's [rows, cols] of a merged `blk.N.ffn_*_exps.weight`, as its own 2-D tensor
+    under HF's per-expert name: the E-th equal, contiguous slab of the 3-D tensor's bytes, so
+    reading one expert decodes only its slab. Empty for any other tensor."""
+    match = _LAYER_NAME.match(name)
+    if match is None or match.group(2) not in _MERGED_EXPERTS or len(info.ggml_dims) != 3:
+        return {}
+    cols, rows, experts = info.ggml_dims
+    if experts <= 0 or info.nbytes % experts:
+        raise FormatError(f"{name}: {info.nbytes} bytes do not split into {experts} experts")
+    slab = info.nbytes // experts
+    proj = _MERGED_EXPERTS[match.group(2)]
+    return {
+        f"model.layers.{match.group(1)}.mlp.experts.{e}.{proj}": replace(
+            info, ggml_dims=(cols, rows), start=info.start + e * slab, nbytes=slab
+        )
+        for e in range(experts)
+    }
 
 
 def permute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
@@ -545,7 +576,9 @@ def config_from_metadata(
         ).lower()
         if "mistral" in label:
             arch = "mistral"
-    if (_int_meta(metadata, f"{gguf_arch}.expert_count", source, 0) or 0) > 0:
+    if (_int_meta(metadata, f"{gguf_arch}.expert_count", source, 0) or 0) > 0 and arch != (
+        "qwen3_moe"
+    ):
         raise UnsupportedModelError(
             f"{source}: unsupported architecture {gguf_arch!r} with experts (mixture-of-experts)"
         )
@@ -591,6 +624,22 @@ def config_from_metadata(
     if arch in GEMMA_FAMILY:
         steps.update(
             _gemma_steps(metadata, gguf_arch, arch, num_layers, hidden, heads, head_dim, source)
+        )
+    elif arch == "qwen3_moe":
+        norm = metadata.get(f"{gguf_arch}.expert_weights_norm", True)  # llama.cpp: always
+        steps.update(
+            moe_steps(
+                num_experts=need("expert_count"),
+                per_token=need("expert_used_count"),
+                moe_intermediate=need("expert_feed_forward_length"),
+                norm_topk_prob=bool(norm),
+                mlp_only_layers=tuple(
+                    layer
+                    for layer in range(min(num_layers, len(tensors)))  # a corrupt count stays cheap
+                    if f"blk.{layer}.ffn_gate_inp.weight" not in tensors
+                ),
+                source=source,
+            )
         )
     elif arch == "mistral":  # llama.cpp's llama graph ignores it; a file that says so is honoured
         steps["sliding_window"] = _int_meta(
@@ -742,6 +791,7 @@ def open_gguf(path: Path) -> Model:
         hf_name = gguf_to_hf_name(name, config.architecture)
         if hf_name is not None:
             canonical[hf_name] = info
+        canonical.update(expert_slices(name, info))
     permuted: dict[str, int] = {}
     if config.architecture in _LLAMA_FAMILY:
         for layer in range(config.num_layers):
@@ -848,7 +898,9 @@ def write(
     check_write_dtype(path, "GGUF", dtype, WRITE_DTYPES)
     path = Path(path)
     config = model.config
-    gguf_arch = "llama" if config.architecture == "mistral" else config.architecture
+    gguf_arch = {"mistral": "llama", "qwen3_moe": "qwen3moe"}.get(
+        config.architecture, config.architecture
+    )
     with atomic_output(path) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf_arch)
         writer.add_name(str(model.metadata.get("name") or model.name))
@@ -870,11 +922,33 @@ def write(
             _write_gemma_keys(writer, gguf_arch, config)
         elif config.sliding_window is not None:
             writer.add_sliding_window(config.sliding_window)
+        if config.num_experts:
+            writer.add_expert_count(config.num_experts)
+            writer.add_expert_used_count(config.num_experts_per_tok)
+            writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+            if not config.norm_topk_prob:  # llama.cpp always renormalizes; say when not to
+                writer.add_bool(f"{gguf_arch}.expert_weights_norm", False)
         writer.add_file_type(_FILE_TYPES[dtype])
         _write_tokenizer(writer, model)
 
         names = stored_tensor_names(model)
         for index, name in enumerate(names):
+            expert = _EXPERT_NAME.match(name)
+            if expert is not None and expert.group(2) != "0":
+                continue  # written stacked with expert 0
+            if expert is not None:  # llama.cpp's merged [experts, rows, cols] tensor
+                layer, proj = expert.group(1), expert.group(3)
+                values = np.stack(
+                    [
+                        model.weights.get(f"model.layers.{layer}.mlp.experts.{e}.{proj}")
+                        for e in range(config.num_experts)
+                    ]
+                )  # [E, rows, cols]
+                merged = {hf: gg for gg, hf in _MERGED_EXPERTS.items()}[proj]
+                _add_tensor(writer, f"blk.{layer}.{merged}", values, dtype)
+                if progress is not None:
+                    progress(index + 1, len(names), name)
+                continue
             values = hf_ordered(config, name, model.weights.get(name))  # [out, in] HF order
             if config.architecture in _LLAMA_FAMILY and name.endswith(
                 ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
@@ -883,14 +957,7 @@ def write(
                 values = permute_rows(values, heads)
             if config.architecture in GEMMA_FAMILY and name.endswith("norm.weight"):
                 values = values + np.float32(GEMMA_NORM_SHIFT)
-            qtype = tensor_storage_type(name, values.shape, dtype)
-            gguf_name = hf_to_gguf_name(name, config.architecture)
-            if qtype == GGMLQuantizationType.F32:
-                writer.add_tensor(gguf_name, np.ascontiguousarray(values, dtype=np.float32))
-            elif qtype == GGMLQuantizationType.F16:
-                writer.add_tensor(gguf_name, values.astype(np.float16))
-            else:
-                writer.add_tensor(gguf_name, quantize_ggml(values, qtype), raw_dtype=qtype)
+            _add_tensor(writer, hf_to_gguf_name(name, config.architecture), values, dtype)
             if progress is not None:
                 progress(index + 1, len(names), name)
         writer.write_header_to_file()
@@ -898,6 +965,18 @@ def write(
         writer.write_tensors_to_file()
         writer.close()
     return path
+
+
+def _add_tensor(writer: Any, gguf_name: str, values: np.ndarray, dtype: str) -> None:
+    """One tensor in the storage type `tensor_storage_type` picks for it."""
+    qtype = tensor_storage_type(gguf_name, values.shape, dtype)
+    if qtype == GGMLQuantizationType.F32:
+        writer.add_tensor(gguf_name, np.ascontiguousarray(values, dtype=np.float32))
+    elif qtype == GGMLQuantizationType.F16:
+        writer.add_tensor(gguf_name, values.astype(np.float16))
+    else:
+        blocks = quantize_ggml(values, qtype).reshape(*values.shape[:-1], -1)  # [..., bytes]
+        writer.add_tensor(gguf_name, blocks, raw_dtype=qtype)
 
 
 def _write_gemma_keys(writer: Any, gguf_arch: str, config: ModelConfig) -> None:

@@ -22,6 +22,9 @@ Builds small seeded HF models (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3), 
 | post_attn_norm       | Gemma: output of `post_attention_layernorm`                       |
 | post_ffn_norm        | Gemma: output of `post_feedforward_layernorm`                     |
 | post_ffn_residual    | output of the decoder layer                                       |
+| ffn_out (MoE layer)  | output of the sparse MoE block `mlp`                              |
+| moe_router / _indices| the router's (`mlp.gate`) top-k weights / expert ids, last token  |
+| moe_ffn_out          | the MoE block's output at the last token                          |
 | final_norm / lm_head | output of `model.norm`; `lm_head` output at the last position     |
 
 HF's head-major Q/K `[1, heads, seq, hd]` are converted to apr's token-major `[seq, heads*hd]`,
@@ -43,7 +46,7 @@ import torch
 from engine.model import DictWeightStore, Model, ModelConfig
 from engine.stages import WHOLE_MODEL_LAYER
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3")
 GEMMA = ("gemma2", "gemma3")
 
 TINY_WINDOW = 4
@@ -69,6 +72,7 @@ def hf_config(arch: str, *, tied: bool = False, **overrides):
         MistralConfig,
         Qwen2Config,
         Qwen3Config,
+        Qwen3MoeConfig,
     )
 
     dims = dict(TINY_DIMS, **overrides)
@@ -88,6 +92,23 @@ def hf_config(arch: str, *, tied: bool = False, **overrides):
         dims.setdefault("sliding_window", None)
         return MistralConfig(
             **dims, **common, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
+        )
+    if arch == "qwen3_moe":
+        # 8 experts, 2 per token, over 7 tokens: some expert is picked by exactly one token.
+        dims = dict(
+            dict(
+                head_dim=24,
+                num_experts=8,
+                num_experts_per_tok=2,
+                moe_intermediate_size=48,
+                norm_topk_prob=True,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+            ),
+            **dims,
+        )
+        return Qwen3MoeConfig(
+            **dims, **common, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}
         )
     if arch == "gemma2":
         # Soft caps far below Gemma 2's 50 / 30, so tanh bends the tiny model's scores and logits.
@@ -202,6 +223,15 @@ def engine_config(hf_model) -> ModelConfig:
         rope_theta = config.rope_parameters["rope_theta"]
         if arch == "mistral":
             steps = dict(sliding_window=config.sliding_window)
+        if arch == "qwen3_moe":
+            steps = dict(
+                num_experts=config.num_experts,
+                num_experts_per_tok=config.num_experts_per_tok,
+                moe_intermediate_size=config.moe_intermediate_size,
+                norm_topk_prob=bool(config.norm_topk_prob),
+                decoder_sparse_step=config.decoder_sparse_step,
+                mlp_only_layers=tuple(config.mlp_only_layers),
+            )
     return ModelConfig(
         architecture=arch,
         hidden_size=config.hidden_size,
@@ -215,7 +245,7 @@ def engine_config(hf_model) -> ModelConfig:
         rope_pairing="half",
         rms_norm_eps=config.rms_norm_eps,
         qkv_bias=config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
-        qk_norm=arch in ("qwen3", "gemma3"),
+        qk_norm=arch in ("qwen3", "qwen3_moe", "gemma3"),
         tied_embeddings=bool(config.tie_word_embeddings),
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
@@ -231,6 +261,17 @@ def state_dict_arrays(hf_model, *, drop_tied_head: bool = True) -> dict[str, np.
     }
     if drop_tied_head and hf_model.config.tie_word_embeddings:
         arrays.pop("lm_head.weight", None)
+    for name in [n for n in arrays if n.endswith("mlp.experts.gate_up_proj")]:
+        # transformers 5 holds an MoE layer's experts fused: gate_up [E, 2I, H] (the gate is
+        # the first I rows, as its `.chunk(2)` reads it) and down [E, H, I]. Split them into
+        # the per-expert tensors its checkpoints (and save_pretrained) use.
+        prefix = name[: -len("gate_up_proj")]
+        gate_up, down = arrays.pop(name), arrays.pop(prefix + "down_proj")
+        inter = gate_up.shape[1] // 2
+        for expert in range(gate_up.shape[0]):
+            arrays[f"{prefix}{expert}.gate_proj.weight"] = gate_up[expert, :inter].copy()
+            arrays[f"{prefix}{expert}.up_proj.weight"] = gate_up[expert, inter:].copy()
+            arrays[f"{prefix}{expert}.down_proj.weight"] = down[expert].copy()
     return arrays
 
 
@@ -338,12 +379,26 @@ def hf_stage_captures(hf_model, token_ids: list[int]) -> dict[tuple[int, str], n
                     output_hook(index, "post_ffn_norm")
                 )
             )
-        handles.append(mlp.gate_proj.register_forward_hook(output_hook(index, "ffn_gate")))
-        handles.append(mlp.up_proj.register_forward_hook(output_hook(index, "ffn_up")))
-        act_stage = "ffn_gelu" if gemma else "ffn_silu"
-        handles.append(mlp.act_fn.register_forward_hook(output_hook(index, act_stage)))
-        handles.append(mlp.down_proj.register_forward_pre_hook(input_hook(index, "ffn_swigl")))
-        handles.append(mlp.down_proj.register_forward_hook(output_hook(index, "ffn_out")))
+        if hasattr(mlp, "experts"):  # an MoE layer: its router's and block's own outputs
+
+            def router_hook(module, args, output, index=index):
+                _, scores, experts = output  # [seq, k] each, top-k in descending order
+                captures[(index, "moe_router")] = _np(scores[-1])
+                captures[(index, "moe_router_indices")] = _np(experts[-1].to(torch.float32))
+
+            def moe_hook(module, args, output, index=index):
+                captures[(index, "ffn_out")] = _np(output[0])
+                captures[(index, "moe_ffn_out")] = _np(output[0, -1])
+
+            handles.append(mlp.gate.register_forward_hook(router_hook))
+            handles.append(mlp.register_forward_hook(moe_hook))
+        else:
+            handles.append(mlp.gate_proj.register_forward_hook(output_hook(index, "ffn_gate")))
+            handles.append(mlp.up_proj.register_forward_hook(output_hook(index, "ffn_up")))
+            act_stage = "ffn_gelu" if gemma else "ffn_silu"
+            handles.append(mlp.act_fn.register_forward_hook(output_hook(index, act_stage)))
+            handles.append(mlp.down_proj.register_forward_pre_hook(input_hook(index, "ffn_swigl")))
+            handles.append(mlp.down_proj.register_forward_hook(output_hook(index, "ffn_out")))
         handles.append(decoder.register_forward_hook(output_hook(index, "post_ffn_residual")))
     handles.append(inner.norm.register_forward_hook(output_hook(WHOLE_MODEL_LAYER, "final_norm")))
 

@@ -34,13 +34,18 @@ MODELS = {
     "mistral-window": dict(arch="mistral", tied=False, sliding_window=TINY_WINDOW),
     "qwen2-bias-gqa": dict(arch="qwen2", tied=False),
     "qwen3-qk-norm": dict(arch="qwen3", tied=True),
+    "qwen3moe-renormalized": dict(arch="qwen3_moe", tied=False, norm_topk_prob=True),
+    "qwen3moe-raw-topk-dense-layer": dict(
+        arch="qwen3_moe", tied=True, norm_topk_prob=False, mlp_only_layers=[1]
+    ),
     "gemma2-softcap-window": dict(arch="gemma2", tied=True),
     "gemma3-local-global": dict(arch="gemma3", tied=True),
 }
 
 PER_LAYER_STAGES = {"qwen2": 17, "gemma2": 18, "gemma3": 18}
 """Per-layer stages HF records: 16 for Llama's layer, + qkv_bias (Qwen2), + post_attn_norm and
-post_ffn_norm (Gemma, whose ffn_gelu takes ffn_silu's place)."""
+post_ffn_norm (Gemma, whose ffn_gelu takes ffn_silu's place). An MoE layer has 15: the dense
+FFN's gate/up/silu/swigl give way to moe_router, moe_router_indices and moe_ffn_out."""
 
 
 def _open_as(source: str, hf_model, tmp_path: Path) -> Model:
@@ -87,8 +92,10 @@ def test_every_stage_of_every_layer_matches_hf(oracle, source, tmp_path):
         model.close()
 
     config = hf_model.config
-    per_layer = PER_LAYER_STAGES.get(name.split("-")[0], 16)
-    assert len(expected) == 1 + config.num_hidden_layers * per_layer + 2
+    per_layer = [PER_LAYER_STAGES.get(name.split("-")[0], 16)] * config.num_hidden_layers
+    if name.startswith("qwen3moe"):
+        per_layer = [16 if i in config.mlp_only_layers else 15 for i in range(len(per_layer))]
+    assert len(expected) == 1 + sum(per_layer) + 2
     assert set(got) == set(expected)
     assert disagreements(got, expected, max_rel=TINY_MAX_REL_ERR) == []
 
@@ -120,6 +127,11 @@ def test_stage_shapes_and_layout_follow_apr(oracle):
         order.append((capture.layer, capture.stage))
         assert capture.array.shape == capture.shape
         assert capture.array.flags["C_CONTIGUOUS"]
+    if model.config.is_moe_layer(1):  # the experts' inner stages are not layer-wide
+        for inner in ("ffn_gate", "ffn_swigl"):
+            expected.pop(inner)
+        k = model.config.num_experts_per_tok
+        expected.update(moe_router=(k,), moe_router_indices=(k,), moe_ffn_out=(hidden,))
     for stage_name, shape in expected.items():
         assert shapes[(1, stage_name)] == shape, stage_name
     assert shapes[(0, "embedding")] == (seq, hidden)
