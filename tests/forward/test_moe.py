@@ -292,3 +292,26 @@ def test_synthesized_moe_written_as_safetensors_loads_in_hf_and_agrees(renormali
     assert disagreements(got, expected, max_rel=TINY_MAX_REL_ERR) == []
     total = float(got[(1, "moe_router")].sum())
     assert (abs(total - 1.0) < 1e-6) is renormalize
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(num_experts_per_tok=9), "9 experts per token of 8 is not a valid routing"),
+        (dict(moe_intermediate_size=0), "moe_intermediate_size 0 is not positive"),
+    ],
+)
+@pytest.mark.parametrize("container", ["gguf", "apr"])
+def test_a_corrupt_moe_config_is_one_line_naming_the_file(changes, message, container, tmp_path):
+    from engine.errors import FormatError
+    from engine.formats import apr, gguf, open_model
+    from engine.formats.gguf import with_config
+    from engine.synth import synthesize
+
+    model = with_config(synthesize("qwen3_moe", seed=2, num_layers=1), **changes)
+    writer = gguf if container == "gguf" else apr
+    path = writer.write(model, tmp_path / f"bad.{container}")
+    with pytest.raises(FormatError) as caught:
+        open_model(path)
+    assert str(caught.value) == f"{path}: {message}"
+    assert "\n" not in str(caught.value)
