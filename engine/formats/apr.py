@@ -48,6 +48,7 @@ from engine.formats.common import (
     float_field,
     gemma_layer_steps,
     int_field,
+    is_qwen3_moe,
     moe_steps,
     normalize_architecture,
     stored_tensor_names,
@@ -631,11 +632,11 @@ def config_from_metadata(meta: dict[str, Any], names: set[str], source: str) -> 
         if isinstance(value, str) and value.strip() and value.strip().lower() != "auto":
             found = value
             break
-    arch = normalize_architecture(found, source)
-    if (int_field(meta, ("num_experts",), source, 0) or 0) > 0 and arch != "qwen3_moe":
+    if (int_field(meta, ("num_experts",), source, 0) or 0) > 0 and not is_qwen3_moe(found):
         raise UnsupportedModelError(
             f"{source}: unsupported architecture {found!r} with experts (mixture-of-experts)"
         )
+    arch = normalize_architecture(found, source)
 
     def get_int(canonical: str, default: Any) -> Any:
         return int_field(meta, _keys(canonical), source, default)

@@ -53,6 +53,13 @@ _UNSUPPORTED_HINTS = ("moe", "mixtral", "bert", "t5", "encoder", "whisper", "cli
 MAX_ELEMENTS = 1 << 40
 
 
+def is_qwen3_moe(found: object) -> bool:
+    """Whether an architecture string (HF model_type or class, GGUF or APR name) is Qwen3-MoE,
+    the one mixture-of-experts family the forward pass runs."""
+    key = found.strip().lower() if isinstance(found, str) else ""
+    return ARCHITECTURE_ALIASES.get(key, _HF_CLASS_TO_ARCH.get(key)) == "qwen3_moe"
+
+
 def normalize_architecture(found: str | None, source: str) -> str:
     """Our family name for an architecture string, or "unsupported architecture" naming it."""
     key = (found or "").strip().lower()
@@ -223,11 +230,12 @@ def hf_config_to_model_config(spec: Mapping[str, Any], source: str) -> ModelConf
     found = spec.get("model_type")
     if not found and isinstance(spec.get("architectures"), list) and spec["architectures"]:
         found = spec["architectures"][0]
-    arch = normalize_architecture(found if isinstance(found, str) else None, source)
-    if (spec.get("num_local_experts") or spec.get("num_experts")) and arch != "qwen3_moe":
+    experts = spec.get("num_local_experts") or spec.get("num_experts")
+    if experts and not is_qwen3_moe(found):
         raise UnsupportedModelError(
             f"{source}: unsupported architecture {found!r} with experts (mixture-of-experts)"
         )
+    arch = normalize_architecture(found if isinstance(found, str) else None, source)
     _check_rope_scaling(spec, source)
     quantization = spec.get("quantization_config")
     if isinstance(quantization, dict):
