@@ -139,6 +139,7 @@ def cell_json(cell: Cell, threshold: float) -> dict[str, Any]:
         "b": asdict(cell.stats_b) if cell.stats_b is not None else None,
         "diff": asdict(cell.diff) if cell.diff is not None else None,
         "cosine": cell.diff.cosine_sim if cell.diff is not None else None,
+        "index_diff": asdict(cell.index_diff) if cell.index_diff is not None else None,
         "std_ratio": std_ratio(cell),
         "diverged": cosine_diverged(cell, threshold),
         "std_diverged": std_diverged(cell),

@@ -143,6 +143,11 @@ class Metric:
 
 
 def _cosine_value(cell: Cell) -> float | None:
+    """The cosine; for an index payload (expert ids) 1.0 when the ids are equal, 0.0 when not:
+    ids are compared as ids, a cosine of them means nothing."""
+    index_diff = getattr(cell, "index_diff", None)
+    if index_diff is not None:
+        return 1.0 if index_diff.equal else 0.0
     return None if cell.diff is None else float(cell.diff.cosine_sim)
 
 

@@ -11,6 +11,7 @@ finds a planted wrong expert and a planted router bias.
 
 from __future__ import annotations
 
+import json
 import struct
 import subprocess
 from dataclasses import dataclass, field, replace
@@ -238,6 +239,25 @@ def test_bisect_locates_a_planted_moe_defect(moe, defect, apr_tui, tmp_path):
         assert experts_cell("1") == "=", result.stdout
     else:  # the biased expert takes the first place: both positions change
         assert experts_cell("1") == "≠2", result.stdout
+        report = subprocess.run(
+            [
+                *apr_tui,
+                "bisect",
+                str(path_a),
+                str(path_b),
+                "--tokens",
+                "5,17,99,3,42,7,127",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        cells = {(c["layer"], c["stage"]): c for c in json.loads(report.stdout)["cells"]}
+        ids = cells[(1, "moe_router_indices")]["index_diff"]
+        assert ids["equal"] is False and ids["positions"] == [0, 1]
+        assert ids["a"] == [int(e) for e in routing[1][-1]] and ids["b"][0] == unused
+        assert cells[(0, "moe_router_indices")]["index_diff"]["equal"] is True
 
 
 def test_routing_matches_torch_topk_order(moe):
