@@ -24,7 +24,8 @@ the named steps other families add, each one line here and one field there:
 | `sandwich_norms`                        | attention and FFN outputs normed before their residual add (`post_attn_norm`, `post_ffn_norm`) | Gemma |
 | `hidden_act`                            | gate activation SiLU (`ffn_silu`) or GELU-tanh (`ffn_gelu`) | Gemma |
 | `final_logit_softcap`                   | logits become cap·tanh(logits/cap)            | Gemma 2 |
-| `num_experts` + `is_moe_layer`          | the FFN is a routed mixture of gated FFNs (`_moe_ffn`) | Qwen3-MoE |
+| `num_experts` + `is_moe_layer`          | the FFN is a routed mixture of gated FFNs (`_moe_ffn`) | Qwen3-MoE, Qwen2-MoE |
+| `shared_expert_intermediate_size`       | plus a sigmoid-gated shared FFN every token runs | Qwen2-MoE |
 
 Adding an architecture that is a combination of these is a reader change only (formats/ fill
 the fields); a genuinely new step is one field, one line in the layer below, and a stage name
@@ -422,6 +423,17 @@ def _moe_ffn(
             activation(xp, gate) * up, weights.get(name + "down_proj.weight", (H, inter))
         )  # [n, H]
         out[tokens] += expert_out * top[tokens, slot][:, None]
+    shared = config.shared_expert_intermediate_size
+    if shared:  # Qwen2-MoE: every token's shared expert, scaled by its sigmoid gate
+        name = prefix + "mlp.shared_expert."
+        gate = linear(x, weights.get(name + "gate_proj.weight", (shared, H)))  # [seq, S]
+        up = linear(x, weights.get(name + "up_proj.weight", (shared, H)))  # [seq, S]
+        _, activation = ACTIVATIONS[config.hidden_act]
+        shared_out = linear(
+            activation(xp, gate) * up, weights.get(name + "down_proj.weight", (H, shared))
+        )  # [seq, H]
+        share = linear(x, weights.get(prefix + "mlp.shared_expert_gate.weight", (1, H)))
+        out = out + (1.0 / (1.0 + xp.exp(-share))) * shared_out  # sigmoid [seq, 1]
     return out, (top, experts)
 
 

@@ -20,6 +20,8 @@ Canonical tensor names (HF):
     model.layers.N.mlp.gate.weight                 [experts, hidden]  (MoE layers: the router)
     model.layers.N.mlp.experts.E.{gate,up}_proj.weight [moe_intermediate, hidden]  (expert E)
     model.layers.N.mlp.experts.E.down_proj.weight  [hidden, moe_intermediate]
+    model.layers.N.mlp.shared_expert.{gate,up,down}_proj.weight  (Qwen2-MoE's shared expert)
+    model.layers.N.mlp.shared_expert_gate.weight   [1, hidden]
     model.norm.weight                              [hidden]
     lm_head.weight                                 [vocab, hidden]  (absent when tied)
 
@@ -38,12 +40,15 @@ import numpy as np
 
 from engine.errors import MissingTensorError
 
-Architecture = Literal["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3"]
+Architecture = Literal[
+    "llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma2", "gemma3"
+]
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "llama",
     "mistral",
     "qwen2",
     "qwen3",
+    "qwen2_moe",
     "qwen3_moe",
     "gemma2",
     "gemma3",
@@ -118,6 +123,9 @@ class ModelConfig:
     """Renormalize the top-k routing weights to sum to 1 (HF `norm_topk_prob`)."""
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    shared_expert_intermediate_size: int = 0
+    """Qwen2-MoE: every token also runs a shared gated FFN of this size, scaled by
+    sigmoid(shared_expert_gate · x), added to the routed experts' output. 0: none."""
 
     def is_moe_layer(self, layer: int) -> bool:
         """HF Qwen3-MoE's rule: experts in every `decoder_sparse_step`-th layer not listed dense."""

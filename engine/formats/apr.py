@@ -48,7 +48,7 @@ from engine.formats.common import (
     float_field,
     gemma_layer_steps,
     int_field,
-    is_qwen3_moe,
+    is_supported_moe,
     moe_steps,
     normalize_architecture,
     stored_tensor_names,
@@ -632,7 +632,7 @@ def config_from_metadata(meta: dict[str, Any], names: set[str], source: str) -> 
         if isinstance(value, str) and value.strip() and value.strip().lower() != "auto":
             found = value
             break
-    if (int_field(meta, ("num_experts",), source, 0) or 0) > 0 and not is_qwen3_moe(found):
+    if (int_field(meta, ("num_experts",), source, 0) or 0) > 0 and not is_supported_moe(found):
         raise UnsupportedModelError(
             f"{source}: unsupported architecture {found!r} with experts (mixture-of-experts)"
         )
@@ -673,7 +673,7 @@ def config_from_metadata(meta: dict[str, Any], names: set[str], source: str) -> 
         )
     elif arch == "mistral":
         steps["sliding_window"] = int_field(meta, ("sliding_window",), source)
-    elif arch == "qwen3_moe":  # apr's own MoE keys (§4.3); dense layers are those without a router
+    elif arch in ("qwen3_moe", "qwen2_moe"):  # apr's MoE keys (§4.3); dense layers: no router
         steps.update(
             moe_steps(
                 num_experts=int_field(meta, ("num_experts",), source, 0),
@@ -688,7 +688,10 @@ def config_from_metadata(meta: dict[str, Any], names: set[str], source: str) -> 
                     if f"model.layers.{layer}.mlp.gate.weight" not in names
                 ),
                 source=source,
-            )
+            ),
+            shared_expert_intermediate_size=int_field(
+                meta, ("shared_expert_intermediate_size",), source, 0
+            ),
         )
     config = ModelConfig(
         architecture=arch,  # type: ignore[arg-type]
@@ -1004,6 +1007,8 @@ def model_metadata(model: Model, dtype: str, plans: list[TensorPlan]) -> dict[st
                 "norm_topk_prob": config.norm_topk_prob,
             }
         )
+        if config.shared_expert_intermediate_size:
+            meta["shared_expert_intermediate_size"] = config.shared_expert_intermediate_size
     if config.architecture == "mistral" and config.sliding_window is not None:
         meta["sliding_window"] = config.sliding_window
     if config.architecture in GEMMA_FAMILY:  # custom keys, named as in HF's config.json

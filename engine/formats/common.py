@@ -28,6 +28,8 @@ ARCHITECTURE_ALIASES: dict[str, str] = {
     "qwen3": "qwen3",
     "qwen3_moe": "qwen3_moe",
     "qwen3moe": "qwen3_moe",
+    "qwen2_moe": "qwen2_moe",
+    "qwen2moe": "qwen2_moe",
     "gemma2": "gemma2",
     "gemma3": "gemma3",
     "gemma3_text": "gemma3",
@@ -39,6 +41,7 @@ HF_ARCHITECTURE_CLASS = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
 }
@@ -53,11 +56,15 @@ _UNSUPPORTED_HINTS = ("moe", "mixtral", "bert", "t5", "encoder", "whisper", "cli
 MAX_ELEMENTS = 1 << 40
 
 
-def is_qwen3_moe(found: object) -> bool:
-    """Whether an architecture string (HF model_type or class, GGUF or APR name) is Qwen3-MoE,
-    the one mixture-of-experts family the forward pass runs."""
+MOE_FAMILY = ("qwen3_moe", "qwen2_moe")
+"""The mixture-of-experts families the forward pass runs."""
+
+
+def is_supported_moe(found: object) -> bool:
+    """Whether an architecture string (HF model_type or class, GGUF or APR name) is one of
+    MOE_FAMILY."""
     key = found.strip().lower() if isinstance(found, str) else ""
-    return ARCHITECTURE_ALIASES.get(key, _HF_CLASS_TO_ARCH.get(key)) == "qwen3_moe"
+    return ARCHITECTURE_ALIASES.get(key, _HF_CLASS_TO_ARCH.get(key)) in MOE_FAMILY
 
 
 def normalize_architecture(found: str | None, source: str) -> str:
@@ -110,6 +117,12 @@ def iter_expected_tensors(config: ModelConfig) -> Iterator[tuple[str, tuple[int,
                 yield f"{prefix}mlp.experts.{expert}.gate_proj.weight", (moe_inter, hidden)
                 yield f"{prefix}mlp.experts.{expert}.up_proj.weight", (moe_inter, hidden)
                 yield f"{prefix}mlp.experts.{expert}.down_proj.weight", (hidden, moe_inter)
+            shared = config.shared_expert_intermediate_size
+            if shared:
+                yield prefix + "mlp.shared_expert.gate_proj.weight", (shared, hidden)
+                yield prefix + "mlp.shared_expert.up_proj.weight", (shared, hidden)
+                yield prefix + "mlp.shared_expert.down_proj.weight", (hidden, shared)
+                yield prefix + "mlp.shared_expert_gate.weight", (1, hidden)
             continue
         yield prefix + "mlp.gate_proj.weight", (inter, hidden)
         yield prefix + "mlp.up_proj.weight", (inter, hidden)
@@ -231,7 +244,7 @@ def hf_config_to_model_config(spec: Mapping[str, Any], source: str) -> ModelConf
     if not found and isinstance(spec.get("architectures"), list) and spec["architectures"]:
         found = spec["architectures"][0]
     experts = spec.get("num_local_experts") or spec.get("num_experts")
-    if experts and not is_qwen3_moe(found):
+    if experts and not is_supported_moe(found):
         raise UnsupportedModelError(
             f"{source}: unsupported architecture {found!r} with experts (mixture-of-experts)"
         )
@@ -281,7 +294,7 @@ def hf_config_to_model_config(spec: Mapping[str, Any], source: str) -> ModelConf
             )
     elif arch == "mistral" and spec.get("sliding_window") is not None:
         steps["sliding_window"] = int_field(spec, ("sliding_window",), source)
-    elif arch == "qwen3_moe":
+    elif arch in MOE_FAMILY:
         only = spec.get("mlp_only_layers") or []
         if not isinstance(only, list) or not all(isinstance(i, int) for i in only):
             raise FormatError(f"{source}: mlp_only_layers is not a list of layer indices")
@@ -294,7 +307,12 @@ def hf_config_to_model_config(spec: Mapping[str, Any], source: str) -> ModelConf
                 sparse_step=int_field(spec, ("decoder_sparse_step",), source, 1),
                 mlp_only_layers=tuple(only),
                 source=source,
+            ),
+            shared_expert_intermediate_size=int_field(
+                spec, ("shared_expert_intermediate_size",), source, 0
             )
+            if arch == "qwen2_moe"
+            else 0,
         )
     config = ModelConfig(
         architecture=arch,  # type: ignore[arg-type]
@@ -362,7 +380,7 @@ def family_steps(arch: str, hidden: int) -> dict[str, Any]:
     Qwen2's QKV bias, Qwen3's Q/K norm, Gemma's (1 + w) norms, sqrt(hidden) embedding scale,
     sandwich norms and GELU-tanh (with Gemma 3's Q/K norm)."""
     steps: dict[str, Any] = {
-        "qkv_bias": arch == "qwen2",
+        "qkv_bias": arch in ("qwen2", "qwen2_moe"),
         "qk_norm": arch in ("qwen3", "qwen3_moe", "gemma3"),
     }
     if arch in GEMMA_FAMILY:
@@ -517,7 +535,7 @@ def model_config_to_hf_config(config: ModelConfig) -> dict[str, Any]:
             }
         else:
             spec["rope_parameters"] = full
-    if arch == "qwen3_moe":
+    if arch in MOE_FAMILY:
         spec.update(
             num_experts=config.num_experts,
             num_experts_per_tok=config.num_experts_per_tok,
@@ -527,7 +545,11 @@ def model_config_to_hf_config(config: ModelConfig) -> dict[str, Any]:
             mlp_only_layers=list(config.mlp_only_layers),
             attention_bias=False,
         )
-    if arch in ("qwen2", "qwen3", "qwen3_moe"):
+        if arch == "qwen2_moe":
+            spec["shared_expert_intermediate_size"] = config.shared_expert_intermediate_size
+            spec["qkv_bias"] = config.qkv_bias
+            spec.pop("attention_bias")
+    if arch in ("qwen2", "qwen3", *MOE_FAMILY):
         spec["use_sliding_window"] = False
         spec["sliding_window"] = None
         spec["max_window_layers"] = config.num_layers

@@ -35,6 +35,7 @@ from engine.formats.common import (
     GEMMA3_LOCAL_ROPE_THETA,
     GEMMA_FAMILY,
     MAX_ELEMENTS,
+    MOE_FAMILY,
     check_dims,
     check_weights,
     check_write_dtype,
@@ -104,6 +105,10 @@ _GGUF_TO_HF_LAYER = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
     "ffn_gate_inp.weight": "mlp.gate.weight",  # the MoE router
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",  # Qwen2-MoE's shared expert
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
     # Biases the forward pass does not apply: mapped so that check_weights names and refuses them
     # instead of the model silently loading without them.
     "ffn_gate.bias": "mlp.gate_proj.bias",
@@ -576,8 +581,8 @@ def config_from_metadata(
         ).lower()
         if "mistral" in label:
             arch = "mistral"
-    if (_int_meta(metadata, f"{gguf_arch}.expert_count", source, 0) or 0) > 0 and arch != (
-        "qwen3_moe"
+    if (_int_meta(metadata, f"{gguf_arch}.expert_count", source, 0) or 0) > 0 and (
+        arch not in MOE_FAMILY
     ):
         raise UnsupportedModelError(
             f"{source}: unsupported architecture {gguf_arch!r} with experts (mixture-of-experts)"
@@ -625,8 +630,8 @@ def config_from_metadata(
         steps.update(
             _gemma_steps(metadata, gguf_arch, arch, num_layers, hidden, heads, head_dim, source)
         )
-    elif arch == "qwen3_moe":
-        norm = metadata.get(f"{gguf_arch}.expert_weights_norm", True)  # llama.cpp: always
+    elif arch in MOE_FAMILY:
+        norm = metadata.get(f"{gguf_arch}.expert_weights_norm", MOE_NORM_DEFAULT[arch])
         steps.update(
             moe_steps(
                 num_experts=need("expert_count"),
@@ -639,7 +644,13 @@ def config_from_metadata(
                     if f"blk.{layer}.ffn_gate_inp.weight" not in tensors
                 ),
                 source=source,
+            ),
+            shared_expert_intermediate_size=(
+                _int_meta(metadata, f"{gguf_arch}.expert_shared_feed_forward_length", source, 0)
+                or 0
             )
+            if arch == "qwen2_moe"
+            else 0,
         )
     elif arch == "mistral":  # llama.cpp's llama graph ignores it; a file that says so is honoured
         steps["sliding_window"] = _int_meta(
@@ -671,6 +682,10 @@ def config_from_metadata(
     check_dims(config, source)
     return config, gguf_arch
 
+
+MOE_NORM_DEFAULT = {"qwen3_moe": True, "qwen2_moe": False}
+"""Whether llama.cpp renormalizes the top-k weights (its graphs hard-code it per family);
+`{arch}.expert_weights_norm` in a file overrides it."""
 
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 """Block counts of the 27B models, whose query scale is (hidden / heads)^-1/2 rather than
@@ -792,6 +807,9 @@ def open_gguf(path: Path) -> Model:
         if hf_name is not None:
             canonical[hf_name] = info
         canonical.update(expert_slices(name, info))
+    for name, info in list(canonical.items()):
+        if name.endswith("mlp.shared_expert_gate.weight") and len(info.ggml_dims) == 1:
+            canonical[name] = replace(info, ggml_dims=(info.ggml_dims[0], 1))  # llama.cpp: [H]
     permuted: dict[str, int] = {}
     if config.architecture in _LLAMA_FAMILY:
         for layer in range(config.num_layers):
@@ -898,7 +916,7 @@ def write(
     check_write_dtype(path, "GGUF", dtype, WRITE_DTYPES)
     path = Path(path)
     config = model.config
-    gguf_arch = {"mistral": "llama", "qwen3_moe": "qwen3moe"}.get(
+    gguf_arch = {"mistral": "llama", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe"}.get(
         config.architecture, config.architecture
     )
     with atomic_output(path) as tmp:
@@ -926,8 +944,13 @@ def write(
             writer.add_expert_count(config.num_experts)
             writer.add_expert_used_count(config.num_experts_per_tok)
             writer.add_expert_feed_forward_length(config.moe_intermediate_size)
-            if not config.norm_topk_prob:  # llama.cpp always renormalizes; say when not to
-                writer.add_bool(f"{gguf_arch}.expert_weights_norm", False)
+            if config.norm_topk_prob != MOE_NORM_DEFAULT[config.architecture]:
+                writer.add_bool(f"{gguf_arch}.expert_weights_norm", config.norm_topk_prob)
+            if config.shared_expert_intermediate_size:
+                writer.add_uint32(
+                    f"{gguf_arch}.expert_shared_feed_forward_length",
+                    config.shared_expert_intermediate_size,
+                )
         writer.add_file_type(_FILE_TYPES[dtype])
         _write_tokenizer(writer, model)
 

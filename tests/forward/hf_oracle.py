@@ -46,7 +46,16 @@ import torch
 from engine.model import DictWeightStore, Model, ModelConfig
 from engine.stages import WHOLE_MODEL_LAYER
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3")
+ARCHITECTURES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen2_moe",
+    "qwen3",
+    "qwen3_moe",
+    "gemma2",
+    "gemma3",
+)
 GEMMA = ("gemma2", "gemma3")
 
 TINY_WINDOW = 4
@@ -71,6 +80,7 @@ def hf_config(arch: str, *, tied: bool = False, **overrides):
         LlamaConfig,
         MistralConfig,
         Qwen2Config,
+        Qwen2MoeConfig,
         Qwen3Config,
         Qwen3MoeConfig,
     )
@@ -108,6 +118,22 @@ def hf_config(arch: str, *, tied: bool = False, **overrides):
             **dims,
         )
         return Qwen3MoeConfig(
+            **dims, **common, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}
+        )
+    if arch == "qwen2_moe":  # Qwen3-MoE's routing plus a sigmoid-gated shared expert
+        dims = dict(
+            dict(
+                num_experts=8,
+                num_experts_per_tok=2,
+                moe_intermediate_size=48,
+                shared_expert_intermediate_size=80,
+                norm_topk_prob=False,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+            ),
+            **dims,
+        )
+        return Qwen2MoeConfig(
             **dims, **common, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}
         )
     if arch == "gemma2":
@@ -223,8 +249,11 @@ def engine_config(hf_model) -> ModelConfig:
         rope_theta = config.rope_parameters["rope_theta"]
         if arch == "mistral":
             steps = dict(sliding_window=config.sliding_window)
-        if arch == "qwen3_moe":
+        if arch in ("qwen3_moe", "qwen2_moe"):
             steps = dict(
+                shared_expert_intermediate_size=getattr(
+                    config, "shared_expert_intermediate_size", 0
+                ),
                 num_experts=config.num_experts,
                 num_experts_per_tok=config.num_experts_per_tok,
                 moe_intermediate_size=config.moe_intermediate_size,
@@ -244,7 +273,9 @@ def engine_config(hf_model) -> ModelConfig:
         rope_theta=float(rope_theta),
         rope_pairing="half",
         rms_norm_eps=config.rms_norm_eps,
-        qkv_bias=config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
+        qkv_bias=config.model_type == "qwen2"
+        or bool(getattr(config, "attention_bias", False))
+        or bool(getattr(config, "qkv_bias", False)),
         qk_norm=arch in ("qwen3", "qwen3_moe", "gemma3"),
         tied_embeddings=bool(config.tie_word_embeddings),
         bos_token_id=config.bos_token_id,

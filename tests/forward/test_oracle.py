@@ -35,6 +35,7 @@ MODELS = {
     "qwen2-bias-gqa": dict(arch="qwen2", tied=False),
     "qwen3-qk-norm": dict(arch="qwen3", tied=True),
     "qwen3moe-renormalized": dict(arch="qwen3_moe", tied=False, norm_topk_prob=True),
+    "qwen2moe-shared-expert": dict(arch="qwen2_moe", tied=False),
     "qwen3moe-raw-topk-dense-layer": dict(
         arch="qwen3_moe", tied=True, norm_topk_prob=False, mlp_only_layers=[1]
     ),
@@ -93,8 +94,11 @@ def test_every_stage_of_every_layer_matches_hf(oracle, source, tmp_path):
 
     config = hf_model.config
     per_layer = [PER_LAYER_STAGES.get(name.split("-")[0], 16)] * config.num_hidden_layers
-    if name.startswith("qwen3moe"):
-        per_layer = [16 if i in config.mlp_only_layers else 15 for i in range(len(per_layer))]
+    if name.startswith(("qwen3moe", "qwen2moe")):
+        bias = 1 if name.startswith("qwen2moe") else 0  # qkv_bias
+        per_layer = [
+            bias + (16 if i in config.mlp_only_layers else 15) for i in range(len(per_layer))
+        ]
     assert len(expected) == 1 + sum(per_layer) + 2
     assert set(got) == set(expected)
     assert disagreements(got, expected, max_rel=TINY_MAX_REL_ERR) == []
