@@ -94,13 +94,19 @@ def attention_scores(xp: Any, q: Array, k: Array, scale: float) -> Array:
     return scores.reshape(nh, seq, k.shape[0])
 
 
-def causal_mask(xp: Any, seq_len: int) -> Array:
-    """True above the diagonal: the future keys a query may not see. [seq, seq] bool."""
-    return xp.triu(xp.ones((seq_len, seq_len), dtype=bool), k=1)
+def causal_mask(xp: Any, seq_len: int, window: int | None = None) -> Array:
+    """True where query i may not see key j: the future (j > i) and, with a sliding `window`,
+    keys `window` or more positions back (j <= i - window, HF's `sliding_window_overlay` and
+    llama.cpp's SWA mask). [seq, seq] bool."""
+    blocked = xp.triu(xp.ones((seq_len, seq_len), dtype=bool), k=1)
+    if window is not None:
+        blocked |= xp.tril(xp.ones((seq_len, seq_len), dtype=bool), k=-window)
+    return blocked
 
 
 def causal_softmax(xp: Any, scores: Array, future: Array) -> Array:
-    """Row softmax of scores [..., seq, seq] over keys j <= i; exactly 0.0 above the diagonal."""
+    """Row softmax of scores [..., seq, seq] over the keys `future` leaves visible
+    (`causal_mask`: j <= i, within a window); exactly 0.0 at every blocked key."""
     masked = xp.where(future, -xp.inf, scores)
     shifted = masked - masked.max(axis=-1, keepdims=True)  # the diagonal is always finite
     weights = xp.exp(shifted)  # exp(-inf) = 0 for future keys

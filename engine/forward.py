@@ -1,16 +1,37 @@
 """The traced forward pass: one prefill, no KV cache, one capture per (layer, stage).
 
-`trace(model, token_ids)` runs the whole prompt through a dense decoder (Llama, Mistral, Qwen2,
-Qwen3) and yields a `Capture` for every stage of every layer the moment it exists, in computation
-order: `embedding` (layer 0), then per layer `attn_norm` ... `post_ffn_residual`, then the
-whole-model `final_norm` and `lm_head`. What each stage holds and its layout follow `apr trace
---save-tensor` (shared/reference/aprender-formats.md §5); the arithmetic follows the HF reference
-implementations (float32 throughout, RMSNorm as `x * rsqrt(mean(x²) + eps) * w`, RoPE pairing and
-theta from the model, GQA by consecutive query heads, causal softmax with max subtraction).
+`trace(model, token_ids)` runs the whole prompt through a decoder and yields a `Capture` for every
+stage of every layer the moment it exists, in computation order: `embedding` (layer 0), then per
+layer `attn_norm` ... `post_ffn_residual`, then the whole-model `final_norm` and `lm_head`. What
+each stage holds and its layout follow `apr trace --save-tensor` (shared/reference/
+aprender-formats.md §5); the arithmetic follows the HF reference implementations (float32
+throughout, RMSNorm as `x * rsqrt(mean(x²) + eps) * w`, RoPE pairing and theta from the model,
+GQA by consecutive query heads, causal softmax with max subtraction).
 
-Not modelled: sliding-window attention (Mistral v0.1's 4096-token window; ModelConfig carries
-no window, so prompts longer than the window would diverge from HF) and RoPE scaling variants
-(the readers reject them).
+One pass for every architecture. A layer is Llama's, and the model's `ModelConfig` switches on
+the named steps other families add, each one line here and one field there:
+
+| step (config field)                     | what it does                                  | who     |
+|-----------------------------------------|-----------------------------------------------|---------|
+| `embedding_scale`                       | embedding rows times sqrt(hidden)             | Gemma   |
+| `norm_weight_offset`                    | every RMSNorm scales by (1 + w)               | Gemma   |
+| `qkv_bias`                              | Q/K/V biases (`qkv_bias` stage)               | Qwen2   |
+| `qk_norm`                               | per-head RMSNorm of Q and K before RoPE       | Qwen3, Gemma 3 |
+| `rope_local_theta` + `layer_types`      | sliding layers rotate with their own base     | Gemma 3 |
+| `query_pre_attn_scalar`                 | scores scale by scalar^-1/2, not head_dim^-1/2 | Gemma  |
+| `attn_logit_softcap`                    | scores become cap·tanh(scores/cap)            | Gemma 2 |
+| `sliding_window` + `layer_types`        | query i sees keys i-window < j <= i           | Mistral, Gemma |
+| `sandwich_norms`                        | attention and FFN outputs normed before their residual add (`post_attn_norm`, `post_ffn_norm`) | Gemma |
+| `hidden_act`                            | gate activation SiLU (`ffn_silu`) or GELU-tanh (`ffn_gelu`) | Gemma |
+| `final_logit_softcap`                   | logits become cap·tanh(logits/cap)            | Gemma 2 |
+| `num_experts` + `is_moe_layer`          | the FFN is a routed mixture of gated FFNs (`_moe_ffn`) | Qwen3-MoE, Qwen2-MoE |
+| `shared_expert_intermediate_size`       | plus a sigmoid-gated shared FFN every token runs | Qwen2-MoE |
+
+Adding an architecture that is a combination of these is a reader change only (formats/ fill
+the fields); a genuinely new step is one field, one line in the layer below, and a stage name
+in engine/stages.py if it produces a tensor worth comparing.
+
+Not modelled: RoPE scaling variants (the readers reject them).
 
 Every block is one pure function over an array module `xp` (numpy or CuPy, engine.backend), so
 there is one code path for both devices. Weights are fetched from the model's WeightStore when
@@ -41,7 +62,7 @@ from engine.attention import (  # noqa: F401  (attention_scores & co. stay impor
 from engine.backend import Backend, resolve_backend
 from engine.errors import FormatError, TokenizerError
 from engine.model import Model, ModelConfig, gather_rows, weight_rows
-from engine.stages import DENSE_STAGES, LOGITS_ALL, WHOLE_MODEL_LAYER, Stage, stage
+from engine.stages import LOGITS_ALL, STAGES, WHOLE_MODEL_LAYER, Stage, stage
 
 Array = Any
 """A numpy or CuPy ndarray."""
@@ -83,10 +104,14 @@ def linear(x: Array, weight: Array, bias: Array | None = None) -> Array:
     return out if bias is None else out + bias
 
 
-def rms_norm(xp: Any, x: Array, weight: Array, eps: float) -> Array:
-    """RMSNorm over the last axis, as HF LlamaRMSNorm: `w * (x * rsqrt(mean(x²) + eps))`."""
+def rms_norm(xp: Any, x: Array, weight: Array, eps: float, offset: float = 0.0) -> Array:
+    """RMSNorm over the last axis, as HF LlamaRMSNorm: `w * (x * rsqrt(mean(x²) + eps))`.
+
+    `offset` 1.0 is Gemma's RMSNorm, which scales by `(1 + w)` (its weights are stored around 0).
+    """
     mean_square = xp.mean(x * x, axis=-1, keepdims=True)  # [..., 1]
-    return weight * (x * (1.0 / xp.sqrt(mean_square + eps)))
+    scale = weight if offset == 0.0 else weight + xp.float32(offset)
+    return scale * (x * (1.0 / xp.sqrt(mean_square + eps)))
 
 
 def rope_cos_sin(xp: Any, seq_len: int, head_dim: int, theta: float) -> tuple[Array, Array]:
@@ -121,10 +146,34 @@ def apply_rope(xp: Any, x: Array, cos: Array, sin: Array, pairing: str) -> Array
     raise ValueError(f"unknown RoPE pairing {pairing!r}")
 
 
+def softcap(xp: Any, x: Array, cap: float) -> Array:
+    """Gemma 2's logit soft-capping `cap * tanh(x / cap)`: smooth, bounded by ±cap."""
+    return xp.tanh(x / xp.float32(cap)) * xp.float32(cap)
+
+
 def silu(xp: Any, x: Array) -> Array:
     """`x / (1 + e^-x)`; for x below about -88 e^-x overflows to inf and the result is -0.0."""
     with np.errstate(over="ignore"):
         return x / (1.0 + xp.exp(-x))
+
+
+GELU_TANH_BETA = 0.7978845608028654
+"""sqrt(2/pi), the tanh approximation's slope (PyTorch's `kBeta`), used as a float32."""
+GELU_TANH_KAPPA = 0.044715
+"""The cubic coefficient of the tanh approximation (PyTorch's `kKappa`)."""
+
+
+def gelu_tanh(xp: Any, x: Array) -> Array:
+    """GELU, tanh approximation (HF `gelu_pytorch_tanh`): `x/2 · (1 + tanh(β(x + κx³)))`."""
+    inner = xp.float32(GELU_TANH_BETA) * (x + xp.float32(GELU_TANH_KAPPA) * (x * x * x))
+    return xp.float32(0.5) * x * (xp.float32(1.0) + xp.tanh(inner))
+
+
+ACTIVATIONS: dict[str, tuple[str, Callable[[Any, Array], Array]]] = {
+    "silu": ("ffn_silu", silu),
+    "gelu_tanh": ("ffn_gelu", gelu_tanh),
+}
+"""`ModelConfig.hidden_act` -> (the stage that holds the activated gate, the function)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +187,7 @@ class _Cancelled(Exception):
 
 def _stage_filter(stages: Iterable[str | Stage] | None) -> frozenset[str]:
     if stages is None:
-        return frozenset(s.name for s in DENSE_STAGES)
+        return frozenset(s.name for s in STAGES)
     names = set()
     for item in stages:
         if isinstance(item, Stage):
@@ -220,22 +269,21 @@ def _decoder_layer(
     future: Array,
     capture_scores: bool,
 ) -> Generator[tuple[str, Array], None, Array]:
-    """One decoder layer: yields (stage, array) for every dense stage in order, returns its output.
+    """One decoder layer: yields (stage, array) for every stage it produces, returns its output.
 
-    hidden [seq, H]. Each weight is fetched just before its matmul and dropped after it.
+    hidden [seq, H]; `rope` is this layer's (cos, sin), `future` its mask (causal, windowed for a
+    sliding layer). Each weight is fetched just before its matmul and dropped after it. The
+    steps `config` leaves off (module docstring) cost nothing and yield nothing.
     """
     prefix = f"model.layers.{layer}."
-    H, nh, nkv, hd, inter = (
-        config.hidden_size,
-        config.num_heads,
-        config.num_kv_heads,
-        config.head_dim,
-        config.intermediate_size,
-    )
+    H, nh, nkv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
     seq_len = hidden.shape[0]
-    eps = config.rms_norm_eps
 
-    attn_norm = rms_norm(xp, hidden, weights.get(prefix + "input_layernorm.weight", (H,)), eps)
+    def norm(x: Array, name: str, size: int = H) -> Array:
+        weight = weights.get(prefix + name + ".weight", (size,))
+        return rms_norm(xp, x, weight, config.rms_norm_eps, config.norm_weight_offset)
+
+    attn_norm = norm(hidden, "input_layernorm")
     yield "attn_norm", attn_norm  # [seq, H]
 
     projections = []
@@ -257,24 +305,26 @@ def _decoder_layer(
     q = projections[0].reshape(seq_len, nh, hd)
     k = projections[1].reshape(seq_len, nkv, hd)
     v = projections[2].reshape(seq_len, nkv, hd)
-    if config.qk_norm:  # Qwen3: per-head RMSNorm over head_dim, before RoPE
-        q = rms_norm(xp, q, weights.get(prefix + "self_attn.q_norm.weight", (hd,)), eps)
-        k = rms_norm(xp, k, weights.get(prefix + "self_attn.k_norm.weight", (hd,)), eps)
+    if config.qk_norm:  # Qwen3, Gemma 3: per-head RMSNorm over head_dim, before RoPE
+        q = norm(q, "self_attn.q_norm", hd)
+        k = norm(k, "self_attn.k_norm", hd)
     cos, sin = rope
     q = apply_rope(xp, q, cos, sin, config.rope_pairing)  # [seq, nh, hd]
     k = apply_rope(xp, k, cos, sin, config.rope_pairing)  # [seq, nkv, hd]
     yield "q_post_rope", q.reshape(seq_len, nh * hd)
     yield "k_post_rope", k.reshape(seq_len, nkv * hd)
 
+    scale = (config.query_pre_attn_scalar or hd) ** -0.5
     if future is None:  # a long prompt: blocks of query rows, lazy [nh, seq, seq] captures
-        scale = hd**-0.5
         yield "attn_scores", AttentionStage(xp, "attn_scores", q, k, scale)
         yield "attn_softmax", AttentionStage(xp, "attn_softmax", q, k, scale)
         context = blocked_context(xp, q, k, v, scale)  # [seq, nh*hd]
     else:
-        scores = attention_scores(xp, q, k, hd**-0.5)  # [nh, seq, seq]
+        scores = attention_scores(xp, q, k, scale)  # [nh, seq, seq]
+        if config.attn_logit_softcap is not None:  # Gemma 2
+            scores = softcap(xp, scores, config.attn_logit_softcap)
         yield "attn_scores", xp.where(future, xp.float32(0.0), scores) if capture_scores else None
-        probs = causal_softmax(xp, scores, future)  # [nh, seq, seq], 0.0 above the diagonal
+        probs = causal_softmax(xp, scores, future)  # [nh, seq, seq], 0.0 at every blocked key
         del scores
         yield "attn_softmax", probs
         context = attention_context(xp, probs, v)  # [seq, nh*hd]
@@ -287,38 +337,122 @@ def _decoder_layer(
         weights.optional(prefix + "self_attn.o_proj.bias", (H,)),
     )
     yield "attn_out", attn_out  # [seq, H]
+    if config.sandwich_norms:  # Gemma: the attention output is normed before the residual add
+        attn_out = norm(attn_out, "post_attention_layernorm")
+        yield "post_attn_norm", attn_out  # [seq, H]
     hidden = hidden + attn_out
     yield "post_attn_residual", hidden
 
-    ffn_norm = rms_norm(
-        xp, hidden, weights.get(prefix + "post_attention_layernorm.weight", (H,)), eps
-    )
+    ffn_norm = norm(hidden, config.ffn_norm_name)
     yield "ffn_norm", ffn_norm  # [seq, H]
+    routing = None
+    if config.is_moe_layer(layer):
+        ffn_out, routing = _moe_ffn(xp, config, weights, prefix, ffn_norm)  # [seq, H]
+        yield "ffn_out", ffn_out
+    else:
+        ffn_out = yield from _gated_ffn(xp, config, weights, prefix, ffn_norm)  # [seq, H]
+    if config.sandwich_norms:  # Gemma: the FFN output is normed before the residual add
+        ffn_out = norm(ffn_out, "post_feedforward_layernorm")
+        yield "post_ffn_norm", ffn_out  # [seq, H]
+    hidden = hidden + ffn_out
+    yield "post_ffn_residual", hidden
+    if routing is not None:  # apr's MoE stages: the last token's routing and expert output
+        weights_k, experts_k = routing
+        yield "moe_router", weights_k[-1]  # [k]
+        yield "moe_ffn_out", ffn_out[-1]  # [H]
+        yield "moe_router_indices", experts_k[-1].astype(xp.float32)  # [k], ids as f32
+    return hidden
+
+
+def route(xp: Any, logits: Array, k: int, renormalize: bool) -> tuple[Array, Array]:
+    """Top-k routing, HF Qwen3-MoE's: softmax over all experts, the k largest probabilities in
+    descending order (ties: the lower expert id first), renormalized to sum to 1 when asked.
+
+    logits [seq, E] -> (weights [seq, k] float32, expert ids [seq, k] int).
+    """
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    probs = xp.exp(shifted)
+    probs = probs / probs.sum(axis=-1, keepdims=True)  # [seq, E]
+    experts = xp.argsort(-probs, axis=-1, kind="stable")[:, :k]  # [seq, k]
+    top = xp.take_along_axis(probs, experts, axis=-1)  # [seq, k]
+    if renormalize:
+        top = top / top.sum(axis=-1, keepdims=True)
+    return top, experts
+
+
+def _moe_ffn(
+    xp: Any, config: ModelConfig, weights: _LayerWeights, prefix: str, x: Array
+) -> tuple[Array, tuple[Array, Array]]:
+    """The mixture-of-experts FFN: route each token (`route`), run each expert some token routed
+    to on just those tokens, and add its output times the token's routing weight.
+
+    x [seq, H] -> (out [seq, H], (weights [seq, k], expert ids [seq, k])). An expert no token
+    picked is never fetched; a picked one is fetched one matrix at a time (a GGUF store decodes
+    only that expert's slice of llama.cpp's merged tensor). Contributions are added in
+    ascending expert order, as HF does.
+    """
+    H, E, inter = config.hidden_size, config.num_experts, config.moe_intermediate_size
+    logits = linear(x, weights.get(prefix + "mlp.gate.weight", (E, H)))  # [seq, E]
+    top, experts = route(xp, logits, config.num_experts_per_tok, config.norm_topk_prob)
+    out = xp.zeros_like(x)  # [seq, H]
+    for expert in sorted({int(e) for e in experts.ravel().tolist()}):
+        tokens, slot = xp.nonzero(experts == expert)  # the tokens that picked it, and where
+        name = f"{prefix}mlp.experts.{expert}."
+        picked = x[tokens]  # [n, H]
+        gate = linear(picked, weights.get(name + "gate_proj.weight", (inter, H)))  # [n, inter]
+        up = linear(picked, weights.get(name + "up_proj.weight", (inter, H)))  # [n, inter]
+        _, activation = ACTIVATIONS[config.hidden_act]
+        expert_out = linear(
+            activation(xp, gate) * up, weights.get(name + "down_proj.weight", (H, inter))
+        )  # [n, H]
+        out[tokens] += expert_out * top[tokens, slot][:, None]
+    shared = config.shared_expert_intermediate_size
+    if shared:  # Qwen2-MoE: every token's shared expert, scaled by its sigmoid gate
+        name = prefix + "mlp.shared_expert."
+        gate = linear(x, weights.get(name + "gate_proj.weight", (shared, H)))  # [seq, S]
+        up = linear(x, weights.get(name + "up_proj.weight", (shared, H)))  # [seq, S]
+        _, activation = ACTIVATIONS[config.hidden_act]
+        shared_out = linear(
+            activation(xp, gate) * up, weights.get(name + "down_proj.weight", (H, shared))
+        )  # [seq, H]
+        share = linear(x, weights.get(prefix + "mlp.shared_expert_gate.weight", (1, H)))
+        out = out + (1.0 / (1.0 + xp.exp(-share))) * shared_out  # sigmoid [seq, 1]
+    return out, (top, experts)
+
+
+def _gated_ffn(
+    xp: Any, config: ModelConfig, weights: _LayerWeights, prefix: str, x: Array
+) -> Generator[tuple[str, Array], None, Array]:
+    """The dense gated FFN `down(act(gate(x)) * up(x))`, act SiLU (SwiGLU) or GELU-tanh (GeGLU).
+
+    x [seq, H]; yields `ffn_gate`, `ffn_up`, the activation's stage, `ffn_swigl` (the gated
+    product, whatever the activation) and `ffn_out`; returns ffn_out [seq, H].
+    """
+    H, inter = config.hidden_size, config.intermediate_size
     gate = linear(
-        ffn_norm,
+        x,
         weights.get(prefix + "mlp.gate_proj.weight", (inter, H)),
         weights.optional(prefix + "mlp.gate_proj.bias", (inter,)),
     )
     yield "ffn_gate", gate  # [seq, I]
     up = linear(
-        ffn_norm,
+        x,
         weights.get(prefix + "mlp.up_proj.weight", (inter, H)),
         weights.optional(prefix + "mlp.up_proj.bias", (inter,)),
     )
     yield "ffn_up", up  # [seq, I]
-    gate_act = silu(xp, gate)
-    yield "ffn_silu", gate_act  # [seq, I]
-    swiglu = gate_act * up
-    yield "ffn_swigl", swiglu  # [seq, I]
+    act_stage, activation = ACTIVATIONS[config.hidden_act]
+    gate_act = activation(xp, gate)
+    yield act_stage, gate_act  # [seq, I]
+    gated = gate_act * up
+    yield "ffn_swigl", gated  # [seq, I]
     ffn_out = linear(
-        swiglu,
+        gated,
         weights.get(prefix + "mlp.down_proj.weight", (H, inter)),
         weights.optional(prefix + "mlp.down_proj.bias", (H,)),
     )
     yield "ffn_out", ffn_out  # [seq, H]
-    hidden = hidden + ffn_out
-    yield "post_ffn_residual", hidden
-    return hidden
+    return ffn_out
 
 
 def trace(
@@ -333,7 +467,7 @@ def trace(
 ) -> Iterator[Capture]:
     """Run one prefill pass over `token_ids` and yield each requested capture as soon as it exists.
 
-    `stages`: stage names (or Stage records) to capture; None means every stage a dense model
+    `stages`: stage names (or Stage records) to capture; None means every stage the model
     produces. `layers`: the layers whose per-layer stages are captured (a range or (start, end),
     END exclusive, clipped to the model); `embedding` counts as layer 0, as in apr. Whole-model
     stages are captured whenever requested. All the math runs regardless of the filter (each
@@ -371,24 +505,34 @@ def trace(
                 np.asarray(ids),
             )
         )  # [seq, H]: only the prompt's rows of the table are dequantized
+        if config.embedding_scale != 1.0:  # Gemma: rows times sqrt(hidden), a float32 scalar
+            hidden = hidden * xp.float32(config.embedding_scale)
         if "embedding" in wanted and 0 in captured_layers:
             yield capture(0, "embedding", hidden)
 
         seq_len = len(ids)
-        rope = rope_cos_sin(xp, seq_len, config.head_dim, config.rope_theta)
-        blocked = use_blocked(config.num_heads, seq_len)
-        future = None if blocked else causal_mask(xp, seq_len)  # None: the blocked path
+        ropes: dict[float, tuple[Array, Array]] = {}  # theta -> (cos, sin), one per base
+        masks: dict[int | None, Array | None] = {}  # window -> mask, one per window size
+        # The blocked path (long prompts) knows the causal mask only: a model with a sliding
+        # window or a score soft cap runs the whole path at any length.
+        plain = config.sliding_window is None and config.attn_logit_softcap is None
+        blocked = plain and use_blocked(config.num_heads, seq_len)
         for layer in range(run_to):
             checkpoint()
             keep_layer = layer in captured_layers
+            theta, window = config.layer_rope_theta(layer), config.window(layer)
+            if theta not in ropes:
+                ropes[theta] = rope_cos_sin(xp, seq_len, config.head_dim, theta)
+            if window not in masks:  # None: the blocked path
+                masks[window] = None if blocked else causal_mask(xp, seq_len, window)
             steps = _decoder_layer(
                 xp,
                 config,
                 weights,
                 layer,
                 hidden,
-                rope,
-                future,
+                ropes[theta],
+                masks[window],
                 capture_scores=keep_layer and "attn_scores" in wanted,
             )
             while True:
@@ -406,7 +550,11 @@ def trace(
         if not whole_model_wanted:
             return
         final_norm = rms_norm(
-            xp, hidden, weights.get("model.norm.weight", (config.hidden_size,)), config.rms_norm_eps
+            xp,
+            hidden,
+            weights.get("model.norm.weight", (config.hidden_size,)),
+            config.rms_norm_eps,
+            config.norm_weight_offset,
         )
         if "final_norm" in wanted:
             yield capture(WHOLE_MODEL_LAYER, "final_norm", final_norm)  # [seq, H]
@@ -474,10 +622,25 @@ def lm_head_logits(model: Model, weights: _LayerWeights, final_norm: Array) -> A
         logits[start:stop] = linear(last, head_rows)[0]
         del head_rows
     bias = weights.optional("lm_head.bias", (config.vocab_size,))
-    return logits if bias is None else logits + bias
+    if bias is not None:
+        logits = logits + bias
+    if config.final_logit_softcap is not None:  # Gemma 2
+        logits = softcap(xp, logits, config.final_logit_softcap)
+    return logits
 
 
 def produced_stages(config: ModelConfig) -> tuple[str, ...]:
-    """The stages a trace of this model produces, in computation order: every dense stage,
-    `qkv_bias` only for models with a QKV bias, never the MoE stages."""
-    return tuple(s.name for s in DENSE_STAGES if s.name != "qkv_bias" or config.qkv_bias)
+    """The stages a trace of this model produces, in canonical order: the dense stages, `qkv_bias`
+    only with a QKV bias, the activation's own stage (`ffn_silu` or `ffn_gelu`), the two
+    post-block norms only with sandwich norms, the MoE stages only with MoE layers (and the
+    dense FFN's inner stages only when some layer is dense)."""
+    layers = range(config.num_layers)
+    moe = any(config.is_moe_layer(layer) for layer in layers)
+    dense = not all(config.is_moe_layer(layer) for layer in layers)
+    skip = {"qkv_bias"} if not config.qkv_bias else set()
+    skip |= {name for act, (name, _) in ACTIVATIONS.items() if act != config.hidden_act}
+    if not config.sandwich_norms:
+        skip |= {"post_attn_norm", "post_ffn_norm"}
+    if not dense:
+        skip |= {"ffn_gate", "ffn_up", "ffn_silu", "ffn_gelu", "ffn_swigl"}
+    return tuple(s.name for s in STAGES if s.name not in skip and (moe or not s.moe))

@@ -11,11 +11,22 @@ Canonical tensor names (HF):
     model.layers.N.self_attn.{q,k,v}_proj.bias     (QKV-bias models, e.g. Qwen2)
     model.layers.N.self_attn.o_proj.weight         [hidden, n_heads*head_dim]
     model.layers.N.self_attn.{q,k}_norm.weight     [head_dim]  (Q/K-norm models, e.g. Qwen3)
-    model.layers.N.post_attention_layernorm.weight [hidden]
+    model.layers.N.post_attention_layernorm.weight [hidden]  (Llama: the FFN's input norm;
+                                                   Gemma: the norm of the attention output)
+    model.layers.N.pre_feedforward_layernorm.weight  [hidden]  (Gemma: the FFN's input norm)
+    model.layers.N.post_feedforward_layernorm.weight [hidden]  (Gemma: the norm of the FFN output)
     model.layers.N.mlp.{gate,up}_proj.weight       [intermediate, hidden]
     model.layers.N.mlp.down_proj.weight            [hidden, intermediate]
+    model.layers.N.mlp.gate.weight                 [experts, hidden]  (MoE layers: the router)
+    model.layers.N.mlp.experts.E.{gate,up}_proj.weight [moe_intermediate, hidden]  (expert E)
+    model.layers.N.mlp.experts.E.down_proj.weight  [hidden, moe_intermediate]
+    model.layers.N.mlp.shared_expert.{gate,up,down}_proj.weight  (Qwen2-MoE's shared expert)
+    model.layers.N.mlp.shared_expert_gate.weight   [1, hidden]
     model.norm.weight                              [hidden]
     lm_head.weight                                 [vocab, hidden]  (absent when tied)
+
+Experts are separate 2-D tensors (HF's checkpoint names), whatever the container: a GGUF store
+serves expert E of llama.cpp's merged `ffn_*_exps` tensor by decoding only E's slice.
 """
 
 from __future__ import annotations
@@ -29,8 +40,26 @@ import numpy as np
 
 from engine.errors import MissingTensorError
 
-Architecture = Literal["llama", "mistral", "qwen2", "qwen3"]
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
+Architecture = Literal[
+    "llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma2", "gemma3"
+]
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "qwen2_moe",
+    "qwen3_moe",
+    "gemma2",
+    "gemma3",
+)
+
+HiddenAct = Literal["silu", "gelu_tanh"]
+"""The gate activation of the gated FFN: SiLU (SwiGLU: Llama, Qwen, Mistral) or the tanh
+approximation of GELU (GeGLU: Gemma, HF `gelu_pytorch_tanh`)."""
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+"""HF's `layer_types` values: a layer attends to the last `sliding_window` positions, or to all."""
 
 RopePairing = Literal["half", "adjacent"]
 """`half`: HF / NEOX rotate-half, pairs (i, i + head_dim/2). `adjacent`: GGML NORM, pairs (2i, 2i+1)."""
@@ -58,6 +87,76 @@ class ModelConfig:
     eos_token_id: int | None = None
     add_bos: bool = False
     """Whether the model's metadata asks for a BOS token in front of a prompt."""
+
+    # The steps a layer runs beyond Llama's. Each default is Llama's behaviour; an architecture is
+    # described by turning steps on, and engine/forward.py runs whichever the config selects.
+    norm_weight_offset: float = 0.0
+    """RMSNorm scales by `(offset + w)`: 0 for Llama, 1 for Gemma (weights stored around 0)."""
+    embedding_scale: float = 1.0
+    """Multiplier of the looked-up embedding rows: Gemma's sqrt(hidden), rounded to float32 as HF
+    does (a float32 tensor), 1.0 (no step) otherwise."""
+    sandwich_norms: bool = False
+    """Gemma 2/3: the attention output and the FFN output are each normed before their residual
+    add (`post_attn_norm`, `post_ffn_norm`), and the FFN's input norm is
+    `pre_feedforward_layernorm` (Llama's `post_attention_layernorm` is Gemma's post-attention)."""
+    hidden_act: HiddenAct = "silu"
+    query_pre_attn_scalar: float | None = None
+    """Attention scores scale by `query_pre_attn_scalar ** -0.5` (Gemma); None: `head_dim ** -0.5`."""
+    attn_logit_softcap: float | None = None
+    """Gemma 2: scores become `cap * tanh(scores / cap)` before the softmax."""
+    final_logit_softcap: float | None = None
+    """Gemma 2: logits become `cap * tanh(logits / cap)`."""
+    sliding_window: int | None = None
+    """Sliding layers let query i see keys j with `i - window < j <= i` (HF and llama.cpp)."""
+    layer_types: tuple[str, ...] = ()
+    """Per layer SLIDING or FULL. Empty: every layer slides when `sliding_window` is set (Mistral),
+    none otherwise."""
+    rope_local_theta: float | None = None
+    """RoPE base of the sliding layers (Gemma 3's 10000 beside the global 1e6); None: rope_theta."""
+
+    # Mixture of experts (Qwen3-MoE): a router picks `num_experts_per_tok` of `num_experts`
+    # gated FFNs per token, in the layers `is_moe_layer` names; the rest keep the dense FFN.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    """Renormalize the top-k routing weights to sum to 1 (HF `norm_topk_prob`)."""
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    shared_expert_intermediate_size: int = 0
+    """Qwen2-MoE: every token also runs a shared gated FFN of this size, scaled by
+    sigmoid(shared_expert_gate · x), added to the routed experts' output. 0: none."""
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """HF Qwen3-MoE's rule: experts in every `decoder_sparse_step`-th layer not listed dense."""
+        return (
+            self.num_experts > 0
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer`, or None for full causal attention."""
+        if self.sliding_window is None:
+            return None
+        if not self.layer_types:
+            return self.sliding_window
+        return self.sliding_window if self.layer_types[layer] == SLIDING else None
+
+    def layer_rope_theta(self, layer: int) -> float:
+        """The RoPE base `layer` rotates with."""
+        if (
+            self.rope_local_theta is not None
+            and self.layer_types
+            and self.layer_types[layer] == SLIDING
+        ):
+            return self.rope_local_theta
+        return self.rope_theta
+
+    @property
+    def ffn_norm_name(self) -> str:
+        """The layer-relative name of the FFN's input norm weight."""
+        return "pre_feedforward_layernorm" if self.sandwich_norms else "post_attention_layernorm"
 
     @property
     def q_dim(self) -> int:

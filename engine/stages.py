@@ -4,6 +4,15 @@ The 23 stages in apr's canonical order (`SaveTensorStage::ALL`), which of them a
 one alias, the one index-payload stage, and the exact parsing rules and error texts of
 `--save-tensor STAGES` and `--save-tensor-layers START..END`
 (shared/reference/aprender-formats.md §1.2-§1.4).
+
+apr-tui adds three stages apr does not have, for the steps of Gemma 2/3 that no apr stage
+holds: `post_attn_norm` (the norm of the attention output, before the residual add),
+`ffn_gelu` (GELU-tanh of the gate, where a SwiGLU model has `ffn_silu`) and `post_ffn_norm`
+(the norm of the FFN output, before the residual add). They sit in computation order among
+apr's stages (`Stage.index`), are marked `apr=False`, and are never in apr's own lists
+(`APR_STAGES`, the valid-stage list of the plan error text), so everything apr writes or
+prints for a Llama-family model is unchanged; apr's names keep their meaning (`ffn_swigl` is
+the gated product `act(gate) * up`, whichever the activation).
 """
 
 from __future__ import annotations
@@ -34,9 +43,11 @@ class Stage:
     """True for `moe_router_indices`: f32-encoded expert ids, to compare as u32, not by cosine."""
     moe: bool = False
     """Produced only by mixture-of-experts models."""
+    apr: bool = True
+    """False for apr-tui's own stages (`post_attn_norm`, `ffn_gelu`, `post_ffn_norm`)."""
 
 
-_STAGE_NAMES = (
+_STAGE_NAMES = (  # every stage, in computation order
     "embedding",
     "attn_norm",
     "qkv_matmul",
@@ -47,13 +58,16 @@ _STAGE_NAMES = (
     "attn_softmax",
     "attention",
     "attn_out",
+    "post_attn_norm",
     "post_attn_residual",
     "ffn_norm",
     "ffn_gate",
     "ffn_up",
     "ffn_silu",
+    "ffn_gelu",
     "ffn_swigl",
     "ffn_out",
+    "post_ffn_norm",
     "post_ffn_residual",
     "moe_router",
     "moe_ffn_out",
@@ -62,6 +76,9 @@ _STAGE_NAMES = (
     "lm_head",
 )
 
+EXTENSION_STAGE_NAMES = ("post_attn_norm", "ffn_gelu", "post_ffn_norm")
+"""apr-tui's stages that apr has no name for (Gemma's sandwich norms and GELU activation)."""
+
 STAGES: tuple[Stage, ...] = tuple(
     Stage(
         name=name,
@@ -69,10 +86,14 @@ STAGES: tuple[Stage, ...] = tuple(
         per_layer=name not in ("final_norm", "lm_head"),
         index_payload=name == "moe_router_indices",
         moe=name.startswith("moe_"),
+        apr=name not in EXTENSION_STAGE_NAMES,
     )
     for index, name in enumerate(_STAGE_NAMES)
 )
-"""All 23 stages in canonical order."""
+"""Every stage apr-tui knows (apr's 23 and its own 3), in computation order."""
+
+APR_STAGES: tuple[Stage, ...] = tuple(s for s in STAGES if s.apr)
+"""apr's 23 stages in apr's canonical order (`SaveTensorStage::ALL`)."""
 
 LOGITS_ALL = "logits_all"
 """apr-tui's own whole-model stage: the logits of every position, `[seq, vocab]` token-major,
@@ -90,8 +111,9 @@ ALIASES: dict[str, str] = {"layer_output": "post_ffn_residual"}
 
 PER_LAYER_STAGES: tuple[Stage, ...] = tuple(s for s in STAGES if s.per_layer)
 WHOLE_MODEL_STAGES: tuple[Stage, ...] = tuple(s for s in STAGES if not s.per_layer)
-DENSE_STAGES: tuple[Stage, ...] = tuple(s for s in STAGES if not s.moe)
-"""The stages a dense (non-MoE) decoder can produce, in canonical order."""
+DENSE_STAGES: tuple[Stage, ...] = tuple(s for s in APR_STAGES if not s.moe)
+"""apr's stages of a dense (non-MoE) Llama-family decoder, in canonical order: the default
+columns of a grid (the MoE and apr-tui's own stages join when a model produces them)."""
 
 
 def stage(name: str) -> Stage:
@@ -130,8 +152,10 @@ def rust_debug_str(text: str) -> str:
 def parse_stages(spec: str) -> list[Stage]:
     """Parse a `--save-tensor` argument exactly as apr does.
 
-    `all` (ASCII case-insensitive, alone) is every stage in canonical order; an empty string is no
-    stages; otherwise a comma list of names, each trimmed and lower-cased, duplicates kept in order.
+    `all` (ASCII case-insensitive, alone) is every stage in canonical order (apr's 23 and
+    apr-tui's own, which a Llama-family model never produces, so its files are apr's); an empty
+    string is no stages; otherwise a comma list of names, each trimmed and lower-cased,
+    duplicates kept in order. The unknown-stage error lists apr's 23 names, byte for byte.
     """
     trimmed = rust_trim(spec)
     if trimmed.lower() == "all" and trimmed.isascii():
@@ -148,7 +172,7 @@ def parse_stages(spec: str) -> list[Stage]:
         key = token.lower()
         key = ALIASES.get(key, key)
         if key not in STAGE_BY_NAME:
-            valid = ",".join(s.name for s in STAGES)
+            valid = ",".join(s.name for s in APR_STAGES)
             raise PlanError(
                 "save-tensor stage list invalid: "
                 f"unknown save-tensor stage {rust_debug_str(token)}; valid stages: {valid}"

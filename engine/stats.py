@@ -510,3 +510,37 @@ def streamed_pair_stats(
         stats_b.add(block_b)
         diff.add(offset, block_a, block_b)
     return stats_a.result(), stats_b.result(), diff.result()
+
+
+@dataclass(frozen=True)
+class IndexDiff:
+    """Two index payloads (`moe_router_indices`: expert ids stored as f32) compared as ids:
+    equal or not, and where. Cosine and value differences mean nothing for ids (expert 3 is
+    not "close" to expert 4)."""
+
+    equal: bool
+    positions: tuple[int, ...]
+    """Positions whose ids differ, ascending (all positions past the shorter side included)."""
+    a: tuple[int, ...]
+    b: tuple[int, ...]
+
+
+def _ids(x: Array) -> tuple[int, ...]:
+    """f32-encoded ids as ints; a non-integral or non-finite value becomes -1 (no valid id)."""
+    values = np.asarray(_to_host(x), dtype=np.float64).ravel()
+    valid = np.isfinite(values) & (values == np.round(values)) & (values >= 0)
+    return tuple(
+        int(v) if ok else -1 for v, ok in zip(values.tolist(), valid.tolist(), strict=True)
+    )
+
+
+def index_diff(a: Array, b: Array) -> IndexDiff:
+    """Compare two index payloads id by id (apr: "reinterpret as u32 for equality")."""
+    ids_a, ids_b = _ids(a), _ids(b)
+    longest = max(len(ids_a), len(ids_b))
+    positions = tuple(
+        i
+        for i in range(longest)
+        if i >= len(ids_a) or i >= len(ids_b) or ids_a[i] != ids_b[i] or ids_a[i] < 0
+    )
+    return IndexDiff(equal=not positions, positions=positions, a=ids_a, b=ids_b)

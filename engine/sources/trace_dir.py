@@ -35,7 +35,11 @@ def logical_shape(stage_name: str, config: ModelConfig, seq_len: int) -> tuple[i
         "ffn_gate": (seq_len, inter),
         "ffn_up": (seq_len, inter),
         "ffn_silu": (seq_len, inter),
+        "ffn_gelu": (seq_len, inter),
         "ffn_swigl": (seq_len, inter),
+        "moe_router": (config.num_experts_per_tok,),
+        "moe_router_indices": (config.num_experts_per_tok,),
+        "moe_ffn_out": (hidden,),
         "lm_head": (config.vocab_size,),
     }
     return shapes.get(stage_name, (seq_len, hidden))

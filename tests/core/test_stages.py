@@ -9,7 +9,9 @@ import pytest
 from engine.errors import PlanError
 from engine.stages import (
     ALIASES,
+    APR_STAGES,
     DENSE_STAGES,
+    EXTENSION_STAGE_NAMES,
     STAGES,
     WHOLE_MODEL_LAYER,
     SaveTensorPlan,
@@ -58,8 +60,26 @@ def names(stages) -> list[str]:
 
 
 def test_twenty_three_stages_in_canonical_order():
-    assert names(STAGES) == CANONICAL_ORDER
-    assert [s.index for s in STAGES] == list(range(23))
+    assert names(APR_STAGES) == CANONICAL_ORDER
+    assert all(s.apr for s in APR_STAGES)
+
+
+ALL_IN_COMPUTATION_ORDER = [
+    *CANONICAL_ORDER[:10],
+    "post_attn_norm",  # Gemma: the attention output normed before the residual add
+    *CANONICAL_ORDER[10:15],
+    "ffn_gelu",  # Gemma: GELU-tanh where SwiGLU models have ffn_silu
+    *CANONICAL_ORDER[15:17],
+    "post_ffn_norm",  # Gemma: the FFN output normed before the residual add
+    *CANONICAL_ORDER[17:],
+]
+
+
+def test_apr_tui_stages_sit_in_computation_order_among_aprs():
+    assert names(STAGES) == ALL_IN_COMPUTATION_ORDER
+    assert [s.index for s in STAGES] == list(range(26))
+    assert [s.name for s in STAGES if not s.apr] == list(EXTENSION_STAGE_NAMES)
+    assert all(s.per_layer and not s.moe for s in STAGES if not s.apr)
 
 
 def test_only_final_norm_and_lm_head_are_whole_model():
@@ -93,7 +113,16 @@ def test_sentinel_is_u32_max():
 
 @pytest.mark.parametrize("spec", ["all", "ALL", "All", "aLL", "  all\t", "\nALL "])
 def test_all_is_case_insensitive_and_trimmed(spec):
-    assert names(parse_stages(spec)) == CANONICAL_ORDER
+    assert names(parse_stages(spec)) == ALL_IN_COMPUTATION_ORDER
+
+
+def test_extension_stages_parse_but_the_error_lists_only_aprs():
+    assert names(parse_stages("post_attn_norm, FFN_GELU,post_ffn_norm")) == list(
+        EXTENSION_STAGE_NAMES
+    )
+    with pytest.raises(PlanError) as caught:
+        parse_stages("ffn_geglu")
+    assert str(caught.value) == f'{UNKNOWN_PREFIX}"ffn_geglu"; valid stages: {VALID_LIST}'
 
 
 def test_all_is_only_valid_alone():

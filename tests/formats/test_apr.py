@@ -786,8 +786,8 @@ def test_layer_count_beyond_the_tensors_fails_fast(tmp_path):
     ("metadata", "message"),
     [
         (
-            {"architecture": "qwen2_moe", "num_experts": 60},
-            r"unsupported architecture 'qwen2_moe' with experts",
+            {"architecture": "mixtral", "num_experts": 8},
+            r"unsupported architecture 'mixtral' with experts",
         ),
         (
             {"model_type": "whisper"},

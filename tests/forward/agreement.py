@@ -30,6 +30,21 @@ SMOLLM2_MAX_REL_ERR = 1e-4
 carried through the residual stream; measured worst 5.4e-6 (layer 18 `attention`), so 1e-4 leaves
 almost 20x headroom and is still far below what a dequantization slip (~1e-2) would produce."""
 
+GEMMA3_MAX_REL_ERR = 1e-4
+"""Gemma 3 270M on a 16-token prompt: 18 layers, K up to 2048 (worst case K·u ≈ 1.2e-4 per
+matmul, typical sqrt(K)·u ≈ 3e-6); measured worst 3.0e-6 (layer 12 `attention`), so the
+SmolLM2 bound leaves 30x headroom."""
+
+GEMMA3_LONG_MAX_REL_ERR = 2e-3
+"""Gemma 3 270M on a 951-token prompt. The RoPE inverse frequencies `1/θ^(2i/hd)` are float32
+powers, and numpy's powf and torch's (SLEEF) round 19 of the 128 differently by one ulp (neither
+is the correctly rounded value at every i: both have ~45 of 128 off by one). An ulp of
+inv_freq (up to 6e-8) times position 950 shifts an angle by up to 6e-5 rad, so cos/sin (and
+q/k after RoPE) differ by ~1.2e-4 of their scale at layer 0 (measured 1.14e-4 on `q_post_rope`);
+18 layers carry it to a measured worst 6.5e-4 (layer 15 `post_attn_norm`), cosine still above
+0.999999998. 2e-3 leaves 3x headroom and stays far below a wrong window, base or position
+(errors of 1e-1 and up); the cosine bound is unchanged."""
+
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a64 = np.asarray(a, dtype=np.float64).ravel()

@@ -1,6 +1,6 @@
 """The independent oracle: HF transformers (CPU torch, float32, eager attention) with hooks.
 
-Builds small seeded HF models (Llama, Mistral, Qwen2, Qwen3), hands their weights to the engine as a
+Builds small seeded HF models (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3), hands their weights to the engine as a
 `Model`, and records every apr stage from HF's *own* modules:
 
 | stage                | taken from                                                        |
@@ -13,17 +13,23 @@ Builds small seeded HF models (Llama, Mistral, Qwen2, Qwen3), hands their weight
 | attn_softmax         | the attention weights HF's `eager_attention_forward` returns      |
 | attention            | input of `o_proj` (forward pre-hook)                              |
 | attn_out             | output of `o_proj`                                                |
-| post_attn_residual   | input of `post_attention_layernorm` (forward pre-hook)            |
-| ffn_norm             | output of `post_attention_layernorm`                              |
+| post_attn_residual   | input of the FFN's input norm (forward pre-hook)                  |
+| ffn_norm             | output of `post_attention_layernorm` (Gemma: `pre_feedforward_layernorm`) |
 | ffn_gate / ffn_up    | outputs of `mlp.gate_proj` / `mlp.up_proj`                        |
-| ffn_silu             | output of `mlp.act_fn`                                            |
+| ffn_silu / ffn_gelu  | output of `mlp.act_fn` (SiLU; Gemma's GELU-tanh)                  |
 | ffn_swigl            | input of `mlp.down_proj` (forward pre-hook)                       |
 | ffn_out              | output of `mlp.down_proj`                                         |
+| post_attn_norm       | Gemma: output of `post_attention_layernorm`                       |
+| post_ffn_norm        | Gemma: output of `post_feedforward_layernorm`                     |
 | post_ffn_residual    | output of the decoder layer                                       |
+| ffn_out (MoE layer)  | output of the sparse MoE block `mlp`                              |
+| moe_router / _indices| the router's (`mlp.gate`) top-k weights / expert ids, last token  |
+| moe_ffn_out          | the MoE block's output at the last token                          |
 | final_norm / lm_head | output of `model.norm`; `lm_head` output at the last position     |
 
 HF's head-major Q/K `[1, heads, seq, hd]` are converted to apr's token-major `[seq, heads*hd]`,
-and HF's scores above the diagonal (which hold the additive mask) are set to 0.0, apr's layout.
+and HF's scores where its additive mask blocks a key (above the diagonal, and outside a sliding
+window) are set to 0.0, apr's layout.
 Nothing here calls the engine's math.
 """
 
@@ -40,7 +46,20 @@ import torch
 from engine.model import DictWeightStore, Model, ModelConfig
 from engine.stages import WHOLE_MODEL_LAYER
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen2_moe",
+    "qwen3",
+    "qwen3_moe",
+    "gemma2",
+    "gemma3",
+)
+GEMMA = ("gemma2", "gemma3")
+
+TINY_WINDOW = 4
+"""Sliding window of the tiny windowed models: shorter than the 7-token test prompt."""
 
 TINY_DIMS = dict(
     hidden_size=64,
@@ -55,7 +74,16 @@ TINY_DIMS = dict(
 
 def hf_config(arch: str, *, tied: bool = False, **overrides):
     """A transformers config for a tiny model of `arch` (head_dim 16, GQA 4 -> 2 heads)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+        Qwen2MoeConfig,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     dims = dict(TINY_DIMS, **overrides)
     common = dict(
@@ -71,11 +99,80 @@ def hf_config(arch: str, *, tied: bool = False, **overrides):
             **dims, **common, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
         )
     if arch == "mistral":
+        dims.setdefault("sliding_window", None)
         return MistralConfig(
+            **dims, **common, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
+        )
+    if arch == "qwen3_moe":
+        # 8 experts, 2 per token, over 7 tokens: some expert is picked by exactly one token.
+        dims = dict(
+            dict(
+                head_dim=24,
+                num_experts=8,
+                num_experts_per_tok=2,
+                moe_intermediate_size=48,
+                norm_topk_prob=True,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+            ),
+            **dims,
+        )
+        return Qwen3MoeConfig(
+            **dims, **common, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}
+        )
+    if arch == "qwen2_moe":  # Qwen3-MoE's routing plus a sigmoid-gated shared expert
+        dims = dict(
+            dict(
+                num_experts=8,
+                num_experts_per_tok=2,
+                moe_intermediate_size=48,
+                shared_expert_intermediate_size=80,
+                norm_topk_prob=False,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+            ),
+            **dims,
+        )
+        return Qwen2MoeConfig(
+            **dims, **common, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}
+        )
+    if arch == "gemma2":
+        # Soft caps far below Gemma 2's 50 / 30, so tanh bends the tiny model's scores and logits.
+        dims = dict(
+            dict(
+                head_dim=16,
+                query_pre_attn_scalar=24,
+                sliding_window=TINY_WINDOW,
+                attn_logit_softcapping=2.0,
+                final_logit_softcapping=3.0,
+            ),
+            **dims,
+        )
+        return Gemma2Config(
             **dims,
             **common,
-            sliding_window=None,
+            hidden_activation="gelu_pytorch_tanh",
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
+    if arch == "gemma3":
+        layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
+        dims = dict(
+            dict(
+                head_dim=16,
+                query_pre_attn_scalar=24,
+                sliding_window=TINY_WINDOW,
+                layer_types=layer_types[: dims["num_hidden_layers"]],
+            ),
+            **dims,
+        )
+        return Gemma3TextConfig(
+            **dims,
+            **common,
+            hidden_activation="gelu_pytorch_tanh",
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
         )
     if arch == "qwen2":
         return Qwen2Config(
@@ -96,7 +193,8 @@ def build_hf_model(arch: str, *, seed: int = 0, tied: bool = False, **overrides)
 
     HF's own init (normal 0.02, norms at exactly 1, biases 0) would leave activations tiny, the
     attention almost uniform and the norm weights untested; instead linears get N(0, 1/fan_in),
-    norm weights 1 + N(0, 0.2), biases N(0, 0.1), embeddings N(0, 1).
+    norm scales 1 + N(0, 0.2) (Gemma stores the scale minus 1, so its weights are N(0, 0.2)),
+    biases N(0, 0.1), embeddings N(0, 1) (Gemma: N(0, 1/hidden), as it scales them by sqrt(hidden)).
     """
     from transformers import AutoModelForCausalLM
 
@@ -106,12 +204,15 @@ def build_hf_model(arch: str, *, seed: int = 0, tied: bool = False, **overrides)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
+            gemma = arch in GEMMA
             if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
+                offset = 0.0 if gemma else 1.0
+                param.copy_(offset + 0.2 * torch.randn(param.shape, generator=generator))
             elif name.endswith(".bias"):
                 param.copy_(0.1 * torch.randn(param.shape, generator=generator))
             elif "embed_tokens" in name:
-                param.copy_(torch.randn(param.shape, generator=generator))
+                scale = config.hidden_size**-0.5 if gemma else 1.0
+                param.copy_(scale * torch.randn(param.shape, generator=generator))
             else:
                 fan_in = param.shape[-1]
                 param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
@@ -123,8 +224,45 @@ def engine_config(hf_model) -> ModelConfig:
     """The engine's normalized config for an HF model (read from HF's config, nothing inferred)."""
     config = hf_model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    arch = {"gemma3_text": "gemma3"}.get(config.model_type, config.model_type)
+    steps = {}
+    if arch in GEMMA:
+        rope = config.rope_parameters
+        steps = dict(
+            norm_weight_offset=1.0,
+            embedding_scale=float(hf_model.model.embed_tokens.embed_scale),
+            sandwich_norms=True,
+            hidden_act="gelu_tanh",
+            query_pre_attn_scalar=float(config.query_pre_attn_scalar),
+            attn_logit_softcap=config.attn_logit_softcapping,
+            final_logit_softcap=config.final_logit_softcapping,
+            sliding_window=config.sliding_window,
+            layer_types=tuple(config.layer_types),
+            rope_local_theta=float(rope["sliding_attention"]["rope_theta"])
+            if arch == "gemma3"
+            else None,
+        )
+        rope_theta = (
+            rope["full_attention"]["rope_theta"] if arch == "gemma3" else rope["rope_theta"]
+        )
+    else:
+        rope_theta = config.rope_parameters["rope_theta"]
+        if arch == "mistral":
+            steps = dict(sliding_window=config.sliding_window)
+        if arch in ("qwen3_moe", "qwen2_moe"):
+            steps = dict(
+                shared_expert_intermediate_size=getattr(
+                    config, "shared_expert_intermediate_size", 0
+                ),
+                num_experts=config.num_experts,
+                num_experts_per_tok=config.num_experts_per_tok,
+                moe_intermediate_size=config.moe_intermediate_size,
+                norm_topk_prob=bool(config.norm_topk_prob),
+                decoder_sparse_step=config.decoder_sparse_step,
+                mlp_only_layers=tuple(config.mlp_only_layers),
+            )
     return ModelConfig(
-        architecture=config.model_type,
+        architecture=arch,
         hidden_size=config.hidden_size,
         num_layers=config.num_hidden_layers,
         num_heads=config.num_attention_heads,
@@ -132,14 +270,17 @@ def engine_config(hf_model) -> ModelConfig:
         head_dim=head_dim,
         intermediate_size=config.intermediate_size,
         vocab_size=config.vocab_size,
-        rope_theta=float(config.rope_parameters["rope_theta"]),
+        rope_theta=float(rope_theta),
         rope_pairing="half",
         rms_norm_eps=config.rms_norm_eps,
-        qkv_bias=config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
-        qk_norm=config.model_type == "qwen3",
+        qkv_bias=config.model_type == "qwen2"
+        or bool(getattr(config, "attention_bias", False))
+        or bool(getattr(config, "qkv_bias", False)),
+        qk_norm=arch in ("qwen3", "qwen3_moe", "gemma3"),
         tied_embeddings=bool(config.tie_word_embeddings),
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
+        **steps,
     )
 
 
@@ -151,6 +292,17 @@ def state_dict_arrays(hf_model, *, drop_tied_head: bool = True) -> dict[str, np.
     }
     if drop_tied_head and hf_model.config.tie_word_embeddings:
         arrays.pop("lm_head.weight", None)
+    for name in [n for n in arrays if n.endswith("mlp.experts.gate_up_proj")]:
+        # transformers 5 holds an MoE layer's experts fused: gate_up [E, 2I, H] (the gate is
+        # the first I rows, as its `.chunk(2)` reads it) and down [E, H, I]. Split them into
+        # the per-expert tensors its checkpoints (and save_pretrained) use.
+        prefix = name[: -len("gate_up_proj")]
+        gate_up, down = arrays.pop(name), arrays.pop(prefix + "down_proj")
+        inter = gate_up.shape[1] // 2
+        for expert in range(gate_up.shape[0]):
+            arrays[f"{prefix}{expert}.gate_proj.weight"] = gate_up[expert, :inter].copy()
+            arrays[f"{prefix}{expert}.up_proj.weight"] = gate_up[expert, inter:].copy()
+            arrays[f"{prefix}{expert}.down_proj.weight"] = down[expert].copy()
     return arrays
 
 
@@ -208,9 +360,11 @@ def hf_stage_captures(hf_model, token_ids: list[int]) -> dict[tuple[int, str], n
         return hook
 
     inner = hf_model.model
+    gemma = hasattr(inner.layers[0], "pre_feedforward_layernorm")
     handles.append(inner.embed_tokens.register_forward_hook(output_hook(0, "embedding")))
     for index, decoder in enumerate(inner.layers):
         attn, mlp = decoder.self_attn, decoder.mlp
+        ffn_norm = decoder.pre_feedforward_layernorm if gemma else decoder.post_attention_layernorm
 
         def enter_layer(module, args, index=index):
             current["layer"] = index
@@ -243,19 +397,39 @@ def hf_stage_captures(hf_model, token_ids: list[int]) -> dict[tuple[int, str], n
             )
         handles.append(attn.o_proj.register_forward_pre_hook(input_hook(index, "attention")))
         handles.append(attn.o_proj.register_forward_hook(output_hook(index, "attn_out")))
-        handles.append(
-            decoder.post_attention_layernorm.register_forward_pre_hook(
-                input_hook(index, "post_attn_residual")
+        handles.append(ffn_norm.register_forward_pre_hook(input_hook(index, "post_attn_residual")))
+        handles.append(ffn_norm.register_forward_hook(output_hook(index, "ffn_norm")))
+        if gemma:
+            handles.append(
+                decoder.post_attention_layernorm.register_forward_hook(
+                    output_hook(index, "post_attn_norm")
+                )
             )
-        )
-        handles.append(
-            decoder.post_attention_layernorm.register_forward_hook(output_hook(index, "ffn_norm"))
-        )
-        handles.append(mlp.gate_proj.register_forward_hook(output_hook(index, "ffn_gate")))
-        handles.append(mlp.up_proj.register_forward_hook(output_hook(index, "ffn_up")))
-        handles.append(mlp.act_fn.register_forward_hook(output_hook(index, "ffn_silu")))
-        handles.append(mlp.down_proj.register_forward_pre_hook(input_hook(index, "ffn_swigl")))
-        handles.append(mlp.down_proj.register_forward_hook(output_hook(index, "ffn_out")))
+            handles.append(
+                decoder.post_feedforward_layernorm.register_forward_hook(
+                    output_hook(index, "post_ffn_norm")
+                )
+            )
+        if hasattr(mlp, "experts"):  # an MoE layer: its router's and block's own outputs
+
+            def router_hook(module, args, output, index=index):
+                _, scores, experts = output  # [seq, k] each, top-k in descending order
+                captures[(index, "moe_router")] = _np(scores[-1])
+                captures[(index, "moe_router_indices")] = _np(experts[-1].to(torch.float32))
+
+            def moe_hook(module, args, output, index=index):
+                captures[(index, "ffn_out")] = _np(output[0])
+                captures[(index, "moe_ffn_out")] = _np(output[0, -1])
+
+            handles.append(mlp.gate.register_forward_hook(router_hook))
+            handles.append(mlp.register_forward_hook(moe_hook))
+        else:
+            handles.append(mlp.gate_proj.register_forward_hook(output_hook(index, "ffn_gate")))
+            handles.append(mlp.up_proj.register_forward_hook(output_hook(index, "ffn_up")))
+            act_stage = "ffn_gelu" if gemma else "ffn_silu"
+            handles.append(mlp.act_fn.register_forward_hook(output_hook(index, act_stage)))
+            handles.append(mlp.down_proj.register_forward_pre_hook(input_hook(index, "ffn_swigl")))
+            handles.append(mlp.down_proj.register_forward_hook(output_hook(index, "ffn_out")))
         handles.append(decoder.register_forward_hook(output_hook(index, "post_ffn_residual")))
     handles.append(inner.norm.register_forward_hook(output_hook(WHOLE_MODEL_LAYER, "final_norm")))
 
@@ -280,11 +454,14 @@ def hf_stage_captures(hf_model, token_ids: list[int]) -> dict[tuple[int, str], n
             output, weights = original_attention(
                 module, query, key, value, attention_mask, *args, **kwargs
             )
-        (scores_plus_mask,) = softmax_inputs  # [1, nh, seq, seq]: scores + 0 on/below diagonal
+        (scores_plus_mask,) = softmax_inputs  # [1, nh, seq, seq]: scores + 0 where visible
         scores = scores_plus_mask[0]
         seq = scores.shape[-1]
-        future = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)
-        captures[(current["layer"], "attn_scores")] = _np(scores.masked_fill(future, 0.0))
+        if isinstance(attention_mask, torch.Tensor):  # additive: 0 visible, very negative blocked
+            blocked = attention_mask[0, 0, :, -seq:] != 0
+        else:
+            blocked = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)
+        captures[(current["layer"], "attn_scores")] = _np(scores.masked_fill(blocked, 0.0))
         captures[(current["layer"], "attn_softmax")] = _np(weights[0])
         return output, weights
 

@@ -17,18 +17,36 @@ from engine.forward import trace
 from engine.model import Model
 from engine.stages import WHOLE_MODEL_LAYER
 from tests.forward.agreement import TINY_MAX_REL_ERR, disagreements
-from tests.forward.hf_oracle import build_hf_model, engine_model, hf_stage_captures
+from tests.forward.hf_oracle import (
+    TINY_WINDOW,
+    build_hf_model,
+    engine_model,
+    hf_stage_captures,
+)
 
 TOKENS = [5, 17, 99, 3, 42, 7, 127]
-"""Seven tokens, including the last vocabulary row."""
+"""Seven tokens, including the last vocabulary row; longer than the windowed models' window."""
 
 MODELS = {
     "llama-untied": dict(arch="llama", tied=False),
     "llama-tied": dict(arch="llama", tied=True),
     "mistral": dict(arch="mistral", tied=False),
+    "mistral-window": dict(arch="mistral", tied=False, sliding_window=TINY_WINDOW),
     "qwen2-bias-gqa": dict(arch="qwen2", tied=False),
     "qwen3-qk-norm": dict(arch="qwen3", tied=True),
+    "qwen3moe-renormalized": dict(arch="qwen3_moe", tied=False, norm_topk_prob=True),
+    "qwen2moe-shared-expert": dict(arch="qwen2_moe", tied=False),
+    "qwen3moe-raw-topk-dense-layer": dict(
+        arch="qwen3_moe", tied=True, norm_topk_prob=False, mlp_only_layers=[1]
+    ),
+    "gemma2-softcap-window": dict(arch="gemma2", tied=True),
+    "gemma3-local-global": dict(arch="gemma3", tied=True),
 }
+
+PER_LAYER_STAGES = {"qwen2": 17, "gemma2": 18, "gemma3": 18}
+"""Per-layer stages HF records: 16 for Llama's layer, + qkv_bias (Qwen2), + post_attn_norm and
+post_ffn_norm (Gemma, whose ffn_gelu takes ffn_silu's place). An MoE layer has 15: the dense
+FFN's gate/up/silu/swigl give way to moe_router, moe_router_indices and moe_ffn_out."""
 
 
 def _open_as(source: str, hf_model, tmp_path: Path) -> Model:
@@ -60,8 +78,8 @@ def _open_as(source: str, hf_model, tmp_path: Path) -> Model:
 @pytest.fixture(scope="module", params=list(MODELS))
 def oracle(request):
     """(name, HF model, HF's captures over TOKENS); one HF run per model for all sources."""
-    spec = MODELS[request.param]
-    hf_model = build_hf_model(spec["arch"], seed=len(request.param), tied=spec["tied"])
+    spec = dict(MODELS[request.param])
+    hf_model = build_hf_model(spec.pop("arch"), seed=len(request.param), **spec)
     return request.param, hf_model, hf_stage_captures(hf_model, TOKENS)
 
 
@@ -75,8 +93,14 @@ def test_every_stage_of_every_layer_matches_hf(oracle, source, tmp_path):
         model.close()
 
     config = hf_model.config
-    per_layer = 17 if name.startswith("qwen2") else 16  # qkv_bias only with a QKV bias
-    assert len(expected) == 1 + config.num_hidden_layers * per_layer + 2
+    per_layer = [PER_LAYER_STAGES.get(name.split("-")[0], 16)] * config.num_hidden_layers
+    if name.startswith(("qwen3moe", "qwen2moe")):
+        bias = 1 if name.startswith("qwen2moe") else 0  # qkv_bias
+        per_layer = [
+            bias + (16 if i in config.mlp_only_layers else 15) for i in range(len(per_layer))
+        ]
+    assert len(expected) == 1 + sum(per_layer) + 2
+    assert set(got) == set(expected)
     assert disagreements(got, expected, max_rel=TINY_MAX_REL_ERR) == []
 
 
@@ -107,6 +131,11 @@ def test_stage_shapes_and_layout_follow_apr(oracle):
         order.append((capture.layer, capture.stage))
         assert capture.array.shape == capture.shape
         assert capture.array.flags["C_CONTIGUOUS"]
+    if model.config.is_moe_layer(1):  # the experts' inner stages are not layer-wide
+        for inner in ("ffn_gate", "ffn_swigl"):
+            expected.pop(inner)
+        k = model.config.num_experts_per_tok
+        expected.update(moe_router=(k,), moe_router_indices=(k,), moe_ffn_out=(hidden,))
     for stage_name, shape in expected.items():
         assert shapes[(1, stage_name)] == shape, stage_name
     assert shapes[(0, "embedding")] == (seq, hidden)
@@ -117,12 +146,34 @@ def test_stage_shapes_and_layout_follow_apr(oracle):
     assert ((1, "qkv_bias") in shapes) == name.startswith("qwen2")
 
 
-def test_scores_and_softmax_are_zero_above_the_diagonal(oracle):
+def test_scores_and_softmax_are_zero_at_every_blocked_key(oracle):
+    """Above the diagonal, and for a sliding layer also `window` or more positions back."""
     _, hf_model, _ = oracle
-    captures = {c.stage: c.array for c in trace(engine_model(hf_model), TOKENS, layers=(0, 1))}
-    future = np.triu(np.ones((len(TOKENS), len(TOKENS)), dtype=bool), k=1)
-    for stage_name in ("attn_scores", "attn_softmax"):
-        values = captures[stage_name]
-        assert np.all(values[:, future] == 0.0)
-        assert np.all(values[:, ~future] != 0.0)
-    np.testing.assert_allclose(captures["attn_softmax"].sum(axis=-1), 1.0, rtol=1e-6)
+    model = engine_model(hf_model)
+    seq = len(TOKENS)
+    for layer in range(model.config.num_layers):
+        captures = {c.stage: c.array for c in trace(model, TOKENS, layers=(layer, layer + 1))}
+        window = model.config.window(layer)
+        i, j = np.indices((seq, seq))
+        blocked = (j > i) | ((i - j >= window) if window is not None else False)
+        for stage_name in ("attn_scores", "attn_softmax"):
+            values = captures[stage_name]
+            assert np.all(values[:, blocked] == 0.0)
+            assert np.all(values[:, ~blocked] != 0.0)
+        np.testing.assert_allclose(captures["attn_softmax"].sum(axis=-1), 1.0, rtol=1e-6)
+
+
+def test_windowed_models_have_sliding_and_full_layers_as_hf_says(oracle):
+    """The window is shorter than the prompt, so the sliding layers do cut keys off."""
+    name, hf_model, _ = oracle
+    config = engine_model(hf_model).config
+    windows = [config.window(layer) for layer in range(config.num_layers)]
+    if name == "gemma3-local-global":
+        assert windows == [TINY_WINDOW, None, TINY_WINDOW] and len(TOKENS) > TINY_WINDOW
+        assert [config.layer_rope_theta(layer) for layer in range(3)] == [1e4, 1e6, 1e4]
+    elif name == "gemma2-softcap-window":
+        assert windows == [TINY_WINDOW, None, TINY_WINDOW]
+    elif name == "mistral-window":
+        assert windows == [TINY_WINDOW] * 3
+    else:
+        assert windows == [None] * config.num_layers

@@ -60,7 +60,7 @@ async def test_unsupported_model(unsupported_gguf, demo_pair):
             notes,
             re.escape(
                 f"{unsupported_gguf}: unsupported architecture 'gpt2'; "
-                "supported: llama, mistral, qwen2, qwen3"
+                "supported: llama, mistral, qwen2, qwen3, qwen2_moe, qwen3_moe, gemma2, gemma3"
             ),
         )
     assert app.return_code == 0
