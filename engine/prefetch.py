@@ -23,6 +23,10 @@ import numpy as np
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
+EXPERT = ".mlp.experts."
+"""Mixture-of-experts weights are decoded only when a token routes to their expert (issue 12's
+guarantee), so they are never predicted: which expert comes next is the router's answer."""
+
 
 def _split(name: str) -> tuple[int, str] | None:
     match = _LAYER.match(name)
@@ -72,8 +76,8 @@ class WeightPrefetcher:
             following = f"model.layers.{layer + 1}.{self.order[0]}"
         else:
             return
-        if not self.store.has(following):
-            return
+        if EXPERT in following or not self.store.has(following):
+            return  # routing decides which experts run: never decode one ahead of it
         if self.pool is None:
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-prefetch")
         self.ahead = (following, self.pool.submit(self.store.get, following))

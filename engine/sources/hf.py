@@ -310,6 +310,9 @@ class HfSource(TraceSource):
         }
         if not self.has_bias:
             self.not_produced["qkv_bias"] = "the model has no QKV bias"
+        for stage in STAGES:
+            if not stage.apr:  # post_attn_norm, ffn_gelu, post_ffn_norm
+                self.not_produced[stage.name] = "a Gemma step this model family does not run"
         self.stages = tuple(s.name for s in DENSE_STAGES if s.name not in self.not_produced)
         self.versions = f"transformers {transformers.__version__}, torch {torch.__version__}"
         self.label = f"hf:{self.path.name}"

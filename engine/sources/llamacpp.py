@@ -522,6 +522,8 @@ class LlamaCppSource(TraceSource):
         for stage in STAGES:
             if stage.moe:
                 reasons[stage.name] = "dense model: no mixture-of-experts stages"
+            elif not stage.apr:  # post_attn_norm, ffn_gelu, post_ffn_norm
+                reasons[stage.name] = "a Gemma step: this graph mapping covers Llama and Qwen2"
         return reasons
 
     def _threads(self) -> int:

@@ -225,10 +225,10 @@ def test_bisect_locates_a_planted_moe_defect(moe, defect, apr_tui, tmp_path):
     )
     assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    first_line = next(line for line in lines if line.startswith("First divergence"))
+    first_line = next(line for line in lines if line.startswith("First propagated divergence"))
     assert "layer 1 ffn_out" in first_line, result.stdout
     header = next(line for line in lines if line.startswith("layer"))
-    end = header.index(" experts") + len(" experts")  # columns are right-aligned
+    end = header.index(" r_idx") + len(" r_idx")  # the grid's label; columns right-aligned
 
     def experts_cell(layer: str) -> str:
         row = next(line for line in lines if line.split()[:1] == [layer])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from aprtui.widgets.metrics import METRICS
-from engine.compare import _cell
+from engine.compare import make_cell as _cell
 from engine.forward import Capture
 
 
