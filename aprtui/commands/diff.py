@@ -83,19 +83,33 @@ def _refuse_model_file(path: str, path_a: str, path_b: str) -> None:
     """A model file given to `diff`: say what it is and which command compares models."""
     from engine.errors import DiffError
 
+    kind = _model_kind(path)
+    if kind is None:
+        return
+    if _model_kind(path_a) and _model_kind(path_b):
+        hint = f"compare models with `apr-tui bisect {_display(path_a)} {_display(path_b)}`"
+    else:
+        hint = "compare a model with another model or a trace directory with `apr-tui bisect`"
+    raise DiffError(
+        f"{_display(path)}: this is {_article(kind)} {kind} model, not an APRT stage file; {hint}"
+    )
+
+
+def _article(kind: str) -> str:
+    return "an" if kind[0] in "AEIOU" else "a"
+
+
+def _model_kind(path: str) -> str | None:
+    """`GGUF`, `APR` or `safetensors` for a model file, None for anything else."""
     try:
         with open(path, "rb") as handle:
             magic = handle.read(4)
     except OSError:
-        return  # the APRT reader reports it in apr's words
+        return None
     kind = MODEL_MAGICS.get(magic)
     if kind is None and path.lower().endswith(".safetensors"):
         kind = "safetensors"
-    if kind is not None:
-        raise DiffError(
-            f"{_display(path)}: this is a {kind} model, not an APRT stage file; "
-            f"compare models with `apr-tui bisect {_display(path_a)} {_display(path_b)}`"
-        )
+    return kind
 
 
 def _display(path: str | os.PathLike[str]) -> str:

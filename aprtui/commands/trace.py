@@ -216,7 +216,7 @@ def _layers_line(plan, num_layers: int, args: argparse.Namespace) -> str:
             f"{saved} ({end - plan.layer_start} layers): {asked} was asked, and the model has "
             f"{num_layers} layers (0..{num_layers})"
         )
-    return f"{saved} ({end - plan.layer_start} layers)"
+    return saved
 
 
 def summarize_written(directory: Path, written: list[Path]) -> list[str]:
