@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from rich.text import Text
 from textual import events, work
-from textual.app import App, ComposeResult
+from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
@@ -111,7 +111,7 @@ class ExplorerApp(App[int]):
     BINDINGS = [
         *GLOBAL_BINDINGS,
         Binding("b", "browse", "Browse APRT"),
-        Binding("escape", "dismiss_error", "Hide error", show=False),
+        Binding("escape", "dismiss_error", "Hide the engine error panel", show=False),
     ]
 
     def __init__(
@@ -450,16 +450,42 @@ class ExplorerApp(App[int]):
             return
         self.push_screen(HelpScreen(help_sections()))
 
+    def trace_dirs(self) -> list[Path]:
+        """The trace directories behind the two sides (A's first), for `b`."""
+        found = []
+        side_a = getattr(self.source_a, "root", None)
+        if getattr(self.source_a, "kind", None) == "trace-dir" and side_a is not None:
+            found.append(Path(side_a))
+        reference = self.run_spec.reference_dir
+        if reference is not None and reference.is_dir() and reference not in found:
+            found.append(reference)
+        return found
+
     def action_browse(self) -> None:
-        directory = self.run_spec.reference_dir
-        if directory is None or not directory.is_dir():
+        directories = self.trace_dirs()
+        if not directories:
             self.notify(
-                "the reference is not a trace directory: nothing to browse",
+                "neither side is a trace directory: nothing to browse",
                 title="APRT browser",
                 severity="warning",
             )
             return
-        self.push_screen(FileBrowserScreen(directory))
+        self.push_screen(FileBrowserScreen(directories))
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Show each key only where it works: `b` needs a trace directory on one side."""
+        if action == "browse":
+            return bool(self.trace_dirs())
+        return True
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The command palette (ctrl+p): every key the current screen offers, by its name
+        (`Metric`, `First divergence`, ...), then Keys (the help screen, which esc closes),
+        Theme and Quit."""
+        yield from palette_commands(self, screen)
+        yield SystemCommand("Keys", "Every key of every screen (esc closes it)", self.action_help)
+        yield SystemCommand("Theme", "Change the current theme", self.action_change_theme)
+        yield SystemCommand("Quit", "Stop the engine worker and leave", self.action_quit)
 
     def action_dismiss_error(self) -> None:
         self.screen_stack[0].query_one("#error-panel", Static).remove_class("visible")
@@ -485,6 +511,32 @@ class ExplorerApp(App[int]):
         if plan is not None:
             with contextlib.suppress(Exception):  # best effort: a busy mmap refuses
                 plan.close()
+
+
+PALETTE_SKIP = frozenset({"quit", "help", "command_palette", "cursor", "dismiss"})
+"""Actions the palette lists once by itself (Quit, Keys) or that make no sense as a command
+(cursor moves, closing a modal)."""
+
+
+def palette_commands(app: App, screen: Screen) -> Iterator[SystemCommand]:
+    """One palette command per key binding active on `screen` (its focused widget, the screen,
+    the app), in binding order, only where the binding works (`check_action`), one per action."""
+    seen: set[str] = set()
+    for active in screen.active_bindings.values():
+        binding = active.binding
+        name = binding.action.split("(", 1)[0]
+        if name in PALETTE_SKIP or binding.action in seen or not active.enabled:
+            continue
+        if not binding.description:
+            continue
+        seen.add(binding.action)
+        keys = binding.key_display or app.get_key_display(binding)
+        node, action = active.node, binding.action
+
+        def run(node=node, action=action) -> None:
+            app.call_later(app.run_action, action, node)
+
+        yield SystemCommand(binding.description, f"key: {keys}", run)
 
 
 def help_sections() -> list[tuple[str, list]]:
@@ -570,7 +622,7 @@ def make_app(
 
 
 class FilesApp(App[int]):
-    """`apr-tui files DIR`: the APRT browser on its own."""
+    """`apr-tui files DIR [DIR2]`: the APRT browser on its own."""
 
     CSS_PATH = "app.tcss"
     TITLE = "apr-tui files"
@@ -579,15 +631,24 @@ class FilesApp(App[int]):
         *GLOBAL_BINDINGS,
     ]
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directories: Path | list[Path]) -> None:
         super().__init__()
-        self.directory = Path(directory)
+        if isinstance(directories, (str, Path)):
+            directories = [Path(directories)]
+        self.directories = [Path(d) for d in directories]
+        self.directory = self.directories[0]
 
     def get_default_screen(self) -> Screen:
-        return FileBrowserScreen(self.directory, standalone=True)
+        return FileBrowserScreen(self.directories, standalone=True)
 
     def on_mount(self) -> None:
-        self.sub_title = str(self.directory)
+        self.sub_title = "  vs  ".join(str(d) for d in self.directories)
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from palette_commands(self, screen)
+        yield SystemCommand("Keys", "Every key of the browser (esc closes it)", self.action_help)
+        yield SystemCommand("Theme", "Change the current theme", self.action_change_theme)
+        yield SystemCommand("Quit", "Leave", self.action_quit)
 
     def action_help(self) -> None:
         if isinstance(self.screen, HelpScreen):

@@ -180,6 +180,7 @@ grid says what the colours mean.
         """
         self.row_layers = list(layers)
         self.has_reference = has_reference
+        self.refresh_bindings()  # f, n and m exist only with a reference (check_action)
         if not has_reference and METRIC_BY_KEY[self.metric].needs_reference:
             self.set_reactive(StageGrid.metric, "std_a")
         self.stages = default_stages()
@@ -512,6 +513,14 @@ grid says what the colours mean.
             return False
         self.cursor = position
         return True
+
+    REFERENCE_ACTIONS = frozenset({"jump_divergence", "walk_worst", "cycle_metric"})
+    """Keys that need a reference to compare with: hidden in single-model mode (where there is
+    one metric, no divergence and no cosine to rank by)."""
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Show (and run) a key only where it works (Textual hides a binding for False)."""
+        return self.has_reference or action not in self.REFERENCE_ACTIONS
 
     def action_cursor(self, rows: int, cols: int) -> None:
         row, col = self.cursor
