@@ -448,7 +448,14 @@ class ExplorerApp(App[int]):
     def action_help(self) -> None:
         if isinstance(self.screen, HelpScreen):
             return
-        self.push_screen(HelpScreen(help_sections()))
+        self.push_screen(HelpScreen(help_sections(), notes=[self.save_note()]))
+
+    def save_note(self) -> str:
+        """Where `s` in a cell's drill-down writes (the help screen says it)."""
+        from aprtui.screens.cell_detail import SAVE_DIR_NAME
+
+        directory = self.save_dir or (Path.cwd() / SAVE_DIR_NAME)
+        return f"s in a cell's drill-down saves both tensors as APRT files to {directory}/"
 
     def trace_dirs(self) -> list[Path]:
         """The trace directories behind the two sides (A's first), for `b`."""
@@ -473,9 +480,12 @@ class ExplorerApp(App[int]):
         self.push_screen(FileBrowserScreen(directories))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        """Show each key only where it works: `b` needs a trace directory on one side."""
+        """Show each key only where it works: `b` needs a trace directory on one side, `esc`
+        (hide the error panel) an engine error."""
         if action == "browse":
             return bool(self.trace_dirs())
+        if action == "dismiss_error":
+            return self.error is not None
         return True
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
@@ -527,8 +537,8 @@ def palette_commands(app: App, screen: Screen) -> Iterator[SystemCommand]:
         name = binding.action.split("(", 1)[0]
         if name in PALETTE_SKIP or binding.action in seen or not active.enabled:
             continue
-        if not binding.description:
-            continue
+        if not binding.description or not _ours(active.node, name):
+            continue  # Textual's own (focus, copy, scroll) stay off the list
         seen.add(binding.action)
         keys = binding.key_display or app.get_key_display(binding)
         node, action = active.node, binding.action
@@ -537,6 +547,12 @@ def palette_commands(app: App, screen: Screen) -> Iterator[SystemCommand]:
             app.call_later(app.run_action, action, node)
 
         yield SystemCommand(binding.description, f"key: {keys}", run)
+
+
+def _ours(node: object, action: str) -> bool:
+    """Whether `action` is one of apr-tui's (defined in the aprtui package), or the app's."""
+    method = getattr(type(node), f"action_{action}", None)
+    return getattr(method, "__module__", "").startswith("aprtui")
 
 
 def help_sections() -> list[tuple[str, list]]:

@@ -514,9 +514,9 @@ grid says what the colours mean.
         self.cursor = position
         return True
 
-    REFERENCE_ACTIONS = frozenset({"jump_divergence", "walk_worst", "cycle_metric"})
-    """Keys that need a reference to compare with: hidden in single-model mode (where there is
-    one metric, no divergence and no cosine to rank by)."""
+    REFERENCE_ACTIONS = frozenset({"jump_divergence", "cycle_metric"})
+    """Keys that need a reference to compare with: hidden in single-model mode, where there is
+    one metric and nothing to diverge from (`n` stays: it walks the largest std of A)."""
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Show (and run) a key only where it works (Textual hides a binding for False)."""
