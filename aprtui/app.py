@@ -286,6 +286,20 @@ class ExplorerApp(App[int]):
             total=plan.expected,
         )
         self._show_legend()
+        self._warn_incomplete(plan)
+
+    def _warn_incomplete(self, plan: Plan) -> None:
+        """A trace directory whose run did not finish is a partial reference: say so in the
+        header and in a notification, never treat it as complete silently."""
+        notes = []
+        for label, side in (("A", plan.a), ("B", plan.b)):
+            note = getattr(getattr(side, "trace_dir", None), "incomplete_note", None)
+            if note:
+                notes.append(f"{label}: {note}")
+        if notes:
+            self.sub_title += " · incomplete trace"
+            for note in notes:
+                self.notify(note, title="Incomplete trace", severity="warning", timeout=15)
 
     def on_cell_ready(self, message: CellReady) -> None:
         self.apply_cell(message.cell)

@@ -121,3 +121,22 @@ async def test_help_screen_wording_and_save_location(demo_pair):
         assert "Hide the engine error panel" in keys
         notes = " ".join(screen_text(app.screen.query_one("#help-mouse")).split())
         assert f"{Path.cwd() / SAVE_DIR_NAME}/" in notes
+
+
+async def test_explorer_names_an_incomplete_reference(traced, tmp_path):
+    """The default trace directory of an interrupted run: the header and a notification say
+    it is incomplete (issue 10, item 10)."""
+    import shutil
+
+    from engine.aprt import write_tokens_json
+    from tests.tui.conftest import Notifications
+
+    partial = tmp_path / "model-trace"
+    shutil.copytree(traced.trace_dir, partial)
+    write_tokens_json(partial, traced.token_ids, None, str(traced.model), complete=False)
+    notes = Notifications()
+    app = explorer(traced.model, partial)
+    async with app.run_test(size=SIZE, message_hook=notes) as pilot:
+        await settle(pilot)
+        assert "incomplete trace" in app.sub_title
+        assert any(f"B: {partial} is an incomplete trace" in m for m in notes.messages)
