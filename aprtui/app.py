@@ -62,6 +62,31 @@ if TYPE_CHECKING:
 FOOTER_ROOMY = 130
 FOOTER_PALETTE = 110
 
+COMPACT_WIDTH = 100
+COMPACT_HEIGHT = 30
+"""Below either (80×24 is the classic), the explorer switches to its compact layout: no
+header line, the grid as tall as its rows need, the cell in four short lines under it, and
+the legend a key away (`i`), so that what matters first (the grid, the verdict) fits."""
+
+ROOMY_HEIGHT = 40
+"""From this many lines the panel under the grid also shows the cell's local error."""
+
+SHORT_KEY_LABELS = {
+    "select_cell": "open",
+    "cycle_metric": "metric",
+    "jump_divergence": "origin",
+    "walk_worst(1)": "worst",
+    "next_anomaly": "anomaly",
+    "toggle_legend": "legend",
+    "browse": "browse",
+    "help": "all keys",
+    "quit": "quit",
+}
+"""The compact layout's one-line key hint (the footer's full labels do not fit 80 columns)."""
+
+BOTTOM_LINES = {"compact": 5, "normal": 13, "roomy": 13}
+"""The least room the panel under the grid keeps (the statistics table is 12 lines)."""
+
 SourcesOpener = Callable[[], "Plan | tuple[TraceSource, TraceSource | None]"]
 """What the engine worker calls first: a prepared Plan, or two open sources to plan (the demo
 builds its pair there, which is slow)."""
@@ -111,6 +136,7 @@ class ExplorerApp(App[int]):
     BINDINGS = [
         *GLOBAL_BINDINGS,
         Binding("b", "browse", "Browse APRT"),
+        Binding("i", "toggle_legend", "Legend"),
         Binding("escape", "dismiss_error", "Hide the engine error panel", show=False),
     ]
 
@@ -155,6 +181,7 @@ class ExplorerApp(App[int]):
             )
             yield Legend(id="legend")
         yield StatusLine(id="status")
+        yield Static("", id="key-hint")
         yield Footer()
 
     @property
@@ -176,7 +203,9 @@ class ExplorerApp(App[int]):
             grid.metric, self.run_spec.threshold, grid.has_reference
         )
         grid.focus()
+        self.screen_stack[0].query_one(StatsPanel).floor_of = lambda stage: grid.floors.get(stage)
         self._fit_footer(self.size.width)
+        self._fit_layout()
         if self.run_spec.preparing:
             self.status.set(note=self.run_spec.preparing)
         if self.clock is not None:
@@ -186,6 +215,66 @@ class ExplorerApp(App[int]):
 
     def on_resize(self, event: events.Resize) -> None:
         self._fit_footer(event.size.width)
+        self._fit_layout()
+
+    def on_stage_grid_shape_changed(self, message: StageGrid.ShapeChanged) -> None:
+        self._fit_layout()
+
+    def layout_size(self) -> str:
+        """`compact`, `normal` or `roomy`, from the terminal's size."""
+        width, height = self.size
+        if width < COMPACT_WIDTH or height < COMPACT_HEIGHT:
+            return "compact"
+        return "roomy" if height >= ROOMY_HEIGHT else "normal"
+
+    def _fit_layout(self) -> None:
+        """Give the grid the lines its rows need (no more: the panel under it takes the rest,
+        so a tall terminal has no gap), keeping the panel's least room; compact below 100×30."""
+        screen = self.screen_stack[0]
+        if not screen.is_mounted:
+            return
+        size = self.layout_size()
+        compact = size == "compact"
+        screen.set_class(compact, "-compact")
+        if not compact:
+            screen.remove_class("-legend")
+        screen.query_one(Header).display = not compact
+        screen.query_one(Footer).display = not compact
+        hint = screen.query_one("#key-hint", Static)
+        hint.display = compact
+        if compact:
+            hint.update(self.key_hint())
+        screen.query_one(StatsPanel).set_layout_size(size)
+        grid = screen.query_one(StageGrid)
+        status = screen.query_one(StatusLine)
+        error = screen.query_one("#error-panel", Static)
+        chrome = (0 if compact else 1) + 1 + max(1, status.outer_size.height)  # header, keys
+        if error.has_class("visible"):
+            chrome += error.outer_size.height
+        room = self.size.height - chrome - BOTTOM_LINES[size] - 1  # 1: the panel's top rule
+        grid.styles.height = max(6, min(grid.wanted_height(), room))
+        self.refresh_bindings()
+
+    def key_hint(self) -> Text:
+        """`⏎ open  m metric  f origin …  ? all keys  q quit`: the keys that work here (the
+        same check_action as the footer), in one line for the compact layout."""
+        text = Text()
+        seen = set()
+        for active in self.screen_stack[0].active_bindings.values():
+            binding = active.binding
+            label = SHORT_KEY_LABELS.get(binding.action)
+            if label is None or not binding.show or binding.action in seen:
+                continue
+            seen.add(binding.action)
+            if text:
+                text.append("  ")
+            text.append(self.get_key_display(binding), "bold #ffa62b")  # the footer key colour
+            text.append(f" {label}")
+        return text
+
+    def action_toggle_legend(self) -> None:
+        """Compact layout: swap the cell's statistics and the legend under the grid."""
+        self.screen_stack[0].toggle_class("-legend")
 
     def _fit_footer(self, width: int) -> None:
         """Keep every footer key visible on narrow terminals: compact spacing below
@@ -500,6 +589,8 @@ class ExplorerApp(App[int]):
             return bool(self.trace_dirs())
         if action == "dismiss_error":
             return self.error is not None
+        if action == "toggle_legend":  # the legend has its own place in the larger layouts
+            return self.layout_size() == "compact"
         return True
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:

@@ -17,6 +17,7 @@ from rich.segment import Segment
 from textual import events
 from textual.binding import Binding
 from textual.geometry import Size
+from textual.message import Message
 from textual.reactive import reactive, var
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
@@ -482,6 +483,18 @@ grid says what the colours mean.
         size = Size(LABEL_WIDTH + cells_width, self.n_rows + 1)
         if size != self.virtual_size:
             self.virtual_size = size
+            self.post_message(self.ShapeChanged())
+
+    class ShapeChanged(Message):
+        """The grid's rows or columns changed: the app re-fits the layout around it."""
+
+    def wanted_height(self) -> int:
+        """Lines that show every row: the header, the rows, and a horizontal scrollbar when the
+        columns do not fit the width."""
+        width = self.size.width or (self.app.size.width if self.is_attached else 0)
+        cells = LABEL_WIDTH + self.n_cols * CELL_WIDTH
+        scrollbar = 1 if width and cells > width - 1 else 0
+        return self.n_rows + 1 + scrollbar
 
     def on_resize(self) -> None:
         self._fit_virtual_size()

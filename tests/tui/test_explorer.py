@@ -13,7 +13,7 @@ from aprtui.widgets.stage_grid import ABSENT, CELL_WIDTH, LABEL_WIDTH, StageGrid
 from engine.compare import compare
 from engine.sources import open_pair
 from engine.stages import WHOLE_MODEL_LAYER
-from tests.tui.conftest import SIZE, Notifications, explorer, screen_text, settle
+from tests.tui.conftest import SIZE, explorer, screen_text, settle
 
 DEFECT_LAYER = 2
 
