@@ -146,6 +146,16 @@ async def small_demo_shots(pair: DemoPair, work: Path, out: Path) -> list[Path]:
         )
     )
 
+    async def origin(pilot: Pilot) -> None:
+        await settle(pilot)
+        await pilot.press("f")
+
+    for size in ((80, 24), (220, 60)):
+        name = f"grid-{size[0]}x{size[1]}"
+        shots.append(
+            await capture(explorer(pair.model_a, pair.model_b), name, out, origin, size=size)
+        )
+
     trace_dir = work / "demo-small-trace"
     write_trace_dir(pair.model_a, trace_dir)
 
@@ -192,7 +202,8 @@ async def smollm2_shot(work: Path, out: Path) -> list[Path]:
         await pilot.press("f")
 
     app = explorer(pair.model_a, pair.model_b)
-    return [await capture(app, "demo-smollm2", out, steps, size=(150, 48))]
+    # 52 lines: all 30 layer rows and the whole-model row (final_norm, logits) above the panel.
+    return [await capture(app, "demo-smollm2", out, steps, size=(160, 52))]
 
 
 def to_png(svg: Path) -> Path | None:
