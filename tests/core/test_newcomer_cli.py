@@ -313,3 +313,24 @@ def test_incomplete_trace_directory_is_named_by_bisect(apr_tui, small_models, tm
     result = run(apr_tui, "bisect", small_models["apr"], out, "--tokens", "1,2")
     assert result.returncode in (0, 1), result.stderr
     assert f"warning: B: {out} is an incomplete trace" in result.stdout
+
+
+def test_default_trace_dir_of_a_packaged_model_is_the_current_directory(tmp_path, monkeypatch):
+    """The explorer looks for `<stem>-trace/` where `trace` writes it: beside a user's model,
+    in the current directory for one inside site-packages."""
+    from aprtui.commands.explore import resolve_reference
+    from aprtui.commands.locations import default_trace_dir
+
+    mine = tmp_path / "models" / "m.gguf"
+    packaged = tmp_path / "venv" / "lib" / "site-packages" / "pkg" / "m.gguf"
+    for path in (mine, packaged):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"GGUF")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert default_trace_dir(mine) == tmp_path / "models" / "m-trace"
+    assert default_trace_dir(packaged).resolve() == work / "m-trace"
+    assert resolve_reference(packaged, None) is None
+    (work / "m-trace").mkdir()
+    assert resolve_reference(packaged, None).resolve() == work / "m-trace"
