@@ -68,8 +68,12 @@ COMPACT_HEIGHT = 30
 header line, the grid as tall as its rows need, the cell in four short lines under it, and
 the legend a key away (`i`), so that what matters first (the grid, the verdict) fits."""
 
-ROOMY_HEIGHT = 40
-"""From this many lines the panel under the grid also shows the cell's local error."""
+STATUS_LINES = 3
+"""The lines the layout reserves for the status line (its max-height outside compact)."""
+
+ROOMY_PANEL = 20
+"""When the panel under the grid gets this many lines (the grid's rows fitted), it also shows
+the cell's local error (12 lines of statistics, 7 of local error and its inputs)."""
 
 SHORT_KEY_LABELS = {
     "select_cell": "open",
@@ -205,7 +209,7 @@ class ExplorerApp(App[int]):
         grid.focus()
         self.screen_stack[0].query_one(StatsPanel).floor_of = lambda stage: grid.floors.get(stage)
         self._fit_footer(self.size.width)
-        self._fit_layout()
+        self.call_after_refresh(self._fit_layout)
         if self.run_spec.preparing:
             self.status.set(note=self.run_spec.preparing)
         if self.clock is not None:
@@ -221,11 +225,15 @@ class ExplorerApp(App[int]):
         self._fit_layout()
 
     def layout_size(self) -> str:
-        """`compact`, `normal` or `roomy`, from the terminal's size."""
+        """`compact` (below 100×30), else `roomy` when the panel under the fitted grid has
+        ROOMY_PANEL lines, else `normal`."""
         width, height = self.size
         if width < COMPACT_WIDTH or height < COMPACT_HEIGHT:
             return "compact"
-        return "roomy" if height >= ROOMY_HEIGHT else "normal"
+        grid = self.screen_stack[0].query_one(StageGrid)
+        chrome = 2 + STATUS_LINES  # header, footer, status
+        panel = height - chrome - grid.wanted_height() - 1  # 1: the panel's top rule
+        return "roomy" if panel >= ROOMY_PANEL else "normal"
 
     def _fit_layout(self) -> None:
         """Give the grid the lines its rows need (no more: the panel under it takes the rest,
@@ -246,9 +254,10 @@ class ExplorerApp(App[int]):
             hint.update(self.key_hint())
         screen.query_one(StatsPanel).set_layout_size(size)
         grid = screen.query_one(StageGrid)
-        status = screen.query_one(StatusLine)
         error = screen.query_one("#error-panel", Static)
-        chrome = (0 if compact else 1) + 1 + max(1, status.outer_size.height)  # header, keys
+        # header, keys, status: the status line's most lines, so the layout never depends on
+        # how long its text is at the moment (the panel under the grid takes what is left).
+        chrome = (0 if compact else 1) + 1 + STATUS_LINES
         if error.has_class("visible"):
             chrome += error.outer_size.height
         room = self.size.height - chrome - BOTTOM_LINES[size] - 1  # 1: the panel's top rule

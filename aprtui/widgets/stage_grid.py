@@ -181,7 +181,8 @@ grid says what the colours mean.
         """
         self.row_layers = list(layers)
         self.has_reference = has_reference
-        self.refresh_bindings()  # f, n and m exist only with a reference (check_action)
+        self.refresh_bindings()  # f and m exist only with a reference (check_action)
+        self.post_message(self.ShapeChanged())  # new rows: the app re-fits (even at one size)
         if not has_reference and METRIC_BY_KEY[self.metric].needs_reference:
             self.set_reactive(StageGrid.metric, "std_a")
         self.stages = default_stages()
@@ -319,6 +320,7 @@ grid says what the colours mean.
         for cell in list(self.cells.values()):
             self._store(cell)
         self.refresh()
+        self._post_cursor()  # the panel under the grid shows the cursor cell's floor too
 
     def mark_divergence(self, kind: str, cell: Cell | None) -> None:
         """Mark `cell` as the first divergence of `kind` (`cosine` or `std`); None unmarks."""
