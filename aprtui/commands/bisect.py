@@ -425,8 +425,15 @@ def run(args: argparse.Namespace) -> int:
 
     layers = _parse_layers(args.layers)
     token_ids = parse_token_ids(args.tokens) if args.tokens is not None else None
+    from aprtui.commands.locations import model_argument  # `smollm2`: the bundled GGUF
+
     plan = prepare(
-        args.a, args.b, prompt=args.prompt, token_ids=token_ids, layers=layers, device=args.device
+        model_argument(args.a),
+        model_argument(args.b),
+        prompt=args.prompt,
+        token_ids=token_ids,
+        layers=layers,
+        device=args.device,
     )
     a, b = plan.a, plan.b
     assert b is not None

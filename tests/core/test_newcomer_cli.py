@@ -334,3 +334,24 @@ def test_default_trace_dir_of_a_packaged_model_is_the_current_directory(tmp_path
     assert resolve_reference(packaged, None) is None
     (work / "m-trace").mkdir()
     assert resolve_reference(packaged, None).resolve() == work / "m-trace"
+
+
+def test_bisect_takes_the_smollm2_short_name(apr_tui, smollm2_gguf, tmp_path):
+    """`apr-tui bisect smollm2 DIR`: the short name resolves to the bundled GGUF (here against
+    a two-stage trace of itself, layer 0 only: it agrees)."""
+    traced = run(
+        apr_tui,
+        "trace",
+        "smollm2",
+        "--save-tensor",
+        "attn_norm,ffn_norm",
+        "--tokens",
+        "1,2",
+        "--save-tensor-dir",
+        tmp_path / "t",
+        cwd=tmp_path,
+    )
+    assert traced.returncode == 0, traced.stderr
+    result = run(apr_tui, "bisect", "smollm2", tmp_path / "t", "--tokens", "1,2", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"A: {smollm2_gguf}" in result.stdout
