@@ -172,11 +172,39 @@ async def small_demo_shots(pair: DemoPair, work: Path, out: Path) -> list[Path]:
             await pilot.pause()
             await pilot.press("space")
         await pilot.press("d")
+        await pilot.app.workers.wait_for_complete()  # the read and the diff run in workers
+        await pilot.pause()
 
     previous = Path.cwd()
     try:
         os.chdir(work)  # the header shows the directory as given: keep it short
         shots.append(await capture(FilesApp(Path(trace_dir.name)), "files", out, browse))
+    finally:
+        os.chdir(previous)
+
+    defect_dir = work / "demo-small-defect-trace"
+    write_trace_dir(pair.model_b, defect_dir)
+
+    async def compare(pilot: Pilot) -> None:
+        from textual.widgets import Tree
+
+        await pilot.pause()
+        screen = pilot.app.screen
+        for directory in (trace_dir, defect_dir):
+            node = screen.node_for(Path(directory.name) / "layer-2" / "ffn_up.bin")
+            node.parent.expand()
+            await pilot.pause()
+            screen.query_one(Tree).move_cursor(node)
+            await pilot.pause()
+            await pilot.press("space")
+        await pilot.press("d")
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause()
+
+    try:
+        os.chdir(work)
+        two = FilesApp([Path(trace_dir.name), Path(defect_dir.name)])
+        shots.append(await capture(two, "files-two-traces", out, compare))
     finally:
         os.chdir(previous)
 
