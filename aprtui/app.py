@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from rich.text import Text
 from textual import events, work
-from textual.app import App, ComposeResult
+from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
@@ -61,6 +61,35 @@ if TYPE_CHECKING:
 
 FOOTER_ROOMY = 130
 FOOTER_PALETTE = 110
+
+COMPACT_WIDTH = 100
+COMPACT_HEIGHT = 30
+"""Below either (80×24 is the classic), the explorer switches to its compact layout: no
+header line, the grid as tall as its rows need, the cell in four short lines under it, and
+the legend a key away (`i`), so that what matters first (the grid, the verdict) fits."""
+
+STATUS_LINES = 3
+"""The lines the layout reserves for the status line (its max-height outside compact)."""
+
+ROOMY_PANEL = 20
+"""When the panel under the grid gets this many lines (the grid's rows fitted), it also shows
+the cell's local error (12 lines of statistics, 7 of local error and its inputs)."""
+
+SHORT_KEY_LABELS = {
+    "select_cell": "open",
+    "cycle_metric": "metric",
+    "jump_divergence": "origin",
+    "walk_worst(1)": "worst",
+    "next_anomaly": "anomaly",
+    "toggle_legend": "legend",
+    "browse": "browse",
+    "help": "all keys",
+    "quit": "quit",
+}
+"""The compact layout's one-line key hint (the footer's full labels do not fit 80 columns)."""
+
+BOTTOM_LINES = {"compact": 5, "normal": 13, "roomy": 13}
+"""The least room the panel under the grid keeps (the statistics table is 12 lines)."""
 
 SourcesOpener = Callable[[], "Plan | tuple[TraceSource, TraceSource | None]"]
 """What the engine worker calls first: a prepared Plan, or two open sources to plan (the demo
@@ -111,7 +140,8 @@ class ExplorerApp(App[int]):
     BINDINGS = [
         *GLOBAL_BINDINGS,
         Binding("b", "browse", "Browse APRT"),
-        Binding("escape", "dismiss_error", "Hide error", show=False),
+        Binding("i", "toggle_legend", "Legend"),
+        Binding("escape", "dismiss_error", "Hide the engine error panel", show=False),
     ]
 
     def __init__(
@@ -155,6 +185,7 @@ class ExplorerApp(App[int]):
             )
             yield Legend(id="legend")
         yield StatusLine(id="status")
+        yield Static("", id="key-hint")
         yield Footer()
 
     @property
@@ -176,7 +207,9 @@ class ExplorerApp(App[int]):
             grid.metric, self.run_spec.threshold, grid.has_reference
         )
         grid.focus()
+        self.screen_stack[0].query_one(StatsPanel).floor_of = lambda stage: grid.floors.get(stage)
         self._fit_footer(self.size.width)
+        self.call_after_refresh(self._fit_layout)
         if self.run_spec.preparing:
             self.status.set(note=self.run_spec.preparing)
         if self.clock is not None:
@@ -186,6 +219,71 @@ class ExplorerApp(App[int]):
 
     def on_resize(self, event: events.Resize) -> None:
         self._fit_footer(event.size.width)
+        self._fit_layout()
+
+    def on_stage_grid_shape_changed(self, message: StageGrid.ShapeChanged) -> None:
+        self._fit_layout()
+
+    def layout_size(self) -> str:
+        """`compact` (below 100×30), else `roomy` when the panel under the fitted grid has
+        ROOMY_PANEL lines, else `normal`."""
+        width, height = self.size
+        if width < COMPACT_WIDTH or height < COMPACT_HEIGHT:
+            return "compact"
+        grid = self.screen_stack[0].query_one(StageGrid)
+        chrome = 2 + STATUS_LINES  # header, footer, status
+        panel = height - chrome - grid.wanted_height() - 1  # 1: the panel's top rule
+        return "roomy" if panel >= ROOMY_PANEL else "normal"
+
+    def _fit_layout(self) -> None:
+        """Give the grid the lines its rows need (no more: the panel under it takes the rest,
+        so a tall terminal has no gap), keeping the panel's least room; compact below 100×30."""
+        screen = self.screen_stack[0]
+        if not screen.is_mounted:
+            return
+        size = self.layout_size()
+        compact = size == "compact"
+        screen.set_class(compact, "-compact")
+        if not compact:
+            screen.remove_class("-legend")
+        screen.query_one(Header).display = not compact
+        screen.query_one(Footer).display = not compact
+        hint = screen.query_one("#key-hint", Static)
+        hint.display = compact
+        if compact:
+            hint.update(self.key_hint())
+        screen.query_one(StatsPanel).set_layout_size(size)
+        grid = screen.query_one(StageGrid)
+        error = screen.query_one("#error-panel", Static)
+        # header, keys, status: the status line's most lines, so the layout never depends on
+        # how long its text is at the moment (the panel under the grid takes what is left).
+        chrome = (0 if compact else 1) + 1 + STATUS_LINES
+        if error.has_class("visible"):
+            chrome += error.outer_size.height
+        room = self.size.height - chrome - BOTTOM_LINES[size] - 1  # 1: the panel's top rule
+        grid.styles.height = max(6, min(grid.wanted_height(), room))
+        self.refresh_bindings()
+
+    def key_hint(self) -> Text:
+        """`⏎ open  m metric  f origin …  ? all keys  q quit`: the keys that work here (the
+        same check_action as the footer), in one line for the compact layout."""
+        text = Text()
+        seen = set()
+        for active in self.screen_stack[0].active_bindings.values():
+            binding = active.binding
+            label = SHORT_KEY_LABELS.get(binding.action)
+            if label is None or not binding.show or binding.action in seen:
+                continue
+            seen.add(binding.action)
+            if text:
+                text.append("  ")
+            text.append(self.get_key_display(binding), "bold #ffa62b")  # the footer key colour
+            text.append(f" {label}")
+        return text
+
+    def action_toggle_legend(self) -> None:
+        """Compact layout: swap the cell's statistics and the legend under the grid."""
+        self.screen_stack[0].toggle_class("-legend")
 
     def _fit_footer(self, width: int) -> None:
         """Keep every footer key visible on narrow terminals: compact spacing below
@@ -286,6 +384,20 @@ class ExplorerApp(App[int]):
             total=plan.expected,
         )
         self._show_legend()
+        self._warn_incomplete(plan)
+
+    def _warn_incomplete(self, plan: Plan) -> None:
+        """A trace directory whose run did not finish is a partial reference: say so in the
+        header and in a notification, never treat it as complete silently."""
+        notes = []
+        for label, side in (("A", plan.a), ("B", plan.b)):
+            note = getattr(getattr(side, "trace_dir", None), "incomplete_note", None)
+            if note:
+                notes.append(f"{label}: {note}")
+        if notes:
+            self.sub_title += " · incomplete trace"
+            for note in notes:
+                self.notify(note, title="Incomplete trace", severity="warning", timeout=15)
 
     def on_cell_ready(self, message: CellReady) -> None:
         self.apply_cell(message.cell)
@@ -448,18 +560,56 @@ class ExplorerApp(App[int]):
     def action_help(self) -> None:
         if isinstance(self.screen, HelpScreen):
             return
-        self.push_screen(HelpScreen(help_sections()))
+        self.push_screen(HelpScreen(help_sections(), notes=[self.save_note()]))
+
+    def save_note(self) -> str:
+        """Where `s` in a cell's drill-down writes (the help screen says it)."""
+        from aprtui.screens.cell_detail import SAVE_DIR_NAME
+
+        directory = self.save_dir or (Path.cwd() / SAVE_DIR_NAME)
+        return f"s in a cell's drill-down saves both tensors as APRT files to {directory}/"
+
+    def trace_dirs(self) -> list[Path]:
+        """The trace directories behind the two sides (A's first), for `b`."""
+        found = []
+        side_a = getattr(self.source_a, "root", None)
+        if getattr(self.source_a, "kind", None) == "trace-dir" and side_a is not None:
+            found.append(Path(side_a))
+        reference = self.run_spec.reference_dir
+        if reference is not None and reference.is_dir() and reference not in found:
+            found.append(reference)
+        return found
 
     def action_browse(self) -> None:
-        directory = self.run_spec.reference_dir
-        if directory is None or not directory.is_dir():
+        directories = self.trace_dirs()
+        if not directories:
             self.notify(
-                "the reference is not a trace directory: nothing to browse",
+                "neither side is a trace directory: nothing to browse",
                 title="APRT browser",
                 severity="warning",
             )
             return
-        self.push_screen(FileBrowserScreen(directory))
+        self.push_screen(FileBrowserScreen(directories))
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Show each key only where it works: `b` needs a trace directory on one side, `esc`
+        (hide the error panel) an engine error."""
+        if action == "browse":
+            return bool(self.trace_dirs())
+        if action == "dismiss_error":
+            return self.error is not None
+        if action == "toggle_legend":  # the legend has its own place in the larger layouts
+            return self.layout_size() == "compact"
+        return True
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The command palette (ctrl+p): every key the current screen offers, by its name
+        (`Metric`, `First divergence`, ...), then Keys (the help screen, which esc closes),
+        Theme and Quit."""
+        yield from palette_commands(self, screen)
+        yield SystemCommand("Keys", "Every key of every screen (esc closes it)", self.action_help)
+        yield SystemCommand("Theme", "Change the current theme", self.action_change_theme)
+        yield SystemCommand("Quit", "Stop the engine worker and leave", self.action_quit)
 
     def action_dismiss_error(self) -> None:
         self.screen_stack[0].query_one("#error-panel", Static).remove_class("visible")
@@ -485,6 +635,38 @@ class ExplorerApp(App[int]):
         if plan is not None:
             with contextlib.suppress(Exception):  # best effort: a busy mmap refuses
                 plan.close()
+
+
+PALETTE_SKIP = frozenset({"quit", "help", "command_palette", "cursor", "dismiss"})
+"""Actions the palette lists once by itself (Quit, Keys) or that make no sense as a command
+(cursor moves, closing a modal)."""
+
+
+def palette_commands(app: App, screen: Screen) -> Iterator[SystemCommand]:
+    """One palette command per key binding active on `screen` (its focused widget, the screen,
+    the app), in binding order, only where the binding works (`check_action`), one per action."""
+    seen: set[str] = set()
+    for active in screen.active_bindings.values():
+        binding = active.binding
+        name = binding.action.split("(", 1)[0]
+        if name in PALETTE_SKIP or binding.action in seen or not active.enabled:
+            continue
+        if not binding.description or not _ours(active.node, name):
+            continue  # Textual's own (focus, copy, scroll) stay off the list
+        seen.add(binding.action)
+        keys = binding.key_display or app.get_key_display(binding)
+        node, action = active.node, binding.action
+
+        def run(node=node, action=action) -> None:
+            app.call_later(app.run_action, action, node)
+
+        yield SystemCommand(binding.description, f"key: {keys}", run)
+
+
+def _ours(node: object, action: str) -> bool:
+    """Whether `action` is one of apr-tui's (defined in the aprtui package), or the app's."""
+    method = getattr(type(node), f"action_{action}", None)
+    return getattr(method, "__module__", "").startswith("aprtui")
 
 
 def help_sections() -> list[tuple[str, list]]:
@@ -570,7 +752,7 @@ def make_app(
 
 
 class FilesApp(App[int]):
-    """`apr-tui files DIR`: the APRT browser on its own."""
+    """`apr-tui files DIR [DIR2]`: the APRT browser on its own."""
 
     CSS_PATH = "app.tcss"
     TITLE = "apr-tui files"
@@ -579,15 +761,24 @@ class FilesApp(App[int]):
         *GLOBAL_BINDINGS,
     ]
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directories: Path | list[Path]) -> None:
         super().__init__()
-        self.directory = Path(directory)
+        if isinstance(directories, (str, Path)):
+            directories = [Path(directories)]
+        self.directories = [Path(d) for d in directories]
+        self.directory = self.directories[0]
 
     def get_default_screen(self) -> Screen:
-        return FileBrowserScreen(self.directory, standalone=True)
+        return FileBrowserScreen(self.directories, standalone=True)
 
     def on_mount(self) -> None:
-        self.sub_title = str(self.directory)
+        self.sub_title = "  vs  ".join(str(d) for d in self.directories)
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from palette_commands(self, screen)
+        yield SystemCommand("Keys", "Every key of the browser (esc closes it)", self.action_help)
+        yield SystemCommand("Theme", "Change the current theme", self.action_change_theme)
+        yield SystemCommand("Quit", "Leave", self.action_quit)
 
     def action_help(self) -> None:
         if isinstance(self.screen, HelpScreen):

@@ -90,11 +90,32 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         # argparse checks required positionals before it reports unknown options, so
         # `apr-tui diff --bogus` would say "A, B are required"; name the bad flag instead.
+        negative = self._negative_value(message)
+        if negative is not None:
+            message = negative
         unknown = self._unknown_options()
         if unknown and message.startswith("the following arguments are required"):
             message = f"unrecognized arguments: {' '.join(unknown)}"
         _print_error(f"{self.prog}: {message} (see --help)")
         raise SystemExit(EXIT_USAGE)
+
+    def _negative_value(self, message: str) -> str | None:
+        """`--tokens -1,2`: argparse takes `-1,2` for an option and says "expected one
+        argument"; say that the value is there and what is wrong with it."""
+        match = re.fullmatch(r"argument (--[a-z-]+)(?:/[^:]*)?: expected one argument", message)
+        if match is None:
+            return None
+        flag = match.group(1)
+        words = self._argv
+        for index, word in enumerate(words[:-1]):
+            value = words[index + 1]
+            if word == flag and re.fullmatch(r"-[0-9][0-9,.\s-]*", value):
+                if flag == "--tokens":
+                    return (
+                        f"--tokens {value}: negative numbers are not token ids (ids are 0 or more)"
+                    )
+                return f"{flag} {value}: a negative value here is not allowed (write {flag}={value} if you mean it)"
+        return None
 
     def _unknown_options(self) -> list[str]:
         """The option-like words of the command line that no option of this parser accepts."""
@@ -184,11 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(_usage_line() + "\n")
         return EXIT_USAGE
     if args_list[0] in ("-h", "--help", "help"):
-        print(_top_help())
-        return 0
+        return _print_and_close(_top_help())
     if args_list[0] in ("-V", "--version"):
-        print(f"apr-tui {__version__}")
-        return 0
+        return _print_and_close(f"apr-tui {__version__}")
 
     if args_list[0] in COMMANDS:
         name = args_list.pop(0)
@@ -214,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_error(str(error))
         return EXIT_USAGE
     except BrokenPipeError:
+        _silence_stdout()
         return 0  # `apr-tui ... | head`: the reader left, nothing is wrong
     except OSError as error:
         _print_error(_describe_os_error(error))
@@ -224,6 +244,27 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError as error:  # numpy's "Unable to allocate 13.4 GiB for an array ..."
         _print_error(f"out of memory: {error or 'allocation failed'}")
         return EXIT_USAGE
+
+
+def _print_and_close(text: str) -> int:
+    """Print help text; a reader that left early (`apr-tui -h | head -1`) is not an error."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+    return 0
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so that the interpreter's final flush
+    does not print `Exception ignored ... BrokenPipeError` on stderr."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 _ESCAPE = "apr-tui-escape"

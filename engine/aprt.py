@@ -411,6 +411,22 @@ class TraceDir:
     place (also listed in `unknown`). `read_trace_dir` refuses them unless strict=False."""
 
     @property
+    def incomplete_note(self) -> str | None:
+        """One line for a directory whose run did not finish (`complete` is False), naming
+        what it holds; None for a complete directory or one that does not say. Every reader
+        (diff, bisect, the explorer, the file browser) shows it rather than treat a partial
+        trace as a full reference."""
+        if self.complete is not False:
+            return None
+        layers = self.layers
+        held = f"layers {layers[0]}..{layers[-1] + 1}" if layers else "no per-layer stage"
+        return (
+            f"{self.root} is an incomplete trace: the run that wrote it did not finish "
+            f"(tokens.json says complete: false); it holds {len(self.entries)} stage files "
+            f"({held}), later stages are missing"
+        )
+
+    @property
     def layers(self) -> list[int]:
         """The per-layer indices present, ascending."""
         return sorted({layer for layer, _ in self.entries if layer != WHOLE_MODEL_LAYER})

@@ -146,6 +146,16 @@ async def small_demo_shots(pair: DemoPair, work: Path, out: Path) -> list[Path]:
         )
     )
 
+    async def origin(pilot: Pilot) -> None:
+        await settle(pilot)
+        await pilot.press("f")
+
+    for size in ((80, 24), (220, 60)):
+        name = f"grid-{size[0]}x{size[1]}"
+        shots.append(
+            await capture(explorer(pair.model_a, pair.model_b), name, out, origin, size=size)
+        )
+
     trace_dir = work / "demo-small-trace"
     write_trace_dir(pair.model_a, trace_dir)
 
@@ -162,11 +172,39 @@ async def small_demo_shots(pair: DemoPair, work: Path, out: Path) -> list[Path]:
             await pilot.pause()
             await pilot.press("space")
         await pilot.press("d")
+        await pilot.app.workers.wait_for_complete()  # the read and the diff run in workers
+        await pilot.pause()
 
     previous = Path.cwd()
     try:
         os.chdir(work)  # the header shows the directory as given: keep it short
         shots.append(await capture(FilesApp(Path(trace_dir.name)), "files", out, browse))
+    finally:
+        os.chdir(previous)
+
+    defect_dir = work / "demo-small-defect-trace"
+    write_trace_dir(pair.model_b, defect_dir)
+
+    async def compare(pilot: Pilot) -> None:
+        from textual.widgets import Tree
+
+        await pilot.pause()
+        screen = pilot.app.screen
+        for directory in (trace_dir, defect_dir):
+            node = screen.node_for(Path(directory.name) / "layer-2" / "ffn_up.bin")
+            node.parent.expand()
+            await pilot.pause()
+            screen.query_one(Tree).move_cursor(node)
+            await pilot.pause()
+            await pilot.press("space")
+        await pilot.press("d")
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause()
+
+    try:
+        os.chdir(work)
+        two = FilesApp([Path(trace_dir.name), Path(defect_dir.name)])
+        shots.append(await capture(two, "files-two-traces", out, compare))
     finally:
         os.chdir(previous)
 
@@ -192,7 +230,8 @@ async def smollm2_shot(work: Path, out: Path) -> list[Path]:
         await pilot.press("f")
 
     app = explorer(pair.model_a, pair.model_b)
-    return [await capture(app, "demo-smollm2", out, steps, size=(150, 48))]
+    # 52 lines: all 30 layer rows and the whole-model row (final_norm, logits) above the panel.
+    return [await capture(app, "demo-smollm2", out, steps, size=(160, 52))]
 
 
 def to_png(svg: Path) -> Path | None:

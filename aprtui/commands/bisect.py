@@ -174,6 +174,7 @@ def _ignored_files(source: TraceSource) -> list[tuple[object, str]]:
 
 def _cosine_style(cell: Cell, threshold: float) -> tuple[str, str]:
     """(text, rich style) for one table cell."""
+    from aprtui.numbers import cosine_text
     from engine.compare import cosine_diverged, std_diverged
 
     if cell.stats_a is None or cell.stats_b is None:
@@ -185,7 +186,7 @@ def _cosine_style(cell: Cell, threshold: float) -> tuple[str, str]:
             return "=", "green"
         return f"≠{len(cell.index_diff.positions)}", "bold red"
     cosine = cell.diff.cosine_sim
-    text = "1.0" if cosine >= 0.99995 else f"{cosine:.4f}".removeprefix("0")
+    text = cosine_text(cosine)  # aprtui.numbers: the grid's format
     if std_diverged(cell):
         text += "*"
     if cosine_diverged(cell, threshold):
@@ -259,7 +260,7 @@ def _print_summary(
             row.append(Text(text, style=style))
         table.add_row(*row)
 
-    width = max(100, 8 + 8 * len(stage_names))
+    width = max(100, 8 + 10 * len(stage_names))  # `◆1.0000*` and the padding
     console = Console(
         highlight=False, soft_wrap=True, width=width if not sys.stdout.isatty() else None
     )
@@ -270,6 +271,10 @@ def _print_summary(
         console.print("tokens: unknown (neither trace directory has a tokens.json)")
     else:
         console.print(f"tokens: {ids} ({len(ids)} tokens)")
+    for label, side in (("A", a), ("B", b)):  # a trace directory whose run did not finish
+        note = getattr(getattr(side, "trace_dir", None), "incomplete_note", None)
+        if note:
+            console.print(f"warning: {label}: {note}", style="bold yellow", markup=False)
     console.print()
     console.print(table)
     console.print(
@@ -484,8 +489,15 @@ def run(args: argparse.Namespace) -> int:
 
     layers = _parse_layers(args.layers)
     token_ids = parse_token_ids(args.tokens) if args.tokens is not None else None
+    from aprtui.commands.locations import model_argument  # `smollm2`: the bundled GGUF
+
     plan = prepare(
-        args.a, args.b, prompt=args.prompt, token_ids=token_ids, layers=layers, device=args.device
+        model_argument(args.a),
+        model_argument(args.b),
+        prompt=args.prompt,
+        token_ids=token_ids,
+        layers=layers,
+        device=args.device,
     )
     a, b = plan.a, plan.b
     assert b is not None

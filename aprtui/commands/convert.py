@@ -33,6 +33,19 @@ exit codes: 0 written, 2 bad input (unreadable model, existing OUT without --for
 
 DTYPES = ("f32", "f16", "q8_0", "q4_k", "q6_k")
 
+OTHER_FORMAT_SUFFIXES = {
+    ".gguf": "GGUF",
+    ".safetensors": "safetensors",
+    ".ggml": "GGML",
+    ".pt": "PyTorch",
+    ".pth": "PyTorch",
+    ".onnx": "ONNX",
+    ".npz": "numpy",
+    ".npy": "numpy",
+}
+"""OUT names that promise another format: an APR file written there would be opened by the
+wrong tool (and by us, by its magic, without complaint), so `convert` refuses them."""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -57,6 +70,12 @@ def run(args: argparse.Namespace) -> int:
             raise FormatError(f"{flag}: empty path")
     source = Path(args.input)
     target = Path(args.output)
+    promised = OTHER_FORMAT_SUFFIXES.get(target.suffix.lower())
+    if promised is not None:
+        raise FormatError(
+            f"{target}: convert writes APR v2 files, and a {target.suffix} name promises a "
+            f"{promised} file; name the output {target.with_suffix('.apr').name}"
+        )
     if target.is_dir():
         raise FormatError(f"{target}: is a directory, expected an .apr file name")
     if target.exists() or target.is_symlink():

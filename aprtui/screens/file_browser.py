@@ -1,39 +1,75 @@
-"""Browse a directory of APRT stage files; mark two and diff them as `apr diff --values` does."""
+"""Browse one or two directories of APRT stage files; mark any two files of the same size and
+diff them as `apr diff --values` does.
+
+Two directories (`apr-tui files A B`, or `b` in the explorer when both sides are traces) sit
+side by side in one tree under `A:` and `B:`, so a stage of one trace can be diffed with the
+same stage of the other, or with any stage of the same size, also across layers (apr's own
+`diff` refuses a layer mismatch; here the panel says that the layers differ and diffs anyway,
+which is how a shifted layer is found). The two marks are always on screen; a third mark is
+refused with a message rather than silently dropping the oldest.
+
+Nothing here reads or reduces a tensor on the UI thread: the highlighted file's statistics and
+every diff run in thread workers (one exclusive group each), so that holding an arrow key over
+8M-value attention files never stalls the screen. Moving on cancels the worker of the file
+left behind; its result, if it still arrives, is dropped.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from rich.table import Table
 from rich.text import Text
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static, Tree
 from textual.widgets.tree import TreeNode
+from textual.worker import get_current_worker
 
 from aprtui.anomalies import CellAnomalies, stats_anomalies
 from aprtui.widgets.stats_panel import anomaly_summary, tensor_stats_table
 from engine.aprt import TraceDir, read_aprt, read_trace_dir
 from engine.errors import AprTuiError, DiffError
 from engine.stages import WHOLE_MODEL_LAYER
-from engine.stats import DiffStats, tensor_stats
+from engine.stats import DiffStats, TensorStats, tensor_stats
 
 PREVIEW_VALUES = 24
+"""Values shown under a file's statistics (the first ones, in file order)."""
+
 DIFF_LIMIT = 10
+"""Top divergences listed in a diff (apr's default --limit)."""
+
+MARK_NAMES = "AB"
 
 
 def layer_text(layer: int) -> str:
     return "whole-model" if layer == WHOLE_MODEL_LAYER else str(layer)
 
 
-def diff_aprt_files(path_a: Path, path_b: Path, limit: int = DIFF_LIMIT) -> DiffStats:
-    """`apr diff --values A B` on two APRT files: size check, then layer check, then statistics.
+@dataclass(frozen=True)
+class FileDiff:
+    """The result of diffing two marked files."""
 
-    Raises DiffError with apr's own messages (§2.2) when the files cannot be compared.
+    stats: DiffStats
+    layer_a: int
+    layer_b: int
+
+    @property
+    def across_layers(self) -> bool:
+        return self.layer_a != self.layer_b
+
+
+def diff_aprt_files(path_a: Path, path_b: Path, limit: int = DIFF_LIMIT) -> FileDiff:
+    """`apr diff --values A B` on two APRT files of the same size, from any layers.
+
+    Raises DiffError with apr's message (§2.2) when the sizes differ; a layer mismatch, which
+    apr refuses, is reported in the result instead (`across_layers`).
     """
     from engine.stats import diff_stats
 
@@ -44,27 +80,32 @@ def diff_aprt_files(path_a: Path, path_b: Path, limit: int = DIFF_LIMIT) -> Diff
             f"APRT dim_product mismatch: {path_a} has {a.dim_product} f32s, {path_b} has "
             f"{b.dim_product} f32s — cannot compare stage tensors of different sizes"
         )
-    if a.layer != b.layer:
-        raise DiffError(
-            f"APRT layer mismatch: {path_a} is layer {a.layer}, {path_b} is layer {b.layer} — "
-            "stages from different layers cannot be compared element-wise"
-        )
-    return diff_stats(a.values, b.values, limit=limit)
+    return FileDiff(diff_stats(a.values, b.values, limit=limit), a.layer, b.layer)
 
 
-def diff_text(path_a: Path, path_b: Path, diff: DiffStats) -> Table:
+def diff_text(path_a: Path | str, path_b: Path | str, diff: FileDiff) -> Table:
     """The numbers of apr's text report, as a table."""
+    stats = diff.stats
     table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column("", style="bold")
-    table.add_column("")
+    table.add_column("", overflow="fold")
     table.add_row("A", str(path_a))
     table.add_row("B", str(path_b))
-    table.add_row("elements", str(diff.count))
-    table.add_row("max|diff|", f"{diff.max_abs_diff:.6e} (at index {diff.max_abs_diff_index})")
-    table.add_row("RMS diff", f"{diff.rms_diff:.6e}")
-    table.add_row("cosine sim", f"{diff.cosine_sim:.10f}")
+    if diff.across_layers:
+        table.add_row(
+            "layers",
+            Text(
+                f"A is layer {layer_text(diff.layer_a)}, B is layer {layer_text(diff.layer_b)}: "
+                "compared element-wise across layers (apr diff would refuse)",
+                style="yellow",
+            ),
+        )
+    table.add_row("elements", str(stats.count))
+    table.add_row("max|diff|", f"{stats.max_abs_diff:.6e} (at index {stats.max_abs_diff_index})")
+    table.add_row("RMS diff", f"{stats.rms_diff:.6e}")
+    table.add_row("cosine sim", f"{stats.cosine_sim:.10f}")
     table.add_row("top |a - b|", "")
-    for entry in diff.top_diffs:
+    for entry in stats.top_diffs:
         table.add_row(
             f"  [{entry.index:>8}]",
             f"a={entry.a:>+13.6e}  b={entry.b:>+13.6e}  |Δ|={entry.abs_diff:.6e}",
@@ -79,70 +120,142 @@ def preview_text(values: np.ndarray) -> Text:
     return Text.assemble(("first values\n", "bold"), body, (more, "dim"))
 
 
+@dataclass(frozen=True)
+class FileSummary:
+    """What the detail pane shows of one file; computed in a worker thread."""
+
+    path: Path
+    layer: int
+    dim_product: int
+    size: int
+    stats: TensorStats
+    preview: Text
+
+
+def summarize_file(path: Path) -> FileSummary:
+    """Read one APRT file and reduce it (the worker's job; raises AprTuiError)."""
+    tensor = read_aprt(path)
+    return FileSummary(
+        path=path,
+        layer=tensor.layer,
+        dim_product=tensor.dim_product,
+        size=path.stat().st_size,
+        stats=tensor_stats(tensor.values),
+        preview=preview_text(tensor.values),
+    )
+
+
 class FileBrowserScreen(Screen[None]):
-    """A tree of `layer-N/` directories and stage files; details of the highlighted file."""
+    """A tree of one or two trace directories; details of the highlighted file; two marks."""
 
     BINDINGS = [
-        Binding("space", "mark", "Mark for diff", priority=True),
-        Binding("d", "diff", "Diff marked"),
+        Binding("space", "mark", "Mark A / B", priority=True),
+        Binding("d", "diff", "Diff A with B"),
+        Binding("c", "clear_marks", "Clear marks"),
         Binding("escape", "back", "Back"),
     ]
 
     HELP = """
 ## APRT browser
 
-The stage files of a trace directory (`layer-N/<stage>.bin`, whole-model stages at the root).
-Highlight a file to see its header, statistics and first values. `space` marks up to two files
-(A, then B); `d` diffs them with `apr diff --values` semantics.
+The stage files of one or two trace directories (`layer-N/<stage>.bin`, whole-model stages at
+the root). Highlight a file to see its header, statistics and first values. `space` marks a
+file as A, then B (again on a marked file unmarks it; a third is refused); `d` diffs A with B
+with `apr diff --values` numbers, also across layers and across the two directories.
 """
 
-    def __init__(self, directory: Path, *, standalone: bool = False) -> None:
+    def __init__(self, directories: Path | Sequence[Path], *, standalone: bool = False) -> None:
         super().__init__()
-        self.directory = Path(directory)
+        if isinstance(directories, (str, Path)):
+            directories = [Path(directories)]
+        self.directories = [Path(d) for d in directories][:2]
+        self.directory = self.directories[0]
+        """The first directory (the only one for `apr-tui files DIR`)."""
         self.standalone = standalone
         self.marked: list[Path] = []
+        self.traces: dict[Path, TraceDir] = {}
         self.trace: TraceDir | None = None
+        """The first directory's trace, once read."""
+        self.showing: Path | None = None
+        """The file the detail pane is for (a worker's late result for another is dropped)."""
         self._tree_nodes: dict[Path, TreeNode] = {}
+        self._owner: dict[Path, Path] = {}
+        """Stage file -> the directory it was listed under."""
+        self._notes: list[str] = []
+        """One line per incomplete trace directory, kept under the marks."""
+
+    # -- layout -----------------------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
         if self.standalone:
             yield Header()
         with Horizontal(id="browser-body"):
-            yield Tree(self.directory.name or str(self.directory), id="aprt-tree")
-            with VerticalScroll(id="aprt-detail"):
-                yield Static(Text("highlight a file", style="dim"), id="aprt-header")
-                yield Static("", id="aprt-stats")
-                yield Static("", id="aprt-preview")
-                yield Static(
-                    Text("space: mark two files, d: diff them", style="dim"), id="aprt-diff"
-                )
+            root_label = (
+                self.directory.name or str(self.directory)
+                if len(self.directories) == 1
+                else f"{len(self.directories)} traces"
+            )
+            yield Tree(root_label, id="aprt-tree")
+            with Vertical(id="aprt-side"):
+                yield Static("", id="aprt-marks")
+                with VerticalScroll(id="aprt-detail"):
+                    yield Static(Text("highlight a file", style="dim"), id="aprt-header")
+                    yield Static("", id="aprt-stats")
+                    yield Static("", id="aprt-preview")
+                    yield Static("", id="aprt-diff")
         yield Footer()
 
     def on_mount(self) -> None:
         tree = self.query_one(Tree)
         tree.root.expand()
-        try:
-            self.trace = read_trace_dir(self.directory, strict=False)  # lists corrupt files
-        except AprTuiError as error:
-            self.query_one("#aprt-header", Static).update(Text(str(error), style="bold red"))
-            self.notify(str(error), title="APRT browser", severity="error", markup=False)
-            return
+        two = len(self.directories) > 1
+        errors = []
+        for index, directory in enumerate(self.directories):
+            try:
+                trace = read_trace_dir(directory, strict=False)  # lists corrupt files
+            except AprTuiError as error:
+                errors.append(str(error))
+                continue
+            self.traces[directory] = trace
+            if index == 0:
+                self.trace = trace
+            if trace.incomplete_note:
+                self._notes.append(trace.incomplete_note)
+            if two:
+                label = f"{MARK_NAMES[index]}: {directory.name or directory}/"
+                branch = tree.root.add(label, expand=True)
+            else:
+                branch = tree.root
+            self._add_trace(branch, directory, trace)
+        if errors:
+            self.query_one("#aprt-header", Static).update(Text("\n".join(errors), style="bold red"))
+            for error in errors:
+                self.notify(error, title="APRT browser", severity="error", markup=False)
+        for note in self._notes:
+            self.notify(note, title="Incomplete trace", severity="warning", markup=False)
+        self._show_marks()
+        tree.focus()
+
+    def _add_trace(self, branch: TreeNode, directory: Path, trace: TraceDir) -> None:
         by_layer: dict[int, list[tuple[str, Path]]] = {}
-        for (layer, stage), path in self.trace.entries.items():
+        for (layer, stage), path in trace.entries.items():
             by_layer.setdefault(layer, []).append((stage, path))
         for layer, files in by_layer.items():
             if layer == WHOLE_MODEL_LAYER:
                 continue
-            branch = tree.root.add(f"layer-{layer}", expand=layer == min(by_layer))
+            layer_branch = branch.add(f"layer-{layer}", expand=layer == min(by_layer))
             for stage, path in files:
-                self._tree_nodes[path] = branch.add_leaf(stage, data=path)
+                self._tree_nodes[path] = layer_branch.add_leaf(stage, data=path)
+                self._owner[path] = directory
         for stage, path in by_layer.get(WHOLE_MODEL_LAYER, []):
-            self._tree_nodes[path] = tree.root.add_leaf(stage, data=path)
-        if self.trace.unknown:
-            other = tree.root.add(f"not stage files ({len(self.trace.unknown)})")
-            for path, reason in self.trace.unknown:
+            self._tree_nodes[path] = branch.add_leaf(stage, data=path)
+            self._owner[path] = directory
+        if trace.unknown:
+            other = branch.add(f"not stage files ({len(trace.unknown)})")
+            for path, reason in trace.unknown:
                 other.add_leaf(Text.assemble(path.name, (f"  {reason}", "dim")), data=None)
-        tree.focus()
+
+    # -- the highlighted file (a worker reads and reduces it) -------------------------------
 
     @on(Tree.NodeHighlighted)
     def show_file(self, event: Tree.NodeHighlighted) -> None:
@@ -151,36 +264,69 @@ Highlight a file to see its header, statistics and first values. `space` marks u
             self.show_path(path)
 
     def show_path(self, path: Path) -> None:
-        header = self.query_one("#aprt-header", Static)
+        """Say which file is being read, and read it in a worker (the one before is
+        cancelled: exclusive group)."""
+        self.showing = path
+        self.query_one("#aprt-header", Static).update(
+            Text(f"reading {self.shown(path)} …", style="dim")
+        )
+        self.query_one("#aprt-stats", Static).update("")
+        self.query_one("#aprt-preview", Static).update("")
+        self._summarize(path)
+
+    @work(thread=True, exclusive=True, group="aprt-show", exit_on_error=False)
+    def _summarize(self, path: Path) -> None:
+        worker = get_current_worker()
         try:
-            tensor = read_aprt(path)
+            result: FileSummary | str = summarize_file(path)
         except AprTuiError as error:
-            header.update(Text(str(error), style="bold red"))
-            self.query_one("#aprt-stats", Static).update("")
-            self.query_one("#aprt-preview", Static).update("")
+            result = str(error)
+        except OSError as error:
+            result = f"{path}: {error.strerror or error}"
+        if not worker.is_cancelled:
+            self.app.call_from_thread(self._show_summary, path, result)
+
+    def _show_summary(self, path: Path, result: FileSummary | str) -> None:
+        if path != self.showing or not self.is_attached:
+            return  # the user moved on
+        header = self.query_one("#aprt-header", Static)
+        if isinstance(result, str):
+            header.update(Text(result, style="bold red"))
             return
         info = Table(box=None, show_header=False, pad_edge=False)
         info.add_column("", style="bold")
-        info.add_column("")
-        info.add_row("file", str(path.relative_to(self.directory)))
-        info.add_row("layer", layer_text(tensor.layer))
-        info.add_row("dim_product", str(tensor.dim_product))
-        info.add_row("size", f"{path.stat().st_size} bytes")
+        info.add_column("", overflow="fold")
+        info.add_row("file", str(self.shown(path)))
+        info.add_row("layer", layer_text(result.layer))
+        info.add_row("dim_product", str(result.dim_product))
+        info.add_row("size", f"{result.size} bytes")
         header.update(info)
-        stats = tensor_stats(tensor.values)
-        flags = CellAnomalies(a=stats_anomalies(path.stem, stats))
-        table = tensor_stats_table(stats, None, show_b=False, flags=flags)
+        flags = CellAnomalies(a=stats_anomalies(path.stem, result.stats))
+        table = tensor_stats_table(result.stats, None, show_b=False, flags=flags)
         if flags:  # apr's anomaly flags of this file, above its statistics
             both = Table.grid()
             both.add_row(anomaly_summary(flags))
             both.add_row(table)
             table = both
         self.query_one("#aprt-stats", Static).update(table)
-        self.query_one("#aprt-preview", Static).update(preview_text(tensor.values))
+        self.query_one("#aprt-preview", Static).update(result.preview)
+
+    # -- marks ------------------------------------------------------------------------------
 
     def node_for(self, path: Path) -> TreeNode | None:
         """The tree node of one stage file (None for a path the tree does not list)."""
         return self._tree_nodes.get(path)
+
+    def shown(self, path: Path) -> str:
+        """A stage file as the user knows it: relative to its directory, and prefixed with
+        that directory's name when two are open."""
+        owner = self._owner.get(path)
+        if owner is None:
+            return str(path)
+        relative = str(path.relative_to(owner))
+        if len(self.directories) > 1:
+            return f"{owner.name or owner}/{relative}"
+        return relative
 
     def _highlighted_path(self) -> Path | None:
         node = self.query_one(Tree).cursor_node
@@ -192,50 +338,95 @@ Highlight a file to see its header, statistics and first values. `space` marks u
             return
         label = Text(path.stem)
         if path in self.marked:
-            label.append(f"  [{'AB'[self.marked.index(path)]}]", "bold reverse")
+            label.append(f"  [{MARK_NAMES[self.marked.index(path)]}]", "bold reverse")
         node.set_label(label)
 
     def action_mark(self) -> None:
         path = self._highlighted_path()
         if path is None:
+            self.notify("highlight a stage file to mark it", title="Mark", severity="warning")
             return
         if path in self.marked:
             self.marked.remove(path)
+        elif len(self.marked) == len(MARK_NAMES):
+            self.notify(
+                f"A and B are already marked ({self.shown(self.marked[0])}, "
+                f"{self.shown(self.marked[1])}): space on one of them unmarks it, c clears both",
+                title="Mark",
+                severity="warning",
+                markup=False,
+            )
+            return
         else:
             self.marked.append(path)
-            if len(self.marked) > 2:
-                self.marked.pop(0)
         for node_path in self._tree_nodes:
             self._relabel(node_path)
-        names = ", ".join(
-            f"{'AB'[i]}: {p.relative_to(self.directory)}" for i, p in enumerate(self.marked)
-        )
-        self.query_one("#aprt-diff", Static).update(
-            Text(f"marked {names}" if names else "nothing marked", style="dim")
-        )
+        self._show_marks()
+
+    def action_clear_marks(self) -> None:
+        self.marked.clear()
+        for node_path in self._tree_nodes:
+            self._relabel(node_path)
+        self._show_marks()
+
+    def _show_marks(self) -> None:
+        """The marks line: what A and B are, and what the next key does."""
+        line = Text()
+        for index, name in enumerate(MARK_NAMES):
+            if index:
+                line.append("   ")
+            line.append(f" {name} ", "bold reverse")
+            if index < len(self.marked):
+                line.append(f" {self.shown(self.marked[index])}")
+            else:
+                line.append(" (space marks)", "dim")
+        if len(self.marked) == len(MARK_NAMES):
+            line.append("   d diffs them", "bold")
+        for note in self._notes:
+            line.append(f"\n⚠ {note}", "yellow")
+        self.query_one("#aprt-marks", Static).update(line)
+
+    # -- diff (a worker) --------------------------------------------------------------------
 
     def action_diff(self) -> None:
-        panel = self.query_one("#aprt-diff", Static)
         if len(self.marked) != 2:
-            self.notify("mark two files with space first", title="Diff", severity="warning")
+            self.notify(
+                "mark two files with space first (A, then B)", title="Diff", severity="warning"
+            )
             return
         path_a, path_b = self.marked
-        try:
-            diff = diff_aprt_files(path_a, path_b)
-        except AprTuiError as error:
-            panel.update(Text(str(error), style="bold red"))
-            self.notify(str(error), title="Diff", severity="error", markup=False)
-            return
-        panel.update(diff_text(self._shown(path_a), self._shown(path_b), diff))
+        self.query_one("#aprt-diff", Static).update(
+            Text(f"diffing {self.shown(path_a)} with {self.shown(path_b)} …", style="dim")
+        )
+        self._diff(path_a, path_b)
 
-    def _shown(self, path: Path) -> Path:
-        """A path inside the browsed directory, relative to it (short and stable)."""
+    @work(thread=True, exclusive=True, group="aprt-diff", exit_on_error=False)
+    def _diff(self, path_a: Path, path_b: Path) -> None:
+        worker = get_current_worker()
         try:
-            return path.relative_to(self.directory)
-        except ValueError:
-            return path
+            result: FileDiff | str = diff_aprt_files(path_a, path_b)
+        except AprTuiError as error:
+            result = str(error)
+        if not worker.is_cancelled:
+            self.app.call_from_thread(self._show_diff, path_a, path_b, result)
+
+    def _show_diff(self, path_a: Path, path_b: Path, result: FileDiff | str) -> None:
+        if not self.is_attached:
+            return
+        panel = self.query_one("#aprt-diff", Static)
+        if isinstance(result, str):
+            panel.update(Text(result, style="bold red"))
+            self.notify(result, title="Diff", severity="error", markup=False)
+            return
+        panel.update(diff_text(self.shown(path_a), self.shown(path_b), result))
 
     def action_back(self) -> None:
         if self.standalone:
             return
         self.app.pop_screen()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """`esc` (back to the grid) only where there is a screen to go back to."""
+        if action == "back":
+            return not self.standalone
+        return True

@@ -62,16 +62,28 @@ class HelpScreen(ModalScreen[None]):
         Binding("escape,q,question_mark,f1", "dismiss", "Close help", key_display="esc / q / ?"),
     ]
 
-    def __init__(self, sections: Sequence[tuple[str, Iterable[BindingType]]]) -> None:
+    def __init__(
+        self,
+        sections: Sequence[tuple[str, Iterable[BindingType]]],
+        notes: Sequence[str] = (),
+    ) -> None:
         super().__init__()
         self.sections = list(sections)
+        self.notes = list(notes)
+        """Lines under the keys: where things land (the `s` save directory), and the like."""
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help-body"):
             yield Static(Text("apr-tui keys", style="bold"), id="help-title")
             yield Static(keys_table(self.sections), id="help-keys")
             yield Static(
-                "Mouse: click a grid cell to move there, click it again to open it. "
-                "ctrl+p opens the command palette.",
+                "\n".join(
+                    [
+                        *self.notes,
+                        "Mouse: click a grid cell to move there, click it again to open it. "
+                        "ctrl+p opens the command palette: every key above by its name.",
+                    ]
+                ),
                 id="help-mouse",
+                markup=False,
             )

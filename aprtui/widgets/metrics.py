@@ -12,10 +12,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from aprtui.numbers import TEXT_WIDTH, cosine_text, short_number  # noqa: F401 (re-exported)
 from engine.compare import Cell
 from engine.stages import STAGE_BY_NAME, WHOLE_MODEL_LAYER
 
-CELL_TEXT_WIDTH = 6
+CELL_TEXT_WIDTH = TEXT_WIDTH
+"""Numbers are formatted by aprtui.numbers (one format everywhere), at most this wide."""
 
 STAGE_SHORT_NAMES: dict[str, str] = {
     "embedding": "emb",
@@ -61,35 +63,6 @@ def cell_title(layer: int, stage: str) -> str:
 def stage_order_key(layer: int, stage: str) -> tuple[int, int]:
     """Computation order: layers ascending, the whole-model stages last, stages canonical."""
     return (layer, STAGE_BY_NAME[stage].index)
-
-
-def short_number(value: float) -> str:
-    """`value` in at most 6 characters: fixed point when it fits with 2+ digits, else `1.2e-5`."""
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "Inf" if value > 0 else "-Inf"
-    if value == 0:
-        return "0"
-    magnitude = abs(value)
-    if 1e-2 <= magnitude < 1e5:
-        for decimals in (4, 3, 2, 1, 0):
-            text = f"{value:.{decimals}f}"
-            if len(text) <= CELL_TEXT_WIDTH:
-                return text
-    mantissa, exponent = f"{value:.1e}".split("e")
-    text = f"{mantissa}e{int(exponent)}"
-    if len(text) > CELL_TEXT_WIDTH:
-        mantissa, exponent = f"{value:.0e}".split("e")
-        text = f"{mantissa}e{int(exponent)}"
-    return text
-
-
-def cosine_text(cosine: float) -> str:
-    """Cosine with four decimals (three when negative), so it always fits a cell."""
-    if math.isnan(cosine):
-        return "NaN"
-    return f"{cosine:.4f}" if cosine >= 0 else f"{cosine:.3f}"
 
 
 def _clip01(value: float) -> float:

@@ -17,6 +17,7 @@ from rich.segment import Segment
 from textual import events
 from textual.binding import Binding
 from textual.geometry import Size
+from textual.message import Message
 from textual.reactive import reactive, var
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
@@ -180,6 +181,8 @@ grid says what the colours mean.
         """
         self.row_layers = list(layers)
         self.has_reference = has_reference
+        self.refresh_bindings()  # f and m exist only with a reference (check_action)
+        self.post_message(self.ShapeChanged())  # new rows: the app re-fits (even at one size)
         if not has_reference and METRIC_BY_KEY[self.metric].needs_reference:
             self.set_reactive(StageGrid.metric, "std_a")
         self.stages = default_stages()
@@ -317,6 +320,7 @@ grid says what the colours mean.
         for cell in list(self.cells.values()):
             self._store(cell)
         self.refresh()
+        self._post_cursor()  # the panel under the grid shows the cursor cell's floor too
 
     def mark_divergence(self, kind: str, cell: Cell | None) -> None:
         """Mark `cell` as the first divergence of `kind` (`cosine` or `std`); None unmarks."""
@@ -481,6 +485,18 @@ grid says what the colours mean.
         size = Size(LABEL_WIDTH + cells_width, self.n_rows + 1)
         if size != self.virtual_size:
             self.virtual_size = size
+            self.post_message(self.ShapeChanged())
+
+    class ShapeChanged(Message):
+        """The grid's rows or columns changed: the app re-fits the layout around it."""
+
+    def wanted_height(self) -> int:
+        """Lines that show every row: the header, the rows, and a horizontal scrollbar when the
+        columns do not fit the width."""
+        width = self.size.width or (self.app.size.width if self.is_attached else 0)
+        cells = LABEL_WIDTH + self.n_cols * CELL_WIDTH
+        scrollbar = 1 if width and cells > width - 1 else 0
+        return self.n_rows + 1 + scrollbar
 
     def on_resize(self) -> None:
         self._fit_virtual_size()
@@ -512,6 +528,14 @@ grid says what the colours mean.
             return False
         self.cursor = position
         return True
+
+    REFERENCE_ACTIONS = frozenset({"jump_divergence", "cycle_metric"})
+    """Keys that need a reference to compare with: hidden in single-model mode, where there is
+    one metric and nothing to diverge from (`n` stays: it walks the largest std of A)."""
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Show (and run) a key only where it works (Textual hides a binding for False)."""
+        return self.has_reference or action not in self.REFERENCE_ACTIONS
 
     def action_cursor(self, rows: int, cols: int) -> None:
         row, col = self.cursor

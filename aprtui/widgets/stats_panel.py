@@ -148,6 +148,53 @@ def local_error_table(cell: Cell, floor) -> Table:
     return table
 
 
+def compact_cell_text(cell: Cell, has_reference: bool, threshold: float) -> Text:
+    """The cell in four short lines for small terminals (80×24): the diff numbers first, then
+    each side's statistics, every number in the grid's format (aprtui.numbers)."""
+    from aprtui.numbers import cosine_text, short_number
+
+    shape = "×".join(str(d) for d in cell.shape) if cell.shape else "?"
+    text = Text.assemble((cell_title(cell.layer, cell.stage), "bold"), f"  [{shape}]")
+    flags = cell_anomalies(cell)
+    if flags:
+        text.append("  ")
+        text.append_text(anomaly_summary(flags))
+    if has_reference and cell.diff is not None:
+        cosine = Text(cosine_text(cell.diff.cosine_sim))
+        if not cell.diff.cosine_sim >= threshold:
+            cosine.stylize("bold red")
+        text.append("\n")
+        text.append_text(
+            Text.assemble(
+                ("cosine ", "bold"),
+                cosine,
+                ("  max|Δ| ", "bold"),
+                short_number(cell.diff.max_abs_diff),
+                ("  RMS Δ ", "bold"),
+                short_number(cell.diff.rms_diff),
+            )
+        )
+        ratio = std_ratio_of(cell.stats_a, cell.stats_b)
+        if ratio is not None:
+            shown = Text(short_number(ratio))
+            if not 0.5 <= ratio <= 2.0:
+                shown.stylize("bold red")
+            text.append_text(Text.assemble(("  std A/B ", "bold"), shown))
+    sides = (("A", cell.stats_a), ("B", cell.stats_b)) if has_reference else (("A", cell.stats_a),)
+    for label, stats in sides:
+        text.append(f"\n{label} ", "bold")
+        if stats is None:
+            text.append("absent", "dim")
+            continue
+        text.append(
+            f"std {short_number(stats.std)}  mean {short_number(stats.mean)}  "
+            f"min {short_number(stats.min)}  max {short_number(stats.max)}"
+        )
+        if stats.nan_count or stats.inf_count:
+            text.append(f"  NaN {stats.nan_count} Inf {stats.inf_count}", "bold red")
+    return text
+
+
 class StatsPanel(Static):
     """The cell under the grid cursor: shape, both sides' statistics and the diff."""
 
@@ -166,11 +213,27 @@ the values that break them are highlighted. Press `Enter` on the grid for the fu
         super().__init__(id=id)
         self.threshold = threshold
         self.has_reference = has_reference
+        self.layout_size = "normal"
+        """`compact` (80×24: four short lines), `normal`, or `roomy` (the local error too)."""
+        self.floor_of = None
+        """stage -> its noise floor (set by the app), for the local error in the roomy layout."""
+        self._shown: tuple[int, str, Cell | None] | None = None
+
+    def set_layout_size(self, size: str) -> None:
+        """Re-render the cell on show for the terminal's size class."""
+        if size != self.layout_size:
+            self.layout_size = size
+            if self._shown is not None:
+                self.show_cell(*self._shown)
 
     def show_cell(self, layer: int, stage: str, cell: Cell | None) -> None:
+        self._shown = (layer, stage, cell)
         title = Text(cell_title(layer, stage), style="bold")
         if cell is None:
             self.update(Text.assemble(title, "\n", Text("not computed (yet)", style="dim")))
+            return
+        if self.layout_size == "compact":
+            self.update(compact_cell_text(cell, self.has_reference, self.threshold))
             return
         shape = "×".join(str(d) for d in cell.shape) if cell.shape else "?"
         heading = Text.assemble(title, f"  [{shape}]")
@@ -195,4 +258,8 @@ the values that break them are highlighted. Press `Enter` on the grid for the fu
         if flags:
             container.add_row(anomaly_summary(flags))
         container.add_row(grid)
+        if self.layout_size == "roomy" and self.has_reference and cell.local is not None:
+            floor = None if self.floor_of is None else self.floor_of(stage)
+            container.add_row(Text(""))
+            container.add_row(local_error_table(cell, floor))
         self.update(container)

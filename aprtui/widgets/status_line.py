@@ -104,8 +104,10 @@ class StatusLine(Static):
         self._show()
 
     def _show(self) -> None:
-        text = status_text(self.status, self.content_size.width or None)
-        lines = text.plain.count("\n") + 1
+        width = self.content_size.width or None
+        text = status_text(self.status, width)
+        # Lines as drawn: a part longer than the width (a long verdict) wraps on its own.
+        lines = len(text.wrap(self.app.console, width)) if width else text.plain.count("\n") + 1
         # Repaint without a layout pass unless the line count changed (this runs per cell).
         self.update(text, layout=lines != self._line_count)
         self._line_count = lines

@@ -172,10 +172,18 @@ def test_not_an_aprt_file(tmp_path):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF" + bytes(20))
     a = aprt(tmp_path / "a.bin", 0, [1.0])
+    # A model file given by mistake is named as such (issue 10), not by its raw magic bytes.
     assert_one_line_error(
         run("diff", a, gguf),
-        f"Cannot read APRT stage tensor {gguf}: save-tensor magic mismatch: "
-        "got [71, 71, 85, 70], expected [65, 80, 82, 84]",
+        f"{gguf}: this is a GGUF model, not an APRT stage file; compare a model with another "
+        "model or a trace directory with `apr-tui bisect`",
+    )
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"NOPE" + bytes(20))
+    assert_one_line_error(
+        run("diff", a, other),
+        f"Cannot read APRT stage tensor {other}: save-tensor magic mismatch: "
+        "got [78, 79, 80, 69], expected [65, 80, 82, 84]",
     )
 
 

@@ -24,7 +24,15 @@ async def highlight(pilot, path):
     await pilot.pause()
     tree.move_cursor(node)
     await pilot.pause()
+    await settle_workers(pilot)
     return screen
+
+
+async def settle_workers(pilot) -> None:
+    """Wait for the browser's workers (file summary, diff) and draw their results."""
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
+    await pilot.pause()
 
 
 async def test_tree_lists_layers_and_whole_model_files(traced):
@@ -81,22 +89,23 @@ async def test_mark_two_and_diff_like_apr(traced, demo_pair, tmp_path):
         await pilot.press("space")
         assert screen.marked == [ours, other]
         await pilot.press("d")
-        await pilot.pause()
+        await settle_workers(pilot)
         panel = screen_text(screen.query_one("#aprt-diff"))
-        # same size, different layers: apr's layer-mismatch message
-        assert "APRT layer mismatch" in panel and "is layer 2" in panel
+        # same size, different layers: diffed, and the panel says so (apr diff would refuse)
+        assert "A is layer 2, B is layer 3" in " ".join(panel.split())
+        assert "cosine sim" in panel
         await pilot.press("space")  # unmark layer-3
         sized = traced.trace_dir / "layer-2" / "attn_norm.bin"
         await highlight(pilot, sized)
         await pilot.press("space", "d")
-        await pilot.pause()
+        await settle_workers(pilot)
         panel = screen_text(screen.query_one("#aprt-diff"))
         assert "APRT dim_product mismatch" in panel
         await pilot.press("space")  # unmark attn_norm
         same = traced.trace_dir / "layer-2" / "ffn_gate.bin"
         await highlight(pilot, same)
         await pilot.press("space", "d")
-        await pilot.pause()
+        await settle_workers(pilot)
         panel = screen_text(screen.query_one("#aprt-diff"))
     b = read_aprt(same).values.astype(np.float64)
     cosine = float(np.dot(a, b) / np.sqrt(np.dot(a, a) * np.dot(b, b)))
@@ -140,7 +149,7 @@ async def test_files_app_f1_help_and_ctrl_c(traced):
         await pilot.pause()
         assert isinstance(app.screen, HelpScreen)
         text = screen_text(app.screen.query_one("#help-keys"))
-        assert "Mark for diff" in text and "Diff marked" in text
+        assert "Mark A / B" in text and "Diff A with B" in text and "Clear marks" in text
         await pilot.press("escape")
         await pilot.pause()
         await pilot.press("ctrl+c")

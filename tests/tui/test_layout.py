@@ -60,8 +60,9 @@ async def test_status_legend_and_footer_are_whole(demo_pair, size):
             "Next anomaly",
             "Quit",
             "Keys",
-            "Browse APRT",
         }
+        # two model files: nothing to browse, so `b` is not offered (check_action)
+        assert "Browse APRT" not in {key.description for key in keys}
         for key in keys:
             assert key.region.width > 0 and key.region.right <= width, key.description
 
@@ -96,9 +97,9 @@ async def test_cursor_stays_visible_moving_right_at_100_columns(demo_pair):
 
 
 async def test_cursor_stays_visible_moving_down_on_a_short_terminal(demo_pair):
-    """24 rows leave the grid fewer lines than layers (and a horizontal scrollbar)."""
+    """16 rows leave the grid fewer lines than layers (and a horizontal scrollbar)."""
     app = explorer(demo_pair.model_a, demo_pair.model_b)
-    async with app.run_test(size=(100, 24)) as pilot:
+    async with app.run_test(size=(100, 16)) as pilot:
         await settle(pilot)
         grid = app.grid
         rows_in_view = grid.scrollable_content_region.height - 1  # less the header line
@@ -109,3 +110,62 @@ async def test_cursor_stays_visible_moving_down_on_a_short_terminal(demo_pair):
             assert 1 <= line <= rows_in_view, (step, grid.scroll_offset)
         line = grid.render_line(1 + grid.n_rows - 1 - grid.scroll_offset.y).text
         assert line.startswith("model")
+
+
+# ----------------------------------------------------------------------------- 80×24 (issue 10)
+
+
+async def test_80x24_shows_the_whole_grid_the_cell_and_the_verdict(demo_pair):
+    """The classic terminal: every layer row and the whole-model row are on screen, the cell
+    under the cursor reads whole in four lines (no `…`), the verdict is in the status line,
+    and the keys that work fit one line; the legend is a key (`i`) away."""
+    app = explorer(demo_pair.model_a, demo_pair.model_b)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        grid = app.grid
+        assert app.screen.has_class("-compact")
+        assert grid.scrollable_content_region.height - 1 >= grid.n_rows  # every row in view
+        await pilot.press("f")
+        await pilot.pause()
+        cell = grid.cursor_cell
+        panel = screen_text(app.query_one("#cell-stats"))
+        assert "…" not in panel
+        assert "layer 2 · ffn_up" in panel and "cosine 1.0000" in panel
+        assert "std A/B 0.0556" in " ".join(panel.split())
+        assert cell.stats_b.std == pytest.approx(17.78, abs=0.01)
+        assert "B std 17.78" in panel
+        status = " ".join(screen_text(app.status).split())
+        assert "origin L2 up" in status and "first cosine: L2 res2" in status
+        hint = screen_text(app.query_one("#key-hint"))
+        assert len(hint.rstrip()) <= 80
+        for part in ("open", "m metric", "f origin", "i legend", "? all keys", "q quit"):
+            assert part in hint
+        assert not app.query_one(Footer).display
+        legend = app.query_one("#legend")
+        assert not legend.display or legend.region.width == 0
+        await pilot.press("i")
+        await pilot.pause()
+        assert legend.region.width > 0
+        assert "cosine(A, B)" in screen_text(legend)
+        assert app.query_one("#cell-stats").region.width == 0
+        await pilot.press("i")
+        await pilot.pause()
+        assert app.query_one("#cell-stats").region.width > 0
+
+
+@pytest.mark.parametrize("size", [(160, 45), (220, 60)], ids=["160x45", "220x60"])
+async def test_large_terminals_have_no_gap_under_the_grid(demo_pair, size):
+    """The grid takes the lines its rows need; the panel under it starts right after and
+    shows the cell's local error beside the propagated numbers."""
+    app = explorer(demo_pair.model_a, demo_pair.model_b)
+    async with app.run_test(size=size) as pilot:
+        await settle(pilot)
+        grid = app.grid
+        assert grid.region.height == grid.n_rows + 1  # header + rows; every column fits
+        bottom = app.query_one("#bottom")
+        assert bottom.region.y == grid.region.bottom
+        await pilot.press("f")
+        await pilot.pause()
+        panel = screen_text(app.query_one("#cell-stats"))
+        assert "local (checked side)" in panel and "× floor" in panel
+        assert "i" not in app.screen.active_bindings  # the legend is on screen already

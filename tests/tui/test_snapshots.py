@@ -159,3 +159,49 @@ def test_narrow_terminal(snap_compare, demo_pair, size):
         await pilot.pause()
 
     assert snap_compare(app, run_before=run_before, terminal_size=size)
+
+
+@pytest.mark.parametrize(
+    "size", [(80, 24), (160, 45), (220, 60)], ids=["80x24", "160x45", "220x60"]
+)
+def test_layout_sizes(snap_compare, demo_pair, size):
+    """The finished grid with the cursor on the origin (f), at the classic 80×24 and at two
+    large sizes. 80×24: no header, every layer row and the whole-model row in view, the cell in
+    four short lines (cosine, max|Δ|, RMS Δ, std A/B in red, then A and B), the verdict on the
+    status lines, and the one-line key hint (`i legend`). 160×45 and 220×60: the grid exactly
+    as tall as its rows, the statistics and the legend right under it, and the cell's local
+    error (9.444e+04× floor, in red) with the inputs the recomputation read."""
+    app = explorer(demo_pair.model_a, demo_pair.model_b)
+
+    async def run_before(pilot):
+        await settle(pilot)
+        await pilot.press("f")
+        await pilot.pause()
+
+    assert snap_compare(app, run_before=run_before, terminal_size=size)
+
+
+def test_file_browser_two_traces(snap_compare, traced, demo_pair, tmp_path, monkeypatch):
+    """`apr-tui files model-trace/ defect-trace/`: the two trees under A: and B:, layer 2
+    `ffn_up` marked in each (the marks line names both), and their diff: cosine 1.0, the ×18
+    in max|diff|."""
+    import shutil
+
+    from tests.tui.conftest import write_trace_dir
+    from tests.tui.test_browser import highlight, settle_workers
+
+    monkeypatch.chdir(tmp_path)  # the tree shows the directories as given: short and stable
+    shutil.copytree(traced.trace_dir, tmp_path / "model-trace")
+    write_trace_dir(demo_pair.model_b, tmp_path / "defect-trace", token_ids=traced.token_ids)
+    good, bad = Path("model-trace"), Path("defect-trace")
+    app = FilesApp([good, bad])
+
+    async def run_before(pilot):
+        await pilot.pause()
+        await highlight(pilot, good / "layer-2" / "ffn_up.bin")
+        await pilot.press("space")
+        await highlight(pilot, bad / "layer-2" / "ffn_up.bin")
+        await pilot.press("space", "d")
+        await settle_workers(pilot)
+
+    assert snap_compare(app, run_before=run_before, terminal_size=SNAP_SIZE)
