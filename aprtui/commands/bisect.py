@@ -483,13 +483,13 @@ def logits_block(a: TraceSource, b: TraceSource, cells: list[Cell]) -> tuple[dic
 
 
 def run(args: argparse.Namespace) -> int:
+    from aprtui.commands.locations import model_argument  # `smollm2`: the bundled GGUF
     from engine.compare import DEFAULT_STD_BAND, first_divergence, first_std_divergence
     from engine.plan import prepare
     from engine.tokenizer import parse_token_ids
 
     layers = _parse_layers(args.layers)
     token_ids = parse_token_ids(args.tokens) if args.tokens is not None else None
-    from aprtui.commands.locations import model_argument  # `smollm2`: the bundled GGUF
 
     plan = prepare(
         model_argument(args.a),
