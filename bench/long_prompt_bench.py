@@ -62,6 +62,7 @@ def run_child(
     child = subprocess.Popen(
         child_argv(root, argv, streaming),
         env=env,
+        cwd=tempfile.gettempdir(),  # `-m`/`-c` put the cwd first on sys.path: never a checkout
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -155,12 +155,14 @@ def run_hf(gguf_path: Path, token_ids: list[int]) -> dict:
 def whole_process(root: Path, argv: list[str]) -> tuple[float, float]:
     """(wall seconds, CPU seconds) of `python -m aprtui ARGV` with `root` first on the path."""
     import subprocess
+    import tempfile
 
     env = dict(os.environ, PYTHONPATH=str(root), NO_COLOR="1")
     start = time.perf_counter()
     child = subprocess.Popen(
         [sys.executable, "-m", "aprtui", *argv],
         env=env,
+        cwd=tempfile.gettempdir(),  # `-m` puts the cwd first on sys.path: never a checkout
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -617,11 +617,16 @@ def lm_head_logits(model: Model, weights: _LayerWeights, final_norm: Array) -> A
     last = final_norm[-1:]  # [1, H]
     logits = xp.empty(config.vocab_size, dtype=xp.float32)  # [vocab]
     block_rows = LM_HEAD_BLOCK_ROWS if hasattr(model.weights, "get_rows") else config.vocab_size
+    from engine.logits import TableKeeper  # every position's logits while the head is decoded
+
+    keeper = TableKeeper(model, final_norm)
     for start, stop in lm_head_row_blocks(config.vocab_size, block_rows):
         head_rows = weights.rows(name, shape, start, stop)  # [stop - start, H]
         logits[start:stop] = linear(last, head_rows)[0]
+        keeper.add(start, stop, head_rows)
         del head_rows
     bias = weights.optional("lm_head.bias", (config.vocab_size,))
+    keeper.done(None if bias is None else weights.backend.to_host(bias))
     if bias is not None:
         logits = logits + bias
     if config.final_logit_softcap is not None:  # Gemma 2

@@ -30,8 +30,10 @@ SmolLM2 prompt never holds its 805 MB of logits at once.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -110,6 +112,47 @@ position block are computed (SmolLM2's [49152, 576]: 113 MB); a larger head (Qwe
 [152064, 3584]: 2.2 GB) is decoded a row block at a time for each position block instead."""
 
 
+KEEP_TABLE_BYTES = 64 * 1024 * 1024
+"""A prompt whose every-position logits fit this (SmolLM2: up to 341 tokens) gets them computed
+by the lm_head stage from the head rows it decodes anyway and kept with the model
+(`TableKeeper`), so the logit metrics after a comparison decode no weight a second time."""
+
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""weight store -> (final_norm [seq, hidden], logits [seq, vocab]) of its latest pass (the
+store, not the Model, is the key: a Model dataclass is unhashable)."""
+
+
+class TableKeeper:
+    """Collects `final_norm @ head_rowsᵀ` block by block during the lm_head stage (host float32,
+    the same product `ModelLogits` computes), and keeps the table for `ModelLogits`."""
+
+    def __init__(self, model: Any, final_norm: Any) -> None:
+        from engine.backend import to_host
+
+        seq, vocab = int(final_norm.shape[0]), int(model.config.vocab_size)
+        self.model = model
+        self.table = None
+        if seq * vocab * 4 <= KEEP_TABLE_BYTES:
+            self.final_norm = np.array(to_host(final_norm), dtype=np.float32)  # [seq, hidden]
+            self.table = np.empty((seq, vocab), dtype=np.float32)  # [seq, vocab]
+
+    def add(self, start: int, stop: int, head_rows: Any) -> None:
+        if self.table is not None:
+            from engine.backend import to_host
+
+            rows = np.asarray(to_host(head_rows), dtype=np.float32)  # [stop - start, hidden]
+            self.table[:, start:stop] = (rows @ self.final_norm.T).T
+
+    def done(self, bias: np.ndarray | None) -> None:
+        if self.table is not None:
+            table = self.table if bias is None else self.table + bias
+            cap = self.model.config.final_logit_softcap
+            if cap is not None:  # Gemma 2, as the lm_head stage
+                table = np.tanh(table / np.float32(cap)) * np.float32(cap)
+            with contextlib.suppress(TypeError):  # an unhashable store: nothing is kept
+                _KEPT[self.model.weights] = (self.final_norm, table)
+
+
 class ModelLogits:
     """The logits of every position, `final_norm @ headᵀ (+ bias)`, computed a block at a time.
 
@@ -128,6 +171,14 @@ class ModelLogits:
         self.shape = (int(self.final_norm.shape[0]), int(config.vocab_size))
         self.name = lm_head_weight_name(model)
         self._head: np.ndarray | None = None
+        self._table: np.ndarray | None = None
+        try:
+            kept = _KEPT.get(model.weights)
+        except TypeError:
+            kept = None
+        if kept is not None and np.array_equal(kept[0], self.final_norm):
+            self._table = kept[1]  # computed by the lm_head stage of this very pass
+            return
         head_bytes = config.vocab_size * config.hidden_size * 4
         if head_bytes <= HEAD_CACHE_BYTES or not hasattr(model.weights, "get_rows"):
             self._head = np.asarray(model.weights.get(self.name), dtype=np.float32)
@@ -138,6 +189,8 @@ class ModelLogits:
         from engine.forward import lm_head_row_blocks
         from engine.model import weight_rows
 
+        if self._table is not None:
+            return self._table[start:stop]
         x = self.final_norm[start:stop]  # [n, hidden]
         if self._head is not None:
             out = (self._head @ x.T).T  # [n, vocab]
@@ -147,7 +200,11 @@ class ModelLogits:
                 head_rows = weight_rows(self.model.weights, self.name, row_start, row_stop)
                 out[:, row_start:row_stop] = (head_rows @ x.T).T
         out = np.ascontiguousarray(out, dtype=np.float32)
-        return out if self._bias is None else out + self._bias
+        out = out if self._bias is None else out + self._bias
+        cap = self.model.config.final_logit_softcap
+        if cap is not None:  # Gemma 2, as the lm_head stage
+            out = np.tanh(out / np.float32(cap)) * np.float32(cap)
+        return out
 
 
 class LogitsStage:

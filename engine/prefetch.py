@@ -21,6 +21,12 @@ from typing import Any
 
 import numpy as np
 
+PREFETCH_WEIGHTS = False
+"""Off by default: measured on the 2-core development machine under load (other processes
+busy), decoding ahead in a thread cost ~0.5 s of CPU per SmolLM2 trace and gained no wall time,
+because OpenBLAS's own threads already occupy both cores and spin while the decoder runs. On a
+machine with idle cores set it True (`engine.prefetch.PREFETCH_WEIGHTS = True`)."""
+
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 EXPERT = ".mlp.experts."
@@ -45,6 +51,8 @@ class WeightPrefetcher:
         self.ahead: tuple[str, Future] | None = None
 
     def get(self, name: str) -> np.ndarray:
+        if not PREFETCH_WEIGHTS:
+            return self.store.get(name)
         if self.ahead is not None and self.ahead[0] == name:
             _, future = self.ahead
             self.ahead = None

@@ -298,3 +298,34 @@ def test_logits_all_capture_streams_position_blocks_equal_to_hf(monkeypatch):
     with torch.no_grad():
         expected = hf_model(torch.tensor([ids])).logits[0].numpy()
     np.testing.assert_allclose(table, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_lm_head_stage_keeps_every_position_logits_for_the_metrics(tmp_path):
+    """After a pass over a real GGUF file, ModelLogits takes the table the lm_head stage
+    computed from the head rows it decoded (no second decode), equal to a fresh computation."""
+    import engine.logits as logits_module
+    from engine.formats import gguf, open_model
+    from engine.forward import trace
+    from engine.stages import WHOLE_MODEL_LAYER
+    from tests.forward.hf_oracle import build_hf_model, engine_model
+
+    hf_model = build_hf_model("llama", seed=9, tied=True)
+    path = gguf.write(engine_model(hf_model), tmp_path / "m.gguf", dtype="f32")
+    ids = [3, 9, 27, 81, 11]
+    with open_model(path) as model:
+        captures = {(c.layer, c.stage): c.array for c in trace(model, ids)}
+        final_norm = captures[(WHOLE_MODEL_LAYER, "final_norm")]
+        kept = logits_module.ModelLogits(model, final_norm)
+        assert kept._table is not None  # reused, nothing decoded
+        # another prompt's final norm never takes the kept table
+        assert logits_module.ModelLogits(model, final_norm * 2)._table is None
+        logits_module._KEPT.clear()
+        fresh = logits_module.ModelLogits(model, final_norm)
+        assert fresh._table is None
+        np.testing.assert_allclose(kept.rows(0, 5), fresh.rows(0, 5), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            kept.rows(4, 5)[0], captures[(WHOLE_MODEL_LAYER, "lm_head")], rtol=1e-5, atol=1e-5
+        )
+    with torch.no_grad():
+        expected = hf_model(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(kept.rows(0, 5), expected, rtol=1e-4, atol=1e-5)

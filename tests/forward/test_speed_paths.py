@@ -48,7 +48,10 @@ class CountingStore:
         return self.arrays[name].copy()
 
 
-def test_prefetcher_returns_the_store_arrays_each_decoded_once():
+def test_prefetcher_returns_the_store_arrays_each_decoded_once(monkeypatch):
+    import engine.prefetch
+
+    monkeypatch.setattr(engine.prefetch, "PREFETCH_WEIGHTS", True)
     keys = ["input_layernorm.weight", "self_attn.q_proj.weight", "mlp.down_proj.weight"]
     rng = np.random.default_rng(0)
     arrays = {
