@@ -34,6 +34,7 @@ from aprtui.messages import (
     CellReady,
     CellSelected,
     CursorMoved,
+    LogitsReady,
     MetricChanged,
     RunFailed,
     RunFinished,
@@ -140,6 +141,7 @@ class ExplorerApp(App[int]):
     BINDINGS = [
         *GLOBAL_BINDINGS,
         Binding("b", "browse", "Browse APRT"),
+        Binding("o", "logits", "Output logits"),
         Binding("i", "toggle_legend", "Legend"),
         Binding("escape", "dismiss_error", "Hide the engine error panel", show=False),
     ]
@@ -596,6 +598,8 @@ class ExplorerApp(App[int]):
         (hide the error panel) an engine error."""
         if action == "browse":
             return bool(self.trace_dirs())
+        if action == "logits":  # per-position logit metrics need both sides, and a whole run
+            return self.plan is not None and self.plan.b is not None and self.state == "finished"
         if action == "dismiss_error":
             return self.error is not None
         if action == "toggle_legend":  # the legend has its own place in the larger layouts
@@ -610,6 +614,39 @@ class ExplorerApp(App[int]):
         yield SystemCommand("Keys", "Every key of every screen (esc closes it)", self.action_help)
         yield SystemCommand("Theme", "Change the current theme", self.action_change_theme)
         yield SystemCommand("Quit", "Stop the engine worker and leave", self.action_quit)
+
+    def action_logits(self) -> None:
+        """The output, position by position (engine.logits), computed in a worker."""
+        if self.plan is None or self.plan.b is None:
+            return
+        self.notify("computing the logit metrics…", title="Output logits", timeout=2)
+        self.compute_logits(self.plan)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="logits")
+    def compute_logits(self, plan: Plan) -> None:
+        """pair_logit_report of the plan's two sides (both open until the app closes)."""
+        from engine.logits import pair_logit_report
+
+        try:
+            report = pair_logit_report(plan.a, plan.b, plan.token_ids)
+        except Exception as error:  # shown, the app stays usable
+            self.post_message(LogitsReady(None, f"{type(error).__name__}: {error}"))
+            return
+        self.post_message(LogitsReady(report, None))
+
+    def on_logits_ready(self, message: LogitsReady) -> None:
+        from aprtui.screens.logits import LogitsScreen
+
+        if message.report is None:
+            reason = message.error or (
+                "both sides need every position's logits: two model files, a trace directory "
+                "with logits_all.bin (trace --save-tensor logits_all), or a runtime's "
+                "[seq, vocab] lm_head"
+            )
+            self.notify(reason, title="Output logits", severity="warning", markup=False)
+            return
+        source = self.source_a if self.source_a is not None else self.source_b
+        self.push_screen(LogitsScreen(message.report, self.token_ids, _token_text_of(source)))
 
     def action_dismiss_error(self) -> None:
         self.screen_stack[0].query_one("#error-panel", Static).remove_class("visible")

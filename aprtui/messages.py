@@ -91,3 +91,11 @@ class TensorsLoaded(Message):
     error: str | None = None
     details: Any = None
     """The screen's own computed views of the tensors (cell_detail.DetailData)."""
+
+
+@dataclass
+class LogitsReady(Message):
+    """The per-position logit metrics of the run (engine.logits), or why there are none."""
+
+    report: dict | None
+    error: str | None = None

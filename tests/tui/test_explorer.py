@@ -387,3 +387,41 @@ async def test_local_error_metric_and_origin(demo_pair):
         await pilot.press("f")
         assert grid.cursor == origin
         assert "local error" in screen_text(app.screen_stack[0].query_one("#legend"))
+
+
+async def test_output_logits_screen(demo_pair):
+    """`o` after a finished run: the per-position logit metrics of both sides in a screen; the
+    last position's top-1 of each side is the argmax of that side's own lm_head stage."""
+    from aprtui.screens.logits import LogitsScreen
+    from engine.stages import WHOLE_MODEL_LAYER
+
+    app = explorer(demo_pair.model_a, demo_pair.model_b)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("o")
+        for _ in range(3000):  # 30 s at most, then fail loudly
+            if isinstance(app.screen, LogitsScreen):
+                break
+            await pilot.pause(0.01)
+        else:
+            raise AssertionError("the logits screen did not open within 30 s")
+        report = app.screen.report
+        seq = len(app.token_ids)
+        assert len(report["kl_ab"]) == len(report["top1_a"]) == seq
+        last_a = app.source_a.tensor(WHOLE_MODEL_LAYER, "lm_head")
+        last_b = app.source_b.tensor(WHOLE_MODEL_LAYER, "lm_head")
+        assert report["top1_a"][-1] == int(np.argmax(last_a))
+        assert report["top1_b"][-1] == int(np.argmax(last_b))
+        assert 0.0 <= report["top1_agreement"] <= 1.0
+        await pilot.press("escape")
+        assert not isinstance(app.screen, LogitsScreen)
+
+
+async def test_output_logits_key_needs_a_reference(demo_pair):
+    app = explorer(demo_pair.model_a, None)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        assert app.check_action("logits", ()) is False
+        await pilot.press("o")
+        await pilot.pause()
+        assert type(app.screen).__name__ != "LogitsScreen"

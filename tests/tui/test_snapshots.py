@@ -97,8 +97,10 @@ def test_file_browser(snap_compare, traced, monkeypatch):
 
 
 def test_help_screen(snap_compare, demo_pair):
-    """The help screen over the grid: every key of the explorer, grid, drill-down and browser."""
-    app = explorer(demo_pair.model_a, demo_pair.model_b)
+    """The help screen over the grid: every key of the explorer, grid, drill-down and browser,
+    and where `s` saves (a fixed directory here: the default is the working directory's, which
+    differs between checkouts)."""
+    app = explorer(demo_pair.model_a, demo_pair.model_b, save_dir=Path("/saved-by-apr-tui"))
 
     async def run_before(pilot):
         await settle(pilot)
