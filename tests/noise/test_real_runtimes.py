@@ -76,16 +76,6 @@ def llama_dumps(smollm2_gguf, llama_cpp_installed, tmp_path_factory):
     return dumps
 
 
-@pytest.fixture(scope="session")
-def llama_cpp_installed():
-    from tests.sources.conftest import require_package
-
-    require_package(
-        "llama_cpp",
-        "pip install ../shared/wheels/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl",
-    )
-
-
 def test_clean_llamacpp_dump_has_no_origin(apr_tui, smollm2_gguf, llama_dumps):
     code, report = bisect(apr_tui, smollm2_gguf, llama_dumps["arith"])
     assert code == 0

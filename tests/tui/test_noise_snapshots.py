@@ -48,13 +48,3 @@ def test_llamacpp_pair_has_no_origin(snap_compare, smollm2_gguf, llama_cpp_insta
         await pilot.pause()
 
     assert snap_compare(app, run_before=run_before, terminal_size=SNAP_SIZE)
-
-
-@pytest.fixture(scope="session")
-def llama_cpp_installed():
-    from tests.sources.conftest import require_package
-
-    require_package(
-        "llama_cpp",
-        "pip install ../shared/wheels/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl",
-    )
