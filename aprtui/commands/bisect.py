@@ -83,20 +83,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print an apr-tui-bisect-v1 document")
 
 
-def _parse_layers(text: str | None) -> range | None:
-    if text is None:
-        return None
-    from engine.errors import PlanError
-    from engine.stages import parse_layer_range
-
-    try:
-        start, end = parse_layer_range(text)
-    except PlanError as error:
-        reason = str(error).split(": ", 1)[-1]
-        raise PlanError(f"--layers {text!r}: {reason}") from None
-    return range(start, end)
-
-
 # ------------------------------------------------------------------------------------ JSON
 
 
@@ -488,7 +474,7 @@ def run(args: argparse.Namespace) -> int:
     from engine.plan import prepare
     from engine.tokenizer import parse_token_ids
 
-    layers = _parse_layers(args.layers)
+    layers = options.parse_layers(args.layers)
     token_ids = parse_token_ids(args.tokens) if args.tokens is not None else None
 
     plan = prepare(

@@ -58,20 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_threshold(parser, "cosine below X is a divergence")
 
 
-def parse_layers(text: str | None) -> tuple[int, int] | None:
-    """`START..END` for --layers, with a one-line error naming the flag."""
-    from engine.errors import AprTuiError, PlanError
-    from engine.stages import parse_layer_range
-
-    if text is None:
-        return None
-    try:
-        return parse_layer_range(text)
-    except PlanError as error:
-        reason = str(error).split(": ", 1)[-1]
-        raise AprTuiError(f"--layers {text!r}: {reason}") from None
-
-
 def resolve_reference(model: Path, ref: str | None) -> Path | str | None:
     from engine.sources.specs import split_spec
 
@@ -111,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if not model.exists():
         raise FileNotFoundError(2, "no such file or directory", str(model))
     reference = resolve_reference(model, args.ref)
-    layers = parse_layers(args.layers)
+    layers = options.parse_layers(args.layers)
     token_ids = None if args.tokens is None else parse_token_ids(args.tokens)
     # Everything that can be refused is refused here, before the screen opens.
     plan = prepare(

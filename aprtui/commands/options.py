@@ -73,3 +73,19 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="where the forward pass runs (default auto: CUDA via CuPy when available)",
     )
+
+
+def parse_layers(text: str | None) -> range | None:
+    """`--layers START..END` (END exclusive) as a range, or None when not given; a one-line
+    PlanError naming the flag otherwise. One parser for the explorer and bisect."""
+    from engine.errors import PlanError
+    from engine.stages import parse_layer_range
+
+    if text is None:
+        return None
+    try:
+        start, end = parse_layer_range(text)
+    except PlanError as error:
+        reason = str(error).split(": ", 1)[-1]
+        raise PlanError(f"--layers {text!r}: {reason}") from None
+    return range(start, end)

@@ -12,8 +12,7 @@ import random
 import pytest
 
 from aprtui import cli
-from aprtui.commands.explore import parse_layers
-from aprtui.commands.options import cosine_threshold
+from aprtui.commands.options import cosine_threshold, parse_layers
 from engine.errors import AprTuiError
 from engine.stages import STAGES
 from tests.fuzz.conftest import (
