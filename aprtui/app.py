@@ -472,6 +472,7 @@ class ExplorerApp(App[int]):
         if not message.cancelled:
             grid.mark_missing_absent()
         self.status.set(state=self.state, done=grid.done_count)
+        self.refresh_bindings()  # `o` (output logits) works from now on: the footer says so now
         if grid.has_reference and not message.cancelled:
             self.recalibrate()
             if self.origin is None:
