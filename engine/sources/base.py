@@ -107,3 +107,31 @@ class TraceSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ReplayingSource(TraceSource):
+    """A source that runs an engine and can only hand back a tensor by keeping it
+    (`self._cache`, a TensorCache) or by running the part of the pass that produces it again
+    (its own `captures`): llama.cpp and HF transformers."""
+
+    _cache: TensorCache
+
+    def tensor(self, layer: int, stage_name: str) -> np.ndarray | None:
+        if stage_name not in self.stages:
+            return None
+        key = (layer, stage_name)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        span = rerun_span(self.num_layers, layer, stage_name)
+        if span is None:
+            return None
+        layers, whole_model = span
+        found = None
+        for capture in self.captures(layers=layers, whole_model=whole_model):
+            if (capture.layer, capture.stage) == key:
+                found = capture.array
+        return found
+
+    def _remember(self, layer: int, stage_name: str, values: np.ndarray) -> None:
+        self._cache.put((layer, stage_name), values)

@@ -51,7 +51,7 @@ import numpy as np
 
 from engine.errors import AprTuiError, FormatError, MissingPackageError, UnsupportedModelError
 from engine.forward import Capture
-from engine.sources.base import TensorCache, TraceSource, rerun_span
+from engine.sources.base import ReplayingSource, TensorCache
 from engine.sources.streaming import Emit, run_in_worker
 from engine.stages import DENSE_STAGES, STAGE_BY_NAME, STAGES, WHOLE_MODEL_LAYER
 
@@ -267,7 +267,7 @@ def _token_major(heads: Any) -> np.ndarray:
     return _host(heads[0].transpose(0, 1).reshape(1, seq, n_heads * head_dim))
 
 
-class HfSource(TraceSource):
+class HfSource(ReplayingSource):
     """A model run by HF transformers (CPU torch), captured stage by stage in apr's layout."""
 
     kind = "hf"
@@ -466,26 +466,6 @@ class HfSource(TraceSource):
                 yield Capture(layer, stage_name, values, tuple(values.shape))
             if cancel is not None and cancel.is_set():
                 return
-
-    def tensor(self, layer: int, stage_name: str) -> np.ndarray | None:
-        if stage_name not in self.stages:
-            return None
-        key = (layer, stage_name)
-        cached = self._cache.get(key)
-        if cached is not None:
-            return cached
-        span = rerun_span(self.num_layers, layer, stage_name)
-        if span is None:
-            return None
-        layers, whole_model = span
-        found = None
-        for capture in self.captures(layers=layers, whole_model=whole_model):
-            if (capture.layer, capture.stage) == key:
-                found = capture.array
-        return found
-
-    def _remember(self, layer: int, stage_name: str, values: np.ndarray) -> None:
-        self._cache.put((layer, stage_name), values)
 
     def close(self) -> None:
         for handle in self._handles:

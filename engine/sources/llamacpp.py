@@ -76,7 +76,7 @@ from engine.formats.gguf import config_from_metadata, read_header
 from engine.formats.row_order import unpermute_rows
 from engine.forward import Capture, check_token_ids
 from engine.model import ModelConfig
-from engine.sources.base import TensorCache, TraceSource, rerun_span
+from engine.sources.base import ReplayingSource, TensorCache
 from engine.sources.streaming import Emit, run_in_worker
 from engine.stages import DENSE_STAGES, STAGES, WHOLE_MODEL_LAYER
 
@@ -459,7 +459,7 @@ class _Run:
     error: BaseException | None = None
 
 
-class LlamaCppSource(TraceSource):
+class LlamaCppSource(ReplayingSource):
     """A GGUF run through llama.cpp's own graph, captured stage by stage."""
 
     kind = "llama.cpp"
@@ -714,26 +714,6 @@ class LlamaCppSource(TraceSource):
                 yield Capture(layer, stage_name, values, tuple(values.shape))
             if cancel is not None and cancel.is_set():
                 return
-
-    def tensor(self, layer: int, stage_name: str) -> np.ndarray | None:
-        if stage_name not in self.stages:
-            return None
-        key = (layer, stage_name)
-        cached = self._cache.get(key)
-        if cached is not None:
-            return cached
-        span = rerun_span(self.num_layers, layer, stage_name)
-        if span is None:
-            return None
-        layers, whole_model = span
-        found = None
-        for capture in self.captures(layers=layers, whole_model=whole_model):
-            if (capture.layer, capture.stage) == key:
-                found = capture.array
-        return found
-
-    def _remember(self, layer: int, stage_name: str, values: np.ndarray) -> None:
-        self._cache.put((layer, stage_name), values)
 
     def close(self) -> None:
         self._cache.clear()
