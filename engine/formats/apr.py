@@ -45,6 +45,7 @@ from engine.formats.common import (
     HF_MODEL_TYPE,
     MAX_ELEMENTS,
     check_dims,
+    check_no_overlap,
     check_weights,
     check_write_dtype,
     family_steps,
@@ -562,26 +563,10 @@ def read_structure(path: Path) -> AprFile:
                 f"{source}: tensor {entry.name!r} data offset {entry.offset} is not a multiple of "
                 f"{ALIGNMENT} (APR aligns every tensor)"
             )
-    _check_no_overlap(entries, source)
+    check_no_overlap(((e.offset, e.offset + e.size, e.name) for e in entries), source)
     if not header.flags & (FLAG_LZ4 | FLAG_ZSTD):
         _check_footer(path, size, source)
     return AprFile(header, metadata, entries, buf)
-
-
-def _check_no_overlap(entries: list[AprIndexEntry], source: str) -> None:
-    """No two tensors share bytes: a corrupt offset pointing into another tensor would
-    otherwise decode that tensor's bytes as garbage, silently."""
-    spans = sorted((entry.offset, entry.offset + entry.size, entry.name) for entry in entries)
-    previous_end, previous_name = 0, None
-    for start, end, name in spans:
-        if end == start:
-            continue  # an empty tensor occupies no bytes
-        if start < previous_end:
-            raise FormatError(
-                f"{source}: tensor {name!r} data [{start}, {end}) overlaps tensor "
-                f"{previous_name!r} (which ends at {previous_end})"
-            )
-        previous_end, previous_name = end, name
 
 
 _CRC_CHUNK = 16 << 20

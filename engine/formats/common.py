@@ -557,3 +557,19 @@ def model_config_to_hf_config(config: ModelConfig) -> dict[str, Any]:
         spec["sliding_window"] = None
         spec["max_window_layers"] = config.num_layers
     return spec
+
+
+def check_no_overlap(spans: Iterable[tuple[int, int, str]], source: str) -> None:
+    """No two tensors share bytes: `spans` are (start, end, name) of each tensor's data. A
+    corrupt offset pointing into another tensor would otherwise decode that tensor's bytes as
+    garbage, silently (llama.cpp refuses such files too)."""
+    previous_end, previous_name = 0, None
+    for start, end, name in sorted(spans):
+        if end == start:
+            continue  # an empty tensor occupies no bytes
+        if start < previous_end:
+            raise FormatError(
+                f"{source}: tensor {name!r} data [{start}, {end}) overlaps tensor "
+                f"{previous_name!r} (which ends at {previous_end})"
+            )
+        previous_end, previous_name = end, name

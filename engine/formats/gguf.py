@@ -38,6 +38,7 @@ from engine.formats.common import (
     MAX_ELEMENTS,
     MOE_FAMILY,
     check_dims,
+    check_no_overlap,
     check_weights,
     check_write_dtype,
     family_steps,
@@ -471,24 +472,8 @@ def _parse_header(buf: Any, size: int, source: str) -> GgufHeader:
                 f"alignment {alignment}"
             )
         tensors[name] = _tensor_info(source, size, data_offset, name, dims, raw_type, offset)
-    _check_no_overlap(tensors, source)
+    check_no_overlap(((i.start, i.start + i.nbytes, n) for n, i in tensors.items()), source)
     return GgufHeader(version, metadata, tensors, data_offset)
-
-
-def _check_no_overlap(tensors: dict[str, GgufTensorInfo], source: str) -> None:
-    """No two tensors share bytes (llama.cpp requires each to start where the previous one's
-    padded data ends); an offset pointing into another tensor is corruption."""
-    spans = sorted((info.start, info.start + info.nbytes, name) for name, info in tensors.items())
-    previous_end, previous_name = 0, None
-    for start, end, name in spans:
-        if end == start:
-            continue  # an empty tensor occupies no bytes
-        if start < previous_end:
-            raise FormatError(
-                f"{source}: tensor {name!r} data [{start}, {end}) overlaps tensor "
-                f"{previous_name!r} (which ends at {previous_end})"
-            )
-        previous_end, previous_name = end, name
 
 
 def _tensor_info(

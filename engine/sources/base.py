@@ -116,6 +116,20 @@ class ReplayingSource(TraceSource):
 
     _cache: TensorCache
 
+    def _yield_layers(
+        self, stream: Iterator[tuple[int, list]], cancel: threading.Event | None
+    ) -> Iterator[Capture]:
+        """Captures from the engine's (layer, [(stage, values), ...]) hand-overs: only stages
+        this source produces, each kept for drill-down; stops between layers on cancel."""
+        for layer, stages in stream:
+            for stage_name, values in stages:
+                if stage_name not in self.stages:
+                    continue
+                self._remember(layer, stage_name, values)
+                yield Capture(layer, stage_name, values, tuple(values.shape))
+            if cancel is not None and cancel.is_set():
+                return
+
     def tensor(self, layer: int, stage_name: str) -> np.ndarray | None:
         if stage_name not in self.stages:
             return None

@@ -458,14 +458,7 @@ class HfSource(ReplayingSource):
         whole_model: bool = True,
     ) -> Iterator[Capture]:
         selected = range(self.num_layers) if layers is None else layers
-        for layer, stages in self._stream(selected, whole_model, cancel):
-            for stage_name, values in stages:
-                if stage_name not in self.stages:
-                    continue
-                self._remember(layer, stage_name, values)
-                yield Capture(layer, stage_name, values, tuple(values.shape))
-            if cancel is not None and cancel.is_set():
-                return
+        yield from self._yield_layers(self._stream(selected, whole_model, cancel), cancel)
 
     def close(self) -> None:
         for handle in self._handles:

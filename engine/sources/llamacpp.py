@@ -706,14 +706,7 @@ class LlamaCppSource(ReplayingSource):
 
         wanted = [n for n in selected if 0 <= n < self.num_layers]
         stop_after = None if whole_model or not wanted else max(wanted)
-        for layer, stages in self._stream(want, cancel, stop_after):
-            for stage_name, values in stages:
-                if stage_name not in self.stages:
-                    continue
-                self._remember(layer, stage_name, values)
-                yield Capture(layer, stage_name, values, tuple(values.shape))
-            if cancel is not None and cancel.is_set():
-                return
+        yield from self._yield_layers(self._stream(want, cancel, stop_after), cancel)
 
     def close(self) -> None:
         self._cache.clear()
