@@ -13,8 +13,11 @@ consume a Plan; none re-derives what it decided.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from engine.compare import Cell, make_cell, merged, stage_order_key
@@ -23,6 +26,7 @@ from engine.forward import check_token_ids
 from engine.local_error import LocalError, LocalErrorTracker, local_error_supported
 from engine.memory import check_prompt_fits
 from engine.model import Model
+from engine.pipeline import IN_FLIGHT, Ahead, pipeline_blas
 from engine.sources.base import TraceSource
 from engine.sources.model_run import ModelSource
 from engine.sources.opening import open_pair
@@ -30,6 +34,25 @@ from engine.sources.trace_dir import DirectorySource
 from engine.stages import STAGE_BY_NAME, STAGES, WHOLE_MODEL_LAYER
 
 _CLOSE_LOCK = threading.Lock()
+
+STATS_WORKERS = 2
+"""Threads computing pairs' statistics (engine.stats releases the GIL in its numpy scans)."""
+
+WINDOW = 4
+"""Pairs whose statistics or local error may be in flight at once: they hold their captures,
+so the memory plan counts them (engine.memory.IN_FLIGHT_CAPTURES)."""
+
+
+def _finished(cell: Future[Cell], local: Future[LocalError] | None) -> Cell:
+    """The pair's Cell with its local error, once both are computed (errors re-raised)."""
+    done = cell.result()
+    return done if local is None else replace(done, local=local.result())
+
+
+def _cancel_pending(*pools: ThreadPoolExecutor) -> None:
+    for pool in pools:
+        pool.shutdown(wait=False, cancel_futures=True)
+
 
 Side = str
 """`"a"` or `"b"`."""
@@ -86,33 +109,87 @@ class Plan:
         return self.b is None
 
     def run(self, cancel: threading.Event | None = None) -> Iterator[Cell]:
-        """Pair both sides' captures and yield one Cell per (layer, stage), in order."""
-        a, b = self.a, self.b
-        stream_a = a.captures(layers=self.layers, cancel=cancel, whole_model=self.whole_model)
-        stream_b = (
-            None
-            if b is None
-            else b.captures(layers=self.layers, cancel=cancel, whole_model=self.whole_model)
-        )
-        tracker = None
-        if self.local is not None:
-            checked = self.b if self.local.side == "b" else self.a
-            depth = checked.config.num_layers if isinstance(checked, ModelSource) else None
-            tracker = LocalErrorTracker(
-                self.local.weights, self.token_ids, self._checked_config(), depth
-            )
-        for capture_a, capture_b in merged(stream_a, stream_b):
-            if cancel is not None and cancel.is_set():
-                return
-            local = None
-            if tracker is not None and self.local is not None:
-                checked = capture_b if self.local.side == "b" else capture_a
+        """Pair both sides' captures and yield one Cell per (layer, stage), in order.
+
+        On the host the work runs side by side (engine.pipeline): each side's pass in its own
+        thread, at most IN_FLIGHT captures ahead; the statistics of a pair on a small pool
+        while the local error of the checked side runs on one ordered worker (it remembers
+        each capture as an input of later stages, so it must see them in order). Cells come
+        out in computation order all the same, at most WINDOW pairs in flight.
+        """
+        if not self._concurrent():
+            yield from self._run_serial(cancel)
+            return
+        with ExitStack() as stack:
+            stack.enter_context(pipeline_blas())
+            stream_a, stream_b = self._streams(cancel, stack, ahead=True)
+            tracker = self._tracker()
+            local_pool = stack.enter_context(ThreadPoolExecutor(1, "local-error"))
+            stats_pool = stack.enter_context(ThreadPoolExecutor(STATS_WORKERS, "cell-stats"))
+            stack.callback(_cancel_pending, local_pool, stats_pool)
+            pending: deque[tuple[Future[Cell], Future[LocalError] | None]] = deque()
+            for capture_a, capture_b in merged(stream_a, stream_b):
+                if cancel is not None and cancel.is_set():
+                    return
                 local = (
-                    tracker.observe(checked)
-                    if checked is not None
-                    else LocalError(None, (), "the checked side does not produce this stage")
+                    None
+                    if tracker is None
+                    else local_pool.submit(self._observe, tracker, capture_a, capture_b)
                 )
-            yield make_cell(capture_a, capture_b, seq_len=self.seq_len, local=local)
+                cell = stats_pool.submit(make_cell, capture_a, capture_b, seq_len=self.seq_len)
+                pending.append((cell, local))
+                if len(pending) >= WINDOW:
+                    yield _finished(*pending.popleft())
+            while pending:
+                if cancel is not None and cancel.is_set():
+                    return
+                yield _finished(*pending.popleft())
+
+    def _run_serial(self, cancel: threading.Event | None) -> Iterator[Cell]:
+        """`run` one step after the other (CuPy passes: one device stream, no threads)."""
+        with ExitStack() as stack:
+            stream_a, stream_b = self._streams(cancel, stack, ahead=False)
+            tracker = self._tracker()
+            for capture_a, capture_b in merged(stream_a, stream_b):
+                if cancel is not None and cancel.is_set():
+                    return
+                local = None if tracker is None else self._observe(tracker, capture_a, capture_b)
+                yield make_cell(capture_a, capture_b, seq_len=self.seq_len, local=local)
+
+    def _concurrent(self) -> bool:
+        """Threads pay on the host; a CuPy pass keeps its single stream."""
+        return all(
+            getattr(getattr(side, "backend", None), "name", "numpy") == "numpy"
+            for side in (self.a, self.b)
+            if side is not None
+        )
+
+    def _streams(self, cancel: threading.Event | None, stack: ExitStack, *, ahead: bool):
+        """Both sides' capture iterators (B None in single-model mode), run ahead if asked."""
+        streams = []
+        for name, side in (("a", self.a), ("b", self.b)):
+            if side is None:
+                streams.append(None)
+                continue
+            stream = side.captures(layers=self.layers, cancel=cancel, whole_model=self.whole_model)
+            if ahead:
+                stream = stack.enter_context(Ahead(stream, IN_FLIGHT, name=f"side-{name}"))
+            streams.append(stream)
+        return streams[0], streams[1]
+
+    def _tracker(self) -> LocalErrorTracker | None:
+        if self.local is None:
+            return None
+        checked = self.b if self.local.side == "b" else self.a
+        depth = checked.config.num_layers if isinstance(checked, ModelSource) else None
+        return LocalErrorTracker(self.local.weights, self.token_ids, self._checked_config(), depth)
+
+    def _observe(self, tracker: LocalErrorTracker, capture_a, capture_b) -> LocalError:
+        assert self.local is not None
+        checked = capture_b if self.local.side == "b" else capture_a
+        if checked is None:
+            return LocalError(None, (), "the checked side does not produce this stage")
+        return tracker.observe(checked)
 
     def _checked_config(self):
         for side in (self.a, self.b):

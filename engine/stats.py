@@ -114,13 +114,25 @@ def _accumulate(
     the rows of an [n, 4] array, with a chunk-sized buffer instead of 32 bytes per value. f32 x
     f32 products are exact in f64, so only the summation order matters. On CuPy the sums are
     parallel reductions and agree to rounding only.
+
+    The scan is the cost of a comparison (~3 ns a value and sum, latency-bound), so the
+    positions where both a and b are zero are left out first when they are many (causal
+    attention: the future half). That is exact: their four products are ±0.0, and adding ±0.0
+    to a running sum leaves it unchanged (the sum starts at +0.0 and, rounding to nearest, can
+    never become -0.0), so the sums of the rest, in the same order, are the sums of all.
     """
     if xp is not np:
         d64, a64, b64 = (v.astype(np.float64) for v in (d, fa, fb))
         pairs = ((d64, d64), (a64, b64), (a64, a64), (b64, b64))
         return tuple(t + float(xp.sum(x * y)) for t, (x, y) in zip(totals, pairs, strict=True))
-    out = list(totals)
     n = int(fa.size)
+    if n >= SUM_CHUNK:
+        nonzero = (fa != 0) | (fb != 0)  # [n]; NaN != 0, so NaN is always kept
+        kept = int(np.count_nonzero(nonzero))
+        if kept <= n - n // ZERO_SKIP_FRACTION:
+            fa, fb, d = fa[nonzero], fb[nonzero], d[nonzero]
+            n = kept
+    out = list(totals)
     buffer = np.empty(min(n, SUM_CHUNK) + 1, dtype=np.float64)  # [running total, chunk...]
     pairs = ((d, d), (fa, fb), (fa, fa), (fb, fb))
     for start in range(0, n, SUM_CHUNK):
@@ -134,6 +146,11 @@ def _accumulate(
     return out[0], out[1], out[2], out[3]
 
 
+ZERO_SKIP_FRACTION = 8
+"""Leave out the zero pairs before the scan when at least 1/8 of the values are such pairs:
+below that, finding and compressing them costs more than the scan they save."""
+
+
 # ----------------------------------------------------------------------------- tensor stats
 
 
@@ -144,38 +161,23 @@ def tensor_stats(x: Array) -> TensorStats:
     finite values; std is the sample standard deviation (0 when fewer than two finite values);
     min and max stay +inf / -inf when nothing is finite; an empty tensor is all zeros.
     Sums are float64. apr itself rounds mean and std to f32 for display; we keep the f64 values.
+
+    A large host array is taken STATS_CHUNK values at a time (the chunks' means and squared
+    deviations combined by Chan's update, as for streamed blocks): every pass then runs over
+    cache-resident data and no float64 copy of the whole tensor is made. The results equal the
+    one-array ones to float64 rounding.
     """
     xp = _array_module(x)
     flat = _flat_f32(x, xp)
-    count = int(flat.size)
-    if count == 0:
-        return TensorStats(0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-    nan_count = int(xp.count_nonzero(xp.isnan(flat)))
-    inf_count = int(xp.count_nonzero(xp.isinf(flat)))
-    zero_count = int(xp.count_nonzero(flat == 0))
-    finite = flat if nan_count + inf_count == 0 else flat[xp.isfinite(flat)]
-    valid = int(finite.size)
-    if valid == 0:
-        return TensorStats(
-            count, nan_count, inf_count, zero_count, math.inf, -math.inf, 0.0, 0.0, 0.0, 0.0
-        )
-    finite64 = finite.astype(np.float64)  # [valid]
-    mean = float(finite64.sum()) / valid
-    centred = finite64 - mean
-    # elementwise square + pairwise sum, not BLAS dot: dot wakes BLAS threads (ms on busy hosts)
-    std = math.sqrt(float((centred * centred).sum()) / (valid - 1)) if valid > 1 else 0.0
-    return TensorStats(
-        count=count,
-        nan_count=nan_count,
-        inf_count=inf_count,
-        zero_count=zero_count,
-        min=float(finite.min()),
-        max=float(finite.max()),
-        mean=mean,
-        std=std,
-        l2_norm=math.sqrt(float((finite64 * finite64).sum())),
-        max_abs=float(xp.abs(finite).max()),
-    )
+    acc = StatsAccumulator()
+    step = STATS_CHUNK if xp is np else max(int(flat.size), 1)
+    for start in range(0, int(flat.size), step):
+        acc.add(flat[start : start + step])
+    return acc.result()
+
+
+STATS_CHUNK = 1 << 18
+"""Values per chunk of `tensor_stats` on the host: 1 MiB of float32, 2 MiB of float64 work."""
 
 
 # ----------------------------------------------------------------------------- diff stats
@@ -357,28 +359,35 @@ class StatsAccumulator:
         if flat.size == 0:
             return
         self.count += int(flat.size)
-        nan_count = int(xp.count_nonzero(xp.isnan(flat)))
-        inf_count = int(xp.count_nonzero(xp.isinf(flat)))
-        self.nan += nan_count
-        self.inf += inf_count
-        self.zero += int(xp.count_nonzero(flat == 0))
-        finite = flat if nan_count + inf_count == 0 else flat[xp.isfinite(flat)]
+        self.zero += int(flat.size) - int(xp.count_nonzero(flat))  # -0.0 counts as zero
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = float(xp.sum(flat, dtype=np.float64))
+        if math.isfinite(total):  # a float64 sum of float32 values overflows never: all finite
+            finite = flat
+        else:
+            nan_count = int(xp.count_nonzero(xp.isnan(flat)))
+            inf_count = int(xp.count_nonzero(xp.isinf(flat)))
+            self.nan += nan_count
+            self.inf += inf_count
+            finite = flat[xp.isfinite(flat)]
+            total = float(xp.sum(finite, dtype=np.float64))
         n = int(finite.size)
         if n == 0:
             return
-        finite64 = finite.astype(np.float64)
-        mean = float(finite64.sum()) / n
-        centred = finite64 - mean
-        m2 = float((centred * centred).sum())
-        total = self.valid + n
+        mean = total / n
+        work = xp.subtract(finite, mean, dtype=np.float64)  # [n] centred, float64
+        m2 = float(xp.sum(xp.multiply(work, work, out=work)))
+        xp.multiply(finite, finite, out=work, dtype=np.float64)
+        self.sum_sq += float(xp.sum(work))
+        merged = self.valid + n
         delta = mean - self.mean
-        self.mean += delta * n / total
-        self.m2 += m2 + delta * delta * self.valid * n / total
-        self.valid = total
-        self.sum_sq += float((finite64 * finite64).sum())
-        self.min = min(self.min, float(finite.min()))
-        self.max = max(self.max, float(finite.max()))
-        self.max_abs = max(self.max_abs, float(xp.abs(finite).max()))
+        self.mean += delta * n / merged
+        self.m2 += m2 + delta * delta * self.valid * n / merged
+        self.valid = merged
+        low, high = float(finite.min()), float(finite.max())
+        self.min = min(self.min, low)
+        self.max = max(self.max, high)
+        self.max_abs = max(self.max_abs, -low, high)  # max |x| is |min| or |max|, exactly
 
     def result(self) -> TensorStats:
         if self.count == 0:

@@ -94,6 +94,8 @@ class BpeTokenizer:
     scores: list[float] | None = None
     add_space_prefix: bool = True
     """SentencePiece only: a space in front of the text (and after each special token)."""
+    from_file: bool = False
+    """True when `_backend` is a tokenizer.json's own pipeline, not one built from the parts."""
 
     def __post_init__(self) -> None:
         if len(self.token_types) != len(self.tokens):
@@ -346,6 +348,7 @@ def bpe_from_tokenizer_json(path: Path) -> BpeTokenizer:
         source=str(path),
         _backend=backend,
         kind="spm" if spm else "bpe",
+        from_file=True,
     )
 
 
@@ -392,6 +395,36 @@ def encode_prompt(model: Model, prompt: str) -> list[int]:
     if not ids:
         raise TokenizerError(f"{model.path}: the prompt {prompt!r} gives no tokens")
     return ids
+
+
+def same_prompt_encoding(first: Model, second: Model) -> bool:
+    """True when `encode_prompt` gives the same ids for every prompt on both models, because
+    their tokenizers were built from the same parts and they add the same BOS (a model and its
+    converted copy). Comparing the parts (~10 ms for a 49,152-token vocabulary) is far cheaper
+    than building a second `tokenizers` object (~0.15 s) to encode the same text again."""
+    a, b = first.tokenizer, second.tokenizer
+    if not isinstance(a, BpeTokenizer) or not isinstance(b, BpeTokenizer):
+        return False
+    if (first.config.add_bos, first.config.bos_token_id) != (
+        second.config.add_bos,
+        second.config.bos_token_id,
+    ):
+        return False
+    if a.from_file or b.from_file:  # a tokenizer.json's own pipeline: not only the parts
+        return a._backend is b._backend
+    plain = ("kind", "pre", "bos_token_id", "eos_token_id", "add_space_prefix")
+    if any(getattr(a, name) != getattr(b, name) for name in plain):
+        return False
+    if len(a.tokens) != len(b.tokens) or len(a.merges) != len(b.merges):
+        return False
+    scores_a = None if a.scores is None else list(a.scores)
+    scores_b = None if b.scores is None else list(b.scores)
+    return (
+        list(a.token_types) == list(b.token_types)
+        and list(a.merges) == list(b.merges)
+        and list(a.tokens) == list(b.tokens)
+        and scores_a == scores_b
+    )
 
 
 MAX_TOKEN_ID = 0xFFFFFFFF

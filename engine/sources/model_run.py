@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 
 from engine.backend import Backend, resolve_backend, to_host
 from engine.forward import Capture, produced_stages, trace
 from engine.model import Model
+from engine.recent_weights import RecentWeights
 from engine.sources.base import CACHE_BYTES, TensorCache, TraceSource, rerun_span
 from engine.stages import STAGE_BY_NAME
 
@@ -33,7 +35,8 @@ class ModelSource(TraceSource):
         backend: str | Backend = "numpy",
         cache_bytes: int = CACHE_BYTES,
     ) -> None:
-        self.model = model
+        # The pass, the local error and drill-down recomputes share decoded weights.
+        self.model = replace(model, weights=RecentWeights(model.weights))
         self.config = model.config
         self.token_ids = list(token_ids)
         self.prompt = prompt

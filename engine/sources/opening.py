@@ -54,7 +54,7 @@ def open_pair(
     from engine.errors import TokenizerError
     from engine.formats import open_model
     from engine.sources.specs import open_spec
-    from engine.tokenizer import DEFAULT_PROMPT, encode_prompt
+    from engine.tokenizer import DEFAULT_PROMPT, encode_prompt, same_prompt_encoding
 
     backend = resolve_backend(device)  # a bad --device fails before any model is opened
     specs = [spec_a] + ([spec_b] if spec_b is not None else [])
@@ -75,6 +75,16 @@ def open_pair(
             path = Path(spec)
             opened.append(DirectorySource(path) if looks_like_trace_dir(path) else open_model(path))
         models = [m for m in opened if isinstance(m, Model)]
+        encoded: list[tuple[Model, str, list[int]]] = []  # a model and its copy encode once
+
+        def encode(encoder: Model, text: str) -> list[int]:
+            for seen, seen_text, ids in encoded:
+                if seen_text == text and same_prompt_encoding(seen, encoder):
+                    return list(ids)
+            ids = encode_prompt(encoder, text)
+            encoded.append((encoder, text, ids))
+            return ids
+
         sources: list[TraceSource] = []
         for item in opened:
             if not isinstance(item, Model):
@@ -88,7 +98,7 @@ def open_pair(
                 encoders = [item] + [m for m in models if m is not item and m.tokenizer]
                 encoder = next((m for m in encoders if m.tokenizer is not None), item)
                 try:
-                    ids = encode_prompt(encoder, used_prompt)
+                    ids = encode(encoder, used_prompt)
                 except TokenizerError:
                     if prompt is not None:  # the user's own prompt: never swap it silently
                         raise

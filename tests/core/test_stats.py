@@ -387,3 +387,37 @@ def test_cupy_inputs_give_the_numpy_answer():
         host_stats.max,
     )
     assert device_stats.std == pytest.approx(host_stats.std, rel=1e-12)
+
+
+def test_sums_skip_zero_pairs_exactly_on_a_causal_attention_tensor():
+    # Half of a causal [heads, seq, seq] tensor is 0.0 on both sides; the scan leaves those
+    # pairs out (engine.stats.ZERO_SKIP_FRACTION). The sums must still be apr's loop, bit for
+    # bit, including a -0.0 on one side and +0.0 on the other.
+    rng = np.random.default_rng(12)
+    heads, seq = 2, 300  # 180,000 values: above SUM_CHUNK, so the skip is taken
+    future = np.triu(np.ones((seq, seq), dtype=bool), k=1)
+    a = rng.standard_normal((heads, seq, seq)).astype(F32)
+    b = (a + rng.standard_normal(a.shape).astype(F32) * F32(0.001)).astype(F32)
+    a[:, future] = F32(0.0)
+    b[:, future] = F32(-0.0)
+    a[0, 5, 3] = b[0, 5, 3] = F32(0.0)  # a zero pair inside the kept half as well
+    _, _, rms, cosine, _ = reference_diff(a.ravel().tolist(), b.ravel().tolist())
+    stats = diff_stats(a, b)
+    assert stats.rms_diff == rms
+    assert stats.cosine_sim == cosine
+
+
+def test_tensor_stats_of_a_large_array_in_chunks_match_the_loop_reference():
+    # Larger than STATS_CHUNK (1 << 18), with NaN, ±Inf and zeros spread over several chunks.
+    rng = np.random.default_rng(13)
+    values = (rng.standard_normal(700_001) * 3 + 1.5).astype(F32)
+    values[[10, 300_000, 650_000]] = np.nan
+    values[[20, 400_000]] = np.inf
+    values[500_000] = -np.inf
+    values[rng.integers(0, values.size, 1000)] = F32(0.0)
+    expected = reference_tensor_stats([float(v) for v in values])
+    stats = tensor_stats(values)
+    for key in ("count", "nan_count", "inf_count", "zero_count", "min", "max", "max_abs"):
+        assert getattr(stats, key) == expected[key], key
+    for key in ("mean", "std", "l2_norm"):
+        assert getattr(stats, key) == pytest.approx(expected[key], rel=1e-12), key

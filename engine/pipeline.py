@@ -1,0 +1,153 @@
+"""Run the parts of a comparison side by side: each side's pass ahead in its own thread.
+
+A comparison does four kinds of work per cell: side A's pass, side B's pass, the statistics
+of the pair and the local error of the checked side. Done one after the other they use one
+core; most of each is numpy work that releases the GIL (matmuls, dequantization, the
+sequential float64 scans of engine.stats), so they overlap well in threads.
+
+`Ahead(iterator, depth)` drives an iterator (a source's `captures()` generator) in a daemon
+thread and hands its items over through a queue of `depth` places: the pass runs up to `depth`
+captures ahead of the consumer and then waits, so at most `depth` captures per side are held
+besides the ones in use (the memory plan counts them: `IN_FLIGHT`). The thread's exceptions
+are re-raised in the consumer; `close()` (or leaving the `with` block, or the consumer's
+generator being closed) stops the thread at its next item and closes the iterator *in that
+thread*, so a pass's cleanup runs where it was started. Nothing waits without a bound: the
+producer re-checks the stop flag every WAIT_S while the queue is full, and `close` waits at
+most JOIN_S for the thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+WAIT_S = 0.05
+"""How often a producer with a full queue looks at the stop flag."""
+
+JOIN_S = 5.0
+"""How long `close` waits for a producer to finish the item it is computing."""
+
+IN_FLIGHT = 2
+"""Captures a side's pass may run ahead of the comparison (queue places per side)."""
+
+_END = object()
+
+_BLAS_LOCK = threading.Lock()
+_BLAS_USERS = 0
+_BLAS_LIMITER: Any = None
+
+
+def blas_threads_for_pipeline() -> int:
+    """BLAS threads per call while a pipeline runs: a quarter of this process's cores, at least
+    one (about four threads call BLAS at once: two passes, statistics, local error)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores // 4)
+
+
+@contextlib.contextmanager
+def pipeline_blas() -> Iterator[None]:
+    """Limit BLAS's own threads (OpenBLAS spins them between calls) while a pipeline runs.
+
+    Measured on the 2-core machine: a SmolLM2 bisect took 2.3 s of CPU with one BLAS thread
+    and 11-14 s with OpenBLAS's default two, its idle threads spinning against the pipeline's.
+    The limit is process-wide, so it is reference-counted: the first pipeline sets it, the last
+    one to finish restores what was there.
+    """
+    global _BLAS_USERS, _BLAS_LIMITER
+    with _BLAS_LOCK:
+        if _BLAS_USERS == 0:
+            from threadpoolctl import threadpool_limits
+
+            _BLAS_LIMITER = threadpool_limits(blas_threads_for_pipeline(), user_api="blas")
+        _BLAS_USERS += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_USERS -= 1
+            if _BLAS_USERS == 0 and _BLAS_LIMITER is not None:
+                _BLAS_LIMITER.restore_original_limits()
+                _BLAS_LIMITER = None
+
+
+class _Raised:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class Ahead(Generic[T]):
+    """Iterate `source` in a background thread, at most `depth` items ahead of the reader."""
+
+    def __init__(self, source: Iterator[T], depth: int = IN_FLIGHT, name: str = "ahead") -> None:
+        self._source = source
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._produce, name=name, daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        """Hand one item over; False when the reader has gone (stop set)."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=WAIT_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            for item in self._source:
+                if not self._put(item):
+                    break
+        except BaseException as error:  # handed to the reader, never lost in the thread
+            self._put(_Raised(error))
+        finally:
+            close = getattr(self._source, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):  # the reader learns of errors in items
+                    close()
+            self._put(_END)
+
+    def __iter__(self) -> Ahead[T]:
+        return self
+
+    def __next__(self) -> T:
+        if self._done:
+            raise StopIteration
+        item = self._queue.get()
+        if item is _END:
+            self._done = True
+            raise StopIteration
+        if isinstance(item, _Raised):
+            self._done = True
+            raise item.error
+        return item
+
+    def close(self) -> None:
+        """Stop the producer and wait (at most JOIN_S) for it to close its iterator."""
+        self._done = True
+        self._stop.set()
+        while True:  # free a producer blocked on a full queue
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        if self._thread is not threading.current_thread():
+            self._thread.join(JOIN_S)
+
+    def __enter__(self) -> Ahead[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
