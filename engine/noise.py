@@ -10,7 +10,10 @@ and it is not noise.
 
 Stages seen in too few layers, and the whole-model stages (`final_norm`, `lm_head`) and the
 embedding, which have no layers to calibrate across, take the floor of their kind of operation
-(the largest calibrated floor among the stages of that kind).
+(the largest calibrated floor among the stages of that kind, with a margin); when no stage of
+the kind has enough layers (a run over one or two layers), the median of all the kind's
+local errors pooled; when there is nothing at all to measure, the kind's ceiling, so that
+noise that could not be calibrated is never reported as an origin.
 """
 
 from __future__ import annotations
@@ -141,15 +144,30 @@ def calibrate(cells: Iterable[Cell]) -> dict[str, Floor]:
     for stage, floor in floors.items():
         kind = STAGE_KINDS.get(stage, stage)
         kind_floor[kind] = max(kind_floor.get(kind, 0.0), floor.value)
+    pooled: dict[str, list[float]] = {}  # kind -> every per-layer local error of its stages
+    for stage, values in by_stage.items():
+        if stage != "embedding":
+            pooled.setdefault(STAGE_KINDS.get(stage, stage), []).extend(
+                e for layer, e in values if layer != WHOLE_MODEL_LAYER and math.isfinite(e)
+            )
     for stage in by_stage:
         if stage in floors:
             continue
         kind = STAGE_KINDS.get(stage, stage)
+        ceiling = KIND_CEILINGS.get(kind, DEFAULT_CEILING)
         if kind in kind_floor:
             value = BORROWED_MARGIN * kind_floor[kind]
             floors[stage] = Floor(stage, value, None, 0, f"kind {kind}")
+        elif len(pooled.get(kind, ())) >= MIN_LAYERS:
+            # Too few layers for any stage of the kind alone (a `--layers 0..2` run): the
+            # median of all of them, with the borrowed margin, since they mix stages.
+            median = float(np.median(pooled[kind]))
+            value = min(max(FLOAT32_FLOOR, BORROWED_MARGIN * NOISE_SPREAD * median), ceiling)
+            floors[stage] = Floor(stage, value, median, 0, f"kind {kind}, pooled")
         else:
-            floors[stage] = Floor(stage, FLOAT32_FLOOR, None, 0, "float32 floor")
+            # Nothing to calibrate from: the most the kind may be granted, so that no origin
+            # is claimed from noise we could not measure (a large spike still leaves it).
+            floors[stage] = Floor(stage, ceiling, None, 0, "uncalibrated: kind ceiling")
     return floors
 
 

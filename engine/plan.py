@@ -249,10 +249,14 @@ def plan_for(
     """
     check_comparable(a, b)
     token_ids = reconcile_tokens(a, b)
-    for side in (a, b):
-        if isinstance(side, ModelSource):
-            side.token_ids = check_token_ids(side.token_ids, side.config, side.label)
-            check_prompt_fits(side.config, len(side.token_ids), side.label, side.backend)
+    models = [side for side in (a, b) if isinstance(side, ModelSource)]
+    for side in models:
+        side.token_ids = check_token_ids(side.token_ids, side.config, side.label)
+    if models:
+        check_prompt_fits(
+            [(side.config, side.label, side.backend) for side in models],
+            len(models[0].token_ids),
+        )
     for side, other in ((a, b), (b, a)):
         if isinstance(side, DirectorySource) and isinstance(other, ModelSource):
             side.shape_config = other.config

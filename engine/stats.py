@@ -167,12 +167,8 @@ def tensor_stats(x: Array) -> TensorStats:
     cache-resident data and no float64 copy of the whole tensor is made. The results equal the
     one-array ones to float64 rounding.
     """
-    xp = _array_module(x)
-    flat = _flat_f32(x, xp)
     acc = StatsAccumulator()
-    step = STATS_CHUNK if xp is np else max(int(flat.size), 1)
-    for start in range(0, int(flat.size), step):
-        acc.add(flat[start : start + step])
+    acc.add(x)
     return acc.result()
 
 
@@ -354,8 +350,14 @@ class StatsAccumulator:
         self.min, self.max, self.max_abs = math.inf, -math.inf, 0.0
 
     def add(self, block: Array) -> None:
+        """Fold in a block of any size (on the host, STATS_CHUNK values at a time)."""
         xp = _array_module(block)
         flat = _flat_f32(block, xp)
+        step = STATS_CHUNK if xp is np else max(int(flat.size), 1)
+        for start in range(0, int(flat.size), step):
+            self._add_chunk(flat[start : start + step], xp)
+
+    def _add_chunk(self, flat: Array, xp: ModuleType) -> None:
         if flat.size == 0:
             return
         self.count += int(flat.size)

@@ -11,6 +11,7 @@ import math
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -133,9 +134,27 @@ class DirectorySource(TraceSource):
                     continue
             elif layers is not None and layer not in layers:
                 continue
+            lazy = self._lazy_attention(stage_name, path)
+            if lazy is not None:  # a long prompt's attention file: read a block at a time
+                yield Capture(layer, stage_name, lazy, lazy.shape)
+                continue
             values = read_aprt(path).values
             shape = self._shape(stage_name, values.size)
             yield Capture(layer, stage_name, values.reshape(shape), shape)
+
+    def _lazy_attention(self, stage_name: str, path: Path) -> AttentionFile | None:
+        """The attention file as a lazy capture when it is larger than a layer's whole-path
+        attention may be (engine.attention.WHOLE_ATTENTION_LIMIT) and its shape is known."""
+        from engine.aprt import read_aprt_header
+        from engine.attention import WHOLE_ATTENTION_LIMIT
+
+        if stage_name not in ("attn_scores", "attn_softmax"):
+            return None
+        count = read_aprt_header(path).dim_product
+        shape = self._shape(stage_name, count)
+        if len(shape) != 3 or 4 * count <= WHOLE_ATTENTION_LIMIT:
+            return None
+        return AttentionFile(path, shape)
 
     def tensor(self, layer: int, stage_name: str) -> np.ndarray | None:
         from engine.aprt import read_aprt
@@ -145,6 +164,59 @@ class DirectorySource(TraceSource):
             return None
         values = read_aprt(path).values
         return values.reshape(self._shape(stage_name, values.size))
+
+
+class AttentionFile:
+    """A `[heads, seq, seq]` APRT attention file as a lazy capture, like
+    engine.attention.AttentionStage: `blocks(rows)` reads `[rows, seq]` blocks in file order
+    (one block in memory at a time) with the future entries set to 0.0, apr's convention, so a
+    comparison of a 4,096-token directory never reads a 604 MB file whole."""
+
+    def __init__(self, path: Path, shape: tuple[int, int, int]) -> None:
+        self.path = path
+        self.shape = shape
+        self.size = math.prod(shape)
+        self.nbytes = 4 * self.size
+        self.dtype = np.dtype(np.float32)
+        self.ndim = 3
+
+    def blocks(self, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(flat offset, float32 block [rows, seq]) in file order, future entries 0.0."""
+        from engine.aprt import HEADER_SIZE, AprtFormatError, read_aprt_header
+        from engine.attention import block_rows
+        from engine.fileio import open_regular
+
+        heads, seq, _ = self.shape
+        step = rows or block_rows(seq)
+        if read_aprt_header(self.path).dim_product != self.size:
+            raise AprtFormatError(self.path, "the file changed while it was being compared")
+        with open_regular(self.path) as handle:  # never a FIFO or device swapped in
+            for head in range(heads):
+                for start in range(0, seq, step):
+                    stop = min(start + step, seq)
+                    offset = (head * seq + start) * seq
+                    handle.seek(HEADER_SIZE + 4 * offset)
+                    values = np.fromfile(handle, dtype="<f4", count=(stop - start) * seq)
+                    if values.size != (stop - start) * seq:
+                        raise AprtFormatError(self.path, "the file shrank while being compared")
+                    block = values.astype(np.float32, copy=False).reshape(stop - start, seq)
+                    block[np.arange(seq)[None, :] > np.arange(start, stop)[:, None]] = 0.0
+                    yield offset, block
+
+    def materialize(self) -> np.ndarray:
+        """The whole `[heads, seq, seq]` array (for code that needs it whole)."""
+        out = np.empty(self.shape, dtype=np.float32)
+        flat = out.reshape(-1)
+        for offset, block in self.blocks():
+            flat[offset : offset + block.size] = block.reshape(-1)
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self.materialize()
+        return whole if dtype is None else whole.astype(dtype)
+
+    def reshape(self, *shape: Any) -> np.ndarray:
+        return np.asarray(self).reshape(*shape)
 
 
 def looks_like_trace_dir(path: Path) -> bool:

@@ -222,3 +222,18 @@ def test_a_runtimes_conventions_are_not_divergences(apr_tui, models, tmp_path):
     logits = by_key[("whole-model", "lm_head")]
     assert logits["diff"]["max_abs_diff"] == 0.0  # paired by the last row
     assert logits["local_error"] < 1e-5
+
+
+def test_two_layers_are_too_few_for_a_stage_but_not_for_its_kind(apr_tui, models):
+    # `--layers 0..2`: no stage has MIN_LAYERS layers of its own. The floors come from each
+    # kind's local errors pooled (matmul: 2 layers x 5 stages), so uniform weight noise is
+    # still noise (it used to fall back to the float32 floor: a false origin at L0 qkv) ...
+    code, report = bisect_json(apr_tui, models["good"], models["noisy"], "--layers", "0..2")
+    assert report["origin"] is None, report["origin"]
+    assert code == 0
+    qkv = report["noise_floors"]["qkv_matmul"]
+    assert qkv["source"] == "kind matmul, pooled" and qkv["floor"] > 1e-3
+    # ... and a planted bug inside the two layers is still the origin.
+    code, report = bisect_json(apr_tui, models["good"], models["up18"], "--layers", "1..3")
+    assert code == 1
+    assert origin_of(report) == (2, "ffn_up")
