@@ -122,7 +122,7 @@ class Metric:
     """(value, cell, cosine threshold) -> heat score in [0, 1]."""
     uses_floors: bool = False
     """The value is the cell's local error over its stage's noise floor, which the grid knows
-    (`StageGrid.floors`) and re-scores when the floors are recalibrated; `value` is unused."""
+    (`GridModel.floors`) and re-scores when the floors are recalibrated; `value` is unused."""
 
 
 def _cosine_value(cell: Cell) -> float | None:
