@@ -15,6 +15,7 @@ from engine.errors import path_display
 
 if TYPE_CHECKING:
     from engine.aprt import TraceDir
+    from engine.compare import Cell
     from engine.stats import DiffStats
 
 HELP = "`apr diff --values` on two APRT stage files or two trace directories"
@@ -30,7 +31,8 @@ them (dim_product first, then layer) and shown as a panel, or with --json as apr
 
 Two trace directories (layer-N/<stage>.bin plus the whole-model final_norm.bin and
 lm_head.bin at the root) are compared stage by stage for every (layer, stage) both have,
-in computation order, with the first stage whose cosine falls below --threshold marked;
+in computation order, with the first divergence marked (a cosine below --threshold, as
+bisect judges it: identical files never diverge, expert ids must match exactly);
 stages only one side has, and files neither understands, are listed after the table.
 With --json the directory result is an `apr-tui-dir-diff-v1` document."""
 
@@ -245,23 +247,33 @@ def _print_file_diff(path_a: str, path_b: str, layer: int, stats: DiffStats, thr
 
 @dataclass
 class StageComparison:
+    """One (layer, stage) both directories have: its Cell (both sides' statistics and the
+    `apr diff --values` statistics of the pair), or why it was not compared."""
+
     layer: int
     stage: str
     path_a: Path
     path_b: Path
-    stats: DiffStats | None
+    cell: Cell | None
     error: str | None = None
+
+    @property
+    def stats(self) -> DiffStats | None:
+        """The pair's `apr diff --values` statistics (None when not compared)."""
+        return None if self.cell is None else self.cell.diff
 
 
 def diff_dirs(trace_a: TraceDir, trace_b: TraceDir, limit: int) -> list[StageComparison]:
     """Diff every (layer, stage) both traces have, in computation order.
 
-    A pair whose files disagree in size gets `error` instead of `stats` (apr's message) and
-    the walk goes on; the directory reader has already checked headers against places.
+    A pair whose files disagree in size gets `error` instead of a cell (apr's message) and
+    the walk goes on; the directory reader has already checked headers against places. The
+    files are compared as they are, as apr does (no convention of engine.compare.comparable).
     """
     from engine.aprt import check_aprt_pair
+    from engine.compare import Cell
     from engine.errors import AprTuiError
-    from engine.stats import diff_stats
+    from engine.stats import diff_stats, tensor_stats
 
     results = []
     for key, file_a in trace_a.entries.items():
@@ -276,16 +288,27 @@ def diff_dirs(trace_a: TraceDir, trace_b: TraceDir, limit: int) -> list[StageCom
         except AprTuiError as error:
             results.append(StageComparison(layer, stage_name, file_a, file_b, None, str(error)))
             continue
-        stats = diff_stats(tensor_a.values, tensor_b.values, limit)
-        results.append(StageComparison(layer, stage_name, file_a, file_b, stats))
+        a, b = tensor_a.values, tensor_b.values
+        cell = Cell(
+            layer,
+            stage_name,
+            (int(a.size),),
+            tensor_stats(a),
+            tensor_stats(b),
+            diff_stats(a, b, limit),
+        )
+        results.append(StageComparison(layer, stage_name, file_a, file_b, cell))
     return results
 
 
 def _first_divergence(results: list[StageComparison], threshold: float) -> StageComparison | None:
-    for result in results:
-        if result.stats is not None and not result.stats.cosine_sim >= threshold:
-            return result
-    return None
+    """The first compared stage that diverges, by the rule bisect and the explorer use
+    (engine.compare.first_divergence: cosine below `threshold`, except that identical files
+    never diverge and expert ids must match exactly)."""
+    from engine.compare import first_divergence
+
+    first = first_divergence((r.cell for r in results if r.cell is not None), threshold)
+    return next((r for r in results if first is not None and r.cell is first), None)
 
 
 def _only_in(trace: TraceDir, other: TraceDir) -> list[tuple[int, str, Path]]:
