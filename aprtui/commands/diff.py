@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from aprtui.commands import options
 from aprtui.commands.output import incomplete_warnings, print_report
 from engine.errors import path_display
+from engine.stages import layer_name
 
 if TYPE_CHECKING:
     from engine.aprt import TraceDir
@@ -117,12 +118,6 @@ def _model_kind(path: str) -> str | None:
     return kind
 
 
-def _layer_label(layer: int) -> int | str:
-    from engine.stages import WHOLE_MODEL_LAYER
-
-    return "whole-model" if layer == WHOLE_MODEL_LAYER else layer
-
-
 def _stats_document(stats: DiffStats) -> dict[str, object]:
     """The statistics part of apr's JSON (f32 fields printed as serde_json prints an f32)."""
     from engine.rustfmt import JsonF32
@@ -178,7 +173,7 @@ def file_document(path_a: str, path_b: str, layer: int, stats: DiffStats) -> dic
         "schema": FILE_SCHEMA,
         "path_a": path_display(path_a),
         "path_b": path_display(path_b),
-        "layer": _layer_label(layer),
+        "layer": layer_name(layer),
         **_stats_document(stats),
     }
 
@@ -203,7 +198,7 @@ def _print_file_diff(path_a: str, path_b: str, layer: int, stats: DiffStats, thr
     # is at its end).
     facts.add_row("A:", Text(path_display(path_a), overflow="fold"))
     facts.add_row("B:", Text(path_display(path_b), overflow="fold"))
-    facts.add_row("Layer:", str(_layer_label(layer)))
+    facts.add_row("Layer:", str(layer_name(layer)))
     facts.add_row("Elements:", str(stats.count))
     facts.add_row(
         "max|diff|:",
@@ -342,7 +337,7 @@ def dir_document(
     stages = []
     for result in results:
         entry: dict[str, object] = {
-            "layer": _layer_label(result.layer),
+            "layer": layer_name(result.layer),
             "stage": result.stage,
             "path_a": path_display(result.path_a),
             "path_b": path_display(result.path_b),
@@ -369,14 +364,14 @@ def dir_document(
         "complete_b": trace_b.complete,
         "first_divergence": None
         if first is None
-        else {"layer": _layer_label(first.layer), "stage": first.stage},
+        else {"layer": layer_name(first.layer), "stage": first.stage},
         "stages": stages,
         "only_in_a": [
-            {"layer": _layer_label(layer), "stage": name, "path": path_display(path)}
+            {"layer": layer_name(layer), "stage": name, "path": path_display(path)}
             for layer, name, path in _only_in(trace_a, trace_b)
         ],
         "only_in_b": [
-            {"layer": _layer_label(layer), "stage": name, "path": path_display(path)}
+            {"layer": layer_name(layer), "stage": name, "path": path_display(path)}
             for layer, name, path in _only_in(trace_b, trace_a)
         ],
         "unknown_a": [{"path": path_display(p), "reason": r} for p, r in trace_a.unknown],
@@ -416,7 +411,7 @@ def _print_dir_diff(
     table.add_column("rms", justify="right", no_wrap=True)
     table.add_column("", no_wrap=True)
     for result in results:
-        layer = str(_layer_label(result.layer))
+        layer = str(layer_name(result.layer))
         if result.stats is None:
             table.add_row(layer, result.stage, "", Text("not compared", style="yellow"))
             continue
@@ -441,7 +436,7 @@ def _print_dir_diff(
     )
     summary = f"{compared} stage(s) compared, {below} below cosine {threshold}"
     if first is not None:
-        summary += f"; first divergence: layer {_layer_label(first.layer)} {first.stage}"
+        summary += f"; first divergence: layer {layer_name(first.layer)} {first.stage}"
     report.append(Text(summary, style="bold red" if below else "bold green"))
 
     not_compared = [result for result in results if result.stats is None]

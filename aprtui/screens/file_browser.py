@@ -36,7 +36,7 @@ from aprtui.anomalies import CellAnomalies, stats_anomalies
 from aprtui.widgets.stats_panel import anomaly_summary, tensor_stats_table
 from engine.aprt import TraceDir, check_aprt_pair, read_aprt, read_trace_dir
 from engine.errors import AprTuiError
-from engine.stages import WHOLE_MODEL_LAYER
+from engine.stages import WHOLE_MODEL_LAYER, layer_name
 from engine.stats import DiffStats, TensorStats, tensor_stats
 
 PREVIEW_VALUES = 24
@@ -49,7 +49,8 @@ MARK_NAMES = "AB"
 
 
 def layer_text(layer: int) -> str:
-    return "whole-model" if layer == WHOLE_MODEL_LAYER else str(layer)
+    """A file's layer in the panel: the index, or `whole-model` (engine.stages.layer_name)."""
+    return str(layer_name(layer))
 
 
 @dataclass(frozen=True)
