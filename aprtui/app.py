@@ -29,7 +29,6 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 from textual.worker import get_current_worker
 
-from aprtui.coordinates import HeadLayout, head_layout_of
 from aprtui.messages import (
     CellReady,
     CellSelected,
@@ -52,6 +51,7 @@ from aprtui.widgets.status_line import StatusLine
 from engine.compare import cosine_diverged, std_diverged
 from engine.defaults import DEFAULT_THRESHOLD
 from engine.errors import AprTuiError
+from engine.heads import HeadLayout, head_layout_of
 from engine.noise import Origin, calibrate, find_origin
 from engine.plan import Plan, plan_for
 from engine.stages import WHOLE_MODEL_LAYER

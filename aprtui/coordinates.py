@@ -4,7 +4,8 @@ The drill-down's top-K table lists flat indices into a stage's row-major tensor;
 turns them back into what the index means for that stage:
 
 - `[seq, hidden]` stages: token position (with its text) and channel;
-- the attention projections, when the model's head layout is known (`HeadLayout`):
+- the attention projections, when the model's head layout is known (`engine.heads.HeadLayout`,
+  the widths the forward pass and the trace directories use too):
   `qkv_matmul` / `qkv_bias` columns are Q (num_heads × head_dim), then K, then V (num_kv_heads ×
   head_dim each), split into the part, head and dim; `q_post_rope` / `attention` are
   (token, head, dim) and `k_post_rope` is (token, kv head, dim);
@@ -19,71 +20,30 @@ the token count (tokens.json) gives back the `[seq, …]` rows (`decoding_shape`
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
+from engine.heads import FUSED_QKV_STAGES, KEY_HEAD_STAGES, HeadLayout
+
 ATTENTION_MATRIX_STAGES = ("attn_scores", "attn_softmax")
-FUSED_QKV_STAGES = ("qkv_matmul", "qkv_bias")
-QUERY_HEAD_STAGES = ("q_post_rope", "attention")
-KEY_HEAD_STAGES = ("k_post_rope",)
+"""`[heads, seq, seq]`: decoded as (head, query position, key position)."""
 
 
-@dataclass(frozen=True)
-class HeadLayout:
-    """How a model splits its attention projections into heads (from its ModelConfig)."""
-
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-
-    @property
-    def q_dim(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-    def stage_width(self, stage: str) -> int | None:
-        """The column count this layout gives a head-structured stage (None for others)."""
-        if stage in FUSED_QKV_STAGES:
-            return self.q_dim + 2 * self.kv_dim
-        if stage in QUERY_HEAD_STAGES:
-            return self.q_dim
-        if stage in KEY_HEAD_STAGES:
-            return self.kv_dim
-        return None
-
-    def channel_words(self, stage: str, channel: int) -> str:
-        """`Q head 2, dim 5` / `K kv head 1, dim 0` / `head 3, dim 7` / `kv head 1, dim 2`."""
-        if stage in FUSED_QKV_STAGES:
-            if channel < self.q_dim:
-                part, offset, head_word = "Q", channel, "head"
-            elif channel < self.q_dim + self.kv_dim:
-                part, offset, head_word = "K", channel - self.q_dim, "kv head"
-            else:
-                part, offset, head_word = "V", channel - self.q_dim - self.kv_dim, "kv head"
-            head, dim = divmod(offset, self.head_dim)
-            return f"{part} {head_word} {head}, dim {dim}"
-        head, dim = divmod(channel, self.head_dim)
-        head_word = "kv head" if stage in KEY_HEAD_STAGES else "head"
-        return f"{head_word} {head}, dim {dim}"
-
-
-def head_layout_of(config: object | None) -> HeadLayout | None:
-    """A ModelConfig's head layout, or None when there is no usable config."""
-    try:
-        layout = HeadLayout(
-            int(config.num_heads),  # type: ignore[union-attr]
-            int(config.num_kv_heads),  # type: ignore[union-attr]
-            int(config.head_dim),  # type: ignore[union-attr]
-        )
-    except (AttributeError, TypeError, ValueError):
-        return None
-    if min(layout.num_heads, layout.num_kv_heads, layout.head_dim) <= 0:
-        return None
-    return layout
+def channel_words(heads: HeadLayout, stage: str, channel: int) -> str:
+    """A column of a head-structured stage in words: `Q head 2, dim 5` / `K kv head 1, dim 0`
+    (fused QKV), `head 3, dim 7` (query heads) or `kv head 1, dim 2` (key heads)."""
+    if stage in FUSED_QKV_STAGES:
+        if channel < heads.q_dim:
+            part, offset, head_word = "Q", channel, "head"
+        elif channel < heads.q_dim + heads.kv_dim:
+            part, offset, head_word = "K", channel - heads.q_dim, "kv head"
+        else:
+            part, offset, head_word = "V", channel - heads.q_dim - heads.kv_dim, "kv head"
+        head, dim = divmod(offset, heads.head_dim)
+        return f"{part} {head_word} {head}, dim {dim}"
+    head, dim = divmod(channel, heads.head_dim)
+    head_word = "kv head" if stage in KEY_HEAD_STAGES else "head"
+    return f"{head_word} {head}, dim {dim}"
 
 
 def decoding_shape(stage: str, shape: tuple[int, ...], n_tokens: int) -> tuple[int, ...]:
@@ -148,6 +108,6 @@ def decode_index(
     if len(shape) == 2:
         position, channel = (int(c) for c in coords)
         if heads is not None and heads.stage_width(stage) == shape[1]:
-            return f"token {token(position)}, {heads.channel_words(stage, channel)}"
+            return f"token {token(position)}, {channel_words(heads, stage, channel)}"
         return f"token {token(position)}, channel {channel}"
     return "[" + ", ".join(str(int(c)) for c in coords) + "]"

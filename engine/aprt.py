@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from engine.errors import FormatError, path_text
+from engine.errors import DiffError, FormatError, path_display, path_text
 from engine.fileio import (
     ANY_TEMP_NAME,
     NotRegularFileError,
@@ -183,6 +183,36 @@ def read_aprt(path: str | os.PathLike[str]) -> AprtTensor:
             f"got {4 * values.size}",
         )
     return AprtTensor(Path(path), header.layer, values.astype(np.float32, copy=False))
+
+
+def check_aprt_pair(
+    path_a: str | os.PathLike[str],
+    a: AprtHeader | AprtTensor,
+    path_b: str | os.PathLike[str],
+    b: AprtHeader | AprtTensor,
+    *,
+    same_layer: bool = True,
+) -> None:
+    """apr diff's checks of two APRT stage files before an element-wise diff, in apr's order
+    and words (§2.2): the element counts (`dim_product`) first, then the layers.
+
+    `same_layer=False` skips the layer check: the file browser diffs a stage with another
+    layer's on purpose (how a shifted layer is found) and says so beside the numbers. The paths
+    are passed as the user gave them (apr prints them so), not as `Path` normalizes them.
+    Raises DiffError.
+    """
+    if a.dim_product != b.dim_product:
+        raise DiffError(
+            f"APRT dim_product mismatch: {path_display(path_a)} has {a.dim_product} f32s, "
+            f"{path_display(path_b)} has {b.dim_product} f32s — cannot compare stage tensors "
+            "of different sizes"
+        )
+    if same_layer and a.layer != b.layer:
+        raise DiffError(
+            f"APRT layer mismatch: {path_display(path_a)} is layer {a.layer}, "
+            f"{path_display(path_b)} is layer {b.layer} — stages from different layers cannot "
+            "be compared element-wise"
+        )
 
 
 def _to_host_f32(values: Any) -> np.ndarray:

@@ -50,6 +50,12 @@ def path_text(path: str | os.PathLike[str]) -> str:
     return raw.decode("utf-8", errors="backslashreplace")
 
 
+def path_display(path: str | os.PathLike[str]) -> str:
+    """A path as Rust's `Path::display()` shows it, which is how apr's messages name files:
+    undecodable bytes become U+FFFD (`path_text` keeps them as `\\xNN` for files we write)."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
 class AprTuiError(Exception):
     """Base class of every error the engine raises on bad input."""
 

@@ -39,6 +39,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from engine.errors import MissingTensorError
+from engine.heads import HeadLayout
 
 Architecture = Literal[
     "llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma2", "gemma3"
@@ -159,12 +160,17 @@ class ModelConfig:
         return "pre_feedforward_layernorm" if self.sandwich_norms else "post_attention_layernorm"
 
     @property
+    def heads(self) -> HeadLayout:
+        """The attention head layout (engine.heads): the projections' and head stages' widths."""
+        return HeadLayout(self.num_heads, self.num_kv_heads, self.head_dim)
+
+    @property
     def q_dim(self) -> int:
-        return self.num_heads * self.head_dim
+        return self.heads.q_dim
 
     @property
     def kv_dim(self) -> int:
-        return self.num_kv_heads * self.head_dim
+        return self.heads.kv_dim
 
 
 class WeightStore(Protocol):

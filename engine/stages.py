@@ -25,6 +25,14 @@ from engine.errors import PlanError
 
 WHOLE_MODEL_LAYER = 0xFFFFFFFF
 """Layer index in an APRT header for the whole-model stages (`final_norm`, `lm_head`)."""
+WHOLE_MODEL_NAME = "whole-model"
+"""How apr's JSON (and apr-tui's reports after it) name the WHOLE_MODEL_LAYER sentinel."""
+
+
+def layer_name(layer: int) -> int | str:
+    """A layer as apr's JSON writes it: the index, or `whole-model` for the sentinel."""
+    return WHOLE_MODEL_NAME if layer == WHOLE_MODEL_LAYER else layer
+
 
 U32_MAX = 0xFFFFFFFF
 

@@ -97,21 +97,16 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _layer_json(layer: int) -> int | str:
-    from engine.stages import WHOLE_MODEL_LAYER
-
-    return "whole-model" if layer == WHOLE_MODEL_LAYER else layer
-
-
 def cell_json(cell: Cell, threshold: float, floors: dict | None = None) -> dict[str, Any]:
     from engine.anomalies import cell_anomalies, grid_anomalies
     from engine.compare import cosine_diverged, std_diverged, std_ratio
     from engine.noise import local_ratio
+    from engine.stages import layer_name
 
     local = cell.local
     flags, one_sided = cell_anomalies(cell), grid_anomalies(cell)
     return {
-        "layer": _layer_json(cell.layer),
+        "layer": layer_name(cell.layer),
         "stage": cell.stage,
         "shape": list(cell.shape),
         "a": asdict(cell.stats_a) if cell.stats_a is not None else None,

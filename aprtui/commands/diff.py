@@ -11,9 +11,12 @@ from typing import TYPE_CHECKING
 
 from aprtui.commands import options
 from aprtui.commands.output import incomplete_warnings, print_report
+from engine.errors import path_display
+from engine.stages import layer_name
 
 if TYPE_CHECKING:
     from engine.aprt import TraceDir
+    from engine.compare import Cell
     from engine.stats import DiffStats
 
 HELP = "`apr diff --values` on two APRT stage files or two trace directories"
@@ -29,7 +32,8 @@ them (dim_product first, then layer) and shown as a panel, or with --json as apr
 
 Two trace directories (layer-N/<stage>.bin plus the whole-model final_norm.bin and
 lm_head.bin at the root) are compared stage by stage for every (layer, stage) both have,
-in computation order, with the first stage whose cosine falls below --threshold marked;
+in computation order, with the first divergence marked (a cosine below --threshold, as
+bisect judges it: identical files never diverge, expert ids must match exactly);
 stages only one side has, and files neither understands, are listed after the table.
 With --json the directory result is an `apr-tui-dir-diff-v1` document."""
 
@@ -87,11 +91,13 @@ def _refuse_model_file(path: str, path_a: str, path_b: str) -> None:
     if kind is None:
         return
     if _model_kind(path_a) and _model_kind(path_b):
-        hint = f"compare models with `apr-tui bisect {_display(path_a)} {_display(path_b)}`"
+        pair = f"{path_display(path_a)} {path_display(path_b)}"
+        hint = f"compare models with `apr-tui bisect {pair}`"
     else:
         hint = "compare a model with another model or a trace directory with `apr-tui bisect`"
     raise DiffError(
-        f"{_display(path)}: this is {_article(kind)} {kind} model, not an APRT stage file; {hint}"
+        f"{path_display(path)}: this is {_article(kind)} {kind} model, not an APRT stage file; "
+        f"{hint}"
     )
 
 
@@ -110,17 +116,6 @@ def _model_kind(path: str) -> str | None:
     if kind is None and path.lower().endswith(".safetensors"):
         kind = "safetensors"
     return kind
-
-
-def _display(path: str | os.PathLike[str]) -> str:
-    """A path as Rust's `Path::display()` shows it (undecodable bytes become U+FFFD)."""
-    return os.fsencode(path).decode("utf-8", "replace")
-
-
-def _layer_label(layer: int) -> int | str:
-    from engine.stages import WHOLE_MODEL_LAYER
-
-    return "whole-model" if layer == WHOLE_MODEL_LAYER else layer
 
 
 def _stats_document(stats: DiffStats) -> dict[str, object]:
@@ -154,38 +149,21 @@ def _read_for_diff(path: str):
         return read_aprt(path)
     except AprtOpenError as error:
         raise FormatError(
-            f"Cannot open {_display(path)}: {error.reason.removeprefix('cannot open: ')}"
+            f"Cannot open {path_display(path)}: {error.reason.removeprefix('cannot open: ')}"
         ) from None
     except FormatError as error:
         reason = getattr(error, "reason", str(error))
-        raise FormatError(f"Cannot read APRT stage tensor {_display(path)}: {reason}") from None
-
-
-def _check_pair(path_a: str, layer_a: int, n_a: int, path_b: str, layer_b: int, n_b: int) -> None:
-    """apr's two checks, in apr's order and words (§2.2)."""
-    from engine.errors import DiffError
-
-    if n_a != n_b:
-        raise DiffError(
-            f"APRT dim_product mismatch: {_display(path_a)} has {n_a} f32s, {_display(path_b)} "
-            f"has {n_b} f32s — cannot compare stage tensors of different sizes"
-        )
-    if layer_a != layer_b:
-        raise DiffError(
-            f"APRT layer mismatch: {_display(path_a)} is layer {layer_a}, {_display(path_b)} is "
-            f"layer {layer_b} — stages from different layers cannot be compared element-wise"
-        )
+        raise FormatError(f"Cannot read APRT stage tensor {path_display(path)}: {reason}") from None
 
 
 def diff_files(path_a: str, path_b: str, limit: int) -> tuple[int, DiffStats]:
     """Read, check and diff two APRT files; returns (layer, stats)."""
+    from engine.aprt import check_aprt_pair
     from engine.stats import diff_stats
 
     tensor_a = _read_for_diff(path_a)
     tensor_b = _read_for_diff(path_b)
-    _check_pair(
-        path_a, tensor_a.layer, tensor_a.dim_product, path_b, tensor_b.layer, tensor_b.dim_product
-    )
+    check_aprt_pair(path_a, tensor_a, path_b, tensor_b)
     return tensor_a.layer, diff_stats(tensor_a.values, tensor_b.values, limit)
 
 
@@ -193,9 +171,9 @@ def file_document(path_a: str, path_b: str, layer: int, stats: DiffStats) -> dic
     """apr's `apr-stage-diff-v1` object."""
     return {
         "schema": FILE_SCHEMA,
-        "path_a": _display(path_a),
-        "path_b": _display(path_b),
-        "layer": _layer_label(layer),
+        "path_a": path_display(path_a),
+        "path_b": path_display(path_b),
+        "layer": layer_name(layer),
         **_stats_document(stats),
     }
 
@@ -218,9 +196,9 @@ def _print_file_diff(path_a: str, path_b: str, layer: int, stats: DiffStats, thr
     facts.add_column()
     # A long path folds onto more lines on a narrow terminal; it is never cut (the file name
     # is at its end).
-    facts.add_row("A:", Text(_display(path_a), overflow="fold"))
-    facts.add_row("B:", Text(_display(path_b), overflow="fold"))
-    facts.add_row("Layer:", str(_layer_label(layer)))
+    facts.add_row("A:", Text(path_display(path_a), overflow="fold"))
+    facts.add_row("B:", Text(path_display(path_b), overflow="fold"))
+    facts.add_row("Layer:", str(layer_name(layer)))
     facts.add_row("Elements:", str(stats.count))
     facts.add_row(
         "max|diff|:",
@@ -264,22 +242,33 @@ def _print_file_diff(path_a: str, path_b: str, layer: int, stats: DiffStats, thr
 
 @dataclass
 class StageComparison:
+    """One (layer, stage) both directories have: its Cell (both sides' statistics and the
+    `apr diff --values` statistics of the pair), or why it was not compared."""
+
     layer: int
     stage: str
     path_a: Path
     path_b: Path
-    stats: DiffStats | None
+    cell: Cell | None
     error: str | None = None
+
+    @property
+    def stats(self) -> DiffStats | None:
+        """The pair's `apr diff --values` statistics (None when not compared)."""
+        return None if self.cell is None else self.cell.diff
 
 
 def diff_dirs(trace_a: TraceDir, trace_b: TraceDir, limit: int) -> list[StageComparison]:
     """Diff every (layer, stage) both traces have, in computation order.
 
-    A pair whose files disagree in size gets `error` instead of `stats` (apr's message) and
-    the walk goes on; the directory reader has already checked headers against places.
+    A pair whose files disagree in size gets `error` instead of a cell (apr's message) and
+    the walk goes on; the directory reader has already checked headers against places. The
+    files are compared as they are, as apr does (no convention of engine.compare.comparable).
     """
+    from engine.aprt import check_aprt_pair
+    from engine.compare import Cell
     from engine.errors import AprTuiError
-    from engine.stats import diff_stats
+    from engine.stats import diff_stats, tensor_stats
 
     results = []
     for key, file_a in trace_a.entries.items():
@@ -290,27 +279,31 @@ def diff_dirs(trace_a: TraceDir, trace_b: TraceDir, limit: int) -> list[StageCom
         try:
             tensor_a = _read_for_diff(str(file_a))
             tensor_b = _read_for_diff(str(file_b))
-            _check_pair(
-                str(file_a),
-                tensor_a.layer,
-                tensor_a.dim_product,
-                str(file_b),
-                tensor_b.layer,
-                tensor_b.dim_product,
-            )
+            check_aprt_pair(file_a, tensor_a, file_b, tensor_b)
         except AprTuiError as error:
             results.append(StageComparison(layer, stage_name, file_a, file_b, None, str(error)))
             continue
-        stats = diff_stats(tensor_a.values, tensor_b.values, limit)
-        results.append(StageComparison(layer, stage_name, file_a, file_b, stats))
+        a, b = tensor_a.values, tensor_b.values
+        cell = Cell(
+            layer,
+            stage_name,
+            (int(a.size),),
+            tensor_stats(a),
+            tensor_stats(b),
+            diff_stats(a, b, limit),
+        )
+        results.append(StageComparison(layer, stage_name, file_a, file_b, cell))
     return results
 
 
 def _first_divergence(results: list[StageComparison], threshold: float) -> StageComparison | None:
-    for result in results:
-        if result.stats is not None and not result.stats.cosine_sim >= threshold:
-            return result
-    return None
+    """The first compared stage that diverges, by the rule bisect and the explorer use
+    (engine.compare.first_divergence: cosine below `threshold`, except that identical files
+    never diverge and expert ids must match exactly)."""
+    from engine.compare import first_divergence
+
+    first = first_divergence((r.cell for r in results if r.cell is not None), threshold)
+    return next((r for r in results if first is not None and r.cell is first), None)
 
 
 def _only_in(trace: TraceDir, other: TraceDir) -> list[tuple[int, str, Path]]:
@@ -344,10 +337,10 @@ def dir_document(
     stages = []
     for result in results:
         entry: dict[str, object] = {
-            "layer": _layer_label(result.layer),
+            "layer": layer_name(result.layer),
             "stage": result.stage,
-            "path_a": _display(result.path_a),
-            "path_b": _display(result.path_b),
+            "path_a": path_display(result.path_a),
+            "path_b": path_display(result.path_b),
             "error": result.error,
         }
         if result.stats is not None:
@@ -360,8 +353,8 @@ def dir_document(
     )
     return {
         "schema": DIR_SCHEMA,
-        "dir_a": _display(trace_a.root),
-        "dir_b": _display(trace_b.root),
+        "dir_a": path_display(trace_a.root),
+        "dir_b": path_display(trace_b.root),
         "threshold": threshold,
         "limit": limit,
         "token_ids_a": trace_a.token_ids,
@@ -371,18 +364,18 @@ def dir_document(
         "complete_b": trace_b.complete,
         "first_divergence": None
         if first is None
-        else {"layer": _layer_label(first.layer), "stage": first.stage},
+        else {"layer": layer_name(first.layer), "stage": first.stage},
         "stages": stages,
         "only_in_a": [
-            {"layer": _layer_label(layer), "stage": name, "path": _display(path)}
+            {"layer": layer_name(layer), "stage": name, "path": path_display(path)}
             for layer, name, path in _only_in(trace_a, trace_b)
         ],
         "only_in_b": [
-            {"layer": _layer_label(layer), "stage": name, "path": _display(path)}
+            {"layer": layer_name(layer), "stage": name, "path": path_display(path)}
             for layer, name, path in _only_in(trace_b, trace_a)
         ],
-        "unknown_a": [{"path": _display(p), "reason": r} for p, r in trace_a.unknown],
-        "unknown_b": [{"path": _display(p), "reason": r} for p, r in trace_b.unknown],
+        "unknown_a": [{"path": path_display(p), "reason": r} for p, r in trace_a.unknown],
+        "unknown_b": [{"path": path_display(p), "reason": r} for p, r in trace_b.unknown],
     }
 
 
@@ -399,8 +392,8 @@ def _print_dir_diff(
     from engine.rustfmt import rust_fixed, rust_lower_exp
 
     report: list[object] = [
-        Text(f"A: {_display(trace_a.root)}", overflow="fold"),
-        Text(f"B: {_display(trace_b.root)}", overflow="fold"),
+        Text(f"A: {path_display(trace_a.root)}", overflow="fold"),
+        Text(f"B: {path_display(trace_b.root)}", overflow="fold"),
     ]
     report.extend(incomplete_warnings(("A", trace_a), ("B", trace_b)))
     first = _first_divergence(results, threshold)
@@ -418,7 +411,7 @@ def _print_dir_diff(
     table.add_column("rms", justify="right", no_wrap=True)
     table.add_column("", no_wrap=True)
     for result in results:
-        layer = str(_layer_label(result.layer))
+        layer = str(layer_name(result.layer))
         if result.stats is None:
             table.add_row(layer, result.stage, "", Text("not compared", style="yellow"))
             continue
@@ -443,7 +436,7 @@ def _print_dir_diff(
     )
     summary = f"{compared} stage(s) compared, {below} below cosine {threshold}"
     if first is not None:
-        summary += f"; first divergence: layer {_layer_label(first.layer)} {first.stage}"
+        summary += f"; first divergence: layer {layer_name(first.layer)} {first.stage}"
     report.append(Text(summary, style="bold red" if below else "bold green"))
 
     not_compared = [result for result in results if result.stats is None]
@@ -468,13 +461,13 @@ def _print_dir_diff(
         if only:
             report.append(Text(f"only in {label} ({len(only)}):", style="bold"))
             for _, _, path in only:
-                report.append(Text(f"  {_display(path)}"))
+                report.append(Text(f"  {path_display(path)}"))
         if trace.unknown:
             report.append(
                 Text(f"not understood in {label} ({len(trace.unknown)}):", style="bold yellow")
             )
             for path, reason in trace.unknown:
-                report.append(Text(f"  {_display(path)}: {reason}"))
+                report.append(Text(f"  {path_display(path)}: {reason}"))
     print_report(*report)
 
 
@@ -489,13 +482,13 @@ def run(args: argparse.Namespace) -> int:
         if not path:
             raise DiffError(f"{label}: empty path")
         if not os.path.exists(path):
-            raise DiffError(f"{_display(path)}: no such file or directory")
+            raise DiffError(f"{path_display(path)}: no such file or directory")
         kinds.append("dir" if os.path.isdir(path) else "file")
     if kinds[0] != kinds[1]:
         file_side, dir_side = (args.a, args.b) if kinds[0] == "file" else (args.b, args.a)
         raise DiffError(
-            f"cannot diff a file with a directory ({_display(file_side)} is a file, "
-            f"{_display(dir_side)} is a directory): give two APRT files or two trace directories"
+            f"cannot diff a file with a directory ({path_display(file_side)} is a file, "
+            f"{path_display(dir_side)} is a directory): give two APRT files or two trace directories"
         )
 
     if kinds[0] == "file":
@@ -515,7 +508,7 @@ def run(args: argparse.Namespace) -> int:
     trace_a, trace_b = read_trace_dir(args.a), read_trace_dir(args.b)
     if not any(key in trace_b.entries for key in trace_a.entries):
         raise DiffError(
-            f"{_display(args.a)} and {_display(args.b)} have no (layer, stage) file in common"
+            f"{path_display(args.a)} and {path_display(args.b)} have no (layer, stage) file in common"
         )
     results = diff_dirs(trace_a, trace_b, args.limit)
     if args.json:

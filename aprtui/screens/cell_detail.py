@@ -29,7 +29,7 @@ from aprtui.anomalies import (
     WARNING_STYLE,
     cell_anomalies,
 )
-from aprtui.coordinates import HeadLayout, decode_index, display_token
+from aprtui.coordinates import decode_index, display_token
 from aprtui.messages import TensorsLoaded
 from aprtui.widgets.histogram import DeltaHistogram
 from aprtui.widgets.metrics import cell_title
@@ -41,6 +41,7 @@ from aprtui.widgets.stats_panel import (
 )
 from aprtui.widgets.token_strip import TokenStrip, per_token_cosine, per_token_rows
 from engine.compare import Cell
+from engine.heads import HeadLayout
 from engine.stages import WHOLE_MODEL_LAYER
 from engine.stats import TopDiff
 

@@ -34,9 +34,9 @@ from textual.worker import get_current_worker
 
 from aprtui.anomalies import CellAnomalies, stats_anomalies
 from aprtui.widgets.stats_panel import anomaly_summary, tensor_stats_table
-from engine.aprt import TraceDir, read_aprt, read_trace_dir
-from engine.errors import AprTuiError, DiffError
-from engine.stages import WHOLE_MODEL_LAYER
+from engine.aprt import TraceDir, check_aprt_pair, read_aprt, read_trace_dir
+from engine.errors import AprTuiError
+from engine.stages import WHOLE_MODEL_LAYER, layer_name
 from engine.stats import DiffStats, TensorStats, tensor_stats
 
 PREVIEW_VALUES = 24
@@ -49,7 +49,8 @@ MARK_NAMES = "AB"
 
 
 def layer_text(layer: int) -> str:
-    return "whole-model" if layer == WHOLE_MODEL_LAYER else str(layer)
+    """A file's layer in the panel: the index, or `whole-model` (engine.stages.layer_name)."""
+    return str(layer_name(layer))
 
 
 @dataclass(frozen=True)
@@ -68,18 +69,15 @@ class FileDiff:
 def diff_aprt_files(path_a: Path, path_b: Path, limit: int = DIFF_LIMIT) -> FileDiff:
     """`apr diff --values A B` on two APRT files of the same size, from any layers.
 
-    Raises DiffError with apr's message (§2.2) when the sizes differ; a layer mismatch, which
-    apr refuses, is reported in the result instead (`across_layers`).
+    Raises DiffError with apr's message (§2.2, engine.aprt.check_aprt_pair) when the sizes
+    differ; a layer mismatch, which apr refuses, is reported in the result instead
+    (`across_layers`).
     """
     from engine.stats import diff_stats
 
     a = read_aprt(path_a)
     b = read_aprt(path_b)
-    if a.dim_product != b.dim_product:
-        raise DiffError(
-            f"APRT dim_product mismatch: {path_a} has {a.dim_product} f32s, {path_b} has "
-            f"{b.dim_product} f32s — cannot compare stage tensors of different sizes"
-        )
+    check_aprt_pair(path_a, a, path_b, b, same_layer=False)
     return FileDiff(diff_stats(a.values, b.values, limit=limit), a.layer, b.layer)
 
 

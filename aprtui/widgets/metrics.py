@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from aprtui.numbers import TEXT_WIDTH, cosine_text, short_number  # noqa: F401 (re-exported)
 from engine.compare import Cell
-from engine.stages import STAGE_BY_NAME, WHOLE_MODEL_LAYER
+from engine.stages import WHOLE_MODEL_LAYER
 
 CELL_TEXT_WIDTH = TEXT_WIDTH
 """Numbers are formatted by aprtui.numbers (one format everywhere), at most this wide."""
@@ -58,11 +58,6 @@ def cell_title(layer: int, stage: str) -> str:
     """`layer 2 · ffn_swigl`, or `whole model · lm_head`."""
     where = "whole model" if layer == WHOLE_MODEL_LAYER else f"layer {layer}"
     return f"{where} · {stage}"
-
-
-def stage_order_key(layer: int, stage: str) -> tuple[int, int]:
-    """Computation order: layers ascending, the whole-model stages last, stages canonical."""
-    return (layer, STAGE_BY_NAME[stage].index)
 
 
 def _clip01(value: float) -> float:
@@ -122,7 +117,7 @@ class Metric:
     """(value, cell, cosine threshold) -> heat score in [0, 1]."""
     uses_floors: bool = False
     """The value is the cell's local error over its stage's noise floor, which the grid knows
-    (`StageGrid.floors`) and re-scores when the floors are recalibrated; `value` is unused."""
+    (`GridModel.floors`) and re-scores when the floors are recalibrated; `value` is unused."""
 
 
 def _cosine_value(cell: Cell) -> float | None:

@@ -1,19 +1,21 @@
-"""The layer × stage heat grid, built on Textual's Line API over numpy arrays.
+"""The layer × stage heat grid, drawn with Textual's Line API from a `GridModel`.
 
-Rows are the traced layers plus one row for the whole-model stages (`final_norm`, `lm_head`);
-columns are the stages in canonical order. For every metric the grid keeps three arrays of shape
-[n_rows, n_cols]: the value (NaN when there is none), the cell text and the heat-colour index.
-A new cell writes one element of each and repaints one line (`refresh_lines`); nothing is
-rebuilt. Measured in shared/reference/textual-and-numerics-notes.md §C.5: a DataTable repaints
-every cell on each update (85–170 ms at 30 × 20), this grid repaints a line in well under 1 ms.
+The data (rows, columns, the stored cells, the per-metric value / text / score / kind arrays,
+the absent mask, the floors, the divergence marks and the orders the keys walk) lives in
+`aprtui.widgets.grid_model.GridModel`, a plain object without Textual; this widget draws it,
+moves the cursor, scrolls and answers the keys. A new cell writes one element of each array of
+the model and repaints one line (`refresh_lines`); nothing is rebuilt. Measured in
+shared/reference/textual-and-numerics-notes.md §C.5: a DataTable repaints every cell on each
+update (85–170 ms at 30 × 20), this grid repaints a line in well under 1 ms.
 """
 
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 import numpy as np
 from rich.segment import Segment
+from rich.style import Style
 from textual import events
 from textual.binding import Binding
 from textual.geometry import Size
@@ -22,44 +24,54 @@ from textual.reactive import reactive, var
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
-from aprtui.anomalies import ANOMALY_MARKER, CellAnomalies, grid_anomalies
+from aprtui.anomalies import ANOMALY_MARKER, CellAnomalies
 from aprtui.messages import CellSelected, CursorMoved, MetricChanged
+from aprtui.widgets.grid_model import (
+    ABSENT,
+    EMPTY,
+    NONFINITE,
+    ONE_SIDED,
+    VALUE,
+    GridModel,
+    Position,
+)
 from aprtui.widgets.metrics import (
     CELL_TEXT_WIDTH,
     METRIC_BY_KEY,
-    METRICS,
     STAGE_SHORT_NAMES,
     Metric,
-    is_nonfinite,
     layer_label,
-    nonfinite_text,
 )
 from aprtui.widgets.palette import heat_styles, score_index
 from engine.compare import Cell
-from engine.noise import local_ratio
-from engine.stages import DENSE_STAGES, STAGE_BY_NAME, WHOLE_MODEL_LAYER
 
 LABEL_WIDTH = 6
+"""The layer label column on the left (`▶L12 ` fits), which stays put when scrolling."""
 CELL_WIDTH = CELL_TEXT_WIDTH + 1
 """One gap column (where the divergence marker goes) plus the cell text."""
 
-# What one grid position holds, per metric.
-EMPTY = 0
-"""Not applicable to this row, or not computed yet: drawn blank."""
-VALUE = 1
-ABSENT = 2
-"""Neither side produces this stage (qkv_bias on Llama): drawn as a dim dot."""
-NONFINITE = 3
-"""NaN or Inf on either side: drawn loud in every metric."""
-ONE_SIDED = 4
-"""Only one side produces the stage, so there is nothing to compare."""
-
 DIVERGENCE_MARKER = "▶"
+"""Drawn in the gap before a marked cell and before its row's label."""
 
 
-def default_stages() -> list[str]:
-    """The dense stages in canonical order (MoE columns are added when a MoE cell arrives)."""
-    return [stage.name for stage in DENSE_STAGES]
+class _Styles(NamedTuple):
+    """The Rich styles a repaint needs, looked up once (`StageGrid._rich_styles`) and dropped when
+    the CSS applies new styles (`notify_style_update`: focus, theme), not once per line."""
+
+    base: Style
+    header: Style
+    label: Style
+    label_diverged: Style
+    label_high_var: Style
+    absent: Style
+    nonfinite: Style
+    one_sided: Style
+    cursor: Style
+    """Partial: added to the cell's own style."""
+    divergence: Style
+    """Partial: added to the cell's own style."""
+    marker: Style
+    anomaly_marker: Style
 
 
 class StageGrid(ScrollView, can_focus=True):
@@ -129,39 +141,124 @@ grid says what the colours mean.
         classes: str | None = None,
     ) -> None:
         super().__init__(name=name, id=id, classes=classes)
-        self.threshold = threshold
-        self.has_reference = has_reference
-        self.row_layers: list[int] = []
-        self.stages: list[str] = default_stages()
-        self.cells: dict[tuple[int, int], Cell] = {}
-        self.divergences: dict[str, tuple[int, int]] = {}
-        """Marked cells by kind (`origin`, `cosine`, `std`) -> (row, column)."""
-        self.floors: dict = {}
-        """The noise floor of each stage (engine.noise.Floor), for the `local` metric."""
-        self.anomalies: dict[tuple[int, int], CellAnomalies] = {}
-        """apr's anomaly flags of the flagged cells, by (row, column)."""
-        self._row_of: dict[int, int] = {}
-        self._walk: tuple[int, int] | None = None
+        self.model = GridModel(threshold=threshold, has_reference=has_reference)
+        """Everything the grid shows; the widget only draws it and moves over it."""
+        self._walk: Position | None = None
         """The cell the last n / shift+n landed on (a walk continues from there)."""
-        self._col_of: dict[str, int] = {}
-        self._allocate()
+        self._rich_styles_cache: _Styles | None = None
+        self._fit_virtual_size()
         if not has_reference:
             self.set_reactive(StageGrid.metric, "std_a")
 
-    # -- shape ------------------------------------------------------------------------------
+    # -- the model's data, as the app and the tests read it ---------------------------------
+
+    @property
+    def threshold(self) -> float:
+        return self.model.threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self.model.threshold = value
+
+    @property
+    def has_reference(self) -> bool:
+        return self.model.has_reference
+
+    @has_reference.setter
+    def has_reference(self, value: bool) -> None:
+        self.model.has_reference = value
+
+    @property
+    def row_layers(self) -> list[int]:
+        return self.model.row_layers
+
+    @property
+    def stages(self) -> list[str]:
+        return self.model.stages
+
+    @property
+    def cells(self) -> dict[Position, Cell]:
+        return self.model.cells
+
+    @property
+    def divergences(self) -> dict[str, Position]:
+        """Marked cells by kind (`origin`, `cosine`, `std`) -> (row, column)."""
+        return self.model.divergences
+
+    @property
+    def floors(self) -> dict:
+        """The noise floor of each stage (engine.noise.Floor), for the `local` metric."""
+        return self.model.floors
+
+    @property
+    def anomalies(self) -> dict[Position, CellAnomalies]:
+        return self.model.anomalies
+
+    @property
+    def values(self) -> dict[str, np.ndarray]:
+        return self.model.values
+
+    @property
+    def texts(self) -> dict[str, np.ndarray]:
+        return self.model.texts
+
+    @property
+    def kinds(self) -> dict[str, np.ndarray]:
+        return self.model.kinds
+
+    @property
+    def applicable(self) -> np.ndarray:
+        return self.model.applicable
 
     @property
     def metrics(self) -> tuple[Metric, ...]:
         """The metrics this grid can show (only `std of A` without a reference)."""
-        return tuple(m for m in METRICS if self.has_reference or not m.needs_reference)
+        return self.model.metrics
 
     @property
     def n_rows(self) -> int:
-        return len(self.row_layers) + 1
+        return self.model.n_rows
 
     @property
     def n_cols(self) -> int:
-        return len(self.stages)
+        return self.model.n_cols
+
+    @property
+    def first_divergence(self) -> Position | None:
+        """The earliest marked cell in computation order."""
+        return self.model.first_divergence
+
+    @property
+    def done_count(self) -> int:
+        return self.model.done_count
+
+    @property
+    def expected_count(self) -> int:
+        """Cells this grid can still receive or has received (absent ones excluded)."""
+        return self.model.expected_count
+
+    def position(self, layer: int, stage: str) -> Position | None:
+        return self.model.position(layer, stage)
+
+    def layer_at(self, row: int) -> int:
+        return self.model.layer_at(row)
+
+    def cell_at(self, row: int, col: int) -> Cell | None:
+        return self.model.cell_at(row, col)
+
+    def worst_order(self) -> list[Position]:
+        """Cells from worst to best (GridModel.worst_order)."""
+        return self.model.worst_order()
+
+    def high_var_rows(self) -> set[int]:
+        """Rows whose layer has apr's `[HIGH-VAR]` status."""
+        return self.model.high_var_rows()
+
+    @property
+    def cursor_cell(self) -> Cell | None:
+        return self.model.cells.get(self.cursor)
+
+    # -- changes: the model changes, the widget repaints what changed ------------------------
 
     def configure(
         self,
@@ -173,194 +270,77 @@ grid says what the colours mean.
         cells: tuple[tuple[int, str], ...] | None = None,
     ) -> None:
         """Lay the grid out for these decoder layers (plus the whole-model row); clears it.
-
-        `produced`: the stages either side can produce; the other columns are absent at once.
-        `whole_model`: False when the run stops before the last layer (no final_norm, lm_head).
-        `cells`: every (layer, stage) the run will yield (the plan's); any other cell can never
-        exist and is absent from the start, not pending.
-        """
-        self.row_layers = list(layers)
-        self.has_reference = has_reference
+        The arguments are GridModel.configure's."""
+        self.model.configure(layers, has_reference, produced, whole_model=whole_model, cells=cells)
         self.refresh_bindings()  # f and m exist only with a reference (check_action)
         self.post_message(self.ShapeChanged())  # new rows: the app re-fits (even at one size)
         if not has_reference and METRIC_BY_KEY[self.metric].needs_reference:
             self.set_reactive(StageGrid.metric, "std_a")
-        self.stages = default_stages()
-        self.cells.clear()
-        self.divergences.clear()
-        self.anomalies.clear()
-        self._allocate()
-        if not whole_model:
-            self.applicable[-1, :] = False  # not part of this run: blank, never "absent"
-        if produced:
-            never = [col for col, name in enumerate(self.stages) if name not in produced]
-            missing = np.zeros_like(self.applicable)
-            missing[:, never] = self.applicable[:, never]
-            self._mark_absent(missing)
-        if cells is not None:
-            planned = np.zeros_like(self.applicable)
-            for layer, stage_name in cells:
-                position = self.position(layer, stage_name)
-                if position is not None:
-                    planned[position] = True
-            self._mark_absent(self.applicable & ~planned)
+        self._fit_virtual_size()
         self.cursor = (0, 0)
         self._post_cursor()
         self.refresh()
 
-    def _allocate(self) -> None:
-        rows = [*self.row_layers, WHOLE_MODEL_LAYER]
-        self._row_of = {layer: row for row, layer in enumerate(rows)}
-        self._col_of = {stage: col for col, stage in enumerate(self.stages)}
-        shape = (self.n_rows, self.n_cols)
-        self.values = {m.key: np.full(shape, np.nan) for m in METRICS}
-        self.texts = {m.key: np.full(shape, "", dtype=f"<U{CELL_TEXT_WIDTH}") for m in METRICS}
-        self.heat = {m.key: np.zeros(shape, dtype=np.uint8) for m in METRICS}
-        self.kinds = {m.key: np.full(shape, EMPTY, dtype=np.int8) for m in METRICS}
-        self.applicable = np.zeros(shape, dtype=bool)
-        for col, stage_name in enumerate(self.stages):
-            stage = STAGE_BY_NAME[stage_name]
-            if not stage.per_layer:
-                self.applicable[-1, col] = True
-            elif stage_name == "embedding":
-                self.applicable[:-1, col] = np.array(
-                    [layer == 0 for layer in self.row_layers], bool
-                )
-            else:
-                self.applicable[:-1, col] = True
-        self._fit_virtual_size()
-
-    def _add_column(self, stage_name: str) -> None:
-        """A stage the default columns lack (MoE): re-lay the grid out and re-apply the cells."""
-        order = {name: STAGE_BY_NAME[name].index for name in [*self.stages, stage_name]}
-        old_cells = list(self.cells.values())
-        self.stages = sorted(order, key=order.__getitem__)
-        self.cells.clear()
-        self.divergences.clear()
-        self.anomalies.clear()
-        self._allocate()
-        for cell in old_cells:
-            self._store(cell)
-        self.refresh()
-
-    # -- data -------------------------------------------------------------------------------
-
-    def position(self, layer: int, stage: str) -> tuple[int, int] | None:
-        row = self._row_of.get(layer)
-        col = self._col_of.get(stage)
-        return None if row is None or col is None else (row, col)
-
-    def layer_at(self, row: int) -> int:
-        return self.row_layers[row] if row < len(self.row_layers) else WHOLE_MODEL_LAYER
-
-    def cell_at(self, row: int, col: int) -> Cell | None:
-        return self.cells.get((row, col))
-
-    @property
-    def cursor_cell(self) -> Cell | None:
-        return self.cells.get(self.cursor)
-
     def set_cell(self, cell: Cell) -> None:
-        """Store one result and repaint its line only."""
-        if cell.stage not in self._col_of:
-            if cell.stage not in STAGE_BY_NAME:
-                return
-            self._add_column(cell.stage)
-        if cell.layer not in self._row_of:
+        """Store one result and repaint its line only (all lines when it adds a column)."""
+        n_cols = self.model.n_cols
+        position = self.model.set_cell(cell)
+        if self.model.n_cols != n_cols:  # a MoE column: the grid was laid out anew
+            self._fit_virtual_size()
+            self.refresh()
+        if position is None:
             return
-        row, col = self._store(cell)
-        self._refresh_row(row)
-        if (row, col) == self.cursor:
+        self._refresh_row(position[0])
+        if position == self.cursor:
             self._post_cursor()
-
-    def _store(self, cell: Cell) -> tuple[int, int]:
-        row, col = self._row_of[cell.layer], self._col_of[cell.stage]
-        self.cells[(row, col)] = cell
-        self.applicable[row, col] = True
-        flags = grid_anomalies(cell)
-        if flags:
-            self.anomalies[(row, col)] = flags
-        else:
-            self.anomalies.pop((row, col), None)
-        nonfinite = is_nonfinite(cell)
-        for metric in METRICS:
-            key = metric.key
-            value = local_ratio(cell, self.floors) if metric.uses_floors else metric.value(cell)
-            if nonfinite or (value is not None and not math.isfinite(value) and value != 0):
-                if value is not None and math.isinf(value) and not nonfinite:
-                    self.kinds[key][row, col] = VALUE
-                    self.texts[key][row, col] = metric.text(value)
-                    self.heat[key][row, col] = score_index(1.0)
-                    self.values[key][row, col] = value
-                    continue
-                self.kinds[key][row, col] = NONFINITE
-                self.texts[key][row, col] = nonfinite_text(cell) if nonfinite else "NaN"
-                self.values[key][row, col] = np.nan
-            elif value is not None:
-                self.kinds[key][row, col] = VALUE
-                self.values[key][row, col] = value
-                self.texts[key][row, col] = metric.text(value)
-                self.heat[key][row, col] = score_index(metric.score(value, cell, self.threshold))
-            elif cell.stats_a is None and cell.stats_b is None:
-                self.kinds[key][row, col] = ABSENT
-                self.texts[key][row, col] = "·"
-            else:
-                self.kinds[key][row, col] = ONE_SIDED
-                self.texts[key][row, col] = "A only" if cell.stats_b is None else "B only"
-                if not self.has_reference:
-                    self.texts[key][row, col] = "·"
-                    self.kinds[key][row, col] = ABSENT
-        return row, col
 
     def set_floors(self, floors: dict) -> None:
         """New noise floors (recalibrated as layers arrive): re-score every stored cell."""
-        if floors == self.floors:
+        if not self.model.set_floors(floors):
             return
-        self.floors = dict(floors)
-        for cell in list(self.cells.values()):
-            self._store(cell)
         self.refresh()
         self._post_cursor()  # the panel under the grid shows the cursor cell's floor too
 
     def mark_divergence(self, kind: str, cell: Cell | None) -> None:
         """Mark `cell` as the first divergence of `kind` (`cosine` or `std`); None unmarks."""
-        old = self.divergences.pop(kind, None)
-        position = None if cell is None else self.position(cell.layer, cell.stage)
-        if position is not None:
-            self.divergences[kind] = position
-        for row in {p[0] for p in (old, position) if p is not None}:
+        for row in self.model.mark_divergence(kind, cell):
             self._refresh_row(row)
-
-    @property
-    def first_divergence(self) -> tuple[int, int] | None:
-        """The earliest marked cell in computation order."""
-        marked = sorted(self.divergences.values())
-        return marked[0] if marked else None
 
     def mark_missing_absent(self) -> None:
         """After a complete run: every applicable cell that never arrived is absent."""
-        self._mark_absent(self.applicable & (self.kinds["cosine"] == EMPTY))
+        self.model.mark_missing_absent()
         self.refresh()
-
-    def _mark_absent(self, mask: np.ndarray) -> None:
-        for metric in METRICS:
-            self.kinds[metric.key][mask] = ABSENT
-            self.texts[metric.key][mask] = "·"
-
-    @property
-    def done_count(self) -> int:
-        return len(self.cells)
-
-    @property
-    def expected_count(self) -> int:
-        """Cells this grid can still receive or has received (absent ones excluded)."""
-        return int((self.applicable & (self.kinds["cosine"] != ABSENT)).sum())
 
     # -- drawing ----------------------------------------------------------------------------
 
     def watch_metric(self, metric: str) -> None:
         self.refresh()
         self.post_message(MetricChanged(metric))
+
+    def notify_style_update(self) -> None:
+        super().notify_style_update()
+        self._rich_styles_cache = None
+
+    @property
+    def _rich_styles(self) -> _Styles:
+        """The styles of every part of the grid, looked up once per style change."""
+        if self._rich_styles_cache is None:
+            style = self.get_component_rich_style
+            self._rich_styles_cache = _Styles(
+                base=self.rich_style,
+                header=style("stage-grid--header"),
+                label=style("stage-grid--label"),
+                label_diverged=style("stage-grid--label-diverged"),
+                label_high_var=style("stage-grid--label-high-var"),
+                absent=style("stage-grid--absent"),
+                nonfinite=style("stage-grid--nonfinite"),
+                one_sided=style("stage-grid--one-sided"),
+                cursor=style("stage-grid--cursor", partial=True),
+                divergence=style("stage-grid--divergence", partial=True),
+                marker=style("stage-grid--marker"),
+                anomaly_marker=style("stage-grid--anomaly-marker"),
+            )
+        return self._rich_styles_cache
 
     def _refresh_row(self, row: int) -> None:
         line = row + 1 - self.scroll_offset.y
@@ -371,77 +351,70 @@ grid says what the colours mean.
         width = self.size.width
         scroll_x, scroll_y = self.scroll_offset
         cells_width = max(0, width - LABEL_WIDTH)
+        styles = self._rich_styles
         if y == 0:
-            style = self.get_component_rich_style("stage-grid--header")
+            style = styles.header
             header = "".join(
                 f"{STAGE_SHORT_NAMES.get(s, s[:CELL_TEXT_WIDTH]):>{CELL_WIDTH}}"
-                for s in self.stages
+                for s in self.model.stages
             )
             label = Strip([Segment(f"{'layer':<{LABEL_WIDTH}}", style)])
             cells = Strip([Segment(header, style)]).crop(scroll_x, scroll_x + cells_width)
             return Strip.join([label, cells]).extend_cell_length(width, style)
         row = y - 1 + scroll_y
-        if row >= self.n_rows:
-            return Strip.blank(width, self.rich_style)
+        if row >= self.model.n_rows:
+            return Strip.blank(width, styles.base)
         label = Strip([self._label_segment(row)])
         cells = Strip(self._row_segments(row)).crop(scroll_x, scroll_x + cells_width)
-        return Strip.join([label, cells]).extend_cell_length(width, self.rich_style).simplify()
-
-    def high_var_rows(self) -> set[int]:
-        """Rows whose layer has apr's `[HIGH-VAR]` status."""
-        return {row for (row, _), flags in self.anomalies.items() if flags.high_var}
+        return Strip.join([label, cells]).extend_cell_length(width, styles.base).simplify()
 
     def _label_segment(self, row: int) -> Segment:
-        diverged = any(position[0] == row for position in self.divergences.values())
-        component = "stage-grid--label-diverged" if diverged else "stage-grid--label"
-        if not diverged and row in self.high_var_rows():
-            component = "stage-grid--label-high-var"
-        text = layer_label(self.layer_at(row))
+        styles = self._rich_styles
+        diverged = self.model.diverged_row(row)
+        style = styles.label_diverged if diverged else styles.label
+        if not diverged and row in self.model.high_var_rows():
+            style = styles.label_high_var
+        text = layer_label(self.model.layer_at(row))
         if diverged:
             text = f"{DIVERGENCE_MARKER}{text}"
-        return Segment(f"{text:>{LABEL_WIDTH - 1}} ", self.get_component_rich_style(component))
+        return Segment(f"{text:>{LABEL_WIDTH - 1}} ", style)
 
     def _row_segments(self, row: int) -> list[Segment]:
+        model = self.model
         metric = METRIC_BY_KEY[self.metric]
         palette = heat_styles(metric.palette)
-        kinds = self.kinds[metric.key][row]
-        texts = self.texts[metric.key][row]
-        heat = self.heat[metric.key][row]
-        base = self.rich_style
-        absent = self.get_component_rich_style("stage-grid--absent")
-        nonfinite = self.get_component_rich_style("stage-grid--nonfinite")
-        one_sided = self.get_component_rich_style("stage-grid--one-sided")
-        cursor = self.get_component_rich_style("stage-grid--cursor", partial=True)
-        divergence = self.get_component_rich_style("stage-grid--divergence", partial=True)
-        marker_style = self.get_component_rich_style("stage-grid--marker")
-        anomaly_style = self.get_component_rich_style("stage-grid--anomaly-marker")
-        marked = {c for (r, c) in self.divergences.values() if r == row}
+        kinds = model.kinds[metric.key][row]
+        texts = model.texts[metric.key][row]
+        scores = model.scores[metric.key][row]
+        styles = self._rich_styles
+        base = styles.base
+        marked = model.marked_columns(row)
         cursor_row, cursor_col = self.cursor
         segments: list[Segment] = []
-        for col in range(self.n_cols):
+        for col in range(model.n_cols):
             kind = int(kinds[col])
             if kind == VALUE:
-                style = palette[int(heat[col])]
+                style = palette[score_index(float(scores[col]))]
             elif kind == NONFINITE:
-                style = nonfinite
+                style = styles.nonfinite
             elif kind == ABSENT:
-                style = absent
+                style = styles.absent
             elif kind == ONE_SIDED:
-                style = one_sided
+                style = styles.one_sided
             else:
                 style = base
             if col in marked:
-                style = style + divergence
-                segments.append(Segment(DIVERGENCE_MARKER, marker_style))
-            elif (row, col) in self.anomalies:
-                segments.append(Segment(ANOMALY_MARKER, anomaly_style))
+                style = style + styles.divergence
+                segments.append(Segment(DIVERGENCE_MARKER, styles.marker))
+            elif (row, col) in model.anomalies:
+                segments.append(Segment(ANOMALY_MARKER, styles.anomaly_marker))
             else:
                 segments.append(Segment(" ", base))
             if row == cursor_row and col == cursor_col:
-                style = style + cursor
+                style = style + styles.cursor
             text = str(texts[col])
             if kind == EMPTY and row == cursor_row and col == cursor_col:
-                text = "…" if self.applicable[row, col] else ""
+                text = "…" if model.applicable[row, col] else ""
             segments.append(Segment(f"{text:>{CELL_TEXT_WIDTH}}", style))
         return segments
 
@@ -461,7 +434,7 @@ grid says what the colours mean.
         row, col = self.cursor
         if row < self.n_rows and col < self.n_cols:
             layer = self.layer_at(row)
-            self.post_message(CursorMoved(layer, self.stages[col], self.cells.get((row, col))))
+            self.post_message(CursorMoved(layer, self.stages[col], self.cell_at(row, col)))
 
     @property
     def visible_cells_width(self) -> int:
@@ -564,7 +537,7 @@ grid says what the colours mean.
         self.metric = keys[(index + 1) % len(keys)]
 
     def action_jump_divergence(self) -> None:
-        position = self.divergences.get("origin") or self.first_divergence
+        position = self.model.jump_target
         if position is None:
             if not self.has_reference:
                 message = "single-model mode: nothing to diverge from"
@@ -574,49 +547,23 @@ grid says what the colours mean.
             return
         self.cursor = position
 
-    def worst_order(self) -> list[tuple[int, int]]:
-        """Cells from worst to best: cosine ascending (non-finite first) with a reference,
-        otherwise non-finite first, then std of A descending."""
-        positions = list(self.cells)
-        if not positions:
-            return []
-        rows = np.array([p[0] for p in positions])
-        cols = np.array([p[1] for p in positions])
-        nonfinite = self.kinds["cosine"][rows, cols] == NONFINITE
-        if self.has_reference:
-            cosine = self.values["cosine"][rows, cols]
-            badness = np.where(np.isnan(cosine), -np.inf, -cosine)
-            keep = ~np.isnan(cosine) | nonfinite
-        else:
-            badness = np.nan_to_num(self.values["std_a"][rows, cols], nan=-np.inf)
-            keep = np.ones(len(positions), bool)
-        badness = np.where(nonfinite, np.inf, badness)
-        # Stable: ties keep computation order (rows, then columns).
-        order = np.lexsort((cols, rows, -badness))
-        return [positions[i] for i in order if keep[i]]
-
     def action_walk_worst(self, step: int) -> None:
-        ranking = self.worst_order()
+        walking = self._walk is not None and self._walk == self.cursor
+        index, ranking = self.model.walk_worst(self.cursor if walking else None, step)
         if not ranking:
             self.notify("no cells to rank yet", title="Worst cells")
             return
-        walking = self._walk is not None and self._walk == self.cursor and self.cursor in ranking
-        if walking:
-            index = (ranking.index(self.cursor) + step) % len(ranking)
-        else:  # a new walk starts at the worst (n) or the best (shift+n) cell
-            index = 0 if step > 0 else len(ranking) - 1
         self._walk = ranking[index]
         self.cursor = ranking[index]
         self.notify(f"worst #{index + 1} of {len(ranking)}", title="Worst cells", timeout=1.5)
 
     def action_next_anomaly(self) -> None:
         """The next flagged cell after the cursor in computation order (wrapping around)."""
-        flagged = sorted(self.anomalies)
-        if not flagged:
+        target = self.model.next_anomaly(self.cursor)
+        if target is None:
             self.notify("no cell breaks an anomaly rule (so far)", title="Anomaly flags")
             return
-        later = [position for position in flagged if position > self.cursor]
-        target = later[0] if later else flagged[0]
+        flagged = self.model.anomaly_order()
         self.cursor = target
         self.notify(
             f"{flagged.index(target) + 1} of {len(flagged)}: {self.anomalies[target].summary()}",

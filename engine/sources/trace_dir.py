@@ -22,17 +22,15 @@ from engine.stages import STAGE_BY_NAME, WHOLE_MODEL_LAYER, WHOLE_MODEL_STAGES
 
 
 def logical_shape(stage_name: str, config: ModelConfig, seq_len: int) -> tuple[int, ...]:
-    """The §5 shape of a stage for a model and prompt length (what our trace produces)."""
+    """The §5 shape of a stage for a model and prompt length (what our trace produces); the
+    head-structured stages are `[seq, width]` with the width of the model's HeadLayout."""
+    width = config.heads.stage_width(stage_name)
+    if width is not None:
+        return (seq_len, width)
     hidden, inter = config.hidden_size, config.intermediate_size
-    q, kv = config.q_dim, config.kv_dim
     shapes = {
-        "qkv_matmul": (seq_len, q + 2 * kv),
-        "qkv_bias": (seq_len, q + 2 * kv),
-        "q_post_rope": (seq_len, q),
-        "k_post_rope": (seq_len, kv),
         "attn_scores": (config.num_heads, seq_len, seq_len),
         "attn_softmax": (config.num_heads, seq_len, seq_len),
-        "attention": (seq_len, q),
         "ffn_gate": (seq_len, inter),
         "ffn_up": (seq_len, inter),
         "ffn_silu": (seq_len, inter),

@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 
 from engine.aprt import (
     AprtFormatError,
+    AprtHeader,
     AprtOpenError,
+    check_aprt_pair,
     read_aprt,
     read_aprt_header,
     read_tokens_json,
@@ -24,7 +26,7 @@ from engine.aprt import (
     write_stage,
     write_tokens_json,
 )
-from engine.errors import FormatError
+from engine.errors import DiffError, FormatError
 from engine.stages import WHOLE_MODEL_LAYER
 
 
@@ -445,3 +447,28 @@ def test_trace_dir_without_stage_files(tmp_path):
     with pytest.raises(FormatError) as caught:
         read_trace_dir(tmp_path)
     assert str(caught.value).startswith(f"{tmp_path}: no APRT stage files")
+
+
+# ----------------------------------------------------------------------------- pair check
+
+
+def test_pair_check_names_the_size_before_the_layer():
+    """apr's order (§2.2): a pair wrong in both is refused for its size."""
+    with pytest.raises(DiffError) as error:
+        check_aprt_pair("a.bin", AprtHeader(0, 2), "b.bin", AprtHeader(7, 3))
+    assert str(error.value) == (
+        "APRT dim_product mismatch: a.bin has 2 f32s, b.bin has 3 f32s — "
+        "cannot compare stage tensors of different sizes"
+    )
+    with pytest.raises(DiffError) as error:
+        check_aprt_pair("./a.bin", AprtHeader(0, 2), "b.bin", AprtHeader(7, 2))
+    assert str(error.value) == (  # the paths as given, not normalized
+        "APRT layer mismatch: ./a.bin is layer 0, b.bin is layer 7 — "
+        "stages from different layers cannot be compared element-wise"
+    )
+
+
+def test_pair_check_across_layers_only_checks_the_size():
+    check_aprt_pair("a.bin", AprtHeader(0, 2), "b.bin", AprtHeader(7, 2), same_layer=False)
+    with pytest.raises(DiffError, match="dim_product mismatch"):
+        check_aprt_pair("a.bin", AprtHeader(0, 2), "b.bin", AprtHeader(7, 3), same_layer=False)

@@ -288,6 +288,25 @@ def test_directory_diff_table(tmp_path):
     assert "APRT dim_product mismatch" in out
 
 
+def test_identical_all_zero_files_are_not_the_first_divergence(tmp_path):
+    """apr's cosine of two zero tensors is 0.0, but equal files agree: the first divergence
+    is the one bisect and the explorer find (engine.compare.cosine_diverged), not the zeros."""
+    side_a, side_b = tmp_path / "A", tmp_path / "B"
+    zeros = [0.0] * 4
+    aprt(side_a / "layer-0" / "attn_norm.bin", 0, zeros)
+    aprt(side_b / "layer-0" / "attn_norm.bin", 0, zeros)
+    aprt(side_a / "layer-1" / "ffn_out.bin", 1, [1.0, 2.0, 3.0, 4.0])
+    aprt(side_b / "layer-1" / "ffn_out.bin", 1, [4.0, 3.0, 2.0, 1.0])  # cosine 20/30
+    result = run("diff", side_a, side_b, "--json")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["stages"][0]["cosine_sim"] == 0.0
+    assert document["first_divergence"] == {"layer": 1, "stage": "ffn_out"}
+    table = run("diff", side_a, side_b)
+    assert "first divergence: layer 1 ffn_out" in table.stdout
+    assert "2 stage(s) compared, 2 below cosine 0.999" in table.stdout  # the count is literal
+
+
 def test_directories_with_nothing_in_common(tmp_path):
     write_stage(tmp_path / "A", "ffn_out", 0, [1.0])
     write_stage(tmp_path / "B", "ffn_out", 1, [1.0])

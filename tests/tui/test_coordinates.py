@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from aprtui.coordinates import HeadLayout, decode_index
+from aprtui.coordinates import decode_index
 from aprtui.screens.cell_detail import CellDetailScreen
 from engine.demo import SMALL_DIMS
+from engine.heads import HeadLayout
 from tests.tui.conftest import SIZE, explorer, settle
 from tests.tui.test_cell_detail import open_cell, table_rows
 
