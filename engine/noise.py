@@ -163,7 +163,8 @@ def calibrate(cells: Iterable[Cell]) -> dict[str, Floor]:
             # median of all of them, with the borrowed margin, since they mix stages.
             median = float(np.median(pooled[kind]))
             value = min(max(FLOAT32_FLOOR, BORROWED_MARGIN * NOISE_SPREAD * median), ceiling)
-            floors[stage] = Floor(stage, value, median, 0, f"kind {kind}, pooled")
+            source = f"kind {kind}, pooled" if value > FLOAT32_FLOOR else "float32 floor"
+            floors[stage] = Floor(stage, value, median, 0, source)
         else:
             # Nothing to calibrate from: the most the kind may be granted, so that no origin
             # is claimed from noise we could not measure (a large spike still leaves it).

@@ -142,7 +142,8 @@ def local_error_table(cell: Cell, floor) -> Table:
         if ratio > 1:
             shown.stylize("bold red")
         table.add_row("vs floor", shown)
-        how = floor.source if floor.median is None else f"4× median of {floor.layers} layers"
+        calibrated = floor.median is not None and floor.layers > 0
+        how = f"4× median of {floor.layers} layers" if calibrated else floor.source
         table.add_row("floor", f"{floor.value:.3e} ({how})")
     table.add_row("inputs", "\n".join(local.inputs))
     return table
