@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import FormatError, MissingTensorError, UnsupportedModelError
+from engine.errors import FormatError, UnsupportedModelError
 from engine.fileio import loads_json, open_regular
 from engine.formats.apr.codec import (
     INTEGER_KINDS,
@@ -45,13 +45,13 @@ from engine.formats.common import (
     check_weights,
 )
 from engine.formats.gguf.names import gguf_to_hf_name
-from engine.model import Model, check_row_range
+from engine.model import Model, WeightStoreBase, check_row_range
 
 MAX_DECOMPRESSED_RATIO = 256  # LZ4's own worst case is ~255:1
 MAX_DECOMPRESSED_FLOOR = 64 << 20  # what a tiny zstd file may still expand to
 
 
-class AprWeightStore:
+class AprWeightStore(WeightStoreBase):
     """Canonical-name float32 tensors from an APR buffer (memory map or decompressed bytes)."""
 
     def __init__(
@@ -65,12 +65,6 @@ class AprWeightStore:
         self._buf = buf
         self._data_offset = data_offset
         self._entries = entries
-
-    def names(self) -> list[str]:
-        return sorted(self._entries)
-
-    def has(self, name: str) -> bool:
-        return name in self._entries
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name)[0].shape
@@ -94,7 +88,7 @@ class AprWeightStore:
         cols = entry.shape[1]
         width = row_nbytes(codec, cols)
         if width is None:
-            return self.get(name)[start:stop].copy()  # a copy: the whole tensor is freed
+            return super().get_rows(name, start, stop)  # the whole tensor, sliced
         if self._buf is None:
             raise FormatError(f"{self.source}: the model is closed")
         base = self._data_offset + entry.offset
@@ -108,12 +102,6 @@ class AprWeightStore:
 
     def close(self) -> None:
         self._buf = None
-
-    def _entry(self, name: str) -> tuple[AprIndexEntry, Codec]:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise MissingTensorError(f"{self.source}: missing tensor {name!r}") from None
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from engine.errors import MissingTensorError, UnsupportedModelError
+from engine.errors import UnsupportedModelError
 from engine.formats.common import (
     GEMMA_FAMILY,
     check_weights,
@@ -32,10 +32,10 @@ from engine.formats.gguf.parser import (
 )
 from engine.formats.quant import can_dequantize, dequantize_ggml, ggml_row_nbytes
 from engine.formats.row_order import unpermute_rows
-from engine.model import Model, check_row_range
+from engine.model import Model, WeightStoreBase, check_row_range
 
 
-class GgufWeightStore:
+class GgufWeightStore(WeightStoreBase):
     """Canonical-name float32 tensors, dequantized from the memory-mapped file on request."""
 
     def __init__(
@@ -46,16 +46,11 @@ class GgufWeightStore:
         shifted: frozenset[str] = frozenset(),
     ) -> None:
         self.path = path
-        self._tensors = tensors  # canonical name -> info
+        self.source = str(path)
+        self._entries = tensors  # canonical name -> info
         self._permuted_heads = permuted_heads  # canonical name -> head count for unpermute
         self._shifted = shifted  # canonical names stored as 1 + w (Gemma norms)
         self._data: np.memmap | None = None
-
-    def names(self) -> list[str]:
-        return sorted(self._tensors)
-
-    def has(self, name: str) -> bool:
-        return name in self._tensors
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._info(name).shape
@@ -81,14 +76,14 @@ class GgufWeightStore:
         back to `get(name)[start:stop]` for Q/K projections (stored head-permuted) and for
         block types whose rows do not end on a block boundary."""
         info = self._info(name)
-        start, stop = check_row_range(str(self.path), name, info.shape, start, stop)
+        start, stop = check_row_range(self.source, name, info.shape, start, stop)
         cols = info.shape[1]
         if info.qtype in _PLAIN_TYPES:
             row_nbytes = cols * np.dtype(_PLAIN_TYPES[info.qtype]).itemsize
         else:
             row_nbytes = ggml_row_nbytes(info.qtype, cols)
         if row_nbytes is None or name in self._permuted_heads or name in self._shifted:
-            return self.get(name)[start:stop].copy()  # a copy: the whole tensor is freed
+            return super().get_rows(name, start, stop)  # the whole tensor, sliced
         if self._data is None:
             self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
         first = info.start + start * row_nbytes
@@ -101,10 +96,7 @@ class GgufWeightStore:
         self._data = None
 
     def _info(self, name: str) -> GgufTensorInfo:
-        try:
-            return self._tensors[name]
-        except KeyError:
-            raise MissingTensorError(f"{self.path}: missing tensor {name!r}") from None
+        return self._entry(name)
 
 
 _PLAIN_TYPES = {
