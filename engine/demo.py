@@ -81,6 +81,12 @@ class ScaledWeightStore:
             weight = weight * np.float32(self.factor)
         return weight
 
+    def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        rows = self.base.get_rows(name, start, stop)
+        if name == self.name:
+            rows = rows * np.float32(self.factor)
+        return rows
+
     def close(self) -> None:
         self.base.close()
 

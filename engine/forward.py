@@ -603,7 +603,7 @@ def lm_head_logits(model: Model, weights: _LayerWeights, final_norm: Array) -> A
     """Logits of the last token only, [vocab]: the last normed row times the head (+ bias).
 
     Computed a row block of the head at a time (`logits[block] = last @ head[block]ᵀ`), so the
-    peak is one block, not the [vocab, H] head (a store without `get_rows` is read whole, once).
+    peak is one block, not the [vocab, H] head.
     Each logit is the same dot product as in one whole-head product, but BLAS kernels sum a row
     in an order that depends on where the row falls in their row groups and thread chunks. With
     OpenBLAS 0.3.31 on 2 threads (measured) the bits match the whole-head product for every
@@ -616,11 +616,10 @@ def lm_head_logits(model: Model, weights: _LayerWeights, final_norm: Array) -> A
     name, shape = lm_head_weight_name(model), (config.vocab_size, config.hidden_size)
     last = final_norm[-1:]  # [1, H]
     logits = xp.empty(config.vocab_size, dtype=xp.float32)  # [vocab]
-    block_rows = LM_HEAD_BLOCK_ROWS if hasattr(model.weights, "get_rows") else config.vocab_size
     from engine.logits import TableKeeper  # every position's logits while the head is decoded
 
     keeper = TableKeeper(model, final_norm)
-    for start, stop in lm_head_row_blocks(config.vocab_size, block_rows):
+    for start, stop in lm_head_row_blocks(config.vocab_size):
         head_rows = weights.rows(name, shape, start, stop)  # [stop - start, H]
         logits[start:stop] = linear(last, head_rows)[0]
         keeper.add(start, stop, head_rows)

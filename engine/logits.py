@@ -180,7 +180,7 @@ class ModelLogits:
             self._table = kept[1]  # computed by the lm_head stage of this very pass
             return
         head_bytes = config.vocab_size * config.hidden_size * 4
-        if head_bytes <= HEAD_CACHE_BYTES or not hasattr(model.weights, "get_rows"):
+        if head_bytes <= HEAD_CACHE_BYTES:
             self._head = np.asarray(model.weights.get(self.name), dtype=np.float32)
         bias = model.weights.get("lm_head.bias") if model.weights.has("lm_head.bias") else None
         self._bias = None if bias is None else np.asarray(bias, dtype=np.float32)

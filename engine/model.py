@@ -31,10 +31,11 @@ serves expert E of llama.cpp's merged `ffn_*_exps` tensor by decoding only E's s
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -186,13 +187,14 @@ class WeightStore(Protocol):
         """A fresh float32 array in HF orientation (`[out_features, in_features]` for linears)."""
         ...
 
-    def close(self) -> None: ...
+    def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Float32 rows [start, stop) of a 2-D tensor, bit for bit `get(name)[start:stop]`. A
+        store decodes only those rows' bytes where its format allows (the embedding lookup and
+        the blocked lm_head use it so a [vocab, hidden] table is never dequantized whole);
+        `WeightStoreBase.get_rows` is the generic version, the whole tensor sliced."""
+        ...
 
-    # Optional: `get_rows(name, start, stop) -> np.ndarray`, float32 rows [start, stop) of a 2-D
-    # tensor, decoding only those rows' bytes (the embedding lookup and the blocked lm_head use
-    # it so a [vocab, hidden] table is never dequantized whole). Not a protocol member, so a
-    # store without it still conforms; callers go through `weight_rows`, which falls back to
-    # `get(name)[start:stop]`.
+    def close(self) -> None: ...
 
 
 def check_row_range(
@@ -207,22 +209,52 @@ def check_row_range(
     return start, stop
 
 
+class WeightStoreBase(ABC):
+    """What the stores share: their tensors by canonical name in `_entries` (whatever each
+    format keeps per tensor) behind `names`, `has` and `_entry` (a `MissingTensorError` naming
+    `source` for an unknown name), the generic `get_rows`, and a `close` with nothing to release.
+    A store implements `shape` and `get`, and overrides `get_rows` where its bytes let it decode
+    only the rows asked for."""
+
+    source: str
+    _entries: Mapping[str, Any]
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def has(self, name: str) -> bool:
+        return name in self._entries
+
+    @abstractmethod
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    @abstractmethod
+    def get(self, name: str) -> np.ndarray: ...
+
+    def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a 2-D tensor: the whole tensor decoded and sliced (the same
+        values as a row decode, without the memory saving)."""
+        start, stop = check_row_range(self.source, name, tuple(self.shape(name)), start, stop)
+        return self.get(name)[start:stop].copy()  # a copy: the whole tensor is freed at once
+
+    def close(self) -> None:  # noqa: B027 (a no-op by default, not abstract)
+        pass
+
+    def _entry(self, name: str) -> Any:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise MissingTensorError(f"{self.source}: missing tensor {name!r}") from None
+
+
 def weight_rows(store: WeightStore, name: str, start: int, stop: int) -> np.ndarray:
-    """Float32 rows [start, stop) of a 2-D weight: the store's `get_rows` when it has one, else
-    the whole tensor sliced (same values, without the memory saving)."""
-    get_rows = getattr(store, "get_rows", None)
-    if get_rows is not None:
-        return get_rows(name, start, stop)
-    start, stop = check_row_range("<weights>", name, tuple(store.shape(name)), start, stop)
-    return store.get(name)[start:stop].copy()  # a copy: the whole tensor is freed at once
+    """Float32 rows [start, stop) of a 2-D weight (`store.get_rows`)."""
+    return store.get_rows(name, start, stop)
 
 
 def gather_rows(store: WeightStore, name: str, ids: np.ndarray) -> np.ndarray:
     """Rows `ids` [n] of a 2-D weight, [n, cols] float32 (an embedding lookup). Only the distinct
-    ids' rows are decoded, one `get_rows` per run of consecutive ids; a store without
-    `get_rows` is read whole once."""
-    if not hasattr(store, "get_rows"):
-        return store.get(name)[ids]  # [n, cols]
+    ids' rows are decoded, one `get_rows` per run of consecutive ids."""
     distinct = np.unique(ids)  # [n_distinct], sorted
     runs = np.split(distinct, np.flatnonzero(np.diff(distinct) != 1) + 1)  # consecutive ids
     table_rows = np.concatenate(
@@ -245,37 +277,26 @@ class Tokenizer(Protocol):
 
 
 @dataclass
-class DictWeightStore:
+class DictWeightStore(WeightStoreBase):
     """A WeightStore over arrays already in memory (tests, generated models, conversions)."""
 
     arrays: dict[str, np.ndarray]
     source: str = "<memory>"
 
-    def names(self) -> list[str]:
-        return sorted(self.arrays)
-
-    def has(self, name: str) -> bool:
-        return name in self.arrays
+    @property
+    def _entries(self) -> dict[str, np.ndarray]:
+        return self.arrays
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._lookup(name).shape)
+        return tuple(self._entry(name).shape)
 
     def get(self, name: str) -> np.ndarray:
-        return np.array(self._lookup(name), dtype=np.float32, copy=True)
+        return np.array(self._entry(name), dtype=np.float32, copy=True)
 
     def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        array = self._lookup(name)
+        array = self._entry(name)
         start, stop = check_row_range(self.source, name, tuple(array.shape), start, stop)
         return np.array(array[start:stop], dtype=np.float32, copy=True)
-
-    def close(self) -> None:
-        pass
-
-    def _lookup(self, name: str) -> np.ndarray:
-        try:
-            return self.arrays[name]
-        except KeyError:
-            raise MissingTensorError(f"{self.source}: missing tensor {name!r}") from None
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import FormatError, MissingTensorError, UnsupportedModelError
+from engine.errors import FormatError, UnsupportedModelError
 from engine.fileio import atomic_output, loads_json, open_regular
 from engine.formats.common import (
     MAX_ELEMENTS,
@@ -27,7 +27,7 @@ from engine.formats.common import (
     model_config_to_hf_config,
     stored_tensor_names,
 )
-from engine.model import Model, check_row_range
+from engine.model import Model, WeightStoreBase, check_row_range
 from engine.tokenizer import BpeTokenizer, bpe_from_tokenizer_json
 
 CONFIG_FILE = "config.json"
@@ -58,19 +58,13 @@ class _Entry:
     nbytes: int
 
 
-class SafetensorsWeightStore:
+class SafetensorsWeightStore(WeightStoreBase):
     """Canonical-name float32 tensors from one or more memory-mapped safetensors files."""
 
     def __init__(self, entries: dict[str, _Entry], source: str) -> None:
         self._entries = entries
         self._maps: dict[Path, np.memmap] = {}
         self.source = source
-
-    def names(self) -> list[str]:
-        return sorted(self._entries)
-
-    def has(self, name: str) -> bool:
-        return name in self._entries
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name).shape
@@ -109,12 +103,6 @@ class SafetensorsWeightStore:
 
     def close(self) -> None:
         self._maps.clear()
-
-    def _entry(self, name: str) -> _Entry:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise MissingTensorError(f"{self.source}: missing tensor {name!r}") from None
 
     def _map(self, path: Path) -> np.memmap:
         if path not in self._maps:

@@ -72,7 +72,8 @@ from typing import Any
 import numpy as np
 
 from engine.errors import AprTuiError, FormatError, MissingPackageError
-from engine.formats.gguf import config_from_metadata, read_header
+from engine.formats.gguf.metadata import config_from_metadata
+from engine.formats.gguf.parser import read_header
 from engine.formats.row_order import unpermute_rows
 from engine.forward import Capture, check_token_ids
 from engine.model import ModelConfig

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from engine.demo import ScaledWeightStore
+from engine.errors import MissingTensorError
 from engine.formats import apr, gguf, open_model, safetensors
 from engine.forward import LM_HEAD_BLOCK_ROWS, lm_head_row_blocks, lm_head_weight_name, trace
-from engine.model import DictWeightStore, weight_rows
+from engine.model import DictWeightStore, WeightStoreBase, weight_rows
 from engine.stages import WHOLE_MODEL_LAYER
 from engine.synth import synthesize
 
@@ -112,11 +113,33 @@ def test_dict_store_rows_are_copies():
     assert np.any(store.get(EMBED)[:2] != 0.0)  # the store's array is untouched
 
 
-def test_weight_rows_falls_back_for_a_store_without_get_rows():
+def test_weight_rows_of_a_wrapping_store_are_its_scaled_rows():
     base = _small(256).weights
     store = ScaledWeightStore(base, EMBED, 2.0)
-    assert not hasattr(store, "get_rows")
     np.testing.assert_array_equal(weight_rows(store, EMBED, 4, 9), base.get(EMBED)[4:9] * 2.0)
+
+
+class _WholeOnlyStore(WeightStoreBase):
+    """A store that can only decode whole tensors: it relies on the generic `get_rows`."""
+
+    def __init__(self, arrays):
+        self.source = "<whole-only>"
+        self._entries = arrays
+
+    def shape(self, name):
+        return self._entry(name).shape
+
+    def get(self, name):
+        return np.array(self._entry(name), dtype=np.float32)
+
+
+def test_the_generic_get_rows_slices_the_whole_tensor():
+    store = _WholeOnlyStore({name: _small(256).weights.get(name) for name in MATRICES})
+    _assert_rows_match_get(store, MATRICES)
+    with pytest.raises(ValueError, match="outside"):
+        store.get_rows(EMBED, 0, 301)
+    with pytest.raises(MissingTensorError):
+        store.get_rows("model.norm.weight", 0, 1)
 
 
 @pytest.mark.parametrize("start, stop", [(-1, 2), (3, 2), (0, 301)])
@@ -254,8 +277,9 @@ def test_dict_store_is_a_weight_store_with_rows():
     np.testing.assert_array_equal(store.get_rows("w", 1, 3), [[3, 4, 5], [6, 7, 8]])
 
 
-def test_trace_over_a_store_without_get_rows_reads_each_table_whole():
-    """A store without get_rows (the demo's ScaledWeightStore) still traces, with the same bits."""
+def test_trace_over_a_wrapping_store_matches_its_whole_tables():
+    """A store wrapping another (the demo's ScaledWeightStore) traces with the same bits as
+    numpy over its whole tables."""
     base = _small(256)
     store = ScaledWeightStore(base.weights, EMBED, 2.0)
     model = dataclasses.replace(base, weights=store)
