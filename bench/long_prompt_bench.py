@@ -18,13 +18,13 @@ Phases: `start` is process start to the first layer done (imports, opening the m
 to exit (whole-model stages, writes, the report). Peak RSS is the child's ru_maxrss (wait4).
 Children run one at a time under an address-space limit (--memory-limit-gib) and a timeout, so
 an earlier checkout that needs seq² memory fails or is stopped instead of taking the machine;
-that outcome is printed as such. `bisect` progress lines exist only on a terminal in today's
-command, so its phases are printed as a single total.
+that outcome is printed as such. Both commands print progress lines when piped (trace per
+layer, bisect per few layers), so both get phases; an earlier checkout whose bisect printed
+progress only on a terminal shows a single total.
 
-Bisect streams the lazy attention captures itself (engine.compare.make_cell with
-engine.stats' streamed sums; the local error block by block), so both checkouts run their own
-code unpatched. Its memory check still budgets a comparison at the whole-path figure
-(engine.memory: a trace directory's attention files are read whole).
+Bisect runs side by side (engine.pipeline: each side's pass in a thread, statistics and local
+error on workers) and streams the long prompts' attention everywhere (engine.stats' exact
+streamed sums, the local error block by block), so both checkouts run their own code unpatched.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def run_child(
     def read_stderr() -> None:  # a thread: stderr lines timestamped as they arrive
         assert child.stderr is not None
         for line in child.stderr:
-            if ": layer " in line:
+            if ": layer " in line or " (layer " in line:  # trace's and bisect's progress lines
                 layer_times.append(time.perf_counter() - start)
             elif line.strip():
                 last[0] = line.strip()

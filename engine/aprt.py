@@ -26,6 +26,7 @@ which lists such files with the reason).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -244,6 +245,7 @@ def write_aprt(
     path: str | os.PathLike[str], layer: int, values: Any, *, overwrite: bool = True
 ) -> Path:
     """Write `values` (any shape, numpy or CuPy; cast to f32, flattened in C order) as APRT.
+    A lazy capture (`.blocks()`, `.size`) is written a block at a time.
 
     `layer` goes into the header as given (0..0xFFFFFFFF); use `write_stage` for the
     whole-model sentinel rule. With `overwrite=False` an existing file (also one that appears
@@ -251,6 +253,14 @@ def write_aprt(
     """
     if not 0 <= int(layer) <= U32_MAX:
         raise ValueError(f"APRT layer must be in 0..=0xFFFFFFFF, got {layer}")
+    if hasattr(values, "blocks"):  # a lazy capture (a long prompt's attention): streamed
+        count = int(values.size)
+        if count > U32_MAX:
+            raise ValueError(f"APRT holds at most 2**32-1 values, got {count}")
+        header = _HEADER.pack(MAGIC, int(layer), count)
+        blocks = (_to_host_f32(block) for _, block in values.blocks())
+        _atomic_write(Path(path), itertools.chain([header], blocks), overwrite)
+        return Path(path)
     body = _to_host_f32(values)
     if body.size > U32_MAX:
         raise ValueError(f"APRT holds at most 2**32-1 values, got {body.size}")

@@ -74,11 +74,12 @@ class CellContext:
 class DetailData:
     """What the drill-down shows from the full tensors, computed in its worker."""
 
-    a: np.ndarray
-    """Side A, flat float32, in the comparison's conventions (engine.compare.comparable)."""
-    b: np.ndarray | None
-    magnitudes: np.ndarray
-    """|A-B| (or |A| without a reference) for the histogram."""
+    a: Any
+    """Side A, flat float32, in the comparison's conventions (engine.compare.comparable); or a
+    long prompt's lazy attention capture, never materialised (saved a block at a time)."""
+    b: Any
+    histogram: list[tuple[str, int]]
+    """|A-B| (or |A| without a reference) per decade (engine.drill)."""
     histogram_title: str
     per_token: np.ndarray | None
     """Cosine per token (or RMS of A per token without a reference)."""
@@ -109,7 +110,8 @@ def save_cell_tensors(
         if values is None:
             continue
         path = unused_path(directory, f"{where}-{cell.stage}-{side}")
-        write_aprt(path, cell.layer, np.asarray(values, dtype=np.float32).ravel())
+        lazy = hasattr(values, "blocks")  # a long prompt's attention: written block by block
+        write_aprt(path, cell.layer, values if lazy else np.asarray(values, np.float32).ravel())
         written.append(path)
     return written
 
@@ -242,10 +244,22 @@ as APRT files under `./apr-tui-saved/` (never overwriting a file), `esc` goes ba
     def _details(self, a: np.ndarray, b: np.ndarray | None) -> DetailData:
         """Histogram input, per-token values and top-K of one cell (worker thread)."""
         from engine.compare import comparable
+        from engine.drill import decade_histogram, is_lazy, streamed_details
         from engine.stats import diff_stats
 
         context = self.context
         n_tokens = len(context.token_ids)
+        if is_lazy(a) or (b is not None and is_lazy(b)):  # a long prompt's attention cell
+            streamed = streamed_details(a, b, TOP_K)
+            return DetailData(
+                a,
+                b,
+                streamed.histogram,
+                streamed.histogram_title,
+                streamed.per_token,
+                streamed.cosine,
+                streamed.top,
+            )
         a, b = comparable(self.cell.stage, a, b, n_tokens or None)
         a = np.asarray(a, dtype=np.float32).ravel()
         b = None if b is None else np.asarray(b, dtype=np.float32).ravel()
@@ -257,9 +271,11 @@ as APRT files under `./apr-tui-saved/` (never overwriting a file), `esc` goes ba
             rows_b = per_token_rows(b, shape, n_tokens)
             per_token = None if rows_a is None else per_token_cosine(rows_a, rows_b)
             top = diff_stats(a, b, limit=TOP_K).top_diffs
-            return DetailData(a, b, np.abs(a - b), "|A-B| per decade", per_token, True, top)
+            histogram = decade_histogram(np.abs(a - b))
+            return DetailData(a, b, histogram, "|A-B| per decade", per_token, True, top)
         rms = None if rows_a is None else np.sqrt(np.mean(rows_a.astype(np.float64) ** 2, 1))
-        return DetailData(a, b, np.abs(a), "|A| per decade", rms, False, self._largest_a(a))
+        histogram = decade_histogram(np.abs(a))
+        return DetailData(a, b, histogram, "|A| per decade", rms, False, self._largest_a(a))
 
     def on_tensors_loaded(self, message: TensorsLoaded) -> None:
         histogram = self.query_one(DeltaHistogram)
@@ -271,7 +287,7 @@ as APRT files under `./apr-tui-saved/` (never overwriting a file), `esc` goes ba
             strip.update("")
             return
         self.tensors = (details.a, details.b)
-        histogram.show(details.magnitudes, details.histogram_title)
+        histogram.show(details.histogram, details.histogram_title)
         strip.show(
             details.per_token,
             cosine=details.cosine,

@@ -4,35 +4,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 from rich.text import Text
 from textual.widgets import Static
 
 BAR_WIDTH = 30
 _EIGHTHS = " ▏▎▍▌▋▊▉"
-
-
-def decade_histogram(magnitudes: np.ndarray) -> list[tuple[str, int]]:
-    """(bin label, count) per decade of the finite magnitudes, plus exact zeros and non-finite.
-
-    Bins run from the smallest to the largest non-zero decade present: `[1e-4, 1e-3)` etc.
-    """
-    values = np.abs(np.asarray(magnitudes, dtype=np.float64).ravel())
-    finite = np.isfinite(values)
-    zeros = int(np.count_nonzero(values == 0))
-    positive = values[finite & (values > 0)]
-    bins: list[tuple[str, int]] = []
-    if zeros:
-        bins.append(("0", zeros))
-    if positive.size:
-        decades = np.floor(np.log10(positive)).astype(np.int64)
-        low, high = int(decades.min()), int(decades.max())
-        counts = np.bincount(decades - low, minlength=high - low + 1)
-        bins += [(f"1e{low + i}", int(count)) for i, count in enumerate(counts)]
-    nonfinite = int(np.count_nonzero(~finite))
-    if nonfinite:
-        bins.append(("NaN/Inf", nonfinite))
-    return bins
 
 
 def bar(count: int, largest: int, width: int = BAR_WIDTH) -> str:
@@ -44,8 +20,8 @@ def bar(count: int, largest: int, width: int = BAR_WIDTH) -> str:
     return "█" * full + _EIGHTHS[int((length - full) * 8)].strip()
 
 
-def histogram_text(magnitudes: np.ndarray, title: str) -> Text:
-    bins = decade_histogram(magnitudes)
+def histogram_text(bins: list[tuple[str, int]], title: str) -> Text:
+    """The bins of engine.drill.decade_histogram (or its streamed DecadeCounts) as bars."""
     text = Text(title, style="bold")
     if not bins:
         text.append("\n(empty)", "dim")
@@ -68,5 +44,5 @@ Counts of |A-B| per decade (`1e-5` = values in [1e-5, 1e-4)), bars on a log scal
 noise piles up in the low decades; a defect puts mass in the high ones.
 """
 
-    def show(self, magnitudes: np.ndarray, title: str) -> None:
-        self.update(histogram_text(magnitudes, title))
+    def show(self, bins: list[tuple[str, int]], title: str) -> None:
+        self.update(histogram_text(bins, title))

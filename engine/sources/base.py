@@ -96,7 +96,12 @@ class TraceSource:
         raise NotImplementedError
 
     def tensor(self, layer: int, stage_name: str) -> np.ndarray | None:
-        """The full host float32 tensor of one (layer, stage), or None if this side lacks it."""
+        """The full host float32 tensor of one (layer, stage), or None if this side lacks it.
+
+        A long prompt's attention stage may come back as a lazy capture instead (`.blocks()`,
+        `.shape`, `.size`, as engine.attention.AttentionStage): consumers read it a block at a
+        time (engine.drill, engine.aprt.write_aprt) or call np.asarray when they truly need it
+        whole."""
         raise NotImplementedError
 
     def close(self) -> None:

@@ -77,6 +77,8 @@ class ModelSource(TraceSource):
             yield capture
 
     def tensor(self, layer: int, stage_name: str) -> np.ndarray | None:
+        """The capture as a host array, or for a long prompt's attention stage the lazy
+        capture itself (engine.attention.AttentionStage: `.blocks()`), never materialised."""
         if stage_name not in self.stages:
             return None
         cached = self._cache.get((layer, stage_name))
@@ -90,11 +92,16 @@ class ModelSource(TraceSource):
             self.model, self.token_ids, backend=self.backend, stages=[stage_name], layers=layers
         ):
             self._remember(capture)
+            if hasattr(capture.array, "blocks"):  # a long prompt's attention: lazy, by blocks
+                return capture.array
             return np.asarray(to_host(capture.array), dtype=np.float32)
         return None
 
     def _remember(self, capture: Capture) -> None:
-        """Keep a host copy of the capture for drill-down while it fits the cache budget."""
+        """Keep a host copy of the capture for drill-down while it fits the cache budget
+        (never a lazy attention capture: it is recomputed by blocks when asked for)."""
+        if hasattr(capture.array, "blocks"):
+            return
         if int(capture.array.nbytes) <= self._cache.limit:
             host = np.asarray(to_host(capture.array), dtype=np.float32)
             self._cache.put((capture.layer, capture.stage), host)

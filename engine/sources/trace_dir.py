@@ -160,6 +160,9 @@ class DirectorySource(TraceSource):
         path = self.trace_dir.entries.get((layer, stage_name))
         if path is None:
             return None
+        lazy = self._lazy_attention(stage_name, path)
+        if lazy is not None:  # read by blocks when consumed, never whole
+            return lazy  # type: ignore[return-value]
         values = read_aprt(path).values
         return values.reshape(self._shape(stage_name, values.size))
 
