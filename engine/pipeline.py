@@ -53,6 +53,32 @@ def blas_threads_for_pipeline() -> int:
     return max(1, cores // 4)
 
 
+SMALL_PASS_FLOPS = 5e9
+"""Matmul FLOPs per layer below which a single pass runs BLAS on one thread. Measured on the
+2-core machine (SmolLM2 `trace --save-tensor all`, one BLAS thread vs OpenBLAS's two):
+128 tokens 1.25 s vs 1.64 s, 512 tokens 3.8 s vs 4.1-4.6 s (3.6e9 FLOPs a layer), at half the
+CPU time; at 1,024 tokens (7.2e9) two threads win, 5.1 s vs 6.2 s. Below this the matmuls are
+too small for the threads to pay for their spinning between calls, which takes a core from
+the decoder and the file writer."""
+
+
+def layer_matmul_flops(config: Any, seq_len: int) -> float:
+    """2 × seq × hidden × (the output widths of a layer's projections): its matmul FLOPs."""
+    widths = config.q_dim + 2 * config.kv_dim + config.hidden_size + 3 * config.intermediate_size
+    return 2.0 * seq_len * config.hidden_size * widths
+
+
+@contextlib.contextmanager
+def pass_blas(config: Any, seq_len: int) -> Iterator[None]:
+    """One BLAS thread for a single pass whose matmuls are small (SMALL_PASS_FLOPS), else
+    OpenBLAS's own threading; the same reference-counted limit as `pipeline_blas`."""
+    if layer_matmul_flops(config, seq_len) >= SMALL_PASS_FLOPS:
+        yield
+        return
+    with _limited_blas(1):
+        yield
+
+
 @contextlib.contextmanager
 def pipeline_blas() -> Iterator[None]:
     """Limit BLAS's own threads (OpenBLAS spins them between calls) while a pipeline runs.
@@ -62,12 +88,19 @@ def pipeline_blas() -> Iterator[None]:
     The limit is process-wide, so it is reference-counted: the first pipeline sets it, the last
     one to finish restores what was there.
     """
+    with _limited_blas(blas_threads_for_pipeline()):
+        yield
+
+
+@contextlib.contextmanager
+def _limited_blas(threads: int) -> Iterator[None]:
+    """BLAS limited to `threads` until the last of the nested users leaves."""
     global _BLAS_USERS, _BLAS_LIMITER
     with _BLAS_LOCK:
         if _BLAS_USERS == 0:
             from threadpoolctl import threadpool_limits
 
-            _BLAS_LIMITER = threadpool_limits(blas_threads_for_pipeline(), user_api="blas")
+            _BLAS_LIMITER = threadpool_limits(threads, user_api="blas")
         _BLAS_USERS += 1
     try:
         yield

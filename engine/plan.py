@@ -26,7 +26,7 @@ from engine.forward import check_token_ids
 from engine.local_error import LocalError, LocalErrorTracker, local_error_supported
 from engine.memory import check_prompt_fits
 from engine.model import Model
-from engine.pipeline import IN_FLIGHT, Ahead, pipeline_blas
+from engine.pipeline import IN_FLIGHT, Ahead, layer_matmul_flops, pass_blas, pipeline_blas
 from engine.sources.base import TraceSource
 from engine.sources.model_run import ModelSource
 from engine.sources.opening import open_pair
@@ -37,6 +37,11 @@ _CLOSE_LOCK = threading.Lock()
 
 STATS_WORKERS = 2
 """Threads computing pairs' statistics (engine.stats releases the GIL in its numpy scans)."""
+
+PIPELINE_MIN_FLOPS = 1e9
+"""Matmul FLOPs per layer from which a comparison runs side by side. Measured (SmolLM2 against
+its Q8_0 copy, 2 cores, one BLAS thread): 37 tokens (2.6e8) 1.57 s serial vs 1.71 s in
+threads, the GIL-bound small steps gain nothing; 256 tokens (1.8e9) 7.4 s vs 5.0 s."""
 
 WINDOW = 4
 """Pairs whose statistics or local error may be in flight at once: they hold their captures,
@@ -146,8 +151,12 @@ class Plan:
                 yield _finished(*pending.popleft())
 
     def _run_serial(self, cancel: threading.Event | None) -> Iterator[Cell]:
-        """`run` one step after the other (CuPy passes: one device stream, no threads)."""
+        """`run` one step after the other: CuPy passes (one device stream, no threads) and
+        short prompts, whose per-stage work is too small for threads to win over the GIL."""
         with ExitStack() as stack:
+            config = self._checked_config()
+            if config is not None and self.seq_len is not None:
+                stack.enter_context(pass_blas(config, self.seq_len))
             stream_a, stream_b = self._streams(cancel, stack, ahead=False)
             tracker = self._tracker()
             for capture_a, capture_b in merged(stream_a, stream_b):
@@ -157,12 +166,17 @@ class Plan:
                 yield make_cell(capture_a, capture_b, seq_len=self.seq_len, local=local)
 
     def _concurrent(self) -> bool:
-        """Threads pay on the host; a CuPy pass keeps its single stream."""
-        return all(
+        """Threads pay on the host for prompts with enough work per stage (PIPELINE_MIN_FLOPS);
+        a CuPy pass keeps its single stream."""
+        on_host = all(
             getattr(getattr(side, "backend", None), "name", "numpy") == "numpy"
             for side in (self.a, self.b)
             if side is not None
         )
+        config = self._checked_config()
+        if not on_host or config is None or self.seq_len is None:
+            return on_host
+        return layer_matmul_flops(config, self.seq_len) >= PIPELINE_MIN_FLOPS
 
     def _streams(self, cancel: threading.Event | None, stack: ExitStack, *, ahead: bool):
         """Both sides' capture iterators (B None in single-model mode), run ahead if asked."""

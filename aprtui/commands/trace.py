@@ -515,6 +515,7 @@ def run(args: argparse.Namespace) -> int:
     from engine.errors import AprTuiError
     from engine.formats import open_model
     from engine.forward import check_token_ids, trace
+    from engine.pipeline import pass_blas
     from engine.stages import SaveTensorPlan
     from engine.tokenizer import DEFAULT_PROMPT, encode_prompt, parse_token_ids
     from engine.trace_output import TraceOutput
@@ -562,6 +563,7 @@ def run(args: argparse.Namespace) -> int:
                 with (
                     _Progress(f"tracing {model_path.name}") as progress,
                     _Interrupt() as interrupt,
+                    pass_blas(model.config, len(token_ids)),
                 ):
                     for capture in trace(
                         model,

@@ -72,13 +72,15 @@ def test_identical_models_agree_everywhere(hf_llama):
     assert first_std_divergence(cells) is None
 
 
-def test_two_models_run_ahead_of_the_cells_by_a_bounded_number_of_captures(hf_llama):
+def test_two_models_run_ahead_of_the_cells_by_a_bounded_number_of_captures(hf_llama, monkeypatch):
     """The passes run in threads (engine.pipeline) but neither gets further ahead of the cells
     yielded than its queue, the pairs in flight and the one it is handing over: memory stays
     bounded however long the other side or the statistics take."""
+    import engine.plan
     from engine.pipeline import IN_FLIGHT
     from engine.plan import WINDOW
 
+    monkeypatch.setattr(engine.plan, "PIPELINE_MIN_FLOPS", 0)  # side by side at any length
     events: list[str] = []
     lead_bound = IN_FLIGHT + WINDOW + 2
 
@@ -362,3 +364,20 @@ def test_two_directories_without_tokens_json_must_hold_the_same_prompt_length(hf
     six = _write_trace_dir(_model(hf_llama), tmp_path / "six", with_tokens=False)
     with pytest.raises(TokenMismatchError, match="embedding.bin holds 320 vs 384 values"):
         next(compare(DirectorySource(five), DirectorySource(six)))
+
+
+def test_side_by_side_and_serial_runs_yield_the_same_cells(hf_llama, monkeypatch):
+    """The pipeline changes when things run, never what they compute: every statistic and
+    local error of every cell is bit-identical to the one-step-after-the-other run."""
+    import engine.plan
+    from engine.plan import plan_for
+
+    def cells(min_flops: float):
+        monkeypatch.setattr(engine.plan, "PIPELINE_MIN_FLOPS", min_flops)
+        a = _source(hf_llama)
+        b = _source(hf_llama, **{"model.layers.1.mlp.up_proj.weight": lambda w: w * 1.01})
+        with plan_for(a, b) as plan:
+            assert plan._concurrent() == (min_flops == 0)
+            return list(plan.run())
+
+    assert cells(0) == cells(float("inf"))
