@@ -24,7 +24,7 @@ from engine.compare import Cell, make_cell, merged, stage_order_key
 from engine.errors import DiffError, PlanError, TokenMismatchError
 from engine.forward import check_token_ids
 from engine.local_error import LocalError, LocalErrorTracker, local_error_supported
-from engine.memory import check_prompt_fits
+from engine.memory import check_prompt_fits, comparison_peak_bytes
 from engine.model import Model
 from engine.pipeline import IN_FLIGHT, Ahead, layer_matmul_flops, pass_blas, pipeline_blas
 from engine.sources.base import TraceSource
@@ -112,6 +112,17 @@ class Plan:
     @property
     def single_model(self) -> bool:
         return self.b is None
+
+    def working_memory(self) -> int:
+        """Host bytes the run holds at its peak (engine.memory.comparison_peak_bytes of each
+        model side; 0 when neither side is a model or the token count is unknown)."""
+        if self.seq_len is None:
+            return 0
+        return sum(
+            comparison_peak_bytes(side.config, self.seq_len)
+            for side in (self.a, self.b)
+            if isinstance(side, ModelSource)
+        )
 
     def run(self, cancel: threading.Event | None = None) -> Iterator[Cell]:
         """Pair both sides' captures and yield one Cell per (layer, stage), in order.

@@ -12,9 +12,10 @@ read-only (shared between the pass and the local error; an in-place edit would c
 other's input, so it raises instead). Rows (`get_rows`, the embedding lookup and the blocked
 lm_head) are not kept: they are a slice of a table that is never decoded whole.
 
-Memory: at most `limit` bytes beyond what the pass holds anyway. RECENT_WEIGHT_BYTES covers
-two SmolLM2 layers many times over and a few 7B matrices; a larger model's local error then
-decodes some weights again, which costs time, never memory.
+Memory: at most `limit` bytes beyond what the pass holds anyway: `reuse_budget(config)`, two
+layers' weights (the local error trails its pass by less than a layer), never more than
+RECENT_WEIGHT_BYTES. SmolLM2: 27 MB. A 7B model's matrices (up to 180 MB) mostly do not fit,
+so its local error decodes them again, which costs time, never memory.
 """
 
 from __future__ import annotations
@@ -26,7 +27,16 @@ from typing import Any
 import numpy as np
 
 RECENT_WEIGHT_BYTES = 256 << 20
-"""Bytes of decoded weights a comparison keeps for reuse (per model)."""
+"""The most bytes of decoded weights a comparison keeps for reuse (per model)."""
+
+
+def reuse_budget(config: Any) -> int:
+    """Two layers of float32 weights (attention and MLP matrices), capped at
+    RECENT_WEIGHT_BYTES: what the local error can still ask for after its pass decoded it."""
+    hidden = config.hidden_size
+    attention = hidden * (2 * config.q_dim + 2 * config.kv_dim)
+    mlp = 3 * hidden * config.intermediate_size
+    return min(RECENT_WEIGHT_BYTES, 2 * 4 * (attention + mlp))
 
 
 class RecentWeights:

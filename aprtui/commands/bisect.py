@@ -336,6 +336,10 @@ def _print_anomalies(console, cells: list[Cell]) -> None:
     )
 
 
+LONG_RUN_MEMORY = 256 * 1024 * 1024
+"""A comparison that needs more working memory than this is announced before it starts."""
+
+
 def _collect(cells, expected: int) -> list[Cell]:
     """All cells, with progress on stderr: a live status line on a terminal, otherwise a plain
     line every PIPED_PROGRESS_EVERY_S seconds (a long bisection is never silent)."""
@@ -482,6 +486,14 @@ def run(args: argparse.Namespace) -> int:
     )
     a, b = plan.a, plan.b
     assert b is not None
+    need = plan.working_memory()
+    if need > LONG_RUN_MEMORY:  # a long prompt: say what it costs before the wait
+        print(
+            f"apr-tui bisect: {plan.seq_len} tokens, {plan.expected} cells: about "
+            f"{need / 2**20:,.0f} MiB of working memory (attention compared in blocks)",
+            file=sys.stderr,
+            flush=True,
+        )
     with plan:
         cells = _collect(plan.run(), plan.expected)
         logits, logits_lines = logits_block(a, b, cells)

@@ -15,7 +15,7 @@ import numpy as np
 from engine.backend import Backend, resolve_backend, to_host
 from engine.forward import Capture, produced_stages, trace
 from engine.model import Model
-from engine.recent_weights import RecentWeights
+from engine.recent_weights import RecentWeights, reuse_budget
 from engine.sources.base import CACHE_BYTES, TensorCache, TraceSource, rerun_span
 from engine.stages import STAGE_BY_NAME
 
@@ -36,7 +36,9 @@ class ModelSource(TraceSource):
         cache_bytes: int = CACHE_BYTES,
     ) -> None:
         # The pass, the local error and drill-down recomputes share decoded weights.
-        self.model = replace(model, weights=RecentWeights(model.weights))
+        self.model = replace(
+            model, weights=RecentWeights(model.weights, reuse_budget(model.config))
+        )
         self.config = model.config
         self.token_ids = list(token_ids)
         self.prompt = prompt

@@ -3,6 +3,8 @@ figure, and a refusal only when that does not fit."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from engine import memory
@@ -43,3 +45,23 @@ def test_the_budget_grows_linearly_past_the_whole_path(smollm2_gguf):
     # doubles the need (quadratic growth would quadruple it)
     assert at[4096] < 2 * at[2048] and at[8192] < 2 * at[4096]
     assert at[8192] > 1.5 * at[4096]
+
+
+def test_a_long_bisect_says_what_it_costs_before_it_runs(apr_tui, smollm2_gguf):
+    import subprocess
+
+    tokens = ",".join(str(10 + i % 4000) for i in range(2048))
+    result = subprocess.run(
+        [*apr_tui, "bisect", str(smollm2_gguf), str(smollm2_gguf), "--layers", "0..1",
+         "--tokens", tokens],
+        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode in (0, 1), result.stderr
+    first = result.stderr.splitlines()[0]
+    # two SmolLM2 sides at 2,048 tokens: blocked attention (~64 MiB) and two layers of dense
+    # captures (~250 MiB) each; the whole-attention figure would be 2 x 1.4 GiB
+    match = re.match(
+        r"apr-tui bisect: 2048 tokens, \d+ cells: about ([\d,]+) MiB of working memory", first
+    )
+    assert match, first
+    assert 400 < int(match.group(1).replace(",", "")) < 900
