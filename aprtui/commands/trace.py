@@ -92,8 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _is_ours_tokens(path: Path) -> bool:
-    from engine.aprt import read_tokens_json
     from engine.errors import FormatError
+    from engine.trace_directory import read_tokens_json
 
     try:
         read_tokens_json(path)
@@ -122,8 +122,8 @@ def foreign_files(directory: Path) -> list[Path]:
     replace them). Our own temporary names (`.<name>.<pid>.<hex>.tmp`, left by a killed run)
     are neither: readers skip them and they are never overwritten.
     """
-    from engine.aprt import _TEMP_NAME, TOKENS_FILE
     from engine.stages import STAGE_BY_NAME
+    from engine.trace_directory import _TEMP_NAME, TOKENS_FILE
 
     per_layer = {f"{s.name}.bin" for s in STAGE_BY_NAME.values() if s.per_layer}
     whole = {f"{s.name}.bin" for s in STAGE_BY_NAME.values() if not s.per_layer}
@@ -179,8 +179,8 @@ def _check_output_dir(directory: Path, force: bool) -> None:
 
 def _would_replace(path: Path, directory: Path) -> bool:
     """A foreign file at a name we write whose contents are not APRT (or not our tokens.json)."""
-    from engine.aprt import TOKENS_FILE
     from engine.stages import STAGE_BY_NAME
+    from engine.trace_directory import TOKENS_FILE
 
     if path == directory / TOKENS_FILE:
         return True
@@ -193,8 +193,8 @@ def _check_earlier_tokens(directory: Path, force: bool, token_ids: list[int]) ->
     """Refuse our own stage files from a run on other tokens: they would stay beside the new
     ones under a tokens.json that no longer describes them, and a later bisect would compare
     mismatched prompts as if they were a divergence. --force writes anyway."""
-    from engine.aprt import TOKENS_FILE, read_tokens_json
     from engine.errors import AprTuiError
+    from engine.trace_directory import TOKENS_FILE, read_tokens_json
 
     tokens = directory / TOKENS_FILE
     if force or not tokens.is_file() or next(directory.rglob("*.bin"), None) is None:
@@ -510,7 +510,6 @@ class _Writer:
 def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
-    from engine.aprt import write_tokens_json
     from engine.backend import resolve_backend
     from engine.errors import AprTuiError
     from engine.formats import open_model
@@ -518,6 +517,7 @@ def run(args: argparse.Namespace) -> int:
     from engine.pipeline import pass_blas
     from engine.stages import SaveTensorPlan
     from engine.tokenizer import DEFAULT_PROMPT, encode_prompt, parse_token_ids
+    from engine.trace_directory import write_tokens_json
     from engine.trace_output import TraceOutput
 
     if args.engine != "apr" or args.dtype is not None:  # another engine's stages (issue 14)

@@ -39,12 +39,13 @@ def run_engine(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from aprtui.commands import trace as trace_command
-    from engine.aprt import write_stage, write_tokens_json
+    from engine.aprt import write_stage
     from engine.errors import AprTuiError
     from engine.sources.provenance import SOURCE_FILE, write_source_record
     from engine.sources.specs import open_spec
     from engine.stages import SaveTensorPlan
     from engine.tokenizer import parse_token_ids
+    from engine.trace_directory import write_tokens_json
 
     if args.dtype is not None and args.engine != "hf":
         raise AprTuiError(f"--dtype: only --engine hf runs in a chosen dtype, not {args.engine}")

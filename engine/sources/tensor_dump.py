@@ -549,7 +549,7 @@ class DumpSource(TraceSource):
         self.rules = load_name_map(name_map)
         self.index = index_dump(self.path)
         if token_ids is None and self.path.is_dir() and (self.path / "tokens.json").is_file():
-            from engine.aprt import read_tokens_json
+            from engine.trace_directory import read_tokens_json
 
             token_ids = read_tokens_json(self.path / "tokens.json").token_ids
         self.token_ids = None if token_ids is None else [int(t) for t in token_ids]
