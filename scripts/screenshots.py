@@ -27,9 +27,10 @@ from textual.app import App  # noqa: E402
 from textual.pilot import Pilot  # noqa: E402
 
 from aprtui.app import FilesApp, make_app  # noqa: E402
-from engine.aprt import write_stage, write_tokens_json  # noqa: E402
+from engine.aprt import write_stage  # noqa: E402
 from engine.demo import DemoPair, build_small_demo, build_smollm2_demo  # noqa: E402
 from engine.sources import open_pair  # noqa: E402
+from engine.trace_directory import write_tokens_json  # noqa: E402
 
 SIZE = (150, 40)
 FINAL_STATES = ("finished", "failed", "cancelled")

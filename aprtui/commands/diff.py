@@ -15,9 +15,9 @@ from engine.errors import path_display
 from engine.stages import layer_name
 
 if TYPE_CHECKING:
-    from engine.aprt import TraceDir
     from engine.compare import Cell
     from engine.stats import DiffStats
+    from engine.trace_directory import TraceDir
 
 HELP = "`apr diff --values` on two APRT stage files or two trace directories"
 
@@ -503,7 +503,7 @@ def run(args: argparse.Namespace) -> int:
             _print_file_diff(args.a, args.b, layer, stats, args.threshold)
         return 0
 
-    from engine.aprt import read_trace_dir
+    from engine.trace_directory import read_trace_dir
 
     trace_a, trace_b = read_trace_dir(args.a), read_trace_dir(args.b)
     if not any(key in trace_b.entries for key in trace_a.entries):

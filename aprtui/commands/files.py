@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from aprtui.app import FilesApp
     from aprtui.commands.explore import require_terminal
-    from engine.aprt import read_trace_dir
+    from engine.trace_directory import read_trace_dir
 
     directories = [Path(args.directory)]
     if args.other is not None:

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from aprtui.commands import options, trace_engines
 from aprtui.commands.locations import default_dir_note, model_argument
 from aprtui.commands.locations import default_trace_dir as default_output_dir
 from aprtui.commands.output import print_report
+from aprtui.commands.trace_checks import (
+    check_cost,
+    check_earlier_tokens,
+    check_layers_reach,
+    check_output_dir,
+    run_cost,
+)
+from aprtui.commands.trace_writer import Interrupt, Progress, Writer
 
 WRITES_FILES = True
 """SIGTERM cleans up this command's temporaries (aprtui.cli.Terminated)."""
@@ -91,123 +98,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _is_ours_tokens(path: Path) -> bool:
-    from engine.aprt import read_tokens_json
-    from engine.errors import FormatError
-
-    try:
-        read_tokens_json(path)
-    except FormatError:
-        return False
-    return True
-
-
-def _is_aprt(path: Path) -> bool:
-    from engine.aprt import read_aprt_header
-    from engine.errors import FormatError
-
-    try:
-        read_aprt_header(path)
-    except (FormatError, OSError):
-        return False
-    return True
-
-
-def foreign_files(directory: Path) -> list[Path]:
-    """Everything under `directory` that apr-tui trace did not write.
-
-    Ours: a tokens.json of our schema, and APRT files at apr's stage names *when that
-    tokens.json is there* (we write it before any stage file, so it marks the directory as
-    ours; stage files without it come from `apr trace` or another tool, and we must not
-    replace them). Our own temporary names (`.<name>.<pid>.<hex>.tmp`, left by a killed run)
-    are neither: readers skip them and they are never overwritten.
-    """
-    from engine.aprt import _TEMP_NAME, TOKENS_FILE
-    from engine.stages import STAGE_BY_NAME
-
-    per_layer = {f"{s.name}.bin" for s in STAGE_BY_NAME.values() if s.per_layer}
-    whole = {f"{s.name}.bin" for s in STAGE_BY_NAME.values() if not s.per_layer}
-    tokens = directory / TOKENS_FILE
-    ours = tokens.is_file() and _is_ours_tokens(tokens)
-    found = []
-
-    def check(file: Path, names: set[str]) -> None:
-        if _TEMP_NAME.fullmatch(file.name):
-            return
-        if not (ours and file.is_file() and file.name in names and _is_aprt(file)):
-            found.append(file)
-
-    for child in sorted(directory.iterdir()):
-        if child.name == TOKENS_FILE and ours:
-            continue
-        is_layer_dir = (
-            child.is_dir()
-            and child.name.startswith("layer-")
-            and child.name[6:].isascii()
-            and child.name[6:].isdigit()
-        )
-        if not is_layer_dir:
-            check(child, whole)
-            continue
-        for grandchild in sorted(child.iterdir()):
-            check(grandchild, per_layer)
-    return found
-
-
-def _check_output_dir(directory: Path, force: bool) -> None:
-    """Refuse a directory holding files we did not write (--force writes anyway)."""
-    from engine.errors import AprTuiError
-
-    if directory.exists() and not directory.is_dir():
-        raise AprTuiError(f"--save-tensor-dir {directory}: exists and is not a directory")
-    if not directory.exists():
-        return
-    foreign = foreign_files(directory)
-    clobbered = [path for path in foreign if _would_replace(path, directory)]
-    if clobbered:  # even --force never replaces a file that is not a stage file or ours
-        raise AprTuiError(
-            f"{clobbered[0]}: not a file apr-tui trace wrote, and a stage file (or tokens.json) "
-            "would replace it; choose another --save-tensor-dir"
-        )
-    if foreign and not force:
-        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise AprTuiError(
-            f"{directory}: holds files apr-tui trace did not write ({foreign[0]}{more}); "
-            "choose another --save-tensor-dir or pass --force"
-        )
-
-
-def _would_replace(path: Path, directory: Path) -> bool:
-    """A foreign file at a name we write whose contents are not APRT (or not our tokens.json)."""
-    from engine.aprt import TOKENS_FILE
-    from engine.stages import STAGE_BY_NAME
-
-    if path == directory / TOKENS_FILE:
-        return True
-    if path.suffix != ".bin" or path.stem not in STAGE_BY_NAME:
-        return False
-    return not (path.is_file() and _is_aprt(path))
-
-
-def _check_earlier_tokens(directory: Path, force: bool, token_ids: list[int]) -> None:
-    """Refuse our own stage files from a run on other tokens: they would stay beside the new
-    ones under a tokens.json that no longer describes them, and a later bisect would compare
-    mismatched prompts as if they were a divergence. --force writes anyway."""
-    from engine.aprt import TOKENS_FILE, read_tokens_json
-    from engine.errors import AprTuiError
-
-    tokens = directory / TOKENS_FILE
-    if force or not tokens.is_file() or next(directory.rglob("*.bin"), None) is None:
-        return
-    earlier = read_tokens_json(tokens).token_ids
-    if earlier != list(token_ids):
-        raise AprTuiError(
-            f"{directory}: holds stage files traced on other tokens ({len(earlier)} tokens in "
-            f"{TOKENS_FILE}, this run traces {len(token_ids)}); choose another "
-            "--save-tensor-dir or pass --force"
-        )
-
-
 def _layers_line(plan, num_layers: int, args: argparse.Namespace) -> str:
     """The layer range saved, and when the asked range runs past the model, that it was cut
     there (apr's grammar clips silently; a user reading `0..99` back would think 99 layers)."""
@@ -269,248 +159,9 @@ def _human(size: int) -> str:
     return f"{size} B"
 
 
-def _check_layers_reach(plan, config, text: str) -> None:
-    """A layer range wholly past the model would write no per-layer file at all."""
-    from engine.errors import PlanError
-
-    wants_layers = any(s.per_layer for s in plan.stages)
-    if wants_layers and plan.layer_start >= config.num_layers:
-        raise PlanError(
-            f"--save-tensor-layers {text}: the model has {config.num_layers} layers "
-            f"(0..{config.num_layers}), so no layer in this range exists"
-        )
-
-
-class _Interrupt:
-    """Ctrl+C during the pass: finish the stage file being written, then stop.
-
-    The first SIGINT sets `cancel` (the forward pass checks it between stages), so no stage
-    file is ever cut short; the command then raises KeyboardInterrupt (exit 130). A second
-    Ctrl+C interrupts at once, as usual.
-    """
-
-    def __init__(self) -> None:
-        import threading
-
-        self.cancel = threading.Event()
-        self._previous = None
-
-    def __enter__(self) -> _Interrupt:
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.getsignal(signal.SIGINT)
-            if self._previous is signal.default_int_handler:
-                signal.signal(signal.SIGINT, self._handle)
-            else:
-                self._previous = None
-        return self
-
-    def _handle(self, signum: int, frame: object) -> None:
-        import signal
-
-        self.cancel.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def __exit__(self, *exc: object) -> None:
-        import signal
-
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-class _Progress:
-    """Layer progress on stderr: a rich bar on a terminal, one plain line per layer otherwise."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.bar = None
-        if sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-            self.bar = Progress(
-                TextColumn("[cyan]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("layers"),
-                console=Console(stderr=True),
-                transient=True,
-            )
-            self.task = None
-
-    def __enter__(self) -> _Progress:
-        if self.bar is not None:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-    def update(self, done: int, total: int) -> None:
-        if self.bar is None:
-            sys.stderr.write(f"{self.label}: layer {done}/{total}\n")
-            sys.stderr.flush()
-            return
-        if self.task is None:
-            self.task = self.bar.add_task(self.label, total=total)
-        self.bar.update(self.task, completed=done)
-
-
-LONG_RUN_BYTES = 256 * 1024 * 1024
-"""A run that writes more than this is announced before it starts (files, bytes, memory)."""
-
-
-def _run_cost(plan, config, seq_len: int, stage_names: list[str]) -> tuple[int, int, int]:
-    """(files, bytes on disk, peak working-set bytes) the run will need, before it starts."""
-    from engine.attention import attention_peak_bytes
-    from engine.sources.trace_dir import logical_shape
-    from engine.stages import STAGE_BY_NAME
-
-    layers = max(0, min(plan.layer_end, config.num_layers) - plan.layer_start)
-    produced = {"qkv_bias"} if config.qkv_bias else set()
-    files = size = 0
-    for name in stage_names:
-        stage = STAGE_BY_NAME[name]
-        if stage.moe or (name == "qkv_bias" and name not in produced):
-            continue
-        if name == "logits_all":
-            count = seq_len * config.vocab_size
-        else:
-            count = 1
-            for dim in logical_shape(name, config, seq_len):
-                count *= dim
-        if not stage.per_layer:
-            copies = 1
-        elif name == "embedding":
-            copies = 1 if plan.layer_start == 0 else 0
-        else:
-            copies = layers
-        files += copies
-        size += copies * (12 + 4 * count)
-    activations = 12 * seq_len * max(config.hidden_size, config.intermediate_size) * 4
-    peak = attention_peak_bytes(config.num_heads, seq_len) + activations
-    return files, size, peak
-
-
-def _check_cost(directory: Path, cost: tuple[int, int, int], seq_len: int, label: str) -> None:
-    """Say what a long run costs on stderr; refuse (exit 2) one that cannot fit the free disk
-    space or memory."""
-    import shutil
-
-    from engine.errors import AprTuiError
-    from engine.memory import available_memory
-
-    files, size, peak = cost
-    mib = 1024 * 1024
-    if size > LONG_RUN_BYTES:
-        sys.stderr.write(
-            f"{label}: {seq_len} tokens: {files} stage files, {size / mib:,.0f} MiB to write, "
-            f"about {peak / mib:,.0f} MiB of working memory\n"
-        )
-        sys.stderr.flush()
-    probe = directory
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free if probe.exists() else None
-    if free is not None and size > free:
-        raise AprTuiError(
-            f"--save-tensor-dir {directory}: the run writes {size / mib:,.0f} MiB, only "
-            f"{free / mib:,.0f} MiB free; save fewer stages or layers, or a shorter prompt"
-        )
-    available = available_memory()
-    if available is not None and peak > available:
-        raise AprTuiError(
-            f"{label}: {seq_len} tokens need about {peak / mib:,.0f} MiB of working memory, "
-            f"more than the {available / mib:,.0f} MiB available; trace a shorter prompt"
-        )
-
-
-def _write(directory: Path, capture, overwrite) -> Path:
-    """One capture to its stage file (its directory already made); a lazy attention capture is
-    streamed block by block. `overwrite`: the predicate on stage paths the run may replace."""
-    from engine.aprt import write_aprt, write_stage_stream
-    from engine.stages import STAGE_BY_NAME, WHOLE_MODEL_LAYER, stage_path
-
-    if hasattr(capture.array, "blocks"):
-        blocks = (block for _, block in capture.array.blocks())
-        return write_stage_stream(
-            directory, capture.stage, capture.layer, capture.array.size, blocks, overwrite=overwrite
-        )
-    per_layer = STAGE_BY_NAME[capture.stage].per_layer
-    path = stage_path(directory, capture.stage, capture.layer)
-    header_layer = capture.layer if per_layer else WHOLE_MODEL_LAYER
-    return write_aprt(path, header_layer, capture.array, overwrite=overwrite(path))
-
-
-WRITE_AHEAD_BYTES = 64 * 1024 * 1024
-"""Bytes of captures waiting for the writer thread before the pass waits for it."""
-
-
-class _Writer:
-    """Stage files written by a background thread while the pass computes the next stages.
-
-    Creating a file costs a few milliseconds of system calls (483 of them for a full SmolLM2
-    trace: ~1 s); the thread overlaps them with the arithmetic. In order, at most
-    WRITE_AHEAD_BYTES of captures queued (the pass waits beyond that), and a lazy attention
-    capture (streamed block by block) is written by the pass itself after the queue drains,
-    so memory stays bounded. A failed write is raised at the next submit or at the end.
-    """
-
-    def __init__(self, out, overwrite) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.out = out
-        """The run's TraceOutput: directories are made and written files recorded through it,
-        on the calling thread, so a failed run takes back exactly what it made."""
-        self.directory = out.directory
-        self.overwrite = overwrite
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aprt-writer")
-        self.pending: list = []  # (future, nbytes)
-        self.written: list[Path] = []
-        self.made: set[Path] = set()
-
-    def submit(self, capture) -> None:
-        from engine.stages import stage_path
-
-        parent = stage_path(self.directory, capture.stage, capture.layer).parent
-        if parent not in self.made:  # one mkdir per layer directory, on this thread
-            self.out.mkdir(parent)
-            self.made.add(parent)
-        if hasattr(capture.array, "blocks"):
-            self._drain(0)
-            self.written.append(self.out.record(_write(self.directory, capture, self.overwrite)))
-            return
-        nbytes = int(capture.array.nbytes)
-        self._drain(WRITE_AHEAD_BYTES - nbytes)
-        future = self.pool.submit(_write, self.directory, capture, self.overwrite)
-        self.pending.append((future, nbytes))
-
-    def _drain(self, budget: int) -> None:
-        """Collect finished writes in order; wait while the queue holds more than budget."""
-        while self.pending and (
-            self.pending[0][0].done() or sum(n for _, n in self.pending) > budget
-        ):
-            future, _ = self.pending.pop(0)
-            self.written.append(self.out.record(future.result()))
-
-    def close(self) -> list[Path]:
-        """Wait for every queued write (also after an interrupt) and return the paths."""
-        try:
-            while self.pending:
-                future, _ = self.pending.pop(0)
-                self.written.append(self.out.record(future.result()))
-        finally:
-            self.pool.shutdown(wait=True)
-        return self.written
-
-
 def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
-    from engine.aprt import write_tokens_json
     from engine.backend import resolve_backend
     from engine.errors import AprTuiError
     from engine.formats import open_model
@@ -518,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     from engine.pipeline import pass_blas
     from engine.stages import SaveTensorPlan
     from engine.tokenizer import DEFAULT_PROMPT, encode_prompt, parse_token_ids
+    from engine.trace_directory import write_tokens_json
     from engine.trace_output import TraceOutput
 
     if args.engine != "apr" or args.dtype is not None:  # another engine's stages (issue 14)
@@ -531,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     plan = SaveTensorPlan.parse(args.save_tensor, args.save_tensor_layers, directory)
     backend = resolve_backend(args.device)
     token_ids = parse_token_ids(args.tokens) if args.tokens is not None else None
-    _check_output_dir(directory, args.force)
+    check_output_dir(directory, args.force)
 
     with open_model(model_path) as model:
         prompt = None
@@ -539,14 +191,14 @@ def run(args: argparse.Namespace) -> int:
             prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
             token_ids = encode_prompt(model, prompt)
         token_ids = check_token_ids(token_ids, model.config, str(model_path))
-        _check_layers_reach(plan, model.config, args.save_tensor_layers)
+        check_layers_reach(plan, model.config, args.save_tensor_layers)
         stage_names = list(dict.fromkeys(s.name for s in plan.stages))  # duplicate = one file
-        cost = _run_cost(plan, model.config, len(token_ids), stage_names)
-        _check_cost(directory, cost, len(token_ids), str(model_path))
+        cost = run_cost(plan, model.config, len(token_ids), stage_names)
+        check_cost(directory, cost, len(token_ids), str(model_path))
         with TraceOutput(directory) as out:
             # Checked again under the directory lock: what another run did meanwhile counts.
-            _check_output_dir(directory, args.force)
-            _check_earlier_tokens(directory, args.force, token_ids)
+            check_output_dir(directory, args.force)
+            check_earlier_tokens(directory, args.force, token_ids)
             # Only the stage files vetted just now may be replaced; one that appears later
             # (another process) is refused unless --force (engine.fileio.OutputExistsError).
             replaceable = {path for path in directory.rglob("*.bin") if path.is_file()}
@@ -558,11 +210,11 @@ def run(args: argparse.Namespace) -> int:
             # an interrupted run, and says the stage files are not all there yet.
             out.record(write_tokens_json(directory, token_ids, prompt, model_path, complete=False))
             # Stage files are written by a background thread while the pass computes on.
-            writer = _Writer(out, may_replace)
+            writer = Writer(out, may_replace)
             try:
                 with (
-                    _Progress(f"tracing {model_path.name}") as progress,
-                    _Interrupt() as interrupt,
+                    Progress(f"tracing {model_path.name}") as progress,
+                    Interrupt() as interrupt,
                     pass_blas(model.config, len(token_ids)),
                 ):
                     for capture in trace(

@@ -39,12 +39,15 @@ def run_engine(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from aprtui.commands import trace as trace_command
-    from engine.aprt import write_stage, write_tokens_json
+    from aprtui.commands.trace_checks import check_earlier_tokens, check_output_dir
+    from aprtui.commands.trace_writer import Interrupt
+    from engine.aprt import write_stage
     from engine.errors import AprTuiError
     from engine.sources.provenance import SOURCE_FILE, write_source_record
     from engine.sources.specs import open_spec
     from engine.stages import SaveTensorPlan
     from engine.tokenizer import parse_token_ids
+    from engine.trace_directory import write_tokens_json
 
     if args.dtype is not None and args.engine != "hf":
         raise AprTuiError(f"--dtype: only --engine hf runs in a chosen dtype, not {args.engine}")
@@ -58,7 +61,7 @@ def run_engine(args: argparse.Namespace) -> int:
     )
     plan = SaveTensorPlan.parse(args.save_tensor, args.save_tensor_layers, directory)
     token_ids = parse_token_ids(args.tokens) if args.tokens is not None else None
-    trace_command._check_output_dir(directory, args.force)
+    check_output_dir(directory, args.force)
     settings = {"dtype": args.dtype or "float32"} if args.engine == "hf" else {}
     spec = f"{args.engine}:{model_path}"
     source = open_spec(
@@ -72,12 +75,12 @@ def run_engine(args: argparse.Namespace) -> int:
                 f"{source.num_layers} layers (0..{source.num_layers}), so no layer in this "
                 "range exists"
             )
-        trace_command._check_earlier_tokens(directory, args.force, source.token_ids)
+        check_earlier_tokens(directory, args.force, source.token_ids)
         write_tokens_json(directory, source.token_ids, source.prompt, model_path)
         wanted = {s.name for s in plan.stages}
         layers = range(plan.layer_start, min(plan.layer_end, source.num_layers))
         whole = any(not s.per_layer for s in plan.stages)
-        with trace_command._Interrupt() as interrupt:
+        with Interrupt() as interrupt:
             for capture in source.captures(
                 layers=layers, cancel=interrupt.cancel, whole_model=whole
             ):

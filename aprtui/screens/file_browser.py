@@ -34,10 +34,11 @@ from textual.worker import get_current_worker
 
 from aprtui.anomalies import CellAnomalies, stats_anomalies
 from aprtui.widgets.stats_panel import anomaly_summary, tensor_stats_table
-from engine.aprt import TraceDir, check_aprt_pair, read_aprt, read_trace_dir
+from engine.aprt import check_aprt_pair, read_aprt
 from engine.errors import AprTuiError
 from engine.stages import WHOLE_MODEL_LAYER, layer_name
 from engine.stats import DiffStats, TensorStats, tensor_stats
+from engine.trace_directory import TraceDir, read_trace_dir
 
 PREVIEW_VALUES = 24
 """Values shown under a file's statistics (the first ones, in file order)."""

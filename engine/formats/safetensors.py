@@ -19,14 +19,8 @@ import numpy as np
 
 from engine.errors import FormatError, UnsupportedModelError
 from engine.fileio import atomic_output, loads_json, open_regular
-from engine.formats.common import (
-    MAX_ELEMENTS,
-    check_weights,
-    hf_config_to_model_config,
-    hf_ordered,
-    model_config_to_hf_config,
-    stored_tensor_names,
-)
+from engine.formats.common import MAX_ELEMENTS, check_weights, hf_ordered, stored_tensor_names
+from engine.formats.hf_config import hf_config_to_model_config, model_config_to_hf_config
 from engine.model import Model, WeightStoreBase, check_row_range
 from engine.tokenizer import BpeTokenizer, bpe_from_tokenizer_json
 

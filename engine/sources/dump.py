@@ -24,8 +24,9 @@ def write_trace(
     model: str | Path | None = None,
 ) -> Path:
     """Stream `source.captures(layers)` to `out_dir` (one capture in memory at a time)."""
-    from engine.aprt import write_stage, write_tokens_json
+    from engine.aprt import write_stage
     from engine.sources.provenance import write_source_record
+    from engine.trace_directory import write_tokens_json
 
     target = Path(out_dir)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -35,7 +36,7 @@ def write_trace(
         "prompt": prompt if prompt is not None else getattr(source, "prompt", None),
         "model": model if model is not None else getattr(source, "path", None),
     }
-    # Partial until the last write (engine.aprt): an interrupted dump never passes as complete.
+    # Partial until the last write (engine.trace_directory): an interrupted dump never passes as complete.
     write_tokens_json(target, source.token_ids, **tokens, complete=False)
     for capture in source.captures(layers=layers):
         write_stage(target, capture.stage, capture.layer, capture.array)

@@ -50,7 +50,7 @@ class DirectorySource(TraceSource):
     kind = "trace-dir"
 
     def __init__(self, path: str | Path) -> None:
-        from engine.aprt import read_trace_dir
+        from engine.trace_directory import read_trace_dir
 
         self.trace_dir = read_trace_dir(path)
         self.root = self.trace_dir.root
@@ -65,7 +65,7 @@ class DirectorySource(TraceSource):
         self.label = self.root.name + "/"
         tokens = "tokens.json" if self.token_ids is not None else "no tokens.json"
         self.complete = self.trace_dir.complete
-        """False when the run that wrote the directory did not finish (engine.aprt); None when
+        """False when the run that wrote the directory did not finish (engine.trace_directory); None when
         it does not say (apr's own traces)."""
         partial = (
             ", INCOMPLETE: the run that wrote it did not finish" if self.complete is False else ""

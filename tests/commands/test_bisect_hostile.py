@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from aprtui.app import make_app
-from engine.aprt import read_aprt, write_stage, write_tokens_json
+from engine.aprt import read_aprt, write_stage
 from engine.sources import open_pair
+from engine.trace_directory import write_tokens_json
 from tests.commands.conftest import assert_one_line_error, run_cli
 
 TOKENS = [3, 17, 42, 100, 5]

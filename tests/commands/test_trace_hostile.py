@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.aprt import read_aprt, read_trace_dir, write_stage
+from engine.aprt import read_aprt, write_stage
+from engine.trace_directory import read_trace_dir
 from tests.commands.conftest import assert_one_line_error, run_cli, snapshot
 
 

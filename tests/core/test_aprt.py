@@ -1,4 +1,4 @@
-"""engine.aprt: APRT bytes (§1.1), trace directories (§1.3), tokens.json."""
+"""APRT bytes (engine.aprt, §1.1); trace directories and tokens.json (engine.trace_directory)."""
 
 from __future__ import annotations
 
@@ -20,14 +20,12 @@ from engine.aprt import (
     check_aprt_pair,
     read_aprt,
     read_aprt_header,
-    read_tokens_json,
-    read_trace_dir,
     write_aprt,
     write_stage,
-    write_tokens_json,
 )
 from engine.errors import DiffError, FormatError
 from engine.stages import WHOLE_MODEL_LAYER
+from engine.trace_directory import read_tokens_json, read_trace_dir, write_tokens_json
 
 
 def raw_file(path: Path, layer: int, dim_product: int, body: bytes = b"") -> Path:

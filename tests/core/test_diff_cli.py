@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.aprt import write_stage, write_tokens_json
+from engine.aprt import write_stage
+from engine.trace_directory import write_tokens_json
 from tests.conftest import apr_tui_argv
 
 WHOLE = 0xFFFFFFFF

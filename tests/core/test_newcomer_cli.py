@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.aprt import write_stage, write_tokens_json
+from engine.aprt import write_stage
+from engine.trace_directory import write_tokens_json
 
 NUM_LAYERS = 3
 

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from engine.aprt import write_stage, write_tokens_json
+from engine.aprt import write_stage
 from engine.compare import (
     Cell,
     compare,
@@ -25,6 +25,7 @@ from engine.model import DictWeightStore
 from engine.sources import DirectorySource, ModelSource, open_pair, open_source
 from engine.stages import WHOLE_MODEL_LAYER
 from engine.stats import DiffStats, TensorStats
+from engine.trace_directory import write_tokens_json
 from tests.forward.agreement import cosine
 from tests.forward.hf_oracle import build_hf_model, engine_model
 

@@ -74,7 +74,7 @@ def test_long_trace_streams_attention_files_equal_to_the_whole_path(
 
 
 def test_run_cost_counts_files_bytes_and_memory():
-    from aprtui.commands.trace import _run_cost
+    from aprtui.commands.trace_checks import run_cost
     from engine.model import ModelConfig
     from engine.stages import SaveTensorPlan
 
@@ -85,7 +85,7 @@ def test_run_cost_counts_files_bytes_and_memory():
     )  # fmt: skip
     plan = SaveTensorPlan.parse("embedding,attn_softmax,ffn_up,lm_head,logits_all", "1..9")
     names = [s.name for s in plan.stages]
-    files, size, peak = _run_cost(plan, config, 10, names)
+    files, size, peak = run_cost(plan, config, 10, names)
     # embedding only with layer 0 (not in 1..9); 3 layers exist in 1..9 for two stages; 2 roots
     assert files == 3 * 2 + 2
     expected = (

@@ -363,10 +363,11 @@ def spm_model():
 
 @pytest.fixture(scope="session")
 def originals(tmp_path_factory) -> Originals:
-    from engine.aprt import read_tokens_json, write_aprt, write_tokens_json
+    from engine.aprt import write_aprt
     from engine.formats import apr, gguf, safetensors
     from engine.formats.gguf import read_header_size
     from engine.synth import synthesize
+    from engine.trace_directory import read_tokens_json, write_tokens_json
 
     root = tmp_path_factory.mktemp("fuzz-originals")
     model = synthesize("qwen2", seed=4, **DIMS)

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.aprt import read_aprt, read_tokens_json, read_trace_dir
+from engine.aprt import read_aprt
 from engine.formats import apr, open_model
 from engine.forward import trace
 from engine.tokenizer import encode_prompt
+from engine.trace_directory import read_tokens_json, read_trace_dir
 from tests.formats.apr_bytes import apr_file
 from tests.fuzz.conftest import (
     CASES,

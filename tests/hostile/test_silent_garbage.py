@@ -10,9 +10,9 @@ import struct
 import numpy as np
 import pytest
 
-from engine.aprt import read_trace_dir
 from engine.errors import FormatError
 from engine.formats import apr
+from engine.trace_directory import read_trace_dir
 from tests.hostile.conftest import (
     apr_index_entries,
     fix_apr_footer,

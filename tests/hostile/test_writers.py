@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from aprtui import cli
-from engine.aprt import read_aprt, read_trace_dir, write_aprt
+from engine.aprt import read_aprt, write_aprt
 from engine.fileio import (
     TEMP_NAME,
     OutputExistsError,
@@ -24,6 +24,7 @@ from engine.fileio import (
     remove_stale_temporaries,
 )
 from engine.formats import apr
+from engine.trace_directory import read_trace_dir
 from tests.hostile.conftest import one_line_error, run_cli
 
 WAIT = 60.0

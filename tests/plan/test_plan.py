@@ -171,7 +171,7 @@ def test_an_incomplete_trace_directory_says_so(apr_tui, demo_pair, tmp_path):
     a complete reference: bisect's header, summary and JSON say it is incomplete."""
     import json
 
-    from engine.aprt import write_tokens_json
+    from engine.trace_directory import write_tokens_json
 
     directory = tmp_path / "partial-trace"
     ids = write_trace_dir(demo_pair.model_a, directory)

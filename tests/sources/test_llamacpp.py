@@ -16,7 +16,6 @@ import threading
 import numpy as np
 import pytest
 
-from engine.aprt import read_tokens_json, read_trace_dir
 from engine.errors import AprTuiError
 from engine.formats import gguf as gguf_format
 from engine.formats.gguf import open_gguf
@@ -24,6 +23,7 @@ from engine.forward import trace
 from engine.sources import DirectorySource
 from engine.stages import STAGE_BY_NAME, STAGES, WHOLE_MODEL_LAYER
 from engine.synth import synthesize
+from engine.trace_directory import read_tokens_json, read_trace_dir
 from tests.support.llamacpp_direct import dump_all_nodes
 
 pytestmark = pytest.mark.usefixtures("llama_cpp_installed")

@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from engine.aprt import read_aprt, read_tokens_json
+from engine.aprt import read_aprt
 from engine.errors import AprTuiError
 from engine.formats import gguf as gguf_format
 from engine.formats import open_model
@@ -18,6 +18,7 @@ from engine.sources import DirectorySource
 from engine.sources.specs import open_spec, split_spec
 from engine.stages import WHOLE_MODEL_LAYER
 from engine.synth import synthesize
+from engine.trace_directory import read_tokens_json
 
 TOKENS = [3, 17, 42, 5, 9, 11]
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from engine.aprt import write_tokens_json
 from engine.errors import AprTuiError, FormatError
 from engine.forward import trace
 from engine.sources.tensor_dump import DumpSource, load_name_map
 from engine.stages import WHOLE_MODEL_LAYER
 from engine.synth import synthesize
+from engine.trace_directory import write_tokens_json
 
 TOKENS = [3, 17, 42, 5, 9, 11, 23]
 SEQ = len(TOKENS)

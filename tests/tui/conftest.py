@@ -36,7 +36,8 @@ def write_trace_dir(
     model_path: Path, directory: Path, token_ids: list[int] | None = None
 ) -> list[int]:
     """Trace `model_path` with our forward pass and write every stage as apr does."""
-    from engine.aprt import write_stage, write_tokens_json
+    from engine.aprt import write_stage
+    from engine.trace_directory import write_tokens_json
 
     source, _ = open_pair(model_path, None, token_ids=token_ids, device="cpu")
     try:

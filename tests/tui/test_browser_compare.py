@@ -16,8 +16,9 @@ from textual.widgets import Tree
 
 from aprtui.app import FilesApp
 from aprtui.screens import file_browser
-from engine.aprt import read_aprt, write_tokens_json
+from engine.aprt import read_aprt
 from engine.demo import DEFECT_LAYER
+from engine.trace_directory import write_tokens_json
 from tests.tui.conftest import SIZE, Notifications, screen_text, write_trace_dir
 from tests.tui.test_browser import highlight, settle_workers
 

@@ -128,7 +128,7 @@ async def test_explorer_names_an_incomplete_reference(traced, tmp_path):
     it is incomplete (issue 10, item 10)."""
     import shutil
 
-    from engine.aprt import write_tokens_json
+    from engine.trace_directory import write_tokens_json
     from tests.tui.conftest import Notifications
 
     partial = tmp_path / "model-trace"
