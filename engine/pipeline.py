@@ -53,13 +53,15 @@ def blas_threads_for_pipeline() -> int:
     return max(1, cores // 4)
 
 
-SMALL_PASS_FLOPS = 5e9
-"""Matmul FLOPs per layer below which a single pass runs BLAS on one thread. Measured on the
-2-core machine (SmolLM2 `trace --save-tensor all`, one BLAS thread vs OpenBLAS's two):
-128 tokens 1.25 s vs 1.64 s, 512 tokens 3.8 s vs 4.1-4.6 s (3.6e9 FLOPs a layer), at half the
-CPU time; at 1,024 tokens (7.2e9) two threads win, 5.1 s vs 6.2 s. Below this the matmuls are
-too small for the threads to pay for their spinning between calls, which takes a core from
-the decoder and the file writer."""
+SMALL_PASS_FLOPS = 5e8
+"""Matmul FLOPs per layer below which a single pass runs BLAS on one thread (SmolLM2: ~70
+tokens). Measured on the 2-core machine, one BLAS thread vs OpenBLAS's two, wall (CPU):
+37 tokens, `--save-tensor all` 0.89 s (0.87) vs 1.19-1.31 s (1.84); 37 tokens, three stages
+0.67 s (0.66) vs 0.63-0.82 s (1.04-1.35). From 256 tokens on the matmuls pay for the second
+thread (three stages: 1.0 s vs 1.4 s), though a run that writes every stage still gains from
+one thread up to ~512 tokens (its file writer wants the other core); the threshold takes the
+cautious side. Below it the threads' spinning between calls only takes a core from the
+decoder and the file writer."""
 
 
 def layer_matmul_flops(config: Any, seq_len: int) -> float:
