@@ -61,6 +61,14 @@ class TensorCache:
             self._bytes = 0
 
 
+def in_run(layer: int, layers: range | None, whole_model: bool) -> bool:
+    """Whether a capture of `layer` belongs to a run over `layers` (None: every layer), with or
+    without the whole-model stages: the filter every stored source applies to its entries."""
+    if layer == WHOLE_MODEL_LAYER:
+        return whole_model
+    return layers is None or layer in layers
+
+
 def rerun_span(num_layers: int, layer: int, stage_name: str) -> tuple[range, bool] | None:
     """The run that produces one (layer, stage) again: (layers, whole_model), or None when a
     source of `num_layers` layers cannot have it (the embedding exists at layer 0 only)."""

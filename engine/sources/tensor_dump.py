@@ -46,7 +46,7 @@ import numpy as np
 from engine.errors import AprTuiError, FormatError
 from engine.fileio import open_regular
 from engine.forward import Capture
-from engine.sources.base import TraceSource
+from engine.sources.base import TraceSource, in_run
 from engine.sources.tensor_files import index_dump
 from engine.stages import STAGE_BY_NAME, STAGES, WHOLE_MODEL_LAYER
 
@@ -454,10 +454,7 @@ class DumpSource(TraceSource):
         for layer, stage_name in self.entries:
             if cancel is not None and cancel.is_set():
                 return
-            if layer == WHOLE_MODEL_LAYER:
-                if not whole_model:
-                    continue
-            elif layers is not None and layer not in layers:
+            if not in_run(layer, layers, whole_model):
                 continue
             values = self._load(layer, stage_name)
             yield Capture(layer, stage_name, values, tuple(values.shape))

@@ -17,7 +17,7 @@ import numpy as np
 
 from engine.forward import Capture
 from engine.model import ModelConfig
-from engine.sources.base import TraceSource
+from engine.sources.base import TraceSource, in_run
 from engine.stages import STAGE_BY_NAME, WHOLE_MODEL_LAYER, WHOLE_MODEL_STAGES
 
 
@@ -127,10 +127,7 @@ class DirectorySource(TraceSource):
         for (layer, stage_name), path in self.trace_dir.entries.items():
             if cancel is not None and cancel.is_set():
                 return
-            if layer == WHOLE_MODEL_LAYER:
-                if not whole_model:
-                    continue
-            elif layers is not None and layer not in layers:
+            if not in_run(layer, layers, whole_model):
                 continue
             lazy = self._lazy_attention(stage_name, path)
             if lazy is not None:  # a long prompt's attention file: read a block at a time
