@@ -174,7 +174,38 @@ def blocked_context(xp: Any, q: Array, k: Array, v: Array, scale: float) -> Arra
     return out.reshape(seq, nh * hd)
 
 
-class AttentionStage:
+class LazyAttention:
+    """A `[heads, seq, seq]` attention tensor read a block at a time (`blocks()`: (flat offset,
+    `[rows, seq]` block) in APRT file order), with what code written for arrays needs on top.
+    Subclasses: AttentionStage (recomputed from q and k), and a trace directory's long
+    attention file (engine.sources.trace_dir.AttentionFile)."""
+
+    xp: Any = np
+    shape: tuple[int, int, int]
+
+    def blocks(self, rows: int | None = None) -> Iterator[tuple[int, Array]]:
+        raise NotImplementedError
+
+    def materialize(self) -> Array:
+        """The whole [nh, seq, seq] float32 array (on the pass's device for a pass's capture)."""
+        out = self.xp.empty(self.shape, dtype=self.xp.float32)
+        flat = out.reshape(-1)
+        for offset, block in self.blocks():
+            flat[offset : offset + block.size] = block.reshape(-1)
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        from engine.backend import to_host
+
+        host = to_host(self.materialize())
+        return host if dtype is None else host.astype(dtype)
+
+    def reshape(self, *shape: Any) -> np.ndarray:
+        """`np.asarray(self).reshape(...)`: materialises (for code written for arrays)."""
+        return np.asarray(self).reshape(*shape)
+
+
+class AttentionStage(LazyAttention):
     """A lazy `[heads, seq, seq]` attention capture (`attn_scores` or `attn_softmax`).
 
     Holds only q [seq, nh, hd] and k [seq, nkv, hd]; `blocks()` recomputes the tensor a
@@ -208,22 +239,3 @@ class AttentionStage:
                     xp, self.q, self.k, head, start, stop, self.scale, want
                 )
                 yield (head * seq + start) * seq, block
-
-    def materialize(self) -> Array:
-        """The whole [nh, seq, seq] float32 array on the pass's device."""
-        nh, seq, _ = self.shape
-        out = self.xp.empty(self.shape, dtype=self.xp.float32)
-        flat = out.reshape(-1)
-        for offset, block in self.blocks():
-            flat[offset : offset + block.size] = block.reshape(-1)
-        return out
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        from engine.backend import to_host
-
-        host = to_host(self.materialize())
-        return host if dtype is None else host.astype(dtype)
-
-    def reshape(self, *shape: Any) -> np.ndarray:
-        """`np.asarray(self).reshape(...)`: materialises (for code written for arrays)."""
-        return np.asarray(self).reshape(*shape)

@@ -173,6 +173,12 @@ class ModelConfig:
     def kv_dim(self) -> int:
         return self.heads.kv_dim
 
+    @property
+    def layer_weight_count(self) -> int:
+        """Elements of one dense layer's matrices: q/k/v/o projections and gate/up/down."""
+        hidden = self.hidden_size
+        return hidden * (2 * self.q_dim + 2 * self.kv_dim) + 3 * hidden * self.intermediate_size
+
 
 class WeightStore(Protocol):
     """Float32 weights by canonical name, produced on request and not retained."""

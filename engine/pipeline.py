@@ -65,9 +65,8 @@ decoder and the file writer."""
 
 
 def layer_matmul_flops(config: Any, seq_len: int) -> float:
-    """2 × seq × hidden × (the output widths of a layer's projections): its matmul FLOPs."""
-    widths = config.q_dim + 2 * config.kv_dim + config.hidden_size + 3 * config.intermediate_size
-    return 2.0 * seq_len * config.hidden_size * widths
+    """A layer's matmul FLOPs: 2 × seq × its matrices' elements."""
+    return 2.0 * seq_len * config.layer_weight_count
 
 
 @contextlib.contextmanager

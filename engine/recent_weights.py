@@ -33,10 +33,7 @@ RECENT_WEIGHT_BYTES = 256 << 20
 def reuse_budget(config: Any) -> int:
     """Two layers of float32 weights (attention and MLP matrices), capped at
     RECENT_WEIGHT_BYTES: what the local error can still ask for after its pass decoded it."""
-    hidden = config.hidden_size
-    attention = hidden * (2 * config.q_dim + 2 * config.kv_dim)
-    mlp = 3 * hidden * config.intermediate_size
-    return min(RECENT_WEIGHT_BYTES, 2 * 4 * (attention + mlp))
+    return min(RECENT_WEIGHT_BYTES, 2 * 4 * config.layer_weight_count)
 
 
 class RecentWeights:

@@ -11,10 +11,10 @@ import math
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from engine.attention import LazyAttention
 from engine.forward import Capture
 from engine.model import ModelConfig
 from engine.sources.base import TraceSource, in_run
@@ -164,7 +164,7 @@ class DirectorySource(TraceSource):
         return values.reshape(self._shape(stage_name, values.size))
 
 
-class AttentionFile:
+class AttentionFile(LazyAttention):
     """A `[heads, seq, seq]` APRT attention file as a lazy capture, like
     engine.attention.AttentionStage: `blocks(rows)` reads `[rows, seq]` blocks in file order
     (one block in memory at a time) with the future entries set to 0.0, apr's convention, so a
@@ -200,21 +200,6 @@ class AttentionFile:
                     block = values.astype(np.float32, copy=False).reshape(stop - start, seq)
                     block[np.arange(seq)[None, :] > np.arange(start, stop)[:, None]] = 0.0
                     yield offset, block
-
-    def materialize(self) -> np.ndarray:
-        """The whole `[heads, seq, seq]` array (for code that needs it whole)."""
-        out = np.empty(self.shape, dtype=np.float32)
-        flat = out.reshape(-1)
-        for offset, block in self.blocks():
-            flat[offset : offset + block.size] = block.reshape(-1)
-        return out
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        whole = self.materialize()
-        return whole if dtype is None else whole.astype(dtype)
-
-    def reshape(self, *shape: Any) -> np.ndarray:
-        return np.asarray(self).reshape(*shape)
 
 
 def looks_like_trace_dir(path: Path) -> bool:
