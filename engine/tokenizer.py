@@ -20,8 +20,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engine.bpe_backend import (
+    DEFAULT_PRE,
+    PRE_TOKENIZER_SPLITS,
+    SPACE,
+    TOKEN_TYPE_BYTE,
+    TOKEN_TYPE_CONTROL,
+    TOKEN_TYPE_NORMAL,
+    TOKEN_TYPE_UNKNOWN,
+    TOKEN_TYPE_UNUSED,
+    TOKEN_TYPE_USER_DEFINED,
+    build_backend,
+    prompt_backend,
+    spm_merges,
+)
 from engine.errors import TokenizerError
 from engine.fileio import loads_json
+
+__all__ = [  # the vocabulary's facts live with the builders; re-exported for the formats
+    "DEFAULT_PRE",
+    "PRE_TOKENIZER_SPLITS",
+    "SPACE",
+    "TOKEN_TYPE_BYTE",
+    "TOKEN_TYPE_CONTROL",
+    "TOKEN_TYPE_NORMAL",
+    "TOKEN_TYPE_UNKNOWN",
+    "TOKEN_TYPE_UNUSED",
+    "TOKEN_TYPE_USER_DEFINED",
+    "BpeTokenizer",
+    "spm_merges",
+]
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer as HfTokenizer
@@ -29,47 +57,6 @@ if TYPE_CHECKING:
     from engine.model import Model
 
 DEFAULT_PROMPT = "What is 2+2?"
-
-# GGUF `tokenizer.ggml.token_type` values (llama.cpp `llama_token_type`).
-TOKEN_TYPE_NORMAL = 1
-TOKEN_TYPE_UNKNOWN = 2
-TOKEN_TYPE_CONTROL = 3
-TOKEN_TYPE_USER_DEFINED = 4
-TOKEN_TYPE_UNUSED = 5
-TOKEN_TYPE_BYTE = 6
-
-# The text splits llama.cpp applies before byte-level BPE (`llama-vocab.cpp`, by `tokenizer.ggml.pre`).
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-_LLAMA3_SPLIT = (
-    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)"
-)
-_QWEN2_SPLIT = (
-    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)"
-)
-PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
-    "default": (_GPT2_SPLIT,),
-    "gpt-2": (_GPT2_SPLIT,),
-    "gpt2": (_GPT2_SPLIT,),
-    "mpt": (_GPT2_SPLIT,),
-    "olmo": (_GPT2_SPLIT,),
-    "smollm": (r"\p{N}", _GPT2_SPLIT),
-    "starcoder": (r"\p{N}", _GPT2_SPLIT),
-    "refact": (r"\p{N}", _GPT2_SPLIT),
-    "codeshell": (r"\p{N}", _GPT2_SPLIT),
-    "llama3": (_LLAMA3_SPLIT,),
-    "llama-v3": (_LLAMA3_SPLIT,),
-    "llama-bpe": (_LLAMA3_SPLIT,),
-    "smaug-bpe": (_LLAMA3_SPLIT,),
-    "qwen2": (_QWEN2_SPLIT,),
-    "deepseek-r1-qwen": (_QWEN2_SPLIT,),
-    "stablelm2": (_QWEN2_SPLIT,),
-}
-DEFAULT_PRE = "default"
-
-
-SPACE = "\u2581"  # SentencePiece's visible space
 
 
 @dataclass
@@ -123,11 +110,17 @@ class BpeTokenizer:
             for i, kind in enumerate(self.token_types)
         ]
 
+    def piece_score(self, token_id: int) -> float:
+        """One entry of `piece_scores()`, without building the list."""
+        if self.scores is not None:
+            return self.scores[token_id]
+        return -float(token_id) if self.token_types[token_id] == TOKEN_TYPE_NORMAL else 0.0
+
     @property
     def backend(self) -> HfTokenizer:
         """The `tokenizers` object, built on first use (opening a model stays cheap)."""
         if self._backend is None:
-            self._backend = _build_backend(self)
+            self._backend = build_backend(self)
         return self._backend
 
     @property
@@ -135,7 +128,13 @@ class BpeTokenizer:
         return len(self.tokens)
 
     def encode(self, text: str) -> list[int]:
-        return list(self.backend.encode(text, add_special_tokens=False).ids)
+        """Token ids of `text`. Unless the whole vocabulary's object is built already (or is a
+        tokenizer.json's own pipeline), a vocabulary restricted to the text encodes it: the same
+        ids for a fraction of the cost (`engine.bpe_backend.prompt_backend`)."""
+        backend = self._backend
+        if backend is None:
+            backend = prompt_backend(self, text) or self.backend
+        return list(backend.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)
@@ -157,135 +156,6 @@ class BpeTokenizer:
     def to_tokenizer_json(self) -> str:
         """The HF `tokenizer.json` text of this tokenizer (written beside safetensors)."""
         return self.backend.to_str(pretty=False)
-
-
-def _add_special_tokens(backend: HfTokenizer, tok: BpeTokenizer) -> None:
-    """Control tokens as special added tokens, user-defined ones as plain added tokens: both are
-    matched whole in the text, as llama.cpp does when it parses special tokens."""
-    from tokenizers import AddedToken
-
-    specials = [
-        AddedToken(tok.tokens[i], special=True, normalized=False)
-        for i, kind in enumerate(tok.token_types)
-        if kind == TOKEN_TYPE_CONTROL
-    ]
-    user_defined = [
-        AddedToken(tok.tokens[i], special=False, normalized=False)
-        for i, kind in enumerate(tok.token_types)
-        if kind == TOKEN_TYPE_USER_DEFINED
-    ]
-    if specials:
-        backend.add_special_tokens(specials)
-    if user_defined:
-        backend.add_tokens(user_defined)
-
-
-def spm_merges(
-    tokens: list[str], token_types: list[int], scores: list[float]
-) -> list[tuple[str, str]]:
-    """Merges implied by a SentencePiece vocabulary: every split of a normal piece into two
-    pieces of the vocabulary, best score first (llama.cpp merges the best-scoring pair first).
-
-    Only split points where both halves have the length of some piece are tried, so the work
-    is bounded by the vocabulary's size: a piece of n characters costs at most min(n, number of
-    distinct piece lengths) look-ups, never all n splits (one 400 kB piece in a hostile GGUF
-    made trying every split of it quadratic: minutes for a 0.4 MB file).
-    """
-    vocab: dict[str, int] = {}
-    for token_id, token in enumerate(tokens):
-        vocab.setdefault(token, token_id)
-    lengths = sorted({len(token) for token in vocab})
-    length_set = set(lengths)
-    candidates: list[tuple[float, int, int, str, str]] = []
-    for token_id, token in enumerate(tokens):
-        if token_types[token_id] != TOKEN_TYPE_NORMAL or vocab[token] != token_id:
-            continue
-        size = len(token)
-        local = []
-        for k in lengths:
-            if k >= size:
-                break
-            if size - k not in length_set:
-                continue
-            left = token[:k]
-            if left not in vocab:
-                continue
-            right = token[k:]
-            if right in vocab:
-                local.append((vocab[left], vocab[right], left, right))
-        for _, _, left, right in sorted(local):  # ties in piece-id order
-            candidates.append((scores[token_id], len(left), len(right), left, right))
-    candidates.sort(key=lambda c: (c[0], c[1], c[2]), reverse=True)  # stable: ties keep id order
-    return [(left, right) for _, _, _, left, right in candidates]
-
-
-def _build_spm_backend(tok: BpeTokenizer) -> HfTokenizer:
-    """SentencePiece-style BPE: merges from scores, `\u2581` for spaces, byte fallback."""
-    from tokenizers import Tokenizer, decoders, models, normalizers
-
-    vocab: dict[str, int] = {}
-    for token_id, token in enumerate(tok.tokens):
-        vocab.setdefault(token, token_id)
-    unk = next(
-        (t for t, k in zip(tok.tokens, tok.token_types, strict=True) if k == TOKEN_TYPE_UNKNOWN),
-        None,
-    )
-    try:
-        backend = Tokenizer(
-            models.BPE(
-                vocab=vocab,
-                merges=spm_merges(tok.tokens, tok.token_types, tok.piece_scores()),
-                unk_token=unk,
-                fuse_unk=True,
-                byte_fallback=True,
-            )
-        )
-    except Exception as error:
-        raise TokenizerError(f"{tok.source}: unusable SentencePiece vocabulary: {error}") from None
-    steps = [normalizers.Replace(" ", SPACE)]
-    if tok.add_space_prefix:
-        steps.insert(0, normalizers.Prepend(SPACE))
-    backend.normalizer = normalizers.Sequence(steps)
-    backend.decoder = decoders.Sequence(
-        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-        + ([decoders.Strip(" ", 1, 0)] if tok.add_space_prefix else [])
-    )
-    _add_special_tokens(backend, tok)
-    return backend
-
-
-def _build_backend(tok: BpeTokenizer) -> HfTokenizer:
-    """The `tokenizers` object: BPE model, llama.cpp's splits, byte-level mapping, whole specials."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    if tok.kind == "spm":
-        return _build_spm_backend(tok)
-
-    vocab: dict[str, int] = {}
-    for token_id, token in enumerate(tok.tokens):
-        vocab.setdefault(
-            token, token_id
-        )  # a duplicate spelling keeps its first id, as llama.cpp does
-    merge_pairs: list[tuple[str, str]] = []
-    for rank, merge in enumerate(tok.merges):
-        left, sep, right = merge.partition(" ")
-        if not sep or not left or not right:
-            raise TokenizerError(f"{tok.source}: merge {rank} {merge!r} is not 'left right'")
-        merge_pairs.append((left, right))
-    try:
-        backend = Tokenizer(
-            models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False, ignore_merges=False)
-        )
-    except Exception as error:  # tokenizers raises plain Exception for merges naming unknown tokens
-        raise TokenizerError(f"{tok.source}: unusable BPE tokenizer: {error}") from None
-    splits = PRE_TOKENIZER_SPLITS.get(tok.pre, PRE_TOKENIZER_SPLITS[DEFAULT_PRE])
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(split), behavior="isolated") for split in splits]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    backend.decoder = decoders.ByteLevel()
-    _add_special_tokens(backend, tok)
-    return backend
 
 
 def bpe_from_tokenizer_json(path: Path) -> BpeTokenizer:

@@ -20,6 +20,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
+from engine.parallel import parallel_chunks
+
 QK_K = 256
 Q4_K_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K][1]  # 144
 Q6_K_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K][1]  # 210
@@ -488,19 +490,30 @@ def _gguf_py_kernel(qtype: GGMLQuantizationType):
     return kernel
 
 
+def _decode_chunks(
+    kernel, blocks: np.ndarray, out: np.ndarray, starts: range | list[int], step: int
+) -> None:
+    """Run `kernel` over the chunks of `blocks` that begin at `starts`, into `out`."""
+    with np.errstate(over="ignore", invalid="ignore"):  # Inf / NaN scales decode as gguf-py's
+        for start in starts:
+            kernel(blocks[start : start + step], out[start : start + step])
+
+
 def _dequantize_blocks_into(
     blocks: np.ndarray, qtype: GGMLQuantizationType, out: np.ndarray
 ) -> None:
-    """Decode blocks [n, block_bytes] uint8 into `out` [n, block_values] float32, chunk by chunk."""
+    """Decode blocks [n, block_bytes] uint8 into `out` [n, block_values] float32, chunk by chunk;
+    a tensor of several chunks is shared among DECODE_THREADS threads (`parallel_chunks`)."""
     block = GGML_QUANT_SIZES[qtype][0]
     kernel = _FAST_DEQUANT.get(qtype)
     if kernel is None:
         kernel, step = _gguf_py_kernel(qtype), max(1, DEQUANT_CHUNK_VALUES // block)
     else:
         step = max(1, FAST_CHUNK_VALUES // block)
-    with np.errstate(over="ignore", invalid="ignore"):  # Inf / NaN scales decode as gguf-py's
-        for start in range(0, blocks.shape[0], step):
-            kernel(blocks[start : start + step], out[start : start + step])
+    parallel_chunks(
+        lambda starts: _decode_chunks(kernel, blocks, out, starts, step),
+        list(range(0, blocks.shape[0], step)),
+    )
 
 
 def dequantize_blocks(blocks: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:

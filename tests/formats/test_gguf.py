@@ -8,6 +8,8 @@ import gguf as gguf_package
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.errors import FormatError, MissingTensorError, UnsupportedModelError
 from engine.formats import gguf, open_model
@@ -526,3 +528,26 @@ def test_fast_dequantizers_equal_ggufs_bit_for_bit(qtype):
     got = dequantize_ggml(blocks.reshape(-1), qtype, x.size)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, expected)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.binary(max_size=12)
+        | st.sampled_from([b"\xc2", b"\xe2\x82", b"\xf0\x9f\x98", b"\xed\xa0\x80", b"\x00"]),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_lazy_strings_decode_each_string_as_alone(items):
+    """The whole-array decode (NUL separators, one decode, one split) equals decoding every
+    string alone with errors="replace": invalid tails, lone continuation bytes, NULs inside."""
+    from engine.formats.gguf.parser import LazyStrings
+
+    raw = b"".join(struct.pack("<Q", len(item)) + item for item in items)
+    starts, at = [], 0
+    for item in items:
+        starts.append(at)
+        at += 8 + len(item)
+    lazy = LazyStrings(raw, np.array(starts, dtype=np.int64))
+    assert list(lazy) == [item.decode("utf-8", errors="replace") for item in items]
