@@ -17,9 +17,8 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf import quants as gguf_quants
 
+from engine.formats.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 from engine.parallel import parallel_chunks
 
 QK_K = 256
@@ -180,6 +179,8 @@ def quantize_ggml(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray
         rows = values.reshape(-1, values.shape[-1])
         blocks = K_QUANTIZERS[qtype](rows)
         return blocks.reshape(rows.shape[0], -1)
+    from gguf import quants as gguf_quants
+
     return gguf_quants.quantize(values.reshape(-1, values.shape[-1]), qtype)
 
 
@@ -194,9 +195,15 @@ def quantize_k_rows_padded(values: np.ndarray, qtype: GGMLQuantizationType) -> b
 
 @functools.cache
 def can_dequantize(qtype: GGMLQuantizationType) -> bool:
-    """Whether gguf-py decodes `qtype` (it lacks some, e.g. Q8_K and several IQ types)."""
+    """Whether `qtype` can be decoded: by one of our kernels, or by gguf-py (which lacks some,
+    e.g. Q8_K and several IQ types; asked only for those, so that opening a model of the common
+    types never imports the `gguf` package)."""
+    if qtype in _FAST_DEQUANT:
+        return True
     block, nbytes = GGML_QUANT_SIZES[qtype]
     try:
+        from gguf import quants as gguf_quants
+
         gguf_quants.dequantize(np.zeros((1, nbytes), dtype=np.uint8), qtype)
     except (NotImplementedError, ValueError, KeyError):
         return False
@@ -484,6 +491,8 @@ afterwards. Decoded a chunk at a time into one preallocated array, a tensor cost
 
 
 def _gguf_py_kernel(qtype: GGMLQuantizationType):
+    from gguf import quants as gguf_quants  # the reference decoders: only for these types
+
     def kernel(blocks: np.ndarray, out: np.ndarray) -> None:
         out[...] = gguf_quants.dequantize(blocks, qtype)
 

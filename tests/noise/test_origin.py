@@ -237,3 +237,14 @@ def test_two_layers_are_too_few_for_a_stage_but_not_for_its_kind(apr_tui, models
     code, report = bisect_json(apr_tui, models["good"], models["up18"], "--layers", "1..3")
     assert code == 1
     assert origin_of(report) == (2, "ffn_up")
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 29, 30])
+def test_floor_median_is_numpys_median(count):
+    """The floors' median (engine.noise._median, kept free of numpy.ma's import) equals
+    np.median on odd and even counts of spread-out local errors."""
+    from engine.noise import _median
+
+    rng = np.random.default_rng(count)
+    values = list(10.0 ** rng.uniform(-9, -1, count))
+    assert _median(values) == float(np.median(values))

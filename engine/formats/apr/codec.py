@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from engine.errors import FormatError, UnsupportedModelError
 from engine.formats.apr.layout import (
@@ -26,6 +25,7 @@ from engine.formats.apr.layout import (
     DT_U8_OR_Q5_1,
     AprIndexEntry,
 )
+from engine.formats.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 from engine.formats.quant import (
     QK_K,
     apr_q4_nbytes,

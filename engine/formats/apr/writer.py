@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from engine.errors import UnsupportedModelError, path_text
 from engine.fileio import atomic_output
@@ -47,6 +46,7 @@ from engine.formats.common import (
     check_write_dtype,
     stored_tensor_names,
 )
+from engine.formats.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 from engine.formats.quant import (
     QK_K,
     apr_q4_nbytes,

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from engine.errors import FormatError, UnsupportedModelError
 from engine.fileio import open_regular
@@ -23,6 +22,7 @@ from engine.formats.common import (
     MAX_ELEMENTS,
     check_no_overlap,
 )
+from engine.formats.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType
 
 from engine.errors import UnsupportedModelError
 from engine.formats.common import (
     GEMMA_FAMILY,
     check_weights,
 )
+from engine.formats.ggml_types import GGMLQuantizationType
 from engine.formats.gguf.metadata import (
     config_from_metadata,
     tokenizer_from_metadata,

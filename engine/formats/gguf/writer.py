@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from engine.fileio import atomic_output
 from engine.formats.common import (
@@ -20,6 +19,7 @@ from engine.formats.common import (
     hf_ordered,
     stored_tensor_names,
 )
+from engine.formats.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 from engine.formats.gguf.metadata import (
     GEMMA_27B_LAYERS,
     MOE_NORM_DEFAULT,
