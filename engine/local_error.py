@@ -70,10 +70,15 @@ def relative_error(recomputed: np.ndarray, output: np.ndarray) -> float:
     """‖recomputed − output‖₂ / ‖output‖₂ in float64 (the absolute norm when output is 0)."""
     output = np.asarray(output, dtype=np.float64).reshape(-1)
     recomputed = np.asarray(recomputed, dtype=np.float64).reshape(-1)
-    if not (np.isfinite(output).all() and np.isfinite(recomputed).all()):
+    delta = recomputed - output
+    delta_sq, scale_sq = float(np.dot(delta, delta)), float(np.dot(output, output))
+    # A NaN or Inf anywhere makes a sum of squares non-finite; only then are the arrays scanned
+    # (a finite sum of squares can only overflow past 1e154, where they decide alone).
+    if not (math.isfinite(delta_sq) and math.isfinite(scale_sq)) and not (
+        np.isfinite(output).all() and np.isfinite(recomputed).all()
+    ):
         return math.inf
-    difference = float(np.sqrt(np.dot(recomputed - output, recomputed - output)))
-    scale = float(np.sqrt(np.dot(output, output)))
+    difference, scale = math.sqrt(delta_sq), math.sqrt(scale_sq)
     return difference / scale if scale > 0.0 else difference
 
 

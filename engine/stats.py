@@ -133,14 +133,18 @@ def _accumulate(
             fa, fb, d = fa[nonzero], fb[nonzero], d[nonzero]
             n = kept
     out = list(totals)
-    buffer = np.empty(min(n, SUM_CHUNK) + 1, dtype=np.float64)  # [running total, chunk...]
-    pairs = ((d, d), (fa, fb), (fa, fa), (fb, fb))
+    size = min(n, SUM_CHUNK)
+    buffer = np.empty(size + 1, dtype=np.float64)  # [running total, chunk...]
+    a64, b64, d64 = (np.empty(size, dtype=np.float64) for _ in range(3))  # the chunk, widened
     for start in range(0, n, SUM_CHUNK):
         stop = min(start + SUM_CHUNK, n)
-        part = buffer[: stop - start + 1]
-        for column, (x, y) in enumerate(pairs):
+        part, m = buffer[: stop - start + 1], stop - start
+        # Widened once, not inside each of the four products (8 conversions a value -> 3).
+        a, b, diff = a64[:m], b64[:m], d64[:m]
+        a[...], b[...], diff[...] = fa[start:stop], fb[start:stop], d[start:stop]
+        for column, (x, y) in enumerate(((diff, diff), (a, b), (a, a), (b, b))):
             part[0] = out[column]
-            np.multiply(x[start:stop], y[start:stop], out=part[1:], dtype=np.float64)
+            np.multiply(x, y, out=part[1:])
             np.cumsum(part, out=part)
             out[column] = float(part[-1])
     return out[0], out[1], out[2], out[3]
@@ -377,10 +381,10 @@ class StatsAccumulator:
         if n == 0:
             return
         mean = total / n
-        work = xp.subtract(finite, mean, dtype=np.float64)  # [n] centred, float64
-        m2 = float(xp.sum(xp.multiply(work, work, out=work)))
-        xp.multiply(finite, finite, out=work, dtype=np.float64)
-        self.sum_sq += float(xp.sum(work))
+        wide = finite.astype(np.float64)  # [n] float64, widened once
+        self.sum_sq += float(xp.dot(wide, wide))
+        wide -= mean  # centred
+        m2 = float(xp.dot(wide, wide))
         merged = self.valid + n
         delta = mean - self.mean
         self.mean += delta * n / merged
