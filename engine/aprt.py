@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from engine.errors import DiffError, FormatError, path_display
-from engine.fileio import NotRegularFileError, atomic_output, open_regular
+from engine.fileio import NotRegularFileError, atomic_file, open_regular
 from engine.stages import U32_MAX, WHOLE_MODEL_LAYER, stage, stage_path
 
 MAGIC = b"APRT"
@@ -193,13 +193,13 @@ def _to_host_f32(values: Any) -> np.ndarray:
 
 
 def _atomic_write(path: Path, chunks: Iterable[bytes | np.ndarray], overwrite: bool = True) -> None:
-    """Write to a hidden temporary name beside `path`, then publish it (atomic_output).
+    """Write to a hidden temporary name beside `path`, then publish it (engine.fileio.atomic_file).
 
     Arrays go through `write` (not `ndarray.tofile`, whose short write is an OSError without
     errno or file name: "10752 requested and 4093 written"), so a full disk is reported as
     ENOSPC naming `path`.
     """
-    with atomic_output(path, overwrite=overwrite) as temp, open(temp, "wb") as handle:
+    with atomic_file(path, overwrite=overwrite) as handle:
         for chunk in chunks:
             if isinstance(chunk, np.ndarray):
                 handle.write(memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)))

@@ -274,6 +274,22 @@ def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = True) -> It
     (including KeyboardInterrupt and aprtui's SIGTERM exception) the temporary is removed, so
     `path` is either untouched or completely written. An OSError names `path`.
     """
+    with _atomic(path, overwrite) as (_, temp):
+        yield temp
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iterator[BinaryIO]:
+    """`atomic_output` with the temporary open for writing: a binary file on the descriptor
+    that holds the temporary's lock, so no second open (a trace writes hundreds of files, and
+    an open costs ~0.1 ms on some file systems). Flushed before the file is published."""
+    with _atomic(path, overwrite) as (fd, _), open(fd, "wb", closefd=False) as handle:
+        yield handle
+
+
+@contextmanager
+def _atomic(path: str | os.PathLike[str], overwrite: bool) -> Iterator[tuple[int, Path]]:
+    """The body of `atomic_output`: yields (the temporary's locked descriptor, its path)."""
     target = Path(path)
     _sweep_once(target.parent)
     temp: Path | None = None
@@ -281,7 +297,7 @@ def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = True) -> It
     try:
         with _signals_deferred():
             fd, temp = _create_temporary(target.parent)
-        yield temp
+        yield fd, temp
         _publish(temp, target, overwrite)
     except BaseException as error:
         if temp is not None:
