@@ -177,8 +177,15 @@ def whole_process(root: Path, argv: list[str]) -> tuple[float, float]:
 def compare_processes(gguf_path: Path, baseline: Path, prompt: str, repeat: int) -> None:
     """Whole-process trace and bisect: the baseline checkout against this one."""
     import shutil
+    import subprocess
     import tempfile
 
+    # Byte-compile both checkouts first: an installed package has its .pyc files, and where
+    # PYTHONDONTWRITEBYTECODE is set every run would otherwise compile every module it imports
+    # (~0.1 s, more for the checkout with more modules).
+    for root in (baseline, ROOT):
+        packages = [str(root / name) for name in ("aprtui", "engine") if (root / name).is_dir()]
+        subprocess.run([sys.executable, "-m", "compileall", "-q", *packages], check=True)
     work = Path(tempfile.mkdtemp(prefix="trace-bench-"))
     try:
         copy = work / "copy-q8.apr"

@@ -1,12 +1,11 @@
 """Share one big numpy job among the machine's cores: contiguous groups of chunks, one a thread.
 
 Decoding a quantized tensor is a loop of vectorised numpy calls over 1 MiB chunks, each of which
-releases the GIL, so two threads decoding alternate halves of the same matrix run at once. A
-short trace is otherwise a single-threaded program (its matmuls are small and run on one BLAS
-thread, `engine.pipeline.pass_blas`), so the other cores are idle while a weight is decoded:
-measured on the 2-core development machine, 12 SmolLM2 FFN matrices (Q4_1) decode in 0.031 s
-on two threads against 0.061 s on one, and a 37-token whole-process trace spends ~40 % of its
-time there.
+releases the GIL, so two threads decoding halves of the same matrix run at once. Measured on the
+2-core development machine (min of 8): the 210 layer matrices of SmolLM2 (Q4_1) decode in
+0.255 s on two threads against 0.306 s on one. Inside a whole `trace`, whose stage-file writer
+keeps the second core busy, the difference is lost in the noise; a comparison's drill-down and a
+run without file writes keep it.
 
 The caller's thread takes the first group itself and waits for the others, so a job never
 waits for a free worker that is waiting for it (workers run only leaf work), and a pool of

@@ -38,10 +38,12 @@ _CLOSE_LOCK = threading.Lock()
 STATS_WORKERS = 2
 """Threads computing pairs' statistics (engine.stats releases the GIL in its numpy scans)."""
 
-PIPELINE_MIN_FLOPS = 1e9
-"""Matmul FLOPs per layer from which a comparison runs side by side. Measured (SmolLM2 against
-its Q8_0 copy, 2 cores, one BLAS thread): 37 tokens (2.6e8) 1.57 s serial vs 1.71 s in
-threads, the GIL-bound small steps gain nothing; 256 tokens (1.8e9) 7.4 s vs 5.0 s."""
+PIPELINE_MIN_FLOPS = 0.0
+"""Matmul FLOPs per layer from which a comparison on the host runs side by side (0: always).
+Measured, whole-process `bisect` of SmolLM2 against its Q8_0 copy on 2 cores (min of 8
+interleaved runs): 37 tokens (2.6e8 FLOPs a layer) 2.15 s side by side vs 2.36 s serial, 7 tokens
+1.56 s vs 1.62 s, 256 tokens 5.0 s vs 7.4 s. (Before the statistics and the local error lost
+their redundant float64 copies, 37 tokens was the other way round: 1.71 s vs 1.57 s.)"""
 
 WINDOW = 4
 """Pairs whose statistics or local error may be in flight at once: they hold their captures,

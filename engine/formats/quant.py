@@ -512,7 +512,7 @@ def _dequantize_blocks_into(
     blocks: np.ndarray, qtype: GGMLQuantizationType, out: np.ndarray
 ) -> None:
     """Decode blocks [n, block_bytes] uint8 into `out` [n, block_values] float32, chunk by chunk;
-    a tensor of several chunks is shared among DECODE_THREADS threads (`parallel_chunks`)."""
+    a tensor of several chunks is shared among engine.parallel.PARALLEL_THREADS threads."""
     block = GGML_QUANT_SIZES[qtype][0]
     kernel = _FAST_DEQUANT.get(qtype)
     if kernel is None:
