@@ -267,7 +267,9 @@ def prompt_backend(tok: BpeTokenizer, text: str) -> HfTokenizer | None:
     """
     added_ids = [i for i in added_token_ids(tok) if tok.tokens[i] in text]
     added_set = {tok.tokens[i] for i in added_ids}
-    segments = [s for s in _split_on(text, sorted(added_set)) if s]
+    # An empty added token (a hostile vocabulary) matches nowhere in `tokenizers`; in a regex
+    # it would match everywhere.
+    segments = [s for s in _split_on(text, sorted(t for t in added_set if t)) if s]
     if tok.kind == "spm":
         # The normalizer runs on each segment: spaces become \u2581, and one is put in front.
         pieces = {s.replace(" ", SPACE) for s in segments}

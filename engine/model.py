@@ -261,8 +261,10 @@ def weight_rows(store: WeightStore, name: str, start: int, stop: int) -> np.ndar
 def gather_rows(store: WeightStore, name: str, ids: np.ndarray) -> np.ndarray:
     """Rows `ids` [n] of a 2-D weight, [n, cols] float32 (an embedding lookup). Only the distinct
     ids' rows are decoded, one `get_rows` per run of consecutive ids."""
-    ordered = np.sort(ids)  # not np.unique: its masked-array check imports numpy.ma (15 ms)
-    distinct = ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))]  # [n_distinct]
+    ordered = np.sort(np.asarray(ids))  # not np.unique: it imports numpy.ma (15 ms)
+    first = np.ones(ordered.size, dtype=bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    distinct = ordered[first]  # [n_distinct], sorted
     runs = np.split(distinct, np.flatnonzero(np.diff(distinct) != 1) + 1)  # consecutive ids
     table_rows = np.concatenate(
         [store.get_rows(name, int(run[0]), int(run[-1]) + 1) for run in runs if run.size]

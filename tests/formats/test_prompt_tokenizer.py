@@ -121,3 +121,12 @@ def test_synthetic_vocabularies_with_user_defined_tokens(pre):
     user = [base.tokens[i] for i, kind in enumerate(base.token_types) if kind == 4]
     texts = [f"{user[0]}abc {user[-1]} 123", f"x{user[1]}{user[1]}y", *FIXED_TEXTS]
     _assert_same_ids(base, texts + _random_texts(base, 20, seed=3))
+
+
+def test_an_empty_added_token_does_not_split_the_text():
+    """A hostile vocabulary with an empty user-defined token: `tokenizers` never matches it, so
+    the restriction must not split the text at every character either."""
+    natural = synth_tokenizer()
+    tokenizer = synth_tokenizer(len(natural.tokens) + 2)
+    tokenizer.tokens[-1] = ""
+    _assert_same_ids(tokenizer, ["hello world", "a<|extra_0|>b", *FIXED_TEXTS])
