@@ -2,10 +2,12 @@
 
 Every container stores its tokenizer the same way at heart: a vocabulary (index = id), a merge
 list in rank order (byte-level BPE) or per-piece scores (SentencePiece-style, GGUF `llama`), and
-a few special ids. `BpeTokenizer` builds a `tokenizers` BPE from those parts, with the
-pre-tokenizer llama.cpp uses for the vocabulary's `pre` type, so a prompt gives the ids `apr` and
-llama.cpp give. Control and user-defined tokens are matched whole in the text, as llama.cpp does
-when it parses special tokens. A `tokenizer.json` is encoded with its own pipeline.
+a few special ids. `BpeTokenizer` keeps those parts; engine.bpe_backend builds a `tokenizers`
+BPE from them, with the pre-tokenizer llama.cpp uses for the vocabulary's `pre` type, so a prompt
+gives the ids `apr` and llama.cpp give: from only the tokens and merges the prompt can use when
+encoding (the same ids, a tenth of the cost or less), from all of them for decoding. Control and
+user-defined tokens are matched whole in the text, as llama.cpp does when it parses special
+tokens. A `tokenizer.json` is encoded with its own pipeline.
 
 `encode_prompt` follows `apr trace`: the prompt as it is, no chat template, and a BOS token only
 when the model's metadata asks for one. `--tokens 1,2,3` bypasses the tokenizer entirely.
