@@ -22,6 +22,7 @@ tokenizer into another file, still build the whole one.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from itertools import compress
 from typing import TYPE_CHECKING
 
@@ -79,10 +80,12 @@ long unbroken pieces: a 1 MB run without spaces would have ~10^8) the whole voca
 instead, which costs the same for every text."""
 
 
-def vocab_ids(tokens: list[str]) -> dict[str, int]:
-    """Token -> id; a duplicate spelling keeps its first id, as llama.cpp does."""
+def vocab_ids(tokens: list[str], ids: Iterable[int] | None = None) -> dict[str, int]:
+    """Token -> id over `ids` in ascending order (every id by default); a duplicate spelling
+    keeps its first id, as llama.cpp does."""
+    pairs = enumerate(tokens) if ids is None else ((i, tokens[i]) for i in ids)
     vocab: dict[str, int] = {}
-    for token_id, token in enumerate(tokens):
+    for token_id, token in pairs:
         vocab.setdefault(token, token_id)
     return vocab
 
@@ -292,9 +295,7 @@ def prompt_backend(tok: BpeTokenizer, text: str) -> HfTokenizer | None:
         kept_ids = sorted(
             {*kept_ids, *compress(range(len(types)), map(fallback.__contains__, types))}
         )
-    vocab: dict[str, int] = {}
-    for i in kept_ids:
-        vocab.setdefault(tok.tokens[i], i)
+    vocab = vocab_ids(tok.tokens, kept_ids)
     if tok.kind == "spm":
         # Merges of the kept pieces only: both halves of a kept piece are kept too, and the
         # order of the kept ids is the order of the whole vocabulary, so ranks keep their order.

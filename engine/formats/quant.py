@@ -18,10 +18,9 @@ import functools
 
 import numpy as np
 
-from engine.formats.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
+from engine.formats.ggml_types import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType
 from engine.parallel import parallel_chunks
 
-QK_K = 256
 Q4_K_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K][1]  # 144
 Q6_K_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K][1]  # 210
 APR_Q4_BLOCK = 32
