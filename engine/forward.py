@@ -464,6 +464,7 @@ def trace(
     layers: range | tuple[int, int] | None = None,
     cancel: threading.Event | None = None,
     on_layer: Callable[[int, int], None] | None = None,
+    keep_logits: bool = False,
 ) -> Iterator[Capture]:
     """Run one prefill pass over `token_ids` and yield each requested capture as soon as it exists.
 
@@ -474,7 +475,10 @@ def trace(
     layer needs the one before it); the pass stops after the last requested layer when no
     whole-model stage is requested. `cancel` is checked between stages; once set, the generator
     ends without raising. `on_layer(done, total)` is called after each layer the pass runs
-    (also the ones it does not capture), for progress bars.
+    (also the ones it does not capture), for progress bars. `keep_logits`: the lm_head stage
+    also computes every position's logits from the head rows it decodes and keeps them with
+    the model (engine.logits.TableKeeper) for a comparison's logit metrics; a plain trace has
+    no use for them (they double the arithmetic of SmolLM2's short prompts).
     """
     be = resolve_backend(backend)
     xp = be.xp
@@ -560,7 +564,9 @@ def trace(
             yield capture(WHOLE_MODEL_LAYER, "final_norm", final_norm)  # [seq, H]
         checkpoint()
         if "lm_head" in wanted:
-            yield capture(WHOLE_MODEL_LAYER, "lm_head", lm_head_logits(model, weights, final_norm))
+            keep = keep_logits or LOGITS_ALL in wanted
+            logits = lm_head_logits(model, weights, final_norm, keep_table=keep)
+            yield capture(WHOLE_MODEL_LAYER, "lm_head", logits)
         if LOGITS_ALL in wanted:  # apr-tui's every-position logits, only when asked for
             from engine.logits import LogitsStage, ModelLogits
 
@@ -599,8 +605,12 @@ def lm_head_row_blocks(vocab: int, block_rows: int = LM_HEAD_BLOCK_ROWS) -> list
     return list(zip(edges[:-1], edges[1:], strict=True))
 
 
-def lm_head_logits(model: Model, weights: _LayerWeights, final_norm: Array) -> Array:
+def lm_head_logits(
+    model: Model, weights: _LayerWeights, final_norm: Array, *, keep_table: bool = False
+) -> Array:
     """Logits of the last token only, [vocab]: the last normed row times the head (+ bias).
+    With `keep_table`, every position's logits are computed from the same head rows and kept
+    for engine.logits.ModelLogits (`TableKeeper`).
 
     Computed a row block of the head at a time (`logits[block] = last @ head[block]ᵀ`), so the
     peak is one block, not the [vocab, H] head.
@@ -618,14 +628,16 @@ def lm_head_logits(model: Model, weights: _LayerWeights, final_norm: Array) -> A
     logits = xp.empty(config.vocab_size, dtype=xp.float32)  # [vocab]
     from engine.logits import TableKeeper  # every position's logits while the head is decoded
 
-    keeper = TableKeeper(model, final_norm)
+    keeper = TableKeeper(model, final_norm) if keep_table else None
     for start, stop in lm_head_row_blocks(config.vocab_size):
         head_rows = weights.rows(name, shape, start, stop)  # [stop - start, H]
         logits[start:stop] = linear(last, head_rows)[0]
-        keeper.add(start, stop, head_rows)
+        if keeper is not None:
+            keeper.add(start, stop, head_rows)
         del head_rows
     bias = weights.optional("lm_head.bias", (config.vocab_size,))
-    keeper.done(None if bias is None else weights.backend.to_host(bias))
+    if keeper is not None:
+        keeper.done(None if bias is None else weights.backend.to_host(bias))
     if bias is not None:
         logits = logits + bias
     if config.final_logit_softcap is not None:  # Gemma 2

@@ -74,6 +74,7 @@ class ModelSource(TraceSource):
             stages=stage_names,
             layers=layers,
             cancel=cancel,
+            keep_logits=whole_model,  # the logit metrics of a comparison read them
         ):
             self._remember(capture)
             yield capture

@@ -301,8 +301,9 @@ def test_logits_all_capture_streams_position_blocks_equal_to_hf(monkeypatch):
 
 
 def test_lm_head_stage_keeps_every_position_logits_for_the_metrics(tmp_path):
-    """After a pass over a real GGUF file, ModelLogits takes the table the lm_head stage
-    computed from the head rows it decoded (no second decode), equal to a fresh computation."""
+    """After a pass over a real GGUF file with keep_logits (a comparison's), ModelLogits takes
+    the table the lm_head stage computed from the head rows it decoded (no second decode),
+    equal to a fresh computation; a plain trace keeps nothing."""
     import engine.logits as logits_module
     from engine.formats import gguf, open_model
     from engine.forward import trace
@@ -313,7 +314,13 @@ def test_lm_head_stage_keeps_every_position_logits_for_the_metrics(tmp_path):
     path = gguf.write(engine_model(hf_model), tmp_path / "m.gguf", dtype="f32")
     ids = [3, 9, 27, 81, 11]
     with open_model(path) as model:
-        captures = {(c.layer, c.stage): c.array for c in trace(model, ids)}
+        logits_module._KEPT.clear()
+        plain = {(c.layer, c.stage): c.array for c in trace(model, ids)}
+        assert len(logits_module._KEPT) == 0  # a plain trace computes no table
+        captures = {(c.layer, c.stage): c.array for c in trace(model, ids, keep_logits=True)}
+        assert np.array_equal(
+            plain[(WHOLE_MODEL_LAYER, "lm_head")], captures[(WHOLE_MODEL_LAYER, "lm_head")]
+        )
         final_norm = captures[(WHOLE_MODEL_LAYER, "final_norm")]
         kept = logits_module.ModelLogits(model, final_norm)
         assert kept._table is not None  # reused, nothing decoded
