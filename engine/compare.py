@@ -130,6 +130,10 @@ def make_cell(
         # A lazy attention capture (a long prompt) already holds 0.0 above its diagonal.
         x = x if x is None or hasattr(x, "blocks") else np.asarray(to_host(x))
         y = y if y is None or hasattr(y, "blocks") else np.asarray(to_host(y))
+        if present.stage in CAUSAL_STAGES and not lazy and x is not None and y is not None:
+            causal = _causal_cell(present, capture_b, x, y, seq_len, local)
+            if causal is not None:
+                return causal
         if not lazy:
             x, y = comparable(present.stage, x, y, seq_len)
         elif present.stage in CAUSAL_STAGES:
@@ -151,6 +155,25 @@ def make_cell(
     if x is not None and y is not None and STAGE_BY_NAME[present.stage].index_payload:
         ids = index_diff(x, y)  # expert ids compared as ids, never by cosine
     return Cell(present.layer, present.stage, tuple(shape), stats_a, stats_b, diff, local, ids)
+
+
+def _causal_cell(present, capture_b, x, y, seq_len, local) -> Cell | None:
+    """An attention pair's cell from its causal entries only (engine.causal_stats), or None
+    when the plain path must decide."""
+    from engine.causal_stats import causal_pair_stats
+
+    if seq_len is None:
+        return None
+    flat_x = np.asarray(x, dtype=np.float32).reshape(-1)
+    flat_y = np.asarray(y, dtype=np.float32).reshape(-1)
+    result = causal_pair_stats(flat_x, flat_y, seq_len)
+    if result is None:
+        return None
+    shape = present.shape
+    if capture_b is not None and len(capture_b.shape) > len(shape):
+        shape = capture_b.shape
+    stats_a, stats_b, diff = result
+    return Cell(present.layer, present.stage, tuple(shape), stats_a, stats_b, diff, local, None)
 
 
 def _streamed(x, y) -> tuple[TensorStats | None, TensorStats | None, DiffStats | None]:
