@@ -118,23 +118,30 @@ def attention_rows(seq: int) -> int:
 
 
 def attention_row_blocks(array: Any, heads: int, seq: int) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(head, first query row, float64 block [rows, seq]) of a `[heads, seq, seq]` stage, in
-    file order, from an array or a lazy capture with `.blocks(rows)`."""
+    """(head, first query row, float64 block [rows, keys]) of a `[heads, seq, seq]` stage, in
+    file order, from an array or a lazy capture with `.blocks(rows)`. Only the keys a causal
+    block can see are kept: rows [start, stop) get keys [0, stop), so the future beyond the
+    block's last row is never widened, multiplied or compared (half the work of a long
+    prompt); what is left above the diagonal is masked by `causal_block`."""
     rows = attention_rows(seq)
     if hasattr(array, "blocks"):
         for offset, block in array.blocks(rows):
             head, rest = divmod(offset, seq * seq)
-            yield head, rest // seq, np.asarray(to_host(block), np.float64).reshape(-1, seq)
+            start = rest // seq
+            square = to_host(block).reshape(-1, seq)  # [rows, seq]
+            yield head, start, np.asarray(square[:, : start + square.shape[0]], np.float64)
         return
     square = np.asarray(array).reshape(heads, seq, seq)
     for head in range(heads):
         for start in range(0, seq, rows):
-            yield head, start, square[head, start : start + rows].astype(np.float64)
+            stop = min(start + rows, seq)
+            yield head, start, square[head, start:stop, :stop].astype(np.float64)
 
 
-def causal_block(start: int, stop: int, seq: int) -> np.ndarray:
-    """True where key j ≤ query i, for query rows [start, stop): [rows, seq] bool."""
-    return np.arange(seq)[None, :] <= np.arange(start, stop)[:, None]
+def causal_block(start: int, stop: int) -> np.ndarray:
+    """True where key j ≤ query i, for query rows [start, stop) and keys [0, stop):
+    [rows, stop] bool."""
+    return np.arange(stop)[None, :] <= np.arange(start, stop)[:, None]
 
 
 class ErrorSum:
@@ -385,8 +392,8 @@ class LocalErrorTracker:
         error = ErrorSum()
         for head, start, block in attention_row_blocks(output, config.num_heads, seq):
             stop = start + block.shape[0]
-            recomputed = (q[head, start:stop] @ k[head // group].T) * scale  # [rows, seq]
-            causal = causal_block(start, stop, seq)
+            recomputed = (q[head, start:stop] @ k[head // group, :stop].T) * scale  # [rows, stop]
+            causal = causal_block(start, stop)
             error.add(recomputed[causal], block[causal])
         inputs = [f"{_where(layer)} q_post_rope", f"{_where(layer)} k_post_rope"]
         return error.value(), None, inputs
@@ -403,10 +410,10 @@ class LocalErrorTracker:
         )
         for (_, start, score_block), (_, _, block) in pairs:
             stop = start + block.shape[0]
-            causal = causal_block(start, stop, seq)
+            causal = causal_block(start, stop)
             masked = np.where(causal, score_block, -np.inf)
             weights = np.exp(masked - masked.max(axis=-1, keepdims=True))
-            probs = weights / weights.sum(axis=-1, keepdims=True)  # [rows, seq]
+            probs = weights / weights.sum(axis=-1, keepdims=True)  # [rows, stop]
             error.add(probs[causal], block[causal])
         return error.value(), None, [f"{_where(layer)} attn_scores"]
 
@@ -421,8 +428,8 @@ class LocalErrorTracker:
         for head, start, block in attention_row_blocks(probs, config.num_heads, seq):
             stop = start + block.shape[0]
             # a runtime may leave anything above the diagonal: only the causal weights count
-            weights = np.where(causal_block(start, stop, seq), block, 0.0)
-            context[start:stop, head * hd : (head + 1) * hd] = weights @ v[:, head // group]
+            weights = np.where(causal_block(start, stop), block, 0.0)  # [rows, stop]
+            context[start:stop, head * hd : (head + 1) * hd] = weights @ v[:stop, head // group]
         return context, output, [f"{_where(layer)} attn_softmax", f"{name} (V)"]
 
     def _linear(
