@@ -246,17 +246,36 @@ def log_softmax64(logits: np.ndarray) -> np.ndarray:
         return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def topk_mask(x: np.ndarray, k: int) -> np.ndarray:
-    """Bool [n, vocab]: each row's k largest entries, ties at the k-th value going to the lower
-    indices (the first k of a stable sort descending). Exact, O(vocab) per row."""
+def topk_masks(x: np.ndarray, ks: Sequence[int]) -> dict[int, np.ndarray]:
+    """k -> bool [n, vocab]: each row's k largest entries, ties at the k-th value going to the
+    lower indices (the first k of a stable sort descending). Exact, O(vocab) per row: one
+    partition finds every k-th largest value at once, and the running count that breaks ties
+    runs only over the rows that have more ties at their k-th value than places left (rare:
+    equal logits), not over every [n, vocab] entry."""
     n, vocab = x.shape
-    if k >= vocab:
-        return np.ones_like(x, dtype=bool)
-    kth = np.partition(x, vocab - k, axis=1)[:, vocab - k][:, None]  # [n, 1] k-th largest
-    above = x > kth
-    tied = x == kth
-    need = k - above.sum(axis=1, keepdims=True)  # [n, 1] ties still to take
-    return above | (tied & (np.cumsum(tied, axis=1) <= need))
+    inside = sorted({vocab - k for k in ks if k < vocab})
+    parted = np.partition(x, inside, axis=1) if inside else x
+    masks: dict[int, np.ndarray] = {}
+    for k in ks:
+        if k >= vocab:
+            masks[k] = np.ones_like(x, dtype=bool)
+            continue
+        kth = parted[:, vocab - k][:, None]  # [n, 1] the k-th largest
+        above = x > kth
+        tied = x == kth
+        need = k - above.sum(axis=1, keepdims=True)  # [n, 1] ties still to take
+        mask = above | tied
+        crowded = np.flatnonzero(tied.sum(axis=1) > need[:, 0])  # rows with excess ties
+        if crowded.size:
+            ties = tied[crowded]
+            mask[crowded] = above[crowded] | (ties & (np.cumsum(ties, axis=1) <= need[crowded]))
+        masks[k] = mask
+    return masks
+
+
+def topk_mask(x: np.ndarray, k: int) -> np.ndarray:
+    """Bool [n, vocab]: each row's k largest entries (`topk_masks` for one k)."""
+    return topk_masks(x, [k])[k]
 
 
 def top_tokens(x: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
@@ -301,8 +320,9 @@ def block_metrics(a: np.ndarray, b: np.ndarray, next_ids: np.ndarray | None) -> 
         "rank_a_of_top1_b": rank_a,
         "max_abs_logprob_diff": _nan_rows(max_abs, bad),
     }
+    masks_a, masks_b = topk_masks(a, TOPK), topk_masks(b, TOPK)
     for k in TOPK:
-        mask_a, mask_b = topk_mask(a, k), topk_mask(b, k)
+        mask_a, mask_b = masks_a[k], masks_b[k]
         out[f"topk_overlap_{k}"] = (mask_a & mask_b).sum(axis=1)
         if k == TOP_TOKENS:
             out["top_a"] = top_tokens(a, mask_a, k)

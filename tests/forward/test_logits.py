@@ -18,7 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine.logits import block_metrics, format_logit_report, logit_report, topk_mask
+from engine.logits import (
+    block_metrics,
+    format_logit_report,
+    logit_report,
+    topk_mask,
+    topk_masks,
+)
 
 APR_TUI = str(Path(sys.executable).with_name("apr-tui"))
 PROMPT = "The capital of France is Paris, and the capital of Germany is Berlin. In 1990, the"
@@ -216,8 +222,12 @@ def test_runtime_lm_head_of_every_position_is_used(traces, tmp_path):
 def test_topk_ties_go_to_the_lower_ids_like_a_stable_sort():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 4, size=(50, 40)).astype(np.float32)  # many ties
-    for k in (1, 5, 10, 39, 40):
+    x[::3] = rng.permutation(40)[None, :].astype(np.float32)  # and rows without any
+    ks = (1, 5, 10, 39, 40, 41)
+    together = topk_masks(x, ks)  # one partition for every k
+    for k in ks:
         mask = topk_mask(x, k)
+        assert np.array_equal(mask, together[k])
         for row, chosen in zip(x, mask, strict=True):
             expected = np.zeros(40, dtype=bool)
             expected[np.argsort(-row, kind="stable")[:k]] = True
