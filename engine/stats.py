@@ -171,6 +171,20 @@ def _scan_scratch() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return scratch
 
 
+def _widened(values: Array, xp: ModuleType) -> Array:
+    """`values` as float64 [n]: on the host into this thread's STATS_CHUNK scratch buffer (a
+    fresh 2 MiB array a chunk was page-faulted in every time), on CuPy a new array."""
+    n = int(values.size)
+    if xp is not np or n > STATS_CHUNK:
+        return values.astype(np.float64)
+    scratch = getattr(_SCRATCH, "wide", None)
+    if scratch is None:
+        scratch = _SCRATCH.wide = np.empty(STATS_CHUNK, dtype=np.float64)
+    wide = scratch[:n]
+    wide[...] = values
+    return wide
+
+
 ZERO_SKIP_FRACTION = 8
 """Leave out the zero pairs before the scan when at least 1/8 of the values are such pairs:
 below that, finding and compressing them costs more than the scan they save."""
@@ -402,7 +416,7 @@ class StatsAccumulator:
         if n == 0:
             return
         mean = total / n
-        wide = finite.astype(np.float64)  # [n] float64, widened once
+        wide = _widened(finite, xp)  # [n] float64, widened once
         self.sum_sq += float(xp.dot(wide, wide))
         wide -= mean  # centred
         m2 = float(xp.dot(wide, wide))
