@@ -34,13 +34,16 @@ import math
 
 import numpy as np
 
+from engine.backend import to_host
 from engine.stats import (
+    DiffAccumulator,
     DiffStats,
     StatsAccumulator,
     TensorStats,
     TopDiff,
     _accumulate,
     _top_k_no_nan,
+    blocks_of,
 )
 
 
@@ -75,6 +78,11 @@ def causal_tensor_stats(compact: np.ndarray, future: int) -> TensorStats:
     """`tensor_stats` of the zeroed tensor from its causal entries and its `future` zeros."""
     acc = StatsAccumulator()
     acc.add(compact)
+    return with_zeros(acc, future)
+
+
+def with_zeros(acc: StatsAccumulator, future: int) -> TensorStats:
+    """The accumulator's statistics with `future` zeros folded in (Chan's update)."""
     if future:
         acc.count += future
         acc.zero += future
@@ -123,3 +131,93 @@ def causal_pair_stats(
         top_diffs=top_diffs,
     )
     return causal_tensor_stats(a, future), causal_tensor_stats(b, future), diff
+
+
+# ------------------------------------------------------------------------------ streamed pairs
+#
+# A long prompt's attention arrives as blocks of query rows (engine.attention.AttentionStage,
+# a trace directory's long attention file): `[rows, seq]` for rows [start, stop) of one head.
+# Rows [start, stop) can see keys [0, stop) only, and within those the causal triangle: the
+# same statistics as above, a block at a time, with the blocks' causal entries fed to the
+# streamed accumulators (their top-K candidates mapped back to flat indices) and the future's
+# zeros counted, and offered as top-K candidates at d = 0 by their lowest indices.
+
+
+def causal_block(start: int, stop: int) -> np.ndarray:
+    """[rows, stop] bool: True where key j <= query i, for query rows [start, stop)."""
+    return np.arange(stop)[None, :] <= np.arange(start, stop)[:, None]
+
+
+class _Fallback(Exception):
+    """The plain streamed path must decide (a NaN, or blocks that are not whole rows)."""
+
+
+def _row_block_entries(block: object, offset: int, seq: int) -> tuple[int, int, np.ndarray]:
+    """(first row, rows, the block as host float32 [rows, seq]) of an attention block."""
+    flat = np.asarray(to_host(block), dtype=np.float32).reshape(-1)
+    rest = offset % (seq * seq)
+    if rest % seq or flat.size % seq or rest // seq + flat.size // seq > seq:
+        raise _Fallback
+    return rest // seq, flat.size // seq, flat.reshape(-1, seq)
+
+
+def _compact_index(offset: int, start: int, rows: int, seq: int):
+    """Map positions in a block's causal entries (row-major over `causal_block`) to flat
+    indices: row r of the block holds start + r + 1 entries."""
+    r = np.arange(rows + 1, dtype=np.int64)
+    row_starts = r * start + r * (r + 1) // 2  # [rows + 1] first entry of each row
+
+    def index_of(local: np.ndarray) -> np.ndarray:
+        row = np.searchsorted(row_starts, local, side="right") - 1
+        return offset + row * seq + (local - row_starts[row])
+
+    return index_of
+
+
+def _first_future(offset: int, start: int, rows: int, seq: int, k: int) -> np.ndarray:
+    """The lowest (up to k) flat indices of the block's future entries (key j > query i)."""
+    found: list[int] = []
+    for r in range(rows):
+        first_key = start + r + 1
+        take = min(seq - first_key, k - len(found))
+        if take > 0:
+            base = offset + r * seq + first_key
+            found.extend(range(base, base + take))
+        if len(found) >= k:
+            break
+    return np.asarray(found, dtype=np.int64)
+
+
+def causal_streamed_pair_stats(
+    x: object, y: object, seq: int, limit: int = 10
+) -> tuple[TensorStats, TensorStats, DiffStats] | None:
+    """`causal_pair_stats` for a pair of which a side is a lazy capture (`.blocks()`): one
+    block per side at a time; None when the plain streamed path must decide."""
+    n = int(x.size)  # type: ignore[attr-defined]
+    if n != int(y.size) or not fits(n, seq):  # type: ignore[attr-defined]
+        return None
+    guide = x if hasattr(x, "blocks") else y
+    stats_a, stats_b, diff = StatsAccumulator(), StatsAccumulator(), DiffAccumulator(limit)
+    future = 0
+    try:
+        for (offset, block_a), (_, block_b) in zip(
+            blocks_of(x, guide), blocks_of(y, guide), strict=True
+        ):
+            start, rows, a = _row_block_entries(block_a, offset, seq)
+            _, _, b = _row_block_entries(block_b, offset, seq)
+            stop = start + rows
+            mask = causal_block(start, stop)  # [rows, stop]
+            ca, cb = a[:, :stop][mask], b[:, :stop][mask]  # causal entries, payload order
+            with np.errstate(all="ignore"):
+                if np.isnan(ca - cb).any():
+                    raise _Fallback
+            stats_a.add(ca)
+            stats_b.add(cb)
+            diff.add(offset, ca, cb, index_of=_compact_index(offset, start, rows, seq))
+            block_future = rows * seq - int(ca.size)
+            future += block_future
+            if block_future:
+                diff.add_zero_pairs(block_future, _first_future(offset, start, rows, seq, diff.k))
+    except _Fallback:
+        return None
+    return with_zeros(stats_a, future), with_zeros(stats_b, future), diff.result()

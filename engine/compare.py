@@ -146,7 +146,7 @@ def make_cell(
         if present.stage == "lm_head" and x is not None and x.size != math.prod(shape):
             shape = (int(x.size),)
     if lazy:  # one block per side at a time (engine.stats' exact streaming sums)
-        stats_a, stats_b, diff = _streamed(x, y)
+        stats_a, stats_b, diff = _streamed(x, y, present.stage, seq_len)
     else:
         stats_a = tensor_stats(x) if x is not None else None
         stats_b = tensor_stats(y) if y is not None else None
@@ -176,11 +176,19 @@ def _causal_cell(present, capture_b, x, y, seq_len, local) -> Cell | None:
     return Cell(present.layer, present.stage, tuple(shape), stats_a, stats_b, diff, local, None)
 
 
-def _streamed(x, y) -> tuple[TensorStats | None, TensorStats | None, DiffStats | None]:
-    """Statistics of a pair where a side is a lazy capture (`.blocks()`), block by block."""
+def _streamed(
+    x, y, stage: str, seq_len: int | None
+) -> tuple[TensorStats | None, TensorStats | None, DiffStats | None]:
+    """Statistics of a pair where a side is a lazy capture (`.blocks()`), block by block (an
+    attention pair from its causal entries, engine.causal_stats, when it can decide)."""
+    from engine.causal_stats import causal_streamed_pair_stats
     from engine.stats import streamed_pair_stats, streamed_stats
 
     if x is not None and y is not None:
+        if stage in CAUSAL_STAGES and seq_len is not None:
+            causal = causal_streamed_pair_stats(x, y, seq_len)
+            if causal is not None:
+                return causal
         return streamed_pair_stats(x, y)
     return (
         None if x is None else streamed_stats(x),

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from engine.backend import to_host
+from engine.causal_stats import causal_block
 from engine.forward import Capture, lm_head_row_blocks, lm_head_weight_name, rope_cos_sin
 from engine.model import Model, ModelConfig, gather_rows, weight_rows
 from engine.stages import WHOLE_MODEL_LAYER
@@ -136,12 +137,6 @@ def attention_row_blocks(array: Any, heads: int, seq: int) -> Iterator[tuple[int
         for start in range(0, seq, rows):
             stop = min(start + rows, seq)
             yield head, start, square[head, start:stop, :stop].astype(np.float64)
-
-
-def causal_block(start: int, stop: int) -> np.ndarray:
-    """True where key j ≤ query i, for query rows [start, stop) and keys [0, stop):
-    [rows, stop] bool."""
-    return np.arange(stop)[None, :] <= np.arange(start, stop)[:, None]
 
 
 class ErrorSum:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -465,7 +466,21 @@ class DiffAccumulator:
         self.nan_seen = False
         self.top = np.empty((0, 4), dtype=np.float64)  # rows (index, a, b, d)
 
-    def add(self, offset: int, a: Array, b: Array) -> None:
+    def add(
+        self,
+        offset: int,
+        a: Array,
+        b: Array,
+        index_of: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> None:
+        """Fold in the aligned blocks a and b whose first value is at flat index `offset`;
+        `index_of` maps positions in the blocks to flat indices when the blocks are not one
+        contiguous run (the causal entries of attention rows: engine.causal_stats)."""
+        if index_of is None:
+
+            def index_of(local: np.ndarray) -> np.ndarray:
+                return local + offset
+
         xp = _array_module(a, b)
         fa, fb = _flat_f32(a, xp), _flat_f32(b, xp)
         if fa.size != fb.size:
@@ -483,7 +498,8 @@ class DiffAccumulator:
             index = int(xp.argmax(d_no_nan))
             value = float(d_no_nan[index])
             if value > self.max_d:
-                self.max_d, self.max_index = value, offset + index
+                self.max_d = value
+                self.max_index = int(index_of(np.array([index], dtype=np.int64))[0])
         k = min(self.k, n)
         if nan_count:
             self.nan_seen = True
@@ -493,10 +509,25 @@ class DiffAccumulator:
             top = _top_k_no_nan(d, k, xp)
         top_device = xp.asarray(top)
         rows = np.stack(
-            [top.astype(np.float64) + offset]
+            [index_of(np.asarray(top, dtype=np.int64)).astype(np.float64)]
             + [_to_host(v[top_device]).astype(np.float64) for v in (fa, fb, d)],
             axis=1,
         )  # [k, (index, a, b, d)]
+        self._merge(rows)
+
+    def add_zero_pairs(self, count: int, first: np.ndarray) -> None:
+        """Count `count` pairs of zeros left out of the blocks (an attention row's future),
+        whose lowest flat indices are `first` (ascending, at least min(k, count) of them):
+        they add nothing to the sums and can only enter the top-K at d = 0."""
+        self.count += count
+        first = np.asarray(first, dtype=np.float64)[: self.k]
+        if first.size:
+            zeros = np.zeros((first.size, 4), dtype=np.float64)
+            zeros[:, 0] = first
+            self._merge(zeros)
+
+    def _merge(self, rows: np.ndarray) -> None:
+        """Keep the top K of the candidates so far and `rows` [m, (index, a, b, d)]."""
         merged = np.concatenate([self.top, rows])
         if self.nan_seen:  # NaN keeps its place: earlier candidates stay ahead (block order)
             self.top = merged[: self.k]

@@ -101,3 +101,90 @@ def test_make_cell_takes_the_causal_path_with_the_plain_answer():
     assert_stats_close(cell.stats_a, stats_a)
     assert_stats_close(cell.stats_b, stats_b)
     assert cell.shape == shape
+
+
+# ------------------------------------------------------------------------- streamed (long prompts)
+
+
+class RowBlocks:
+    """A lazy `[heads, seq, seq]` capture over an array: `blocks()` yields `rows` query rows of
+    one head at a time, in payload order, garbage above the diagonal included."""
+
+    def __init__(self, array: np.ndarray, heads: int, seq: int, rows: int) -> None:
+        self.square = array.reshape(heads, seq, seq)
+        self.heads, self.seq, self.rows = heads, seq, rows
+        self.size = array.size
+        self.shape = self.square.shape
+
+    def blocks(self, rows=None):
+        step = rows or self.rows
+        for head in range(self.heads):
+            for start in range(0, self.seq, step):
+                block = self.square[head, start : start + step]
+                yield (head * self.seq + start) * self.seq, block.reshape(-1).copy()
+
+
+def streamed_expected(a, b, seq):
+    za, zb = future_to_zero(a, seq), future_to_zero(b, seq)
+    return tensor_stats(za), tensor_stats(zb), diff_stats(za, zb)
+
+
+@pytest.mark.parametrize(("heads", "seq", "rows"), [(3, 40, 7), (2, 33, 33), (1, 12, 1)])
+def test_streamed_causal_pairs_give_the_plain_statistics(heads, seq, rows):
+    from engine.causal_stats import causal_streamed_pair_stats
+
+    a, b = attention_pair(7, heads, seq)
+    lazy_a = RowBlocks(a, heads, seq, rows)
+    for y in (RowBlocks(b, heads, seq, rows), b):  # lazy against lazy, lazy against an array
+        got = causal_streamed_pair_stats(lazy_a, y, seq)
+        assert got is not None
+        want = streamed_expected(a, b, seq)
+        assert got[2] == want[2]
+        assert_stats_close(got[0], want[0])
+        assert_stats_close(got[1], want[1])
+
+
+@pytest.mark.parametrize("differing", [0, 3])
+def test_streamed_top_k_takes_the_lowest_zero_pairs_when_few_entries_differ(differing):
+    """With fewer than K differences the top-K is filled by d = 0 pairs in index order:
+    causal entries that agree and the future's zeros alike."""
+    from engine.causal_stats import causal_streamed_pair_stats
+
+    heads, seq = 2, 9
+    a, _ = attention_pair(8, heads, seq)
+    b = a.copy()
+    causal = np.flatnonzero(np.tile(np.tril(np.ones((seq, seq), dtype=bool)).ravel(), heads))
+    b[causal[[40, 41, 60][:differing]]] += F32(0.5)
+    got = causal_streamed_pair_stats(RowBlocks(a, heads, seq, 4), RowBlocks(b, heads, seq, 4), seq)
+    assert got is not None
+    assert got[2] == streamed_expected(a, b, seq)[2]
+    assert len(got[2].top_diffs) == 10
+
+
+def test_streamed_nan_goes_back_to_the_plain_path():
+    from engine.causal_stats import causal_streamed_pair_stats
+
+    heads, seq = 2, 9
+    a, b = attention_pair(9, heads, seq)
+    a[seq * 5 + 1] = np.nan  # causal (row 5, key 1)
+    assert causal_streamed_pair_stats(RowBlocks(a, heads, seq, 4), b, seq) is None
+
+
+def test_make_cell_streams_a_real_long_prompt_attention_stage_from_its_causal_entries():
+    """Two passes' lazy attention stages (engine.attention.AttentionStage): the cell equals
+    the one from the materialised, future-zeroed arrays."""
+    from engine.attention import AttentionStage
+
+    rng = np.random.default_rng(10)
+    seq, nh, nkv, hd = 37, 4, 2, 8
+    q = rng.standard_normal((seq, nh, hd)).astype(F32)
+    k = rng.standard_normal((seq, nkv, hd)).astype(F32)
+    k2 = (k + rng.standard_normal(k.shape).astype(F32) * F32(0.01)).astype(F32)
+    for stage in ("attn_scores", "attn_softmax"):
+        x = AttentionStage(np, stage, q, k, 0.35)
+        y = AttentionStage(np, stage, q, k2, 0.35)
+        cell = make_cell(Capture(1, stage, x, x.shape), Capture(1, stage, y, y.shape), seq_len=seq)
+        stats_a, stats_b, diff = plain(np.asarray(x).reshape(-1), np.asarray(y).reshape(-1), seq)
+        assert cell.diff == diff
+        assert_stats_close(cell.stats_a, stats_a)
+        assert_stats_close(cell.stats_b, stats_b)
