@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ from engine.stats import (
 
 
 @functools.lru_cache(maxsize=4)
-def causal_mask(seq: int) -> np.ndarray:
+def causal_square(seq: int) -> np.ndarray:
     """[seq, seq] bool: True where key j <= query i (the entries a causal model computes)."""
     return np.tril(np.ones((seq, seq), dtype=bool))
 
@@ -57,7 +58,7 @@ def causal_entries(array: np.ndarray, seq: int) -> np.ndarray:
     """The causal entries of a flat `[heads, seq, seq]` float32 array, in payload order:
     `[heads · seq (seq + 1) / 2]`."""
     heads = array.size // (seq * seq)
-    return array.reshape(heads, seq, seq)[:, causal_mask(seq)].reshape(-1)
+    return array.reshape(heads, seq, seq)[:, causal_square(seq)].reshape(-1)
 
 
 def full_index(compact: int, seq: int) -> int:
@@ -69,7 +70,7 @@ def full_index(compact: int, seq: int) -> int:
     return (head * seq + row) * seq + column
 
 
-def fits(size: int, seq: int | None) -> bool:
+def has_future(size: int, seq: int | None) -> bool:
     """True when `size` values are a `[heads, seq, seq]` tensor with a future to leave out."""
     return seq is not None and seq >= 2 and size > 0 and size % (seq * seq) == 0
 
@@ -101,7 +102,7 @@ def causal_pair_stats(
     under the zeroed-future convention, or None when the plain path must decide (see the
     module docstring)."""
     n = int(x.size)
-    if n != int(y.size) or not fits(n, seq):
+    if n != int(y.size) or not has_future(n, seq):
         return None
     a, b = causal_entries(x, seq), causal_entries(y, seq)  # [heads · seq (seq + 1) / 2]
     future = n - int(a.size)
@@ -152,7 +153,7 @@ class _Fallback(Exception):
     """The plain streamed path must decide (a NaN, or blocks that are not whole rows)."""
 
 
-def _row_block_entries(block: object, offset: int, seq: int) -> tuple[int, int, np.ndarray]:
+def _row_block_entries(block: Any, offset: int, seq: int) -> tuple[int, int, np.ndarray]:
     """(first row, rows, the block as host float32 [rows, seq]) of an attention block."""
     flat = np.asarray(to_host(block), dtype=np.float32).reshape(-1)
     rest = offset % (seq * seq)
@@ -189,12 +190,12 @@ def _first_future(offset: int, start: int, rows: int, seq: int, k: int) -> np.nd
 
 
 def causal_streamed_pair_stats(
-    x: object, y: object, seq: int, limit: int = 10
+    x: Any, y: Any, seq: int, limit: int = 10
 ) -> tuple[TensorStats, TensorStats, DiffStats] | None:
     """`causal_pair_stats` for a pair of which a side is a lazy capture (`.blocks()`): one
     block per side at a time; None when the plain streamed path must decide."""
-    n = int(x.size)  # type: ignore[attr-defined]
-    if n != int(y.size) or not fits(n, seq):  # type: ignore[attr-defined]
+    n = int(x.size)
+    if n != int(y.size) or not has_future(n, seq):
         return None
     guide = x if hasattr(x, "blocks") else y
     stats_a, stats_b, diff = StatsAccumulator(), StatsAccumulator(), DiffAccumulator(limit)
