@@ -423,6 +423,17 @@ def test_tensor_stats_of_a_large_array_in_chunks_match_the_loop_reference():
         assert getattr(stats, key) == pytest.approx(expected[key], rel=1e-12), key
 
 
+def loop_sums(a, b, d, totals):
+    """apr's four float64 sums as a Python loop, continuing from `totals`."""
+    want = list(totals)
+    for x, y, z in zip(a.tolist(), b.tolist(), d.tolist(), strict=True):
+        want[0] += z * z
+        want[1] += x * y
+        want[2] += x * x
+        want[3] += y * y
+    return want
+
+
 def test_the_four_sums_are_each_apr_s_loop_even_with_nan_and_inf_in_one_of_them():
     """The scan pairs two sums in one complex128 cumsum (real and imaginary lanes): each lane is
     its own left-to-right float64 loop, and a NaN or Inf in one never reaches the other."""
@@ -435,21 +446,11 @@ def test_the_four_sums_are_each_apr_s_loop_even_with_nan_and_inf_in_one_of_them(
     b[7] = np.inf  # sum b² and sum a·b become inf; sum a² must stay finite and exact
     d = np.abs(a - b)
     totals = (0.25, -1.5, 3.0, 0.0)  # a streamed block continues from earlier totals
-    want = list(totals)
-    for x, y, z in zip(a.tolist(), b.tolist(), d.tolist(), strict=True):
-        want[0] += z * z
-        want[1] += x * y
-        want[2] += x * x
-        want[3] += y * y
+    want = loop_sums(a, b, d, totals)
     got = _accumulate(a, b, d, np, totals)
     assert list(got) == want
     assert math.isfinite(got[2]) and got[3] == math.inf and math.isinf(got[1])
     a[7], b[7] = F32(1.0), F32(2.0)
     d = np.abs(a - b)
-    want = list(totals)
-    for x, y, z in zip(a.tolist(), b.tolist(), d.tolist(), strict=True):
-        want[0] += z * z
-        want[1] += x * y
-        want[2] += x * x
-        want[3] += y * y
+    want = loop_sums(a, b, d, totals)
     assert list(_accumulate(a, b, d, np, totals)) == want
