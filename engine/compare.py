@@ -16,7 +16,7 @@ import math
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -126,17 +126,16 @@ def make_cell(
     lazy = any(hasattr(v, "blocks") for v in (x, y) if v is not None)
     if x is not None and y is not None and type(x) is not type(y) and not lazy:
         x, y = to_host(x), to_host(y)
+    causal = None
     if present.stage in CAUSAL_STAGES or present.stage == "lm_head":
         # A lazy attention capture (a long prompt) already holds 0.0 above its diagonal.
         x = x if x is None or hasattr(x, "blocks") else np.asarray(to_host(x))
         y = y if y is None or hasattr(y, "blocks") else np.asarray(to_host(y))
-        if present.stage in CAUSAL_STAGES and not lazy and x is not None and y is not None:
-            causal = _causal_cell(present, capture_b, x, y, seq_len, local)
-            if causal is not None:
-                return causal
-        if not lazy:
+        if present.stage in CAUSAL_STAGES and x is not None and y is not None:
+            causal = _causal_stats(x, y, seq_len, lazy)  # None: the plain path decides
+        if causal is None and not lazy:
             x, y = comparable(present.stage, x, y, seq_len)
-        elif present.stage in CAUSAL_STAGES:
+        elif causal is None and present.stage in CAUSAL_STAGES:
             x = x if x is None or hasattr(x, "blocks") else future_to_zero(x, seq_len)
             y = y if y is None or hasattr(y, "blocks") else future_to_zero(y, seq_len)
     shape = present.shape
@@ -145,8 +144,10 @@ def make_cell(
             shape = capture_b.shape  # prefer the logical shape over a directory's flat one
         if present.stage == "lm_head" and x is not None and x.size != math.prod(shape):
             shape = (int(x.size),)
-    if lazy:  # one block per side at a time (engine.stats' exact streaming sums)
-        stats_a, stats_b, diff = _streamed(x, y, present.stage, seq_len)
+    if causal is not None:
+        stats_a, stats_b, diff = causal
+    elif lazy:  # one block per side at a time (engine.stats' exact streaming sums)
+        stats_a, stats_b, diff = _streamed(x, y)
     else:
         stats_a = tensor_stats(x) if x is not None else None
         stats_b = tensor_stats(y) if y is not None else None
@@ -157,38 +158,28 @@ def make_cell(
     return Cell(present.layer, present.stage, tuple(shape), stats_a, stats_b, diff, local, ids)
 
 
-def _causal_cell(present, capture_b, x, y, seq_len, local) -> Cell | None:
-    """An attention pair's cell from its causal entries only (engine.causal_stats), or None
-    when the plain path must decide."""
-    from engine.causal_stats import causal_pair_stats
+def _causal_stats(
+    x: Any, y: Any, seq_len: int | None, lazy: bool
+) -> tuple[TensorStats, TensorStats, DiffStats] | None:
+    """Both sides' statistics and their diff from an attention pair's causal entries alone
+    (engine.causal_stats; block by block when a side is lazy), or None when the plain path
+    must decide."""
+    from engine.causal_stats import causal_pair_stats, causal_streamed_pair_stats
 
     if seq_len is None:
         return None
+    if lazy:
+        return causal_streamed_pair_stats(x, y, seq_len)
     flat_x = np.asarray(x, dtype=np.float32).reshape(-1)
     flat_y = np.asarray(y, dtype=np.float32).reshape(-1)
-    result = causal_pair_stats(flat_x, flat_y, seq_len)
-    if result is None:
-        return None
-    shape = present.shape
-    if capture_b is not None and len(capture_b.shape) > len(shape):
-        shape = capture_b.shape
-    stats_a, stats_b, diff = result
-    return Cell(present.layer, present.stage, tuple(shape), stats_a, stats_b, diff, local, None)
+    return causal_pair_stats(flat_x, flat_y, seq_len)
 
 
-def _streamed(
-    x, y, stage: str, seq_len: int | None
-) -> tuple[TensorStats | None, TensorStats | None, DiffStats | None]:
-    """Statistics of a pair where a side is a lazy capture (`.blocks()`), block by block (an
-    attention pair from its causal entries, engine.causal_stats, when it can decide)."""
-    from engine.causal_stats import causal_streamed_pair_stats
+def _streamed(x, y) -> tuple[TensorStats | None, TensorStats | None, DiffStats | None]:
+    """Statistics of a pair where a side is a lazy capture (`.blocks()`), block by block."""
     from engine.stats import streamed_pair_stats, streamed_stats
 
     if x is not None and y is not None:
-        if stage in CAUSAL_STAGES and seq_len is not None:
-            causal = causal_streamed_pair_stats(x, y, seq_len)
-            if causal is not None:
-                return causal
         return streamed_pair_stats(x, y)
     return (
         None if x is None else streamed_stats(x),
