@@ -28,7 +28,10 @@ command lines `apr-tui trace MODEL --save-tensor all --save-tensor-layers 0..30`
 `apr-tui bisect MODEL COPY` (COPY = `apr-tui convert MODEL --dtype q8_0`, made once) run as
 child processes from both checkouts, interleaved, `--repeat` times each; the table gives the
 minimum wall time and the minimum CPU time (user + system of the child, which a loaded machine
-inflates less than wall time) and the ratio baseline / current.
+inflates less than wall time) and the ratio baseline / current. A third row, `bisect*`, runs
+our bisect without the work added after the baseline (the local error of every stage, the
+per-position logit metrics; bench/bisect_baseline_work.py) against the baseline's bisect: the
+same work on both sides.
 """
 
 from __future__ import annotations
@@ -152,15 +155,18 @@ def run_hf(gguf_path: Path, token_ids: list[int]) -> dict:
     }
 
 
-def whole_process(root: Path, argv: list[str]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of `python -m aprtui ARGV` with `root` first on the path."""
+def whole_process(
+    root: Path, argv: list[str], runner: list[str] | None = None
+) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of `python -m aprtui ARGV` (or `python RUNNER ARGV`) with
+    `root` first on the path."""
     import subprocess
     import tempfile
 
     env = dict(os.environ, PYTHONPATH=str(root), NO_COLOR="1")
     start = time.perf_counter()
     child = subprocess.Popen(
-        [sys.executable, "-m", "aprtui", *argv],
+        [sys.executable, *(runner or ["-m", "aprtui"]), *argv],
         env=env,
         cwd=tempfile.gettempdir(),  # `-m` puts the cwd first on sys.path: never a checkout
         stdout=subprocess.DEVNULL,
@@ -198,23 +204,32 @@ def compare_processes(gguf_path: Path, baseline: Path, prompt: str, repeat: int)
             ],
             "bisect": ["bisect", str(gguf_path), str(copy), "--prompt", prompt],
         }  # fmt: skip
+        # The baseline's own bisect against ours without the work added since (the local
+        # error and the logit metrics): like for like.
+        same_work = [str(ROOT / "bench" / "bisect_baseline_work.py")]
+        runs = [(name, argv, None) for name, argv in commands.items()]
+        runs.append(("bisect*", commands["bisect"], same_work))
         best: dict[tuple[str, str], list[float]] = {}
         for _ in range(repeat):
-            for name, argv in commands.items():
+            for name, argv, runner in runs:
                 for label, root in (("baseline", baseline), ("current", ROOT)):
                     shutil.rmtree(out, ignore_errors=True)
-                    wall, cpu = whole_process(root, argv)
+                    wall, cpu = whole_process(root, argv, runner if label == "current" else None)
                     times = best.setdefault((name, label), [math.inf, math.inf])
                     times[0], times[1] = min(times[0], wall), min(times[1], cpu)
         print(f"whole process, min of {repeat} interleaved runs (baseline: {baseline})")
         print(f"{'':10}{'baseline wall':>15}{'current wall':>14}{'speed-up':>10}"
               f"{'baseline CPU':>14}{'current CPU':>13}{'speed-up':>10}")  # fmt: skip
-        for name in commands:
+        for name, _, _ in runs:
             (bw, bc), (cw, cc) = best[(name, "baseline")], best[(name, "current")]
             print(
                 f"{'apr-tui ' + name:10}{bw:>14.2f}s{cw:>13.2f}s{bw / cw:>9.2f}x"
                 f"{bc:>13.2f}s{cc:>12.2f}s{bc / cc:>9.2f}x"
             )
+        print(
+            "bisect*: ours without the local error and the logit metrics "
+            "(bench/bisect_baseline_work.py), the baseline's work"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
