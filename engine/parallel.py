@@ -42,27 +42,55 @@ def _workers() -> ThreadPoolExecutor:
         return _pool
 
 
+_busy_lock = threading.Lock()
+_busy_workers = 0
+"""Pool workers that a job holds. A job takes the workers that are idle and does the rest
+itself: when both sides of a comparison decode at once (each in its own thread), the one that
+finds the worker taken decodes alone instead of queueing behind the other side's chunks and
+waiting for them, idle (measured: ~0.35 s of such waiting in a 37-token bisect)."""
+
+
+def _take_workers(wanted: int) -> int:
+    """Claim up to `wanted` idle workers (PARALLEL_THREADS - 1 in all); how many were taken."""
+    global _busy_workers
+    with _busy_lock:
+        taken = max(0, min(wanted, PARALLEL_THREADS - 1 - _busy_workers))
+        _busy_workers += taken
+        return taken
+
+
+def _return_workers(count: int) -> None:
+    global _busy_workers
+    with _busy_lock:
+        _busy_workers -= count
+
+
 def parallel_chunks(work: Callable[[Sequence[Item]], None], items: Sequence[Item]) -> None:
-    """Call `work(group)` on contiguous groups of `items`, one group a thread, and return when
-    all are done; the first exception raised by any group is raised here (after every group has
-    finished, so no thread is still writing into the caller's arrays)."""
-    threads = min(PARALLEL_THREADS, len(items))
-    if threads < 2:
+    """Call `work(group)` on contiguous groups of `items`, one group a thread (the caller's and
+    the idle workers'), and return when all are done; the first exception raised by any group
+    is raised here (after every group has finished, so no thread is still writing into the
+    caller's arrays)."""
+    helpers = _take_workers(min(PARALLEL_THREADS, len(items)) - 1)  # besides the caller
+    if helpers == 0:
         work(items)
         return
-    bounds = [len(items) * i // threads for i in range(threads + 1)]
-    groups = [items[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-    pool = _workers()
-    futures: list[Future] = [pool.submit(work, group) for group in groups[1:]]
-    error: BaseException | None = None
     try:
-        work(groups[0])
-    except BaseException as raised:  # wait for the others before raising
-        error = raised
-    for future in futures:
+        threads = helpers + 1
+        bounds = [len(items) * i // threads for i in range(threads + 1)]
+        groups = [items[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+        pool = _workers()
+        futures: list[Future] = [pool.submit(work, group) for group in groups[1:]]
+        error: BaseException | None = None
         try:
-            future.result()
-        except BaseException as raised:
-            error = error or raised
+            work(groups[0])
+        except BaseException as raised:  # wait for the others before raising
+            error = raised
+        for future in futures:
+            try:
+                future.result()
+            except BaseException as raised:
+                error = error or raised
+    finally:
+        _return_workers(helpers)
     if error is not None:
         raise error

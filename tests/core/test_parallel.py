@@ -64,3 +64,29 @@ def test_a_tensor_decodes_to_the_same_bits_on_one_or_two_threads(monkeypatch):
     threaded = dequantize_blocks(blocks, GGMLQuantizationType.Q8_0)
     assert np.array_equal(serial.view(np.uint32), threaded.view(np.uint32))
     assert np.abs(serial.reshape(values.shape) - values).max() < 0.05  # and it is the tensor
+
+
+def test_a_job_that_finds_the_workers_taken_runs_alone_instead_of_waiting(monkeypatch):
+    """Two jobs at once (both sides of a comparison decoding): the second finds the only
+    worker held by the first and does all its items on its own thread, without waiting."""
+    monkeypatch.setattr(parallel, "PARALLEL_THREADS", 2)
+    release = threading.Event()
+    first_started = threading.Event()
+
+    def slow(group):
+        if threading.current_thread().name.startswith("apr-tui-chunks"):
+            first_started.set()
+            assert release.wait(10)  # the worker is held until the second job is done
+
+    first = threading.Thread(target=parallel.parallel_chunks, args=(slow, [0, 1]))
+    first.start()
+    assert first_started.wait(10)
+    seen: list[tuple[str, list[int]]] = []
+    parallel.parallel_chunks(
+        lambda group: seen.append((threading.current_thread().name, list(group))), [0, 1, 2, 3]
+    )
+    assert seen == [(threading.current_thread().name, [0, 1, 2, 3])]  # alone, all of it
+    release.set()
+    first.join(10)
+    assert not first.is_alive()
+    assert parallel._busy_workers == 0  # the first job gave its worker back
