@@ -83,15 +83,8 @@ def causal_tensor_stats(compact: np.ndarray, future: int) -> TensorStats:
 
 
 def with_zeros(acc: StatsAccumulator, future: int) -> TensorStats:
-    """The accumulator's statistics with `future` zeros folded in (Chan's update)."""
-    if future:
-        acc.count += future
-        acc.zero += future
-        merged = acc.valid + future  # a block of zeros: mean 0, no squared deviations
-        acc.m2 += acc.mean * acc.mean * acc.valid * future / merged
-        acc.mean -= acc.mean * future / merged
-        acc.valid = merged
-        acc.min, acc.max = min(acc.min, 0.0), max(acc.max, 0.0)
+    """The accumulator's statistics with `future` zeros folded in."""
+    acc.add_zeros(future)
     return acc.result()
 
 

@@ -158,30 +158,35 @@ def _accumulate(
 _SCRATCH = threading.local()
 
 
+def _thread_buffer(name: str, size: int, dtype: Any) -> np.ndarray:
+    """This thread's scratch array `name` ([size] of dtype), allocated on first use: fresh
+    arrays of a few MB on every call were page-faulted in again each time (glibc returns freed
+    blocks of that size to the system), which cost more than the short scans using them."""
+    buffer = getattr(_SCRATCH, name, None)
+    if buffer is None:
+        buffer = np.empty(size, dtype=dtype)
+        setattr(_SCRATCH, name, buffer)
+    return buffer
+
+
 def _scan_scratch() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """This thread's buffers for `_accumulate`: complex128 [SUM_CHUNK + 1] (the running totals,
-    then a chunk's products) and three float64 [SUM_CHUNK] (the chunk widened). Allocated once
-    per thread: fresh 2.5 MB buffers on every call were page-faulted in again each time (glibc
-    returns freed blocks of that size to the system), which cost more than a short scan."""
-    scratch = getattr(_SCRATCH, "buffers", None)
-    if scratch is None:
-        scratch = (np.empty(SUM_CHUNK + 1, dtype=np.complex128),) + tuple(
-            np.empty(SUM_CHUNK, dtype=np.float64) for _ in range(3)
-        )
-        _SCRATCH.buffers = scratch
-    return scratch
+    then a chunk's products) and three float64 [SUM_CHUNK] (the chunk widened)."""
+    return (
+        _thread_buffer("scan", SUM_CHUNK + 1, np.complex128),
+        _thread_buffer("scan_a", SUM_CHUNK, np.float64),
+        _thread_buffer("scan_b", SUM_CHUNK, np.float64),
+        _thread_buffer("scan_d", SUM_CHUNK, np.float64),
+    )
 
 
 def _widened(values: Array, xp: ModuleType) -> Array:
-    """`values` as float64 [n]: on the host into this thread's STATS_CHUNK scratch buffer (a
-    fresh 2 MiB array a chunk was page-faulted in every time), on CuPy a new array."""
+    """`values` as float64 [n]: on the host into this thread's STATS_CHUNK scratch buffer, on
+    CuPy a new array."""
     n = int(values.size)
     if xp is not np or n > STATS_CHUNK:
         return values.astype(np.float64)
-    scratch = getattr(_SCRATCH, "wide", None)
-    if scratch is None:
-        scratch = _SCRATCH.wide = np.empty(STATS_CHUNK, dtype=np.float64)
-    wide = scratch[:n]
+    wide = _thread_buffer("wide", STATS_CHUNK, np.float64)[:n]
     wide[...] = values
     return wide
 
@@ -421,15 +426,29 @@ class StatsAccumulator:
         self.sum_sq += float(xp.dot(wide, wide))
         wide -= mean  # centred
         m2 = float(xp.dot(wide, wide))
+        self._merge(n, mean, m2)
+        low, high = float(finite.min()), float(finite.max())
+        self.min = min(self.min, low)
+        self.max = max(self.max, high)
+        self.max_abs = max(self.max_abs, -low, high)  # max |x| is |min| or |max|, exactly
+
+    def add_zeros(self, count: int) -> None:
+        """Fold in `count` zeros that were never fed as values (a causal attention tensor's
+        future: engine.causal_stats)."""
+        if count:
+            self.count += count
+            self.zero += count
+            self._merge(count, 0.0, 0.0)
+            self.min, self.max = min(self.min, 0.0), max(self.max, 0.0)
+
+    def _merge(self, n: int, mean: float, m2: float) -> None:
+        """Chan's update: combine the finite values so far with n more of this mean and sum of
+        squared deviations."""
         merged = self.valid + n
         delta = mean - self.mean
         self.mean += delta * n / merged
         self.m2 += m2 + delta * delta * self.valid * n / merged
         self.valid = merged
-        low, high = float(finite.min()), float(finite.max())
-        self.min = min(self.min, low)
-        self.max = max(self.max, high)
-        self.max_abs = max(self.max_abs, -low, high)  # max |x| is |min| or |max|, exactly
 
     def result(self) -> TensorStats:
         if self.count == 0:
