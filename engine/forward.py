@@ -93,14 +93,20 @@ class Capture:
 # --------------------------------------------------------------------------------------------
 
 
-def linear(x: Array, weight: Array, bias: Array | None = None) -> Array:
-    """`x @ weightᵀ (+ bias)`, HF nn.Linear: x [seq, in], weight [out, in] -> [seq, out].
+DIRECT_LINEAR_TOKENS = 256
+"""From this many tokens on, `linear` computes `x @ weightᵀ` directly. Below it, `(weight @
+xᵀ)ᵀ` is faster (OpenBLAS runs the [out, in] × [in, seq] product up to 2× faster for a short
+seq: 16 tokens, [1536, 576], 0.78 vs 1.30 ms), but its result is a transposed view, which every
+captured stage then copies into a row-major array: at 1,024 tokens that copy cost more than the
+form saved (`[1536, 576]`: 23.5 ms direct vs 23.6 + 17 ms of copy; ~3 s of a 1,024-token
+trace). Measured on one core, min of 15: the two forms cross between 192 and 256 tokens. Both
+forms give the same dot products (bit-identical with OpenBLAS; the oracle tests check both)."""
 
-    Computed as `(weight @ xᵀ)ᵀ`: the same dot products (bit-identical with OpenBLAS, checked
-    by the oracle tests), but BLAS runs the [out, in] × [in, seq] product up to 2-3× faster
-    for prompt-sized seq than the transposed-weight form (bench/trace_bench.py).
-    """
-    out = (weight @ x.T).T
+
+def linear(x: Array, weight: Array, bias: Array | None = None) -> Array:
+    """`x @ weightᵀ (+ bias)`, HF nn.Linear: x [seq, in], weight [out, in] -> [seq, out]
+    (a transposed view for a short prompt, row-major from DIRECT_LINEAR_TOKENS on)."""
+    out = x @ weight.T if x.shape[0] >= DIRECT_LINEAR_TOKENS else (weight @ x.T).T
     return out if bias is None else out + bias
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from engine.compare import Cell, make_cell, merged, stage_order_key
@@ -35,8 +36,11 @@ from engine.stages import STAGE_BY_NAME, STAGES, WHOLE_MODEL_LAYER
 
 _CLOSE_LOCK = threading.Lock()
 
-STATS_WORKERS = 2
-"""Threads computing pairs' statistics (engine.stats releases the GIL in its numpy scans)."""
+CELL_WORKERS = 2
+"""Threads computing pairs' statistics and the checked side's local error (engine.stats and
+the float64 recipes release the GIL in their numpy work). One pool for both: a long prompt's
+local error is as much work as a pass, and on a worker of its own it was the comparison's
+slowest thread (py-spy, 1,024 tokens: ~55 s busy against ~45 s for each statistics worker)."""
 
 PIPELINE_MIN_FLOPS = 0.0
 """Matmul FLOPs per layer from which a comparison on the host runs side by side (0: always).
@@ -130,10 +134,10 @@ class Plan:
         """Pair both sides' captures and yield one Cell per (layer, stage), in order.
 
         On the host the work runs side by side (engine.pipeline): each side's pass in its own
-        thread, at most IN_FLIGHT captures ahead; the statistics of a pair on a small pool
-        while the local error of the checked side runs on one ordered worker (it remembers
-        each capture as an input of later stages, so it must see them in order). Cells come
-        out in computation order all the same, at most WINDOW pairs in flight.
+        thread, at most IN_FLIGHT captures ahead; the statistics of a pair and the local error
+        of its checked side on a small pool (the tracker takes each capture in order, as an
+        input of later stages, and hands out a job that reads a snapshot of its inputs). Cells
+        come out in computation order all the same, at most WINDOW pairs in flight.
         """
         if not self._concurrent():
             yield from self._run_serial(cancel)
@@ -142,9 +146,8 @@ class Plan:
             stack.enter_context(pipeline_blas())
             stream_a, stream_b = self._streams(cancel, stack, ahead=True)
             tracker = self._tracker()
-            local_pool = stack.enter_context(ThreadPoolExecutor(1, "local-error"))
-            stats_pool = stack.enter_context(ThreadPoolExecutor(STATS_WORKERS, "cell-stats"))
-            stack.callback(_cancel_pending, local_pool, stats_pool)
+            pool = stack.enter_context(ThreadPoolExecutor(CELL_WORKERS, "cell-work"))
+            stack.callback(_cancel_pending, pool)
             pending: deque[tuple[Future[Cell], Future[LocalError] | None]] = deque()
             for capture_a, capture_b in merged(stream_a, stream_b):
                 if cancel is not None and cancel.is_set():
@@ -152,9 +155,9 @@ class Plan:
                 local = (
                     None
                     if tracker is None
-                    else local_pool.submit(self._observe, tracker, capture_a, capture_b)
+                    else pool.submit(self._local_job(tracker, capture_a, capture_b))
                 )
-                cell = stats_pool.submit(make_cell, capture_a, capture_b, seq_len=self.seq_len)
+                cell = pool.submit(make_cell, capture_a, capture_b, seq_len=self.seq_len)
                 pending.append((cell, local))
                 if len(pending) >= WINDOW:
                     yield _finished(*pending.popleft())
@@ -175,7 +178,9 @@ class Plan:
             for capture_a, capture_b in merged(stream_a, stream_b):
                 if cancel is not None and cancel.is_set():
                     return
-                local = None if tracker is None else self._observe(tracker, capture_a, capture_b)
+                local = (
+                    None if tracker is None else self._local_job(tracker, capture_a, capture_b)()
+                )
                 yield make_cell(capture_a, capture_b, seq_len=self.seq_len, local=local)
 
     def _concurrent(self) -> bool:
@@ -211,12 +216,16 @@ class Plan:
         depth = checked.config.num_layers if isinstance(checked, ModelSource) else None
         return LocalErrorTracker(self.local.weights, self.token_ids, self._checked_config(), depth)
 
-    def _observe(self, tracker: LocalErrorTracker, capture_a, capture_b) -> LocalError:
+    def _local_job(
+        self, tracker: LocalErrorTracker, capture_a, capture_b
+    ) -> Callable[[], LocalError]:
+        """The local error of this pair's checked side, to compute on any thread (taken in
+        computation order: the tracker keeps it as an input of later stages)."""
         assert self.local is not None
         checked = capture_b if self.local.side == "b" else capture_a
         if checked is None:
-            return LocalError(None, (), "the checked side does not produce this stage")
-        return tracker.observe(checked)
+            return partial(LocalError, None, (), "the checked side does not produce this stage")
+        return tracker.job(checked)
 
     def _checked_config(self):
         for side in (self.a, self.b):

@@ -74,3 +74,22 @@ def test_prefetcher_returns_the_store_arrays_each_decoded_once(monkeypatch):
     assert np.array_equal(prefetch.get("model.norm.weight"), arrays["model.norm.weight"])
     prefetch.close()
     assert store.calls.count("model.layers.1.self_attn.q_proj.weight") == 1
+
+
+@pytest.mark.parametrize("seq", [37, 300])
+def test_linear_is_row_major_for_long_prompts_with_the_same_products(seq):
+    """Past DIRECT_LINEAR_TOKENS a linear's output is row-major (a captured stage is not
+    copied again); at any length the products are nn.Linear's, checked against float64."""
+    from engine.forward import DIRECT_LINEAR_TOKENS, linear
+
+    rng = np.random.default_rng(seq)
+    x = rng.standard_normal((seq, 96)).astype(np.float32)  # [seq, in]
+    weight = rng.standard_normal((160, 96)).astype(np.float32)  # [out, in]
+    bias = rng.standard_normal(160).astype(np.float32)
+    out = linear(x, weight, bias)
+    assert out.shape == (seq, 160) and out.dtype == np.float32
+    assert out.flags.c_contiguous == (seq >= DIRECT_LINEAR_TOKENS)
+    exact = x.astype(np.float64) @ weight.astype(np.float64).T + bias  # [seq, out]
+    # float32 dot products of 96 terms: within 96 units of rounding of their magnitude
+    scale = np.abs(x).astype(np.float64) @ np.abs(weight).astype(np.float64).T + np.abs(bias)
+    assert np.all(np.abs(out - exact) <= 96 * 2.0**-24 * scale)

@@ -82,3 +82,20 @@ def test_scores_recipe_against_a_plain_formula(demo_pair, captures):
     )
     assert errors[(0, "attn_scores")] == pytest.approx(expected, rel=1e-6)
     assert expected < 1e-5  # our own float32 scores: rounding only
+
+
+def test_jobs_run_later_and_out_of_order_give_the_stage_by_stage_errors(demo_pair, captures):
+    """`tracker.job` hands out each stage's computation over a snapshot of its inputs: run
+    after every later capture was recorded, and last job first, they give what `observe`
+    gives stage by stage (a job that read the tracker's live state would see the next layer's
+    inputs, or its own output, and measure something else)."""
+    caps, ids = captures
+    with prepare(demo_pair.model_a, None, device="cpu") as plan:
+        model = plan.a.model
+        in_order = checked_errors(caps, model, ids)
+        tracker = LocalErrorTracker(model, tuple(ids), model.config)
+        jobs = [((c.layer, c.stage), tracker.job(c)) for c in caps]
+        later = {key: job().error for key, job in reversed(jobs)}
+    assert later == in_order
+    # the demo's planted defect stands out in both, so the errors compared are not all None
+    assert sum(error is not None and error > 0 for error in later.values()) > 20
