@@ -340,36 +340,55 @@ LONG_RUN_MEMORY = 256 * 1024 * 1024
 """A comparison that needs more working memory than this is announced before it starts."""
 
 
-def _collect(cells, expected: int) -> list[Cell]:
-    """All cells, with progress on stderr: a live status line on a terminal, otherwise a plain
-    line every PIPED_PROGRESS_EVERY_S seconds (a long bisection is never silent)."""
-    import time
+class _Progress:
+    """Progress of one long step on stderr: a live status line on a terminal, otherwise a plain
+    line every PIPED_PROGRESS_EVERY_S seconds (a long bisection is never silent, piped or not).
+    `update(text)` after each unit of work; use it as a context manager."""
 
+    def __init__(self, first: str) -> None:
+        self.first = first
+        self.status: Any = None
+        self.last = 0.0
+
+    def __enter__(self) -> _Progress:
+        import time
+
+        self.last = time.monotonic()
+        if sys.stderr.isatty():
+            from rich.console import Console
+
+            self.status = Console(stderr=True).status(self.first)
+            self.status.__enter__()
+        return self
+
+    def update(self, text: str) -> None:
+        import time
+
+        if self.status is not None:
+            self.status.update(text)
+            return
+        now = time.monotonic()
+        if now - self.last >= PIPED_PROGRESS_EVERY_S:
+            self.last = now
+            print(f"apr-tui bisect: {text}", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.status is not None:
+            self.status.__exit__(*exc)
+
+
+def _collect(cells, expected: int) -> list[Cell]:
+    """All cells, with progress on stderr (`_Progress`)."""
     from engine.stages import WHOLE_MODEL_LAYER
 
     def where(cell: Cell) -> str:
         return "whole model" if cell.layer == WHOLE_MODEL_LAYER else f"layer {cell.layer}"
 
     collected: list[Cell] = []
-    if not sys.stderr.isatty():
-        last = time.monotonic()
+    with _Progress("comparing…") as progress:
         for cell in cells:
             collected.append(cell)
-            now = time.monotonic()
-            if now - last >= PIPED_PROGRESS_EVERY_S:
-                last = now
-                print(
-                    f"apr-tui bisect: {len(collected)}/{expected} cells ({where(cell)})",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        return collected
-    from rich.console import Console
-
-    with Console(stderr=True).status("comparing…") as status:
-        for cell in cells:
-            collected.append(cell)
-            status.update(f"compared {where(cell)} {cell.stage} ({len(collected)}/{expected})")
+            progress.update(f"{len(collected)}/{expected} cells ({where(cell)} {cell.stage})")
     return collected
 
 
@@ -457,7 +476,12 @@ def logits_block(a: TraceSource, b: TraceSource, cells: list[Cell]) -> tuple[dic
 
     if not any(cell.layer == WHOLE_MODEL_LAYER for cell in cells):
         return None, []
-    report = pair_logit_report(a, b)
+    with _Progress("logit metrics…") as progress:
+        report = pair_logit_report(
+            a,
+            b,
+            progress=lambda done, total: progress.update(f"logit metrics {done}/{total} positions"),
+        )
     if report is None:
         return None, []
     tokenizer = next(
