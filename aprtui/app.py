@@ -33,6 +33,7 @@ from aprtui.messages import (
     CellReady,
     CellSelected,
     CursorMoved,
+    LogitsProgress,
     LogitsReady,
     MetricChanged,
     RunFailed,
@@ -47,7 +48,7 @@ from aprtui.widgets.legend import Legend
 from aprtui.widgets.metrics import STAGE_SHORT_NAMES, cell_title
 from aprtui.widgets.stage_grid import StageGrid
 from aprtui.widgets.stats_panel import StatsPanel
-from aprtui.widgets.status_line import StatusLine
+from aprtui.widgets.status_line import StatusLine, progress_bar
 from engine.compare import cosine_diverged, std_diverged
 from engine.defaults import DEFAULT_THRESHOLD
 from engine.errors import AprTuiError
@@ -71,6 +72,9 @@ the legend a key away (`i`), so that what matters first (the grid, the verdict) 
 
 STATUS_LINES = 3
 """The lines the layout reserves for the status line (its max-height outside compact)."""
+
+LOGITS_BAR_WIDTH = 8
+"""The logit metrics' progress bar in the status line (short: it shares the line)."""
 
 ROOMY_PANEL = 20
 """When the panel under the grid gets this many lines (the grid's rows fitted), it also shows
@@ -628,15 +632,24 @@ class ExplorerApp(App[int]):
         """pair_logit_report of the plan's two sides (both open until the app closes)."""
         from engine.logits import pair_logit_report
 
+        def progress(done: int, total: int) -> None:
+            self.post_message(LogitsProgress(done, total))
+
         try:
-            report = pair_logit_report(plan.a, plan.b, plan.token_ids)
+            report = pair_logit_report(plan.a, plan.b, plan.token_ids, progress=progress)
         except Exception as error:  # shown, the app stays usable
             self.post_message(LogitsReady(None, f"{type(error).__name__}: {error}"))
             return
         self.post_message(LogitsReady(report, None))
 
+    def on_logits_progress(self, message: LogitsProgress) -> None:
+        bar = progress_bar(message.done, message.total, LOGITS_BAR_WIDTH)
+        self.status.set(task=f"logits {bar} {message.done}/{message.total}")
+
     def on_logits_ready(self, message: LogitsReady) -> None:
         from aprtui.screens.logits import LogitsScreen
+
+        self.status.set(task=None)
 
         if message.report is None:
             reason = message.error or (

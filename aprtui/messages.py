@@ -94,6 +94,15 @@ class TensorsLoaded(Message):
 
 
 @dataclass
+class LogitsProgress(Message):
+    """The logit metrics' worker measured `done` of `total` positions (a long prompt's take
+    seconds: the status line shows how far they are)."""
+
+    done: int
+    total: int
+
+
+@dataclass
 class LogitsReady(Message):
     """The per-position logit metrics of the run (engine.logits), or why there are none."""
 

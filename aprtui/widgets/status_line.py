@@ -25,6 +25,8 @@ class RunStatus:
     divergence: str | None = None
     note: str | None = None
     """Shown while starting (what is being prepared)."""
+    task: str | None = None
+    """Work running after the grid (the logit metrics): what and how far, or None."""
 
 
 def progress_bar(done: int, total: int, width: int = BAR_WIDTH) -> str:
@@ -65,6 +67,8 @@ def status_text(status: RunStatus, width: int | None = None) -> Text:
         parts.append(Text(status.note, "yellow"))
     else:
         parts.append(Text(status.state, "bold red" if status.state == "failed" else "yellow"))
+    if status.task:
+        parts.append(Text(status.task, "cyan"))
     if status.divergence:
         agrees = status.divergence.startswith("no origin")
         parts.append(Text(status.divergence, "bold green" if agrees else "bold red"))

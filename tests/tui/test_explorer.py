@@ -417,6 +417,38 @@ async def test_output_logits_screen(demo_pair):
         assert not isinstance(app.screen, LogitsScreen)
 
 
+async def test_logit_metrics_progress_shows_in_the_status_line(demo_pair, monkeypatch):
+    """While the metrics' worker measures position blocks the status line says how far it is
+    (each block posts LogitsProgress); the screen's arrival clears it."""
+    import engine.logits as logits_module
+    from aprtui.messages import LogitsProgress
+    from aprtui.screens.logits import LogitsScreen
+
+    seen: list[str] = []
+    app = explorer(demo_pair.model_a, demo_pair.model_b)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        monkeypatch.setattr(logits_module, "LOGIT_BLOCK_BYTES", 8 * app.plan.a.config.vocab_size)
+        shown = type(app).on_logits_progress
+
+        def record(self, message: LogitsProgress) -> None:
+            shown(self, message)
+            seen.append(screen_text(self.query_one("#status")))
+
+        monkeypatch.setattr(type(app), "on_logits_progress", record)  # handlers are looked up
+        await pilot.press("o")
+        for _ in range(3000):  # 30 s at most, then fail loudly
+            if isinstance(app.screen, LogitsScreen):
+                break
+            await pilot.pause(0.01)
+        else:
+            raise AssertionError("the logits screen did not open within 30 s")
+        seq = len(app.token_ids)
+        assert len(seen) == seq  # one block a position
+        assert f"logits ████████ {seq}/{seq}" in seen[-1] and f" 1/{seq}" in seen[0]
+        assert "logits" not in screen_text(app.screen_stack[0].query_one("#status"))
+
+
 async def test_output_logits_key_needs_a_reference(demo_pair):
     app = explorer(demo_pair.model_a, None)
     async with app.run_test(size=SIZE) as pilot:
