@@ -389,6 +389,18 @@ async def test_local_error_metric_and_origin(demo_pair):
         assert "local error" in screen_text(app.screen_stack[0].query_one("#legend"))
 
 
+async def open_logits_screen(app, pilot) -> None:
+    """Press `o` and wait for the logits screen (30 s at most, then fail loudly)."""
+    from aprtui.screens.logits import LogitsScreen
+
+    await pilot.press("o")
+    for _ in range(3000):
+        if isinstance(app.screen, LogitsScreen):
+            return
+        await pilot.pause(0.01)
+    raise AssertionError("the logits screen did not open within 30 s")
+
+
 async def test_output_logits_screen(demo_pair):
     """`o` after a finished run: the per-position logit metrics of both sides in a screen; the
     last position's top-1 of each side is the argmax of that side's own lm_head stage."""
@@ -398,13 +410,7 @@ async def test_output_logits_screen(demo_pair):
     app = explorer(demo_pair.model_a, demo_pair.model_b)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
-        await pilot.press("o")
-        for _ in range(3000):  # 30 s at most, then fail loudly
-            if isinstance(app.screen, LogitsScreen):
-                break
-            await pilot.pause(0.01)
-        else:
-            raise AssertionError("the logits screen did not open within 30 s")
+        await open_logits_screen(app, pilot)
         report = app.screen.report
         seq = len(app.token_ids)
         assert len(report["kl_ab"]) == len(report["top1_a"]) == seq
@@ -422,7 +428,6 @@ async def test_logit_metrics_progress_shows_in_the_status_line(demo_pair, monkey
     (each block posts LogitsProgress); the screen's arrival clears it."""
     import engine.logits as logits_module
     from aprtui.messages import LogitsProgress
-    from aprtui.screens.logits import LogitsScreen
 
     seen: list[str] = []
     app = explorer(demo_pair.model_a, demo_pair.model_b)
@@ -436,13 +441,7 @@ async def test_logit_metrics_progress_shows_in_the_status_line(demo_pair, monkey
             seen.append(screen_text(self.query_one("#status")))
 
         monkeypatch.setattr(type(app), "on_logits_progress", record)  # handlers are looked up
-        await pilot.press("o")
-        for _ in range(3000):  # 30 s at most, then fail loudly
-            if isinstance(app.screen, LogitsScreen):
-                break
-            await pilot.pause(0.01)
-        else:
-            raise AssertionError("the logits screen did not open within 30 s")
+        await open_logits_screen(app, pilot)
         seq = len(app.token_ids)
         assert len(seen) == seq  # one block a position
         assert f"logits ████████ {seq}/{seq}" in seen[-1] and f" 1/{seq}" in seen[0]
