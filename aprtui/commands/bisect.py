@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -351,8 +352,6 @@ class _Progress:
         self.last = 0.0
 
     def __enter__(self) -> _Progress:
-        import time
-
         self.last = time.monotonic()
         if sys.stderr.isatty():
             from rich.console import Console
@@ -362,8 +361,6 @@ class _Progress:
         return self
 
     def update(self, text: str) -> None:
-        import time
-
         if self.status is not None:
             self.status.update(text)
             return
