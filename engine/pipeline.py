@@ -53,6 +53,10 @@ def blas_threads_for_pipeline() -> int:
     return max(1, cores // 4)
 
 
+BLAS_THREADS_ENV = "APR_TUI_BLAS_THREADS"
+"""The BLAS threads a large pass may use, set by the command line when it starts OpenBLAS with
+one thread (aprtui.cli._defer_blas_threads); unset, a large pass leaves BLAS as it found it."""
+
 SMALL_PASS_FLOPS = 5e8
 """Matmul FLOPs per layer below which a single pass runs BLAS on one thread (SmolLM2: ~70
 tokens). Measured on the 2-core machine, one BLAS thread vs OpenBLAS's two, wall (CPU):
@@ -72,11 +76,16 @@ def layer_matmul_flops(config: Any, seq_len: int) -> float:
 @contextlib.contextmanager
 def pass_blas(config: Any, seq_len: int) -> Iterator[None]:
     """One BLAS thread for a single pass whose matmuls are small (SMALL_PASS_FLOPS), else
-    OpenBLAS's own threading; the same reference-counted limit as `pipeline_blas`."""
+    the threads BLAS_THREADS_ENV allows (OpenBLAS's own threading where it is not set); the
+    same reference-counted limit as `pipeline_blas`."""
+    threads = 1
     if layer_matmul_flops(config, seq_len) >= SMALL_PASS_FLOPS:
-        yield
-        return
-    with _limited_blas(1):
+        allowed = os.environ.get(BLAS_THREADS_ENV, "")
+        if not allowed.isdigit() or int(allowed) < 1:
+            yield
+            return
+        threads = int(allowed)
+    with _limited_blas(threads):
         yield
 
 
