@@ -201,22 +201,9 @@ the statistics, the local error) held ~160 MB more: a 512-token `bisect` of Smol
 Q8_0 copy peaked at 1,093 MB RSS, 933 MB with one arena (991 MB with two), and a 37-token one
 took 2.06-2.09 s either way (min of 5). Large arrays are mmapped by malloc in any case."""
 
-MALLOC_MMAP_THRESHOLD = 4 << 20
-"""Allocations from this size on are mmapped (and unmapped when freed); smaller ones come from
-the heap. glibc's default starts at 128 KiB and moves with what is freed, so the pass's
-temporaries (the decoders' 1 MiB chunks, a SmolLM2 matrix of 1.3-3.5 MiB, activations) were
-mapped, page-faulted and unmapped again, over and over: a 37-token SmolLM2 pass (no files)
-took 0.571 s in a fresh process, 0.477 s with this and MALLOC_TRIM_THRESHOLD (one thread, min
-of 6). Arrays of a long prompt and a 7B model's matrices are larger, and still mapped."""
 
-MALLOC_TRIM_THRESHOLD = 64 << 20
-"""Free memory at the top of the heap above this is handed back to the system; below it, kept
-for the next allocations (glibc's default follows the mmap threshold: twice it)."""
-
-
-def _tune_malloc() -> None:
-    """mallopt: MALLOC_ARENAS arenas, MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD, where the C
-    library is glibc; elsewhere nothing."""
+def _limit_malloc_arenas() -> None:
+    """mallopt(M_ARENA_MAX, MALLOC_ARENAS) where the C library is glibc; elsewhere nothing."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -225,13 +212,8 @@ def _tune_malloc() -> None:
         mallopt = ctypes.CDLL(None).mallopt  # glibc only: musl has no mallopt
     except (OSError, AttributeError):
         return
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # <malloc.h>
-    for option, value in (
-        (m_arena_max, MALLOC_ARENAS),
-        (m_mmap_threshold, MALLOC_MMAP_THRESHOLD),
-        (m_trim_threshold, MALLOC_TRIM_THRESHOLD),
-    ):
-        mallopt(ctypes.c_int(option), ctypes.c_int(value))
+    m_arena_max = -8  # <malloc.h>
+    mallopt(ctypes.c_int(m_arena_max), ctypes.c_int(MALLOC_ARENAS))
 
 
 def _defer_blas_threads() -> None:
@@ -259,7 +241,7 @@ def _defer_blas_threads() -> None:
 def main(argv: list[str] | None = None) -> int:
     from engine.errors import AprTuiError
 
-    _tune_malloc()
+    _limit_malloc_arenas()
     _defer_blas_threads()
 
     args_list = list(sys.argv[1:] if argv is None else argv)
