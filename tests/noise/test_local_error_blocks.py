@@ -99,3 +99,19 @@ def test_jobs_run_later_and_out_of_order_give_the_stage_by_stage_errors(demo_pai
     assert later == in_order
     # the demo's planted defect stands out in both, so the errors compared are not all None
     assert sum(error is not None and error > 0 for error in later.values()) > 20
+
+
+@pytest.mark.parametrize("block_values", [1, 7 * 96, 1 << 19])
+def test_linear64_by_blocks_is_the_float64_product_of_the_widened_weight(monkeypatch, block_values):
+    """`linear64` widens the weight a block of rows at a time (WEIGHT_BLOCK_VALUES): whatever
+    the block, every output is the float64 dot product of a row of x and a row of the weight,
+    checked against numpy's product of the whole widened matrices (one row a block, a block
+    that splits the rows unevenly, one block for all)."""
+    monkeypatch.setattr(local_error, "WEIGHT_BLOCK_VALUES", block_values)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((5, 96))  # [seq, in] float64
+    weight = rng.standard_normal((50, 96)).astype(np.float32)  # [out, in]
+    expected = np.einsum("si,oi->so", x, weight.astype(np.float64))  # [seq, out]
+    got = local_error.linear64(x, weight)
+    assert got.shape == (5, 50) and got.dtype == np.float64
+    np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-13)
