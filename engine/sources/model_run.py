@@ -15,6 +15,7 @@ import numpy as np
 from engine.backend import Backend, resolve_backend, to_host
 from engine.forward import Capture, produced_stages, trace
 from engine.model import Model
+from engine.pipeline import pass_blas
 from engine.recent_weights import RecentWeights, reuse_budget
 from engine.sources.base import CACHE_BYTES, TensorCache, TraceSource, rerun_span
 from engine.stages import STAGE_BY_NAME
@@ -91,13 +92,20 @@ class ModelSource(TraceSource):
         if span is None:
             return None
         layers, _ = span
-        for capture in trace(
-            self.model, self.token_ids, backend=self.backend, stages=[stage_name], layers=layers
-        ):
-            self._remember(capture)
-            if hasattr(capture.array, "blocks"):  # a long prompt's attention: lazy, by blocks
-                return capture.array
-            return np.asarray(to_host(capture.array), dtype=np.float32)
+        # A drill-down's rerun is a pass of its own: BLAS threads as a trace would use them
+        # (within a running comparison the comparison's limit stays: engine.pipeline).
+        with pass_blas(self.config, len(self.token_ids)):
+            for capture in trace(
+                self.model,
+                self.token_ids,
+                backend=self.backend,
+                stages=[stage_name],
+                layers=layers,
+            ):
+                self._remember(capture)
+                if hasattr(capture.array, "blocks"):  # a long prompt's attention: by blocks
+                    return capture.array
+                return np.asarray(to_host(capture.array), dtype=np.float32)
         return None
 
     def _remember(self, capture: Capture) -> None:

@@ -382,3 +382,32 @@ def test_side_by_side_and_serial_runs_yield_the_same_cells(hf_llama, monkeypatch
             return list(plan.run())
 
     assert cells(0) == cells(float("inf"))
+
+
+def test_a_drill_down_rerun_of_a_large_pass_gets_the_passes_blas_threads(hf_llama, monkeypatch):
+    """`ModelSource.tensor` recomputes a stage with a pass of its own, under the same BLAS
+    limit a trace of that size runs with (engine.pipeline.pass_blas): a large pass takes the
+    threads BLAS_THREADS_ENV allows, though the command started OpenBLAS with one."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import engine.pipeline as pipeline
+    import engine.sources.model_run as model_run
+
+    def blas_threads() -> int:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"][0]
+
+    seen: list[int] = []
+    real_trace = model_run.trace
+
+    def watched_trace(*args, **kwargs):
+        seen.append(blas_threads())
+        yield from real_trace(*args, **kwargs)
+
+    monkeypatch.setattr(model_run, "trace", watched_trace)
+    monkeypatch.setattr(pipeline, "SMALL_PASS_FLOPS", 0.0)  # this tiny pass counts as large
+    monkeypatch.setenv(pipeline.BLAS_THREADS_ENV, "2")
+    source = ModelSource(_model(hf_llama), TOKENS, cache_bytes=0)
+    with threadpool_limits(1, user_api="blas"):
+        assert source.tensor(1, "attn_out") is not None
+        assert seen == [2]
+        assert blas_threads() == 1  # restored when the rerun ends
