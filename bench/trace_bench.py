@@ -31,7 +31,9 @@ minimum wall time and the minimum CPU time (user + system of the child, which a 
 inflates less than wall time) and the ratio baseline / current. A third row, `bisect*`, runs
 our bisect without the work added after the baseline (the local error of every stage, the
 per-position logit metrics; bench/bisect_baseline_work.py) against the baseline's bisect: the
-same work on both sides.
+same work on both sides. Below the table, the share of CPU time the host stole from this
+virtual machine during the runs (/proc/stat): a busy host stretches wall times, so read the CPU
+columns first when it is high.
 """
 
 from __future__ import annotations
@@ -180,6 +182,19 @@ def whole_process(
     return wall, usage.ru_utime + usage.ru_stime
 
 
+def cpu_jiffies() -> tuple[int, int] | None:
+    """(stolen, all) CPU time of the machine so far, in jiffies, from /proc/stat's `cpu` line;
+    None where there is no /proc/stat. On a virtual machine `steal` is time the host gave this
+    machine's CPUs to someone else: wall times then grow while CPU times mostly do not."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return None
+    values = [int(v) for v in fields[1:]]
+    steal = values[7] if len(values) > 7 else 0
+    return steal, sum(values[:8])
+
+
 def compare_processes(gguf_path: Path, baseline: Path, prompt: str, repeat: int) -> None:
     """Whole-process trace and bisect: the baseline checkout against this one."""
     import shutil
@@ -210,6 +225,7 @@ def compare_processes(gguf_path: Path, baseline: Path, prompt: str, repeat: int)
         runs = [(name, argv, None) for name, argv in commands.items()]
         runs.append(("bisect*", commands["bisect"], same_work))
         best: dict[tuple[str, str], list[float]] = {}
+        before = cpu_jiffies()
         for _ in range(repeat):
             for name, argv, runner in runs:
                 for label, root in (("baseline", baseline), ("current", ROOT)):
@@ -217,7 +233,11 @@ def compare_processes(gguf_path: Path, baseline: Path, prompt: str, repeat: int)
                     wall, cpu = whole_process(root, argv, runner if label == "current" else None)
                     times = best.setdefault((name, label), [math.inf, math.inf])
                     times[0], times[1] = min(times[0], wall), min(times[1], cpu)
+        after = cpu_jiffies()
         print(f"whole process, min of {repeat} interleaved runs (baseline: {baseline})")
+        if before is not None and after is not None and after[1] > before[1]:
+            stolen = (after[0] - before[0]) / (after[1] - before[1])
+            print(f"CPU time stolen by the host meanwhile (/proc/stat steal): {stolen:.0%}")
         print(f"{'':10}{'baseline wall':>15}{'current wall':>14}{'speed-up':>10}"
               f"{'baseline CPU':>14}{'current CPU':>13}{'speed-up':>10}")  # fmt: skip
         for name, _, _ in runs:
