@@ -226,16 +226,12 @@ def _defer_blas_threads() -> None:
     pipeline), and the ones that do raise the limit up to the count left in
     engine.pipeline.BLAS_THREADS_ENV. A user's own OPENBLAS_NUM_THREADS is left as it is, and
     so is a process that has imported numpy already (main() called in-process)."""
-    from engine.pipeline import BLAS_THREADS_ENV
+    from engine.pipeline import BLAS_THREADS_ENV, available_cores
 
     if "numpy" in sys.modules or "OPENBLAS_NUM_THREADS" in os.environ:
         return
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
-    os.environ[BLAS_THREADS_ENV] = str(cores)
+    os.environ[BLAS_THREADS_ENV] = str(available_cores())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,14 +43,18 @@ _BLAS_USERS = 0
 _BLAS_LIMITER: Any = None
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def blas_threads_for_pipeline() -> int:
     """BLAS threads per call while a pipeline runs: a quarter of this process's cores, at least
     one (about four threads call BLAS at once: two passes, statistics, local error)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, cores // 4)
+    return max(1, available_cores() // 4)
 
 
 BLAS_THREADS_ENV = "APR_TUI_BLAS_THREADS"
