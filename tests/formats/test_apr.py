@@ -865,3 +865,43 @@ def test_sentencepiece_without_token_types_guesses_them(tmp_path):
     guessed = apr.tokenizer_from_metadata(meta, "x")
     assert guessed.token_types[:4] == [2, 3, 3, 6]  # <unk>, <s>, </s>, <0x00>
     assert guessed.encode("hé</s>") == tok.encode("hé</s>")
+
+
+def test_crc32_combine_joins_parts_as_zlib_sums_the_whole():
+    """`crc32_combine` against zlib's CRC of the concatenation (the independent oracle), for
+    empty, one-byte, odd and block-sized parts."""
+    import random
+
+    from engine.formats.apr.layout import crc32_combine
+
+    rng = random.Random(3)
+    lengths = [0, 1, 2, 3, 7, 64, 255, 4096, 65537]
+    for length_a in lengths:
+        for length_b in lengths:
+            a, b = rng.randbytes(length_a), rng.randbytes(length_b)
+            combined = crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b))
+            assert combined == zlib.crc32(a + b), (length_a, length_b)
+
+
+@pytest.mark.parametrize("where", ["first part", "middle part", "last part"])
+def test_footer_check_in_parallel_parts_finds_every_flipped_byte(
+    tmp_path, llama_files, monkeypatch, where
+):
+    """A file above PARALLEL_CRC_BYTES is summed in parts on several threads: the intact file
+    passes (the parts' CRCs joined right), and a byte flipped in any part is a mismatch."""
+    import engine.formats.apr.layout as layout
+    import engine.parallel as parallel
+
+    monkeypatch.setattr(layout, "PARALLEL_CRC_BYTES", 1024)  # the test model: parts
+    monkeypatch.setattr(parallel, "PARALLEL_THREADS", 3)
+    data = bytearray(llama_files["apr"].read_bytes())
+    assert len(data) > 3 * 1024
+    intact = tmp_path / "intact.apr"
+    intact.write_bytes(bytes(data))
+    apr.verify_footer(intact)
+    body = len(data) - 4
+    position = {"first part": 70, "middle part": body // 2, "last part": body - 10}[where]
+    data[position] ^= 0x01
+    path = bad(tmp_path, bytes(data))
+    with pytest.raises(FormatError, match=r"bad\.apr: APR footer CRC mismatch"):
+        apr.verify_footer(path)
