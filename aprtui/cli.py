@@ -21,7 +21,7 @@ import re
 import sys
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from types import ModuleType
 
 from aprtui import __version__
@@ -67,6 +67,18 @@ def _sigterm_raises(enabled: bool) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def step_progress(module: ModuleType, args: argparse.Namespace) -> AbstractContextManager:
+    """The engine's long steps (engine.progress) shown on stderr for the run, for a command
+    that prints rather than runs a Textual screen (SHOWS_STEP_PROGRESS) and was not told to be
+    quiet (convert's --quiet)."""
+    if not getattr(module, "SHOWS_STEP_PROGRESS", False) or getattr(args, "quiet", False):
+        return nullcontext()
+    from aprtui.step_progress import StepProgress
+    from engine.progress import listening
+
+    return listening(StepProgress())
 
 
 def name_writes_files(module: ModuleType) -> bool:
@@ -268,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             # error contract.
             warnings.simplefilter("ignore", RuntimeWarning)
             args = parser.parse_args(args_list)
-            return int(module.run(args) or 0)
+            with step_progress(module, args):
+                return int(module.run(args) or 0)
     except Terminated:
         sys.stderr.write("apr-tui: terminated\n")
         return EXIT_TERMINATED

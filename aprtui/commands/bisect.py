@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from aprtui.commands import options
 
+SHOWS_STEP_PROGRESS = True
+"""Long engine steps (a big APR file's footer check) show progress on stderr (aprtui.cli)."""
+
 if TYPE_CHECKING:
     from engine.compare import Cell
     from engine.sources import TraceSource

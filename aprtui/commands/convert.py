@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 WRITES_FILES = True
+SHOWS_STEP_PROGRESS = True
+"""Long engine steps (a big APR file's footer check) show progress on stderr (aprtui.cli)."""
 """SIGTERM cleans up this command's temporaries (aprtui.cli.Terminated)."""
 
 HELP = "convert a .gguf / .safetensors / .apr model (or HF directory) to APR v2"

@@ -14,6 +14,9 @@ from aprtui.commands.output import incomplete_warnings, print_report
 from engine.errors import path_display
 from engine.stages import layer_name
 
+SHOWS_STEP_PROGRESS = True
+"""Long engine steps (a big APR file's footer check) show progress on stderr (aprtui.cli)."""
+
 if TYPE_CHECKING:
     from engine.compare import Cell
     from engine.stats import DiffStats

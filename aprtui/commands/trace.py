@@ -19,6 +19,8 @@ from aprtui.commands.trace_checks import (
 from aprtui.commands.trace_writer import Interrupt, Progress, Writer
 
 WRITES_FILES = True
+SHOWS_STEP_PROGRESS = True
+"""Long engine steps (a big APR file's footer check) show progress on stderr (aprtui.cli)."""
 """SIGTERM cleans up this command's temporaries (aprtui.cli.Terminated)."""
 
 HELP = "write APRT stage files as `apr trace --save-tensor` does (plus tokens.json)"

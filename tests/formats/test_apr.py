@@ -893,9 +893,10 @@ def test_footer_check_in_parallel_parts_finds_every_flipped_byte(
     import engine.parallel as parallel
 
     monkeypatch.setattr(layout, "PARALLEL_CRC_BYTES", 1024)  # the test model: parts
+    monkeypatch.setattr(layout, "CRC_PART_BYTES", 1000)  # many, the last one shorter
     monkeypatch.setattr(parallel, "PARALLEL_THREADS", 3)
     data = bytearray(llama_files["apr"].read_bytes())
-    assert len(data) > 3 * 1024
+    assert len(data) > 3 * 1024 and (len(data) - 4) % 1000
     intact = tmp_path / "intact.apr"
     intact.write_bytes(bytes(data))
     apr.verify_footer(intact)
@@ -905,3 +906,36 @@ def test_footer_check_in_parallel_parts_finds_every_flipped_byte(
     path = bad(tmp_path, bytes(data))
     with pytest.raises(FormatError, match=r"bad\.apr: APR footer CRC mismatch"):
         apr.verify_footer(path)
+
+
+def test_footer_check_of_a_large_file_reports_its_progress(tmp_path, llama_files, monkeypatch):
+    """engine.progress: the parts' bytes as they are summed (on any thread), rising to the
+    whole body; nothing when no listener is installed; an end report when a part fails."""
+    import engine.formats.apr.layout as layout
+    from engine.progress import listening
+
+    monkeypatch.setattr(layout, "PARALLEL_CRC_BYTES", 1024)
+    monkeypatch.setattr(layout, "CRC_PART_BYTES", 1000)
+    path = llama_files["apr"]
+    body = path.stat().st_size - 4
+    reports: list[tuple[str, int, int]] = []
+    with listening(lambda *report: reports.append(report)):
+        apr.verify_footer(path)
+    assert {label for label, _, _ in reports} == {f"checking {path.name}"}
+    done = [d for _, d, _ in reports]
+    assert done == sorted(done) and done[-1] == body and len(done) == -(-body // 1000)
+    assert {total for _, _, total in reports} == {body}
+
+    reports.clear()
+    apr.verify_footer(path)  # no listener: nothing to report to
+    assert reports == []
+
+    def failing(path, start, stop, source):
+        if start >= 2000:
+            raise FormatError(f"{source}: cannot read: simulated")
+        return zlib.crc32(path.read_bytes()[start:stop])
+
+    monkeypatch.setattr(layout, "_crc32_of_range", failing)
+    with listening(lambda *report: reports.append(report)), pytest.raises(FormatError):
+        apr.verify_footer(path)
+    assert reports[-1][1:] == (body, body)  # ended, so a terminal line is erased

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,11 +203,16 @@ whatever the file's size, and the buffer stays in cache between the read and the
 buffers were slower: 127 vs 106 ms for SmolLM2's 138 MiB Q8_0 copy on one thread."""
 
 PARALLEL_CRC_BYTES = 64 << 20
-"""From this many bytes on the footer check is shared among engine.parallel's threads, each
-summing its own contiguous part of the file (`crc32_combine` joins them): zlib's CRC32 runs at
-~1-1.5 GB/s on one core, so a 7B APR file (~4-8 GB) held every command that opened it for
-seconds. Measured on the 2-core machine, min of 7 (file in the page cache), before → now:
-SmolLM2's 138 MiB Q8_0 copy 127 → 67 ms, a 1 GiB file 778 → 388 ms."""
+"""From this many bytes on the footer check is shared among engine.parallel's threads, which
+claim the file's CRC_PART_BYTES parts one at a time (`crc32_combine` joins the parts' CRCs):
+zlib's CRC32 runs at ~1-1.5 GB/s on one core, so a 7B APR file (~4-8 GB) held every command
+that opened it for seconds. Measured on the 2-core machine, min of 7 (file in the page cache),
+before → now: SmolLM2's 138 MiB Q8_0 copy 127 → 67 ms, a 1 GiB file 778 → 388 ms."""
+
+CRC_PART_BYTES = 32 << 20
+"""Bytes of one part of a large file's footer check: the unit the threads claim and the step
+of its progress reports (engine.progress), 1% of a 4 GB file. Joining a part costs ~0.1 ms
+(`crc32_combine` with the cached powers of the zero-byte operator)."""
 
 _CRC32_POLYNOMIAL = 0xEDB88320
 """CRC-32's polynomial, bit-reversed (zlib's)."""
@@ -228,21 +234,37 @@ def _gf2_squared(operator: list[int]) -> list[int]:
     return [_gf2_times(operator, column) for column in operator]
 
 
+_ZERO_POWERS: list[list[int]] = []
+"""_ZERO_POWERS[k]: the operator that carries a CRC through 2**k zero bytes, built on demand
+(one squaring each) and kept: joining many parts of a file then costs one matrix-vector
+product per set bit of a part's length, not 30-odd squarings per part."""
+
+_ZERO_POWERS_LOCK = threading.Lock()
+
+
+def _zero_power(k: int) -> list[int]:
+    with _ZERO_POWERS_LOCK:  # two files checked at once (both sides of a bisect) share it
+        if not _ZERO_POWERS:
+            zero_bit = [_CRC32_POLYNOMIAL] + [1 << bit for bit in range(31)]  # by column
+            _ZERO_POWERS.append(_gf2_squared(_gf2_squared(_gf2_squared(zero_bit))))  # 1 byte
+        while len(_ZERO_POWERS) <= k:
+            _ZERO_POWERS.append(_gf2_squared(_ZERO_POWERS[-1]))
+        return _ZERO_POWERS[k]
+
+
 def crc32_combine(crc_a: int, crc_b: int, length_b: int) -> int:
     """`zlib.crc32(a + b)` from `zlib.crc32(a)`, `zlib.crc32(b)` and `len(b)`.
 
     CRC-32 is linear over GF(2): the CRC of a + b is the CRC of a carried through len(b) zero
     bytes, XOR the CRC of b (zlib's conditioning of both ends cancels). Carrying a CRC through
-    zero bits is a fixed 32×32 matrix; through len(b) bytes it is that matrix's power, found
-    by repeated squaring (about 32 squarings for a 4 GB part: milliseconds)."""
-    zero_bit = [_CRC32_POLYNOMIAL] + [1 << bit for bit in range(31)]  # one 0 bit, by column
-    zero_bytes = _gf2_squared(_gf2_squared(_gf2_squared(zero_bit)))  # one 0 byte (8 bits)
+    zero bytes is a fixed 32×32 matrix; through len(b) bytes it is that matrix's power, the
+    product of its cached powers of two (_ZERO_POWERS) for the set bits of len(b)."""
+    k = 0
     while length_b:
         if length_b & 1:
-            crc_a = _gf2_times(zero_bytes, crc_a)
+            crc_a = _gf2_times(_zero_power(k), crc_a)
         length_b >>= 1
-        if length_b:
-            zero_bytes = _gf2_squared(zero_bytes)  # 2, 4, 8 ... bytes
+        k += 1
     return crc_a ^ crc_b
 
 
@@ -274,21 +296,33 @@ def check_footer(path: Path, size: int, source: str) -> None:
     aprender does not check the footer, but without it a flipped byte in the tensor data or
     the index (which the header CRC does not cover) decodes as plausible garbage.
     """
-    from engine.parallel import PARALLEL_THREADS, parallel_chunks
+    from engine.parallel import parallel_chunks
+    from engine.progress import listener
 
     if size < HEADER_SIZE + 4:
         raise FormatError(f"{source}: truncated APR file ({size} bytes)")
     body = size - 4
-    parts = PARALLEL_THREADS if body >= PARALLEL_CRC_BYTES else 1
-    edges = [body * part // parts for part in range(parts + 1)]
-    ranges = list(zip(edges[:-1], edges[1:], strict=True))  # [(start, stop)], in file order
+    part = CRC_PART_BYTES if body >= PARALLEL_CRC_BYTES else max(body, 1)
+    ranges = [(start, min(start + part, body)) for start in range(0, body, part)]  # file order
     crcs: dict[int, int] = {}
+    report = listener() if len(ranges) > 1 else None  # the parts run on other threads too
+    label = f"checking {path.name}"
+    done = [0]
+    done_lock = threading.Lock()
 
     def work(group: list[tuple[int, int]]) -> None:
         for start, stop in group:
             crcs[start] = _crc32_of_range(path, start, stop, source)
+            if report is not None:
+                with done_lock:
+                    done[0] += stop - start
+                    report(label, done[0], body)
 
-    parallel_chunks(work, ranges)
+    try:
+        parallel_chunks(work, ranges)
+    finally:
+        if report is not None and done[0] < body:  # failed part-way: the step has ended
+            report(label, body, body)
     crc = 0
     for start, stop in ranges:
         crc = crc32_combine(crc, crcs[start], stop - start)
