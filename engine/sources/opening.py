@@ -53,13 +53,13 @@ def open_pair(
     """
     from engine.errors import TokenizerError
     from engine.formats import open_model
-    from engine.sources.specs import open_spec, split_spec
+    from engine.sources.specs import open_spec
     from engine.tokenizer import DEFAULT_PROMPT, encode_prompt, same_prompt_encoding
 
     backend = resolve_backend(device)  # a bad --device fails before any model is opened
     specs = [spec_a] + ([spec_b] if spec_b is not None else [])
     opened: list[TraceSource | Model] = []
-    both_files = len(specs) == 2 and all(_model_file(spec, split_spec) for spec in specs)
+    both_files = len(specs) == 2 and all(_model_file(spec) for spec in specs)
     try:
         if both_files:
             opened.extend(open_two_models(Path(specs[0]), Path(specs[1])))
@@ -133,9 +133,11 @@ def open_pair(
     return sources[0], (sources[1] if len(sources) > 1 else None)
 
 
-def _model_file(spec: str | Path, split_spec) -> bool:
+def _model_file(spec: str | Path) -> bool:
     """Whether `spec` names a model file (neither an engine spec nor a trace directory); False
     also when looking raises, so the one-at-a-time path reports that error in its turn."""
+    from engine.sources.specs import split_spec
+
     try:
         return split_spec(str(spec)) is None and not looks_like_trace_dir(Path(spec))
     except Exception:
