@@ -22,14 +22,8 @@ EVERY_SECONDS = 5.0
 
 
 def _unit(total: int) -> tuple[str, int]:
-    """MiB below 1 GiB, else GiB: (name, bytes)."""
+    """The unit a step of `total` bytes is counted in: MiB below 1 GiB, else GiB."""
     return ("MiB", 1 << 20) if total < 1 << 30 else ("GiB", 1 << 30)
-
-
-def _size(count: int, total: int) -> str:
-    """`count` bytes in the unit of `total`, one decimal."""
-    name, scale = _unit(total)
-    return f"{count / scale:.1f} {name}"
 
 
 class StepProgress:
@@ -62,10 +56,10 @@ class StepProgress:
             if not self.tty and now - self.shown.get(label, -EVERY_SECONDS) < EVERY_SECONDS:
                 return
             self.shown[label] = now
+            unit, scale = _unit(total)
             percent = 100 * done // max(total, 1)
-            name, scale = _unit(total)
             self._line(
-                f"apr-tui: {label}: {done / scale:.1f} of {_size(total, total)} ({percent}%)"
+                f"apr-tui: {label}: {done / scale:.1f} of {total / scale:.1f} {unit} ({percent}%)"
             )
 
     def _line(self, text: str) -> None:
@@ -81,5 +75,6 @@ class StepProgress:
             self.stream.write("\r" + " " * self.width + "\r")
             self.width = 0
         else:
-            self.stream.write(f"apr-tui: {label}: {_size(total, total)} in {seconds:.1f} s\n")
+            unit, scale = _unit(total)
+            self.stream.write(f"apr-tui: {label}: {total / scale:.1f} {unit} in {seconds:.1f} s\n")
         self.stream.flush()

@@ -248,7 +248,7 @@ def compare_processes(
         subprocess.run([sys.executable, "-m", "compileall", "-q", *packages], check=True)
     work = Path(tempfile.mkdtemp(prefix="trace-bench-"))
     outputs = Path(tempfile.mkdtemp(prefix="trace-bench-out-", dir=out_root))
-    running: list = []  # the busy neighbours, killed however the runs end
+    running: list = []  # the busy neighbours, killed when the runs end (however they end)
     try:
         copy = work / "copy-q8.apr"
         whole_process(ROOT, ["convert", str(gguf_path), str(copy), "--dtype", "q8_0"])
@@ -279,10 +279,6 @@ def compare_processes(
                     times = best.setdefault((name, label), [math.inf, math.inf])
                     times[0], times[1] = min(times[0], wall), min(times[1], cpu)
         after = cpu_jiffies()
-        while running:
-            process = running.pop()
-            process.kill()
-            process.wait()
         print(f"whole process, min of {repeat} interleaved runs (baseline: {baseline})")
         print(
             f"busy neighbour processes meanwhile (--neighbours): {neighbours}"
