@@ -148,7 +148,8 @@ def open_two_models(path_a: Path, path_b: Path) -> list[Model]:
     """Both model files of a comparison, opened at once: B on a helper thread while A opens on
     this one. Opening is mostly reading: an APR file's footer CRC (zlib, which releases the GIL)
     and page faults of the mapped headers overlap the other file's header parsing, so a bisect
-    starts its passes sooner (measured in the closing note of issue 13).
+    starts its passes sooner (SmolLM2's GGUF against its Q8_0 APR copy: 0.20 s → 0.15 s from
+    opening to the first layer, on the 2-core development machine).
 
     Errors come out as when the files are opened one after the other: A's first; a model that
     did open is closed again. The helper runs in a copy of this thread's context, so what the
