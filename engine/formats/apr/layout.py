@@ -212,8 +212,8 @@ a 1 GiB file 778 → 414 → 341 ms."""
 
 CRC_PART_BYTES = 32 << 20
 """Bytes of one part of a large file's footer check: the unit the threads claim and the step
-of its progress reports (engine.progress), 1% of a 4 GB file. Joining a part costs ~0.1 ms
-(`crc32_combine` with the cached powers of the zero-byte operator)."""
+of its progress reports (engine.progress), 1% of a 4 GB file. Joining a part costs 6 us, the
+shorter last one 0.13 ms (`crc32_combine` with the cached powers of the zero-byte operator)."""
 
 _CRC32_POLYNOMIAL = 0xEDB88320
 """CRC-32's polynomial, bit-reversed (zlib's)."""
