@@ -72,11 +72,12 @@ def _return_workers(count: int) -> None:
 
 
 def parallel_chunks(work: Callable[[Sequence[Item]], None], items: Sequence[Item]) -> None:
-    """Call `work` on every item of `items` (as a one-item slice, `work(items[i : i + 1])`),
-    the caller's thread and the idle workers each claiming the next unclaimed item until none
-    is left, and return when all are done. The first exception raised by any call is raised
-    here, after every thread has stopped (no thread is still writing into the caller's
-    arrays); once one call has failed, no thread claims another item."""
+    """Call `work` on every item of `items` and return when all are done: the caller's thread
+    and the idle workers each claim the next unclaimed item (`work(items[i : i + 1])`) until
+    none is left; with no idle worker the caller does them all in one call, `work(items)`. The
+    first exception raised by any call is raised here, after every thread has stopped (no
+    thread is still writing into the caller's arrays); once one call has failed, no thread
+    claims another item."""
     helpers = _take_workers(min(PARALLEL_THREADS, len(items)) - 1)  # besides the caller
     if helpers == 0:
         work(items)
