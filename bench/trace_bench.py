@@ -36,6 +36,13 @@ virtual machine during the runs (/proc/stat): a busy host stretches wall times, 
 columns first when it is high. `--neighbours 0 1` runs the comparison twice: on a quiet
 machine, and beside one busy process (a Python busy loop), as on a shared CI runner or VM.
 
+Below that, the physical limit of each command's current work on this machine's cores
+(`physical_limit`): the serial start that must finish before the first layer can begin
+(interpreter, imports, opening the model, tokenizing; estimated from the trace's own per-layer
+progress lines on stderr) plus the rest of the run's CPU time spread perfectly over the cores.
+No schedule of the same work can beat it, so baseline wall / limit is the largest speed-up the
+current code could show by overlapping alone; beyond it only doing less work helps.
+
 Where the trace writes (`--out-root`). Every run writes into a directory of its own, and the
 directories are removed only after the last run: deleting 483 files just before the next run
 creates 483 is not what a user does, and on some file systems it costs the next run dearly.
@@ -54,6 +61,7 @@ import argparse
 import math
 import os
 import pickle
+import re
 import sys
 import time
 from pathlib import Path
@@ -171,9 +179,10 @@ def run_hf(gguf_path: Path, token_ids: list[int]) -> dict:
 
 def whole_process(
     root: Path, argv: list[str], runner: list[str] | None = None
-) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of `python -m aprtui ARGV` (or `python RUNNER ARGV`) with
-    `root` first on the path."""
+) -> tuple[float, float, list[tuple[float, str]]]:
+    """(wall seconds, CPU seconds, stderr lines) of `python -m aprtui ARGV` (or `python RUNNER
+    ARGV`) with `root` first on the path; each stderr line comes with the seconds since the
+    start at which it arrived (a piped trace prints one progress line per layer)."""
     import subprocess
     import tempfile
 
@@ -184,14 +193,42 @@ def whole_process(
         env=env,
         cwd=tempfile.gettempdir(),  # `-m` puts the cwd first on sys.path: never a checkout
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
+    lines = [(time.perf_counter() - start, line.rstrip("\n")) for line in child.stderr]
     _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
+    child.stderr.close()
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode not in (0, 1):
         raise SystemExit(f"trace_bench: {argv[0]} from {root} exited {child.returncode}")
-    return wall, usage.ru_utime + usage.ru_stime
+    return wall, usage.ru_utime + usage.ru_stime, lines
+
+
+LAYER_LINE = re.compile(r": layer (\d+)/(\d+)$")
+"""A piped trace's progress line, printed as each layer finishes."""
+
+
+def serial_start(lines: list[tuple[float, str]]) -> float | None:
+    """Seconds from the process's start to the start of the first layer's work, estimated from
+    a trace's progress lines: the first layer's line, less one layer's mean time (from the
+    first line to the last). None without at least two layer lines."""
+    marks = [(at, int(m.group(1))) for at, text in lines if (m := LAYER_LINE.search(text))]
+    if len(marks) < 2 or marks[-1][1] <= marks[0][1]:
+        return None
+    (first_at, first), (last_at, last) = marks[0], marks[-1]
+    per_layer = (last_at - first_at) / (last - first)
+    return max(0.0, first_at - first * per_layer)
+
+
+def physical_limit(start: float, cpu: float, cores: int) -> float:
+    """The least wall time any schedule of a run's work could take on `cores` cores: the serial
+    start (nothing can begin a layer before the interpreter, the imports, the model's header
+    and the prompt's tokens exist; counted as one core's work) plus the rest of the run's CPU
+    time spread perfectly over the cores. A lower bound: it ignores every dependency after the
+    start (a layer needs the one before it) and the GIL."""
+    return start + max(0.0, cpu - start) / cores
 
 
 def cpu_jiffies() -> tuple[int, int] | None:
@@ -266,13 +303,19 @@ def compare_processes(
         runs = [(name, argv, None) for name, argv in commands.items()]
         runs.append(("bisect*", commands["bisect"], same_work))
         best: dict[tuple[str, str], list[float]] = {}
+        starts: list[float] = []  # our trace's serial start, per run
         running.extend(busy_neighbours(neighbours))
         before = cpu_jiffies()
         finished = 0
         for _ in range(repeat):
             for name, argv, runner in runs:
                 for label, root in (("baseline", baseline), ("current", ROOT)):
-                    wall, cpu = whole_process(root, argv, runner if label == "current" else None)
+                    wall, cpu, lines = whole_process(
+                        root, argv, runner if label == "current" else None
+                    )
+                    if (name, label) == ("trace", "current"):
+                        start = serial_start(lines)
+                        starts += [] if start is None else [start]
                     if out.exists():  # kept aside, deleted after the last run
                         out.rename(outputs / f"done-{finished}")
                         finished += 1
@@ -300,12 +343,40 @@ def compare_processes(
             "bisect*: ours without the local error and the logit metrics "
             "(bench/bisect_baseline_work.py), the baseline's work"
         )
+        if starts:
+            print_limits(best, [name for name, _, _ in runs], min(starts))
     finally:
         for process in running:
             process.kill()
             process.wait()
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(outputs, ignore_errors=True)
+
+
+def print_limits(best: dict, names: list[str], start: float) -> None:
+    """The physical limit of each command's current work (`physical_limit`) beside its times:
+    how close the current wall time comes to it, and the most any schedule of this work could
+    gain over the baseline (baseline wall / limit)."""
+    from engine.pipeline import available_cores
+
+    cores = available_cores()
+    print(
+        f"physical limit on {cores} cores: the serial start before the first layer "
+        f"(interpreter, imports, opening, tokenizing: {start:.2f} s, from the trace's progress "
+        "lines; the bisects' is at least as long) plus the rest of the current CPU time spread "
+        "evenly over the cores"
+    )
+    print(f"{'':10}{'limit':>8}{'current wall / limit':>22}{'baseline wall / limit':>23}")
+    for name in names:
+        (base_wall, _), (wall, cpu) = best[(name, "baseline")], best[(name, "current")]
+        limit = physical_limit(start, cpu, cores)
+        print(
+            f"{'apr-tui ' + name:10}{limit:>7.2f}s{wall / limit:>21.2f}x{base_wall / limit:>22.2f}x"
+        )
+    print(
+        "baseline wall / limit: the largest speed-up any schedule of the current work could "
+        "show; less work is the only way past it"
+    )
 
 
 def main() -> int:
