@@ -13,6 +13,7 @@ import pytest
 from engine.aprt import read_aprt, write_stage
 from engine.trace_directory import read_trace_dir
 from tests.commands.conftest import assert_one_line_error, run_cli, snapshot
+from tests.support.signals import interruptible
 
 
 def _trace(apr_tui, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -132,7 +133,13 @@ def test_ctrl_c_during_trace_exits_130_and_leaves_only_whole_files(apr_tui, slow
     tokens = ",".join(str(10 + i % 200) for i in range(160))
     argv = [*apr_tui, "trace", str(slow_model), "--save-tensor", "all"]
     argv += ["--save-tensor-layers", "0..40", "--tokens", tokens, "--save-tensor-dir", str(out)]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=interruptible,
+    )
     progress = []
     for line in process.stderr:  # one plain line per layer when stderr is not a terminal
         progress.append(line)

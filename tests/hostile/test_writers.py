@@ -26,6 +26,7 @@ from engine.fileio import (
 from engine.formats import apr
 from engine.trace_directory import read_trace_dir
 from tests.hostile.conftest import one_line_error, run_cli
+from tests.support.signals import interruptible
 
 WAIT = 60.0
 """Upper bound of every poll below: a broken test fails instead of hanging."""
@@ -321,6 +322,7 @@ def test_sigint_during_trace_marks_the_directory_incomplete(apr_tui, big, tmp_pa
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=interruptible,
     )
     wait_for(lambda: list(out.glob("layer-1/*.bin")), "layer 1's first stage file", run)
     run.send_signal(signal.SIGINT)
