@@ -3,9 +3,10 @@
 Decoding a quantized tensor is a loop of vectorised numpy calls over 1 MiB chunks, each of which
 releases the GIL, so two threads decoding parts of the same matrix run at once. Measured on the
 2-core development machine (min of 8): the 210 layer matrices of SmolLM2 (Q4_1) decode in
-0.255 s on two threads against 0.306 s on one. Inside a whole `trace`, whose stage-file writer
-keeps the second core busy, the difference is lost in the noise; a comparison's drill-down and a
-run without file writes keep it.
+0.255 s on two threads against 0.306 s on one. But every job wakes a sleeping worker, and on a
+virtual machine whose host is busy a wake-up is dear: in a whole SmolLM2 `trace` the shared
+small matrices cost more than they saved (engine.formats.quant.PARALLEL_DECODE_MIN_VALUES), so
+only tensors of millions of values (an embedding table, a 7B model's matrices) are shared.
 
 The threads claim the chunks one at a time from a shared counter, rather than each taking a
 fixed share: on a virtual machine whose host takes a core away for a while (CPU steal, 20-40 %
@@ -34,17 +35,22 @@ PARALLEL_THREADS = max(1, min(4, os.cpu_count() or 1))
 decoders are bound by memory bandwidth, not arithmetic). Set it to 1 to run every job serially."""
 
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 _pool_lock = threading.Lock()
 
 
 def _workers() -> ThreadPoolExecutor:
-    """The shared pool of PARALLEL_THREADS - 1 worker threads, started on first use."""
-    global _pool
+    """The shared pool of PARALLEL_THREADS - 1 worker threads, started on first use (and again,
+    bigger, if PARALLEL_THREADS has grown since: the old pool finishes its jobs and ends)."""
+    global _pool, _pool_size
     with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(
-                max_workers=max(1, PARALLEL_THREADS - 1), thread_name_prefix="apr-tui-chunks"
-            )
+        wanted = max(1, PARALLEL_THREADS - 1)
+        if _pool is None or _pool_size < wanted:
+            previous = _pool
+            _pool = ThreadPoolExecutor(max_workers=wanted, thread_name_prefix="apr-tui-chunks")
+            _pool_size = wanted
+            if previous is not None:
+                previous.shutdown(wait=False)
         return _pool
 
 

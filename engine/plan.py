@@ -42,16 +42,45 @@ the float64 recipes release the GIL in their numpy work). One pool for both: a l
 local error is as much work as a pass, and on a worker of its own it was the comparison's
 slowest thread (py-spy, 1,024 tokens: ~55 s busy against ~45 s for each statistics worker)."""
 
-PIPELINE_MIN_FLOPS = 0.0
-"""Matmul FLOPs per layer from which a comparison on the host runs side by side (0: always).
-Measured, whole-process `bisect` of SmolLM2 against its Q8_0 copy on 2 cores (min of 8
-interleaved runs): 37 tokens (2.6e8 FLOPs a layer) 2.15 s side by side vs 2.36 s serial, 7 tokens
-1.56 s vs 1.62 s, 256 tokens 5.0 s vs 7.4 s. (Before the statistics and the local error lost
-their redundant float64 copies, 37 tokens was the other way round: 1.71 s vs 1.57 s.)"""
+PIPELINE_MIN_FLOPS = 1e9
+"""Matmul FLOPs per layer from which a comparison on the host runs side by side (SmolLM2: ~140
+tokens); below it, one step after the other on the calling thread. Side by side, the threads
+hand work over a few thousand times a run (18,000 voluntary context switches in a 37-token
+SmolLM2 bisect), and on a virtual machine whose host is busy every hand-over that wakes a
+sleeping virtual CPU is dear. Measured, whole-process `bisect` of SmolLM2 against its Q8_0 copy
+on the 2-core development VM, min of 4 interleaved runs, host steal ~30%: 37 tokens (2.6e8 FLOPs
+a layer) side by side 8.66 s wall (6.37 s CPU), one step after the other 4.43 s (4.21 s CPU,
+with small matrices decoded on one thread: engine.formats.quant.PARALLEL_DECODE_MIN_VALUES),
+the baseline of issue 13 3.95 s; 262 tokens (1.8e9) 14.2 s side by side, 15.1 s serial. On a
+quiet host an earlier measurement had 37 tokens side by side ahead, 2.15 s vs 2.36 s: the
+threshold gives up that 10% for a run that does not double when the machine is shared."""
+
+OFFLOADED_LOCAL_ERROR_STAGES = frozenset(
+    {"qkv_matmul", "attn_out", "ffn_gate", "ffn_up", "ffn_out", "lm_head"}
+)
+"""The stages whose local error a comparison run one step after the other (`_run_serial`)
+computes on a helper thread: the matrix products, whose float64 recomputation is most of the
+local error's ~0.9 s of CPU in a 37-token SmolLM2 bisect, in a few numpy calls that release
+the GIL. The element-wise stages' local errors are too small to be worth a hand-over. Measured,
+whole-process `bisect` of SmolLM2 against its Q8_0 copy, 37 tokens, on the 2-core development
+VM (min of 6 interleaved runs, host steal 11%): everything on one thread 3.92 s wall (3.98 s
+CPU), these on a helper 3.60 s (4.16 s), side by side as at long prompts 3.91 s (5.06 s); the
+baseline of issue 13 3.38 s (5.82 s)."""
 
 WINDOW = 4
 """Pairs whose statistics or local error may be in flight at once: they hold their captures,
 so the memory plan counts them (engine.memory.IN_FLIGHT_CAPTURES)."""
+
+
+def _ready(waiting: tuple[Cell, Future[LocalError] | None]) -> bool:
+    """Whether a waiting cell's local error is computed (or was never sent away)."""
+    return waiting[1] is None or waiting[1].done()
+
+
+def _with_local(cell: Cell, local: Future[LocalError] | None) -> Cell:
+    """The cell with its local error from the helper thread, once computed (errors re-raised);
+    a cell whose local error was computed in place is returned as it is."""
+    return cell if local is None else replace(cell, local=local.result())
 
 
 def _finished(cell: Future[Cell], local: Future[LocalError] | None) -> Cell:
@@ -167,30 +196,55 @@ class Plan:
                 yield _finished(*pending.popleft())
 
     def _run_serial(self, cancel: threading.Event | None) -> Iterator[Cell]:
-        """`run` one step after the other: CuPy passes (one device stream, no threads) and
-        short prompts, whose per-stage work is too small for threads to win over the GIL."""
+        """`run` one step after the other: CuPy passes (one device stream) and short prompts,
+        whose per-stage work is too small for a thread per part to pay (PIPELINE_MIN_FLOPS).
+
+        On the host one part still runs beside the rest: the local error of the matrix
+        products (OFFLOADED_LOCAL_ERROR_STAGES, each a float64 product of a few milliseconds
+        that releases the GIL) goes to one helper thread, a few hand-overs per layer; the
+        cells come out in computation order all the same, at most WINDOW of them waiting."""
         with ExitStack() as stack:
             config = self._checked_config()
             if config is not None and self.seq_len is not None:
                 stack.enter_context(pass_blas(config, self.seq_len))
             stream_a, stream_b = self._streams(cancel, stack, ahead=False)
             tracker = self._tracker()
+            helper = None
+            if tracker is not None and self._on_host():
+                helper = stack.enter_context(ThreadPoolExecutor(1, "local-error"))
+                stack.callback(_cancel_pending, helper)
+            waiting: deque[tuple[Cell, Future[LocalError] | None]] = deque()
             for capture_a, capture_b in merged(stream_a, stream_b):
                 if cancel is not None and cancel.is_set():
                     return
-                local = (
-                    None if tracker is None else self._local_job(tracker, capture_a, capture_b)()
-                )
-                yield make_cell(capture_a, capture_b, seq_len=self.seq_len, local=local)
+                job = None if tracker is None else self._local_job(tracker, capture_a, capture_b)
+                stage = (capture_a if capture_a is not None else capture_b).stage
+                if helper is not None and stage in OFFLOADED_LOCAL_ERROR_STAGES:
+                    cell = make_cell(capture_a, capture_b, seq_len=self.seq_len)
+                    waiting.append((cell, helper.submit(job)))
+                else:
+                    local = None if job is None else job()
+                    cell = make_cell(capture_a, capture_b, seq_len=self.seq_len, local=local)
+                    waiting.append((cell, None))
+                while waiting and (_ready(waiting[0]) or len(waiting) > WINDOW):
+                    yield _with_local(*waiting.popleft())
+            while waiting:
+                if cancel is not None and cancel.is_set():
+                    return
+                yield _with_local(*waiting.popleft())
 
-    def _concurrent(self) -> bool:
-        """Threads pay on the host for prompts with enough work per stage (PIPELINE_MIN_FLOPS);
-        a CuPy pass keeps its single stream."""
-        on_host = all(
+    def _on_host(self) -> bool:
+        """Whether every side's pass runs on the host (numpy), not on a CuPy device."""
+        return all(
             getattr(getattr(side, "backend", None), "name", "numpy") == "numpy"
             for side in (self.a, self.b)
             if side is not None
         )
+
+    def _concurrent(self) -> bool:
+        """Threads pay on the host for prompts with enough work per stage (PIPELINE_MIN_FLOPS);
+        a CuPy pass keeps its single stream."""
+        on_host = self._on_host()
         config = self._checked_config()
         if not on_host or config is None or self.seq_len is None:
             return on_host

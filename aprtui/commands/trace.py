@@ -211,8 +211,9 @@ def run(args: argparse.Namespace) -> int:
             # tokens.json first, marked incomplete: it marks the directory as ours, also after
             # an interrupted run, and says the stage files are not all there yet.
             out.record(write_tokens_json(directory, token_ids, prompt, model_path, complete=False))
-            # Stage files are written by a background thread while the pass computes on.
-            writer = Writer(out, may_replace)
+            # Big stage files are written by a background thread while the pass computes on.
+            files, size, _ = cost
+            writer = Writer(out, may_replace, file_bytes=size / max(files, 1))
             try:
                 with (
                     Progress(f"tracing {model_path.name}") as progress,

@@ -1,7 +1,7 @@
 """Writing a trace's stage files while the forward pass runs (`apr-tui trace`).
 
-`Writer` hands each capture to a background thread so that creating files overlaps the
-arithmetic, with a bounded queue; `Progress` shows layer progress on stderr; `Interrupt` turns
+`Writer` writes each capture, inline for a run of small files, on a background thread with a
+bounded queue for big ones (their copying then overlaps the arithmetic); `Progress` shows layer progress on stderr; `Interrupt` turns
 the first Ctrl+C into a request to stop between stages, so no stage file is ever cut short.
 The command's flow (checks, tokens.json, the report) stays in aprtui.commands.trace.
 """
@@ -110,18 +110,29 @@ def _write(directory: Path, capture, overwrite) -> Path:
 WRITE_AHEAD_BYTES = 64 * 1024 * 1024
 """Bytes of captures waiting for the writer thread before the pass waits for it."""
 
+THREAD_MIN_FILE_BYTES = 1024 * 1024
+"""Mean stage-file size from which a trace writes on a background thread (`Writer`).
+A thread overlaps the kernel's copying of big files with the arithmetic, but every hand-over
+wakes it, and on a virtual machine whose host is busy a wake-up is dear (the sleeping virtual
+CPU must be scheduled again). Measured on the 2-core development VM, whole-process `apr-tui
+trace` of SmolLM2, 37 tokens, all 483 stages (mean 110 KiB a file) on tmpfs, min of 6
+interleaved runs, host steal 25%: written by a thread 2.22 s wall (1.69 s CPU, 2,833 voluntary
+context switches), inline 2.06 s (1.73 s); with every matrix also decoded on one thread, 1.85 s
+vs 1.50 s (1.46 s CPU, 1 switch). Long prompts (attention stages of megabytes) keep the thread."""
+
 
 class Writer:
-    """Stage files written by a background thread while the pass computes the next stages.
+    """Stage files written while the pass computes the next stages, or inline.
 
-    Creating a file costs a few milliseconds of system calls (483 of them for a full SmolLM2
-    trace: ~1 s); the thread overlaps them with the arithmetic. In order, at most
-    WRITE_AHEAD_BYTES of captures queued (the pass waits beyond that), and a lazy attention
-    capture (streamed block by block) is written by the pass itself after the queue drains,
-    so memory stays bounded. A failed write is raised at the next submit or at the end.
+    Threaded, a background thread writes them in order, with at most WRITE_AHEAD_BYTES of
+    captures queued (the pass waits beyond that); a lazy attention capture (streamed block by
+    block) is written by the pass itself after the queue drains, so memory stays bounded. A
+    failed write is raised at the next submit or at the end. Inline, each capture is written by
+    `submit` itself. `file_bytes`, the run's mean stage-file size, decides which
+    (THREAD_MIN_FILE_BYTES).
     """
 
-    def __init__(self, out, overwrite) -> None:
+    def __init__(self, out, overwrite, *, file_bytes: float) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.out = out
@@ -129,7 +140,11 @@ class Writer:
         on the calling thread, so a failed run takes back exactly what it made."""
         self.directory = out.directory
         self.overwrite = overwrite
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aprt-writer")
+        self.pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="aprt-writer")
+            if file_bytes >= THREAD_MIN_FILE_BYTES
+            else None
+        )
         self.pending: list = []  # (future, nbytes)
         self.written: list[Path] = []
         self.made: set[Path] = set()
@@ -141,7 +156,7 @@ class Writer:
         if parent not in self.made:  # one mkdir per layer directory, on this thread
             self.out.mkdir(parent)
             self.made.add(parent)
-        if hasattr(capture.array, "blocks"):
+        if self.pool is None or hasattr(capture.array, "blocks"):
             self._drain(0)
             self.written.append(self.out.record(_write(self.directory, capture, self.overwrite)))
             return
@@ -159,11 +174,23 @@ class Writer:
             self.written.append(self.out.record(future.result()))
 
     def close(self) -> list[Path]:
-        """Wait for every queued write (also after an interrupt) and return the paths."""
+        """Wait for every queued write (also after an interrupt or a failed write), record
+        every file written, then raise the first failure, if any, or return the paths.
+
+        Every queued write is waited for and recorded even after one has failed: the thread
+        goes on with the queue, and a file it writes after the failure must still be the run's
+        to take back."""
+        failure: BaseException | None = None
         try:
             while self.pending:
                 future, _ = self.pending.pop(0)
-                self.written.append(self.out.record(future.result()))
+                try:
+                    self.written.append(self.out.record(future.result()))
+                except BaseException as error:  # the others are still recorded
+                    failure = failure or error
         finally:
-            self.pool.shutdown(wait=True)
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
+        if failure is not None:
+            raise failure
         return self.written

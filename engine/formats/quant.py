@@ -512,6 +512,18 @@ once (a 7B FFN matrix: 2 x 172 MiB), and thousands of small arrays that glibc ke
 afterwards. Decoded a chunk at a time into one preallocated array, a tensor costs one copy."""
 
 
+PARALLEL_DECODE_MIN_VALUES = 1 << 22
+"""Values (4 Mi: 16 MiB of float32, ~7 ms of decoding on one core) from which a tensor's chunks
+are shared among threads (engine.parallel); a smaller tensor is decoded on the calling thread.
+Handing work to another thread wakes it, and on a virtual machine whose host is busy a wake-up
+costs far more than on bare metal (the sleeping virtual CPU must be scheduled again). Measured on
+the 2-core development VM, whole-process `apr-tui trace` of SmolLM2 (37 tokens, all stages,
+writes inline; min of 6 interleaved runs, host steal 25%): every matrix decoded on two threads
+1.85 s wall, 1.62 s CPU, 2,435 voluntary context switches; on one thread 1.50 s, 1.46 s, 1.
+SmolLM2's layer matrices (≤ 0.9 Mi values) are decoded on one thread, its 28 Mi-value embedding
+table (the tied lm_head) and a 7B model's matrices (16-45 Mi values) on all."""
+
+
 def _gguf_py_kernel(qtype: GGMLQuantizationType):
     from gguf import quants as gguf_quants  # the reference decoders: only for these types
 
@@ -534,17 +546,18 @@ def _dequantize_blocks_into(
     blocks: np.ndarray, qtype: GGMLQuantizationType, out: np.ndarray
 ) -> None:
     """Decode blocks [n, block_bytes] uint8 into `out` [n, block_values] float32, chunk by chunk;
-    a tensor of several chunks is shared among engine.parallel.PARALLEL_THREADS threads."""
+    a tensor of PARALLEL_DECODE_MIN_VALUES or more is shared among engine.parallel's threads."""
     block = GGML_QUANT_SIZES[qtype][0]
     kernel = _FAST_DEQUANT.get(qtype)
     if kernel is None:
         kernel, step = _gguf_py_kernel(qtype), max(1, DEQUANT_CHUNK_VALUES // block)
     else:
         step = max(1, FAST_CHUNK_VALUES // block)
-    parallel_chunks(
-        lambda starts: _decode_chunks(kernel, blocks, out, starts, step),
-        list(range(0, blocks.shape[0], step)),
-    )
+    starts = range(0, blocks.shape[0], step)
+    if blocks.shape[0] * block < PARALLEL_DECODE_MIN_VALUES:
+        _decode_chunks(kernel, blocks, out, starts, step)
+        return
+    parallel_chunks(lambda some: _decode_chunks(kernel, blocks, out, some, step), list(starts))
 
 
 def dequantize_blocks(blocks: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:

@@ -166,3 +166,37 @@ def test_unaligned_read_only_input(qtype):
     expected = _oracle(blocks, qtype)
     _assert_bit_identical(dequantize_ggml(raw, qtype, expected.size), expected)
     assert np.array_equal(raw, blocks.reshape(-1))  # the input is untouched
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["one thread", "shared"])
+def test_small_tensors_decode_on_the_caller_and_big_ones_shared(shared, monkeypatch):
+    """Below PARALLEL_DECODE_MIN_VALUES a tensor never reaches engine.parallel (no thread is
+    woken for it); from it on, its chunks are shared. Either way the values are gguf-py's."""
+    import threading
+
+    from engine import parallel
+
+    qtype = T.Q4_1
+    monkeypatch.setattr(quant, "FAST_CHUNK_VALUES", 1000)  # 31 blocks a chunk: 10 chunks
+    monkeypatch.setattr(parallel, "PARALLEL_THREADS", 3)
+    blocks = _random_blocks(qtype, 301, 5)
+    values = 301 * GGML_QUANT_SIZES[qtype][0]
+    monkeypatch.setattr(quant, "PARALLEL_DECODE_MIN_VALUES", values if shared else values + 1)
+    jobs, threads = [], set()
+    real_parallel, real_kernel = quant.parallel_chunks, quant._FAST_DEQUANT[qtype]
+
+    def counted(work, items):
+        jobs.append(len(items))
+        real_parallel(work, items)
+
+    def kernel(chunk, out):
+        threads.add(threading.get_ident())
+        real_kernel(chunk, out)
+
+    monkeypatch.setattr(quant, "parallel_chunks", counted)
+    monkeypatch.setitem(quant._FAST_DEQUANT, qtype, kernel)
+    got = dequantize_ggml(blocks.reshape(-1), qtype, values)
+    _assert_bit_identical(got, _oracle(blocks, qtype))
+    assert jobs == ([10] if shared else [])
+    if not shared:
+        assert threads == {threading.get_ident()}

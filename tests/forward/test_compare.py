@@ -411,3 +411,46 @@ def test_a_drill_down_rerun_of_a_large_pass_gets_the_passes_blas_threads(hf_llam
         assert source.tensor(1, "attn_out") is not None
         assert seen == [2]
         assert blas_threads() == 1  # restored when the rerun ends
+
+
+def test_a_serial_run_computes_the_matrix_products_local_error_on_one_helper(hf_llama, monkeypatch):
+    """One step after the other (a short prompt), the local error of the matrix-product
+    stages runs on one helper thread and every other stage's on the caller's; the cells still
+    come out in computation order, each with its local error (the test above checks the
+    values against the side-by-side run)."""
+    import engine.plan
+    from engine.local_error import LocalErrorTracker
+    from engine.plan import OFFLOADED_LOCAL_ERROR_STAGES, plan_for
+    from engine.stages import STAGE_BY_NAME
+
+    assert set(STAGE_BY_NAME) >= OFFLOADED_LOCAL_ERROR_STAGES  # real stage names
+    monkeypatch.setattr(engine.plan, "PIPELINE_MIN_FLOPS", float("inf"))
+    ran_on: dict[tuple[int, str], int] = {}
+    taken: list[tuple[int, str]] = []  # the order the tracker took the captures in
+    real_job = LocalErrorTracker.job
+
+    def job(self, capture):
+        taken.append((capture.layer, capture.stage))
+        compute = real_job(self, capture)
+
+        def recorded():
+            ran_on[(capture.layer, capture.stage)] = threading.get_ident()
+            return compute()
+
+        return recorded
+
+    monkeypatch.setattr(LocalErrorTracker, "job", job)
+    a = _source(hf_llama)
+    b = _source(hf_llama, **{"model.layers.1.mlp.up_proj.weight": lambda w: w * 1.01})
+    with plan_for(a, b) as plan:
+        assert not plan._concurrent()
+        cells = list(plan.run())
+    caller = threading.get_ident()
+    helpers = {ident for key, ident in ran_on.items() if key[1] in OFFLOADED_LOCAL_ERROR_STAGES}
+    assert len(helpers) == 1 and caller not in helpers
+    assert {
+        ident for key, ident in ran_on.items() if key[1] not in OFFLOADED_LOCAL_ERROR_STAGES
+    } == {caller}
+    assert [(c.layer, c.stage) for c in cells] == taken == sorted(ran_on, key=taken.index)
+    ffn_up = next(c for c in cells if (c.layer, c.stage) == (1, "ffn_up"))
+    assert ffn_up.local is not None and ffn_up.local.error is not None
