@@ -85,8 +85,7 @@ def _with_local(cell: Cell, local: Future[LocalError] | None) -> Cell:
 
 def _finished(cell: Future[Cell], local: Future[LocalError] | None) -> Cell:
     """The pair's Cell with its local error, once both are computed (errors re-raised)."""
-    done = cell.result()
-    return done if local is None else replace(done, local=local.result())
+    return _with_local(cell.result(), local)
 
 
 def _cancel_pending(*pools: ThreadPoolExecutor) -> None:
@@ -227,6 +226,8 @@ class Plan:
                     cell = make_cell(capture_a, capture_b, seq_len=self.seq_len, local=local)
                     waiting.append((cell, None))
                 while waiting and (_ready(waiting[0]) or len(waiting) > WINDOW):
+                    if cancel is not None and cancel.is_set():
+                        return
                     yield _with_local(*waiting.popleft())
             while waiting:
                 if cancel is not None and cancel.is_set():

@@ -454,3 +454,37 @@ def test_a_serial_run_computes_the_matrix_products_local_error_on_one_helper(hf_
     assert [(c.layer, c.stage) for c in cells] == taken == sorted(ran_on, key=taken.index)
     ffn_up = next(c for c in cells if (c.layer, c.stage) == (1, "ffn_up"))
     assert ffn_up.local is not None and ffn_up.local.error is not None
+
+
+def test_cancel_stops_a_serial_run_whose_cells_wait_for_the_helper(hf_llama, monkeypatch):
+    """Cells computed while a matrix product's local error is still on the helper wait behind
+    it; once the consumer cancels, none of them comes out (the helper's job is made slow, so
+    they are always waiting when qkv_matmul's cell is handed over)."""
+    import time
+
+    import engine.plan
+    from engine.local_error import LocalErrorTracker
+    from engine.plan import OFFLOADED_LOCAL_ERROR_STAGES
+
+    monkeypatch.setattr(engine.plan, "PIPELINE_MIN_FLOPS", float("inf"))
+    real_job = LocalErrorTracker.job
+
+    def job(self, capture):
+        compute = real_job(self, capture)
+        if capture.stage not in OFFLOADED_LOCAL_ERROR_STAGES:
+            return compute
+
+        def slow():
+            time.sleep(0.2)
+            return compute()
+
+        return slow
+
+    monkeypatch.setattr(LocalErrorTracker, "job", job)
+    cancel = threading.Event()
+    seen = []
+    for cell in compare(_source(hf_llama), _source(hf_llama), cancel=cancel):
+        seen.append(cell.stage)
+        if cell.stage == "qkv_matmul":
+            cancel.set()
+    assert seen == ["embedding", "attn_norm", "qkv_matmul"]
