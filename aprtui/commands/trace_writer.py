@@ -1,8 +1,9 @@
 """Writing a trace's stage files while the forward pass runs (`apr-tui trace`).
 
 `Writer` writes each capture, inline for a run of small files, on a background thread with a
-bounded queue for big ones (their copying then overlaps the arithmetic); `Progress` shows layer progress on stderr; `Interrupt` turns
-the first Ctrl+C into a request to stop between stages, so no stage file is ever cut short.
+bounded queue for big ones (their copying then overlaps the arithmetic); `Progress` shows layer
+progress on stderr; `Interrupt` turns the first Ctrl+C into a request to stop between stages,
+so no stage file is ever cut short.
 The command's flow (checks, tokens.json, the report) stays in aprtui.commands.trace.
 """
 

@@ -413,33 +413,41 @@ def test_a_drill_down_rerun_of_a_large_pass_gets_the_passes_blas_threads(hf_llam
         assert blas_threads() == 1  # restored when the rerun ends
 
 
+def _serial_with_local_jobs(monkeypatch, wrap) -> None:
+    """Comparisons run one step after the other (a short prompt's way) and every local-error
+    job the tracker hands out replaced by `wrap(capture, job)`."""
+    import engine.plan
+    from engine.local_error import LocalErrorTracker
+
+    monkeypatch.setattr(engine.plan, "PIPELINE_MIN_FLOPS", float("inf"))
+    real_job = LocalErrorTracker.job
+    monkeypatch.setattr(
+        LocalErrorTracker, "job", lambda self, capture: wrap(capture, real_job(self, capture))
+    )
+
+
 def test_a_serial_run_computes_the_matrix_products_local_error_on_one_helper(hf_llama, monkeypatch):
     """One step after the other (a short prompt), the local error of the matrix-product
     stages runs on one helper thread and every other stage's on the caller's; the cells still
     come out in computation order, each with its local error (the test above checks the
     values against the side-by-side run)."""
-    import engine.plan
-    from engine.local_error import LocalErrorTracker
     from engine.plan import OFFLOADED_LOCAL_ERROR_STAGES, plan_for
     from engine.stages import STAGE_BY_NAME
 
     assert set(STAGE_BY_NAME) >= OFFLOADED_LOCAL_ERROR_STAGES  # real stage names
-    monkeypatch.setattr(engine.plan, "PIPELINE_MIN_FLOPS", float("inf"))
     ran_on: dict[tuple[int, str], int] = {}
     taken: list[tuple[int, str]] = []  # the order the tracker took the captures in
-    real_job = LocalErrorTracker.job
 
-    def job(self, capture):
+    def recorded(capture, compute):
         taken.append((capture.layer, capture.stage))
-        compute = real_job(self, capture)
 
-        def recorded():
+        def run():
             ran_on[(capture.layer, capture.stage)] = threading.get_ident()
             return compute()
 
-        return recorded
+        return run
 
-    monkeypatch.setattr(LocalErrorTracker, "job", job)
+    _serial_with_local_jobs(monkeypatch, recorded)
     a = _source(hf_llama)
     b = _source(hf_llama, **{"model.layers.1.mlp.up_proj.weight": lambda w: w * 1.01})
     with plan_for(a, b) as plan:
@@ -462,15 +470,9 @@ def test_cancel_stops_a_serial_run_whose_cells_wait_for_the_helper(hf_llama, mon
     they are always waiting when qkv_matmul's cell is handed over)."""
     import time
 
-    import engine.plan
-    from engine.local_error import LocalErrorTracker
     from engine.plan import OFFLOADED_LOCAL_ERROR_STAGES
 
-    monkeypatch.setattr(engine.plan, "PIPELINE_MIN_FLOPS", float("inf"))
-    real_job = LocalErrorTracker.job
-
-    def job(self, capture):
-        compute = real_job(self, capture)
+    def slowed(capture, compute):
         if capture.stage not in OFFLOADED_LOCAL_ERROR_STAGES:
             return compute
 
@@ -480,7 +482,7 @@ def test_cancel_stops_a_serial_run_whose_cells_wait_for_the_helper(hf_llama, mon
 
         return slow
 
-    monkeypatch.setattr(LocalErrorTracker, "job", job)
+    _serial_with_local_jobs(monkeypatch, slowed)
     cancel = threading.Event()
     seen = []
     for cell in compare(_source(hf_llama), _source(hf_llama), cancel=cancel):
