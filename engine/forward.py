@@ -61,7 +61,7 @@ from engine.attention import (  # noqa: F401  (attention_scores & co. stay impor
 )
 from engine.backend import Backend, resolve_backend
 from engine.errors import FormatError, TokenizerError
-from engine.model import Model, ModelConfig, gather_rows, weight_rows
+from engine.model import Model, ModelConfig, gather_rows
 from engine.stages import LOGITS_ALL, STAGES, WHOLE_MODEL_LAYER, Stage, stage
 
 Array = Any
@@ -232,12 +232,26 @@ def check_token_ids(token_ids: Iterable[int], config: ModelConfig, source: str) 
 class _LayerWeights:
     """Fetches one weight at a time onto the device, checking its shape against the config."""
 
-    def __init__(self, model: Model, backend: Backend) -> None:
+    def __init__(
+        self,
+        model: Model,
+        backend: Backend,
+        run_layers: int | None = None,
+        *,
+        head: bool = False,
+        decode_ahead: bool = False,
+    ) -> None:
+        """`run_layers`: the layers the pass runs; `head`: whether it ends with the lm_head;
+        `decode_ahead`: whether a child process may decode ahead (engine.prefetch)."""
         from engine.prefetch import WeightPrefetcher
 
         self.model = model
         self.backend = backend
-        self.prefetch = WeightPrefetcher(model.weights, model.config.num_layers)
+        config = model.config
+        name = lm_head_weight_name(model)
+        tail = [(name, *rows) for rows in lm_head_row_blocks(config.vocab_size)] if head else []
+        layers = config.num_layers if run_layers is None else run_layers
+        self.prefetch = WeightPrefetcher(model.weights, layers, tail, child=decode_ahead)
 
     def get(self, name: str, shape: tuple[int, ...]) -> Array:
         self._check(name, shape)
@@ -259,7 +273,7 @@ class _LayerWeights:
     def rows(self, name: str, shape: tuple[int, ...], start: int, stop: int) -> Array:
         """Rows [start, stop) of a 2-D weight on the device; only those rows are dequantized."""
         self._check(name, shape)
-        return self.backend.asarray(weight_rows(self.model.weights, name, start, stop))
+        return self.backend.asarray(self.prefetch.rows(name, start, stop))
 
     def optional(self, name: str, shape: tuple[int, ...]) -> Array | None:
         return self.get(name, shape) if self.model.weights.has(name) else None
@@ -471,6 +485,7 @@ def trace(
     cancel: threading.Event | None = None,
     on_layer: Callable[[int, int], None] | None = None,
     keep_logits: bool = False,
+    decode_ahead: bool = True,
 ) -> Iterator[Capture]:
     """Run one prefill pass over `token_ids` and yield each requested capture as soon as it exists.
 
@@ -484,7 +499,9 @@ def trace(
     (also the ones it does not capture), for progress bars. `keep_logits`: the lm_head stage
     also computes every position's logits from the head rows it decodes and keeps them with
     the model (engine.logits.TableKeeper) for a comparison's logit metrics; a plain trace has
-    no use for them (they double the arithmetic of SmolLM2's short prompts).
+    no use for them (they double the arithmetic of SmolLM2's short prompts). `decode_ahead`:
+    a child process may decode the next weights meanwhile (engine.prefetch; only when a core is
+    idle and the model big enough); a comparison turns it off, its local error has that core.
     """
     be = resolve_backend(backend)
     xp = be.xp
@@ -494,7 +511,8 @@ def trace(
     captured_layers = layer_range(layers, config.num_layers)
     whole_model_wanted = bool(wanted & {"final_norm", "lm_head", LOGITS_ALL})
     run_to = config.num_layers if whole_model_wanted else captured_layers.stop
-    weights = _LayerWeights(model, be)
+    head = whole_model_wanted and "lm_head" in wanted
+    weights = _LayerWeights(model, be, run_to, head=head, decode_ahead=decode_ahead)
 
     def checkpoint() -> None:
         if cancel is not None and cancel.is_set():

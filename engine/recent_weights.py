@@ -61,7 +61,17 @@ class RecentWeights:
             if kept is not None:
                 self._kept.move_to_end(name)
                 return kept
-        value = self.store.get(name)  # decoded outside the lock: the other thread goes on
+        return self.adopt(name, self.store.get(name))  # decoded outside the lock
+
+    @property
+    def decoding_store(self) -> Any:
+        """The store that decodes (engine.prefetch's child decodes with it, not through this
+        cache: a forked child must not take a lock another thread may have held)."""
+        return self.store
+
+    def adopt(self, name: str, value: np.ndarray) -> np.ndarray:
+        """Keep `value`, the decoded `name` (by this thread or by engine.prefetch's child), as
+        `get` keeps what it decodes; returned read-only."""
         value.flags.writeable = False
         if value.nbytes <= self.limit:
             with self._lock:

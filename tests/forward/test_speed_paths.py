@@ -1,6 +1,6 @@
 """The speed-ups of issue 13 change no result: the GGUF vocabulary is decoded only when a token
-is named or a prompt encoded (and then equals gguf-py's reading), and the weight prefetcher
-hands out exactly the store's arrays, each decoded once per pass."""
+is named or a prompt encoded (and then equals gguf-py's reading), and a linear's layout
+changes no product. (Weights decoded ahead in a child: tests/forward/test_decoder_process.py.)"""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 
 from engine.formats import open_model
 from engine.forward import trace
-from engine.prefetch import WeightPrefetcher
 
 
 @pytest.mark.slow
@@ -33,47 +32,6 @@ def test_tokens_trace_never_decodes_the_vocabulary(smollm2_gguf):
         assert list(model.tokenizer.merges) == [
             bytes(merges.parts[i]).decode("utf-8") for i in merges.data
         ]
-
-
-class CountingStore:
-    def __init__(self, arrays):
-        self.arrays = arrays
-        self.calls: list[str] = []
-
-    def has(self, name):
-        return name in self.arrays
-
-    def get(self, name):
-        self.calls.append(name)
-        return self.arrays[name].copy()
-
-
-def test_prefetcher_returns_the_store_arrays_each_decoded_once(monkeypatch):
-    import engine.prefetch
-
-    monkeypatch.setattr(engine.prefetch, "PREFETCH_WEIGHTS", True)
-    keys = ["input_layernorm.weight", "self_attn.q_proj.weight", "mlp.down_proj.weight"]
-    rng = np.random.default_rng(0)
-    arrays = {
-        f"model.layers.{layer}.{key}": rng.standard_normal(4) for layer in range(3) for key in keys
-    }
-    arrays["model.norm.weight"] = rng.standard_normal(4)
-    store = CountingStore(arrays)
-    prefetch = WeightPrefetcher(store, num_layers=3)
-    order = [f"model.layers.{layer}.{key}" for layer in range(3) for key in keys]
-    order.append("model.norm.weight")
-    for name in order:
-        assert np.array_equal(prefetch.get(name), arrays[name])
-    prefetch.close()
-    assert sorted(store.calls) == sorted(order)  # every weight read once, none twice
-    # a wrong guess is dropped: the asked-for name is still the one returned
-    store.calls.clear()
-    prefetch = WeightPrefetcher(store, num_layers=3)
-    for name in order[:4]:  # learn layer 0, then prefetch layer 1's second weight
-        prefetch.get(name)
-    assert np.array_equal(prefetch.get("model.norm.weight"), arrays["model.norm.weight"])
-    prefetch.close()
-    assert store.calls.count("model.layers.1.self_attn.q_proj.weight") == 1
 
 
 @pytest.mark.parametrize("seq", [37, 300])
