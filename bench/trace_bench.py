@@ -27,8 +27,10 @@ Whole process (issue 13): with `--baseline DIR` (a checkout of an earlier apr-tu
 command lines `apr-tui trace MODEL --save-tensor all --save-tensor-layers 0..30` and
 `apr-tui bisect MODEL COPY` (COPY = `apr-tui convert MODEL --dtype q8_0`, made once) run as
 child processes from both checkouts, interleaved, `--repeat` times each; the table gives the
-minimum wall time and the minimum CPU time (user + system of the child, which a loaded machine
-inflates less than wall time) and the ratio baseline / current. A third row, `bisect*`, runs
+minimum wall time and the minimum CPU time (user + system of the child and of the decoding
+process it may fork, engine.prefetch; a loaded machine inflates CPU time less than wall time)
+and the ratio baseline / current. The row `trace-1` runs our trace on one process, without the
+decoding child (bench/trace_one_process.py): what the child buys. The row `bisect*` runs
 our bisect without the work added after the baseline (the local error of every stage, the
 per-position logit metrics; bench/bisect_baseline_work.py) against the baseline's bisect: the
 same work on both sides. Below the table, the share of CPU time the host stole from this
@@ -300,7 +302,9 @@ def compare_processes(
         # The baseline's own bisect against ours without the work added since (the local
         # error and the logit metrics): like for like.
         same_work = [str(ROOT / "bench" / "bisect_baseline_work.py")]
+        one_process = [str(ROOT / "bench" / "trace_one_process.py")]
         runs = [(name, argv, None) for name, argv in commands.items()]
+        runs.insert(1, ("trace-1", commands["trace"], one_process))
         runs.append(("bisect*", commands["bisect"], same_work))
         best: dict[tuple[str, str], list[float]] = {}
         starts: list[float] = []  # our trace's serial start, per run
@@ -340,6 +344,7 @@ def compare_processes(
                 f"{bc:>13.2f}s{cc:>12.2f}s{bc / cc:>9.2f}x"
             )
         print(
+            "trace-1: ours on one process, no decoding child (bench/trace_one_process.py); "
             "bisect*: ours without the local error and the logit metrics "
             "(bench/bisect_baseline_work.py), the baseline's work"
         )

@@ -27,7 +27,8 @@ falls behind and the pass simply decodes more itself; no schedule is fixed in ad
 
 The child is kept harmless:
 - it closes every descriptor it inherited but its two pipes (a trace directory's flock, a
-  temporary's lock, a terminal: a lock shared with a lingering child would outlive the run);
+  temporary's lock, a terminal: a lock shared with a lingering child would outlive the run),
+  its stdin, stdout and stderr reopened on /dev/null;
 - it ignores SIGINT (Ctrl+C reaches the whole process group; the parent decides) and dies on
   SIGTERM; it ends with `os._exit`, never running the parent's cleanup, flushing the parent's
   buffers or raising into the parent's stack;
@@ -266,7 +267,15 @@ def _decode_into(
 
 
 def _close_inherited(*keep: int) -> None:
-    """Close every descriptor above stderr but `keep` (os.closerange uses close_range(2))."""
+    """Close every descriptor but `keep` (os.closerange uses close_range(2)); stdin, stdout
+    and stderr become /dev/null (a reader of the parent's output sees its end when the parent
+    ends, and nothing of the child's can ever reach it)."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for std in (0, 1, 2):
+        if std != null:
+            os.dup2(null, std)
+    if null > 2:
+        os.close(null)
     low = 3
     for fd in sorted(keep):
         os.closerange(low, fd)

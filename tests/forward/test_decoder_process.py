@@ -225,6 +225,7 @@ def test_the_child_holds_none_of_the_parents_descriptors(tmp_path):
         descriptors = f"/proc/{pid}/fd"
         wait_until(lambda: len(os.listdir(descriptors)) == 5, "the child to close what it got")
         assert len(os.listdir(descriptors)) == 5  # stdin, stdout, stderr and its two pipes
+        assert {os.readlink(f"{descriptors}/{fd}") for fd in (0, 1, 2)} == {os.devnull}
         other = os.open(tmp_path, os.O_RDONLY)
         with pytest.raises(BlockingIOError):
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held (by the parent)
