@@ -230,7 +230,7 @@ def write_aprt(
     body = _to_host_f32(values)
     if body.size > U32_MAX:
         raise ValueError(f"APRT holds at most 2**32-1 values, got {body.size}")
-    target = Path(path)
+    target = path if isinstance(path, Path) else Path(path)
     _atomic_write(target, [_HEADER.pack(MAGIC, int(layer), body.size), body], overwrite)
     return target
 

@@ -36,7 +36,7 @@ import re
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, BinaryIO
 
 from engine.errors import OutputError
@@ -176,8 +176,8 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def _sweep_once(directory: Path) -> None:
-    key = os.fspath(directory.absolute())
+def _sweep_once(directory: str) -> None:
+    key = os.path.abspath(directory)
     if key not in _SWEPT:
         _SWEPT.add(key)
         remove_stale_temporaries(directory)
@@ -205,13 +205,13 @@ def _signals_deferred() -> Iterator[None]:
         mask(signal.SIG_SETMASK, previous)
 
 
-def _create_temporary(directory: Path) -> tuple[int, Path]:
+def _create_temporary(directory: str) -> tuple[int, str]:
     """A new, locked, empty temporary in `directory`: (descriptor holding the lock, path)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     while True:
-        temp = (
-            directory / f"{TEMP_PREFIX}{os.getpid()}.{os.urandom(4).hex()}.tmp"
-        )  # secrets: +10 ms of imports
+        temp = os.path.join(  # secrets: +10 ms of imports
+            directory, f"{TEMP_PREFIX}{os.getpid()}.{os.urandom(4).hex()}.tmp"
+        )
         try:
             fd = os.open(temp, flags, 0o666)
         except FileExistsError:
@@ -225,12 +225,13 @@ def _create_temporary(directory: Path) -> tuple[int, Path]:
             pass
         except BaseException:
             os.close(fd)
-            temp.unlink(missing_ok=True)
+            with suppress(FileNotFoundError):
+                os.unlink(temp)
             raise
         os.close(fd)
 
 
-def _publish(temp: Path, target: Path, overwrite: bool) -> None:
+def _publish(temp: str, target: str, overwrite: bool) -> None:
     """Move the finished temporary to `target`: a rename when replacing is allowed, otherwise
     a hard link that fails if `target` exists (then the temporary is dropped)."""
     if overwrite:
@@ -250,10 +251,10 @@ def _publish(temp: Path, target: Path, overwrite: bool) -> None:
             raise OutputExistsError(target) from None
         os.replace(temp, target)
         return
-    temp.unlink()
+    os.unlink(temp)
 
 
-def _naming(error: OSError, target: Path, temp: Path | None) -> OSError:
+def _naming(error: OSError, target: str, temp: str | None) -> OSError:
     """`error` with the target as its file name (the user never asked for the temporary)."""
     if error.filename is not None and os.fspath(error.filename) not in (
         os.fspath(temp) if temp is not None else None,
@@ -276,7 +277,7 @@ def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = True) -> It
     `path` is either untouched or completely written. An OSError names `path`.
     """
     with _atomic(path, overwrite) as (_, temp):
-        yield temp
+        yield Path(temp)
 
 
 @contextmanager
@@ -289,21 +290,26 @@ def atomic_file(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iter
 
 
 @contextmanager
-def _atomic(path: str | os.PathLike[str], overwrite: bool) -> Iterator[tuple[int, Path]]:
-    """The body of `atomic_output`: yields (the temporary's locked descriptor, its path)."""
-    target = Path(path)
-    _sweep_once(target.parent)
-    temp: Path | None = None
+def _atomic(path: str | os.PathLike[str], overwrite: bool) -> Iterator[tuple[int, str]]:
+    """The body of `atomic_output`: yields (the temporary's locked descriptor, its path).
+
+    Paths are handled as strings: a trace publishes hundreds of files, and pathlib's parsing
+    cost more than the system calls. The target is spelled as `Path` spells it (what error
+    messages name), parsed only when it is not a Path already."""
+    target = os.fspath(path if isinstance(path, PurePath) else Path(path))
+    parent = os.path.dirname(target) or os.curdir
+    _sweep_once(parent)
+    temp: str | None = None
     fd = -1
     try:
         with _signals_deferred():
-            fd, temp = _create_temporary(target.parent)
+            fd, temp = _create_temporary(parent)
         yield fd, temp
         _publish(temp, target, overwrite)
     except BaseException as error:
         if temp is not None:
             with suppress(OSError):
-                temp.unlink(missing_ok=True)
+                os.unlink(temp)
         if isinstance(error, OSError):
             raise _naming(error, target, temp) from None
         raise

@@ -261,7 +261,6 @@ class SaveTensorPlan:
 
 def stage_path(directory: str | Path, stage_name: str, layer: int) -> Path:
     """`<dir>/layer-<N>/<stage>.bin` for per-layer stages, `<dir>/<stage>.bin` for whole-model."""
-    selected = STAGE_BY_NAME[stage_name]
-    if not selected.per_layer:
-        return Path(directory) / f"{stage_name}.bin"
-    return Path(directory) / f"layer-{layer}" / f"{stage_name}.bin"
+    if not STAGE_BY_NAME[stage_name].per_layer:
+        return Path(directory, f"{stage_name}.bin")
+    return Path(directory, f"layer-{layer}", f"{stage_name}.bin")  # one parse, not three

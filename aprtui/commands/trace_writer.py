@@ -91,11 +91,12 @@ class Progress:
         self.bar.update(self.task, completed=done)
 
 
-def _write(directory: Path, capture, overwrite) -> Path:
-    """One capture to its stage file (its directory already made); a lazy attention capture is
-    streamed block by block. `overwrite`: the predicate on stage paths the run may replace."""
+def _write(directory: Path, path: Path, capture, overwrite) -> Path:
+    """One capture to its stage file `path` (its directory already made); a lazy attention
+    capture is streamed block by block. `overwrite`: the predicate on stage paths the run may
+    replace."""
     from engine.aprt import write_aprt, write_stage_stream
-    from engine.stages import STAGE_BY_NAME, WHOLE_MODEL_LAYER, stage_path
+    from engine.stages import STAGE_BY_NAME, WHOLE_MODEL_LAYER
 
     if hasattr(capture.array, "blocks"):
         blocks = (block for _, block in capture.array.blocks())
@@ -103,7 +104,6 @@ def _write(directory: Path, capture, overwrite) -> Path:
             directory, capture.stage, capture.layer, capture.array.size, blocks, overwrite=overwrite
         )
     per_layer = STAGE_BY_NAME[capture.stage].per_layer
-    path = stage_path(directory, capture.stage, capture.layer)
     header_layer = capture.layer if per_layer else WHOLE_MODEL_LAYER
     return write_aprt(path, header_layer, capture.array, overwrite=overwrite(path))
 
@@ -153,17 +153,18 @@ class Writer:
     def submit(self, capture) -> None:
         from engine.stages import stage_path
 
-        parent = stage_path(self.directory, capture.stage, capture.layer).parent
-        if parent not in self.made:  # one mkdir per layer directory, on this thread
-            self.out.mkdir(parent)
-            self.made.add(parent)
+        path = stage_path(self.directory, capture.stage, capture.layer)
+        if path.parent not in self.made:  # one mkdir per layer directory, on this thread
+            self.out.mkdir(path.parent)
+            self.made.add(path.parent)
         if self.pool is None or hasattr(capture.array, "blocks"):
             self._drain(0)
-            self.written.append(self.out.record(_write(self.directory, capture, self.overwrite)))
+            written = _write(self.directory, path, capture, self.overwrite)
+            self.written.append(self.out.record(written))
             return
         nbytes = int(capture.array.nbytes)
         self._drain(WRITE_AHEAD_BYTES - nbytes)
-        future = self.pool.submit(_write, self.directory, capture, self.overwrite)
+        future = self.pool.submit(_write, self.directory, path, capture, self.overwrite)
         self.pending.append((future, nbytes))
 
     def _drain(self, budget: int) -> None:

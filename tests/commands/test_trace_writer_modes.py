@@ -58,11 +58,11 @@ def test_a_failed_write_is_one_error_and_leaves_no_partial_directory(
     monkeypatch.setattr(trace_writer, "THREAD_MIN_FILE_BYTES", 0 if threaded else 1 << 60)
     real, calls = trace_writer._write, []
 
-    def failing(directory, capture, overwrite):
+    def failing(directory, path, capture, overwrite):
         calls.append(capture.stage)
         if len(calls) == 5:
-            raise OSError(28, "No space left on device", str(directory / "x.bin"))
-        return real(directory, capture, overwrite)
+            raise OSError(28, "No space left on device", str(path))
+        return real(directory, path, capture, overwrite)
 
     monkeypatch.setattr(trace_writer, "_write", failing)
     out = tmp_path / "out"
