@@ -62,6 +62,7 @@ from engine.attention import (  # noqa: F401  (attention_scores & co. stay impor
 from engine.backend import Backend, resolve_backend
 from engine.errors import FormatError, TokenizerError
 from engine.model import Model, ModelConfig, gather_rows
+from engine.prefetch import WeightPrefetcher  # imported early: its /proc/stat sample
 from engine.stages import LOGITS_ALL, STAGES, WHOLE_MODEL_LAYER, Stage, stage
 
 Array = Any
@@ -243,8 +244,6 @@ class _LayerWeights:
     ) -> None:
         """`run_layers`: the layers the pass runs; `head`: whether it ends with the lm_head;
         `decode_ahead`: whether a child process may decode ahead (engine.prefetch)."""
-        from engine.prefetch import WeightPrefetcher
-
         self.model = model
         self.backend = backend
         config = model.config

@@ -66,16 +66,59 @@ def _split(name: str) -> tuple[int, str] | None:
     return (int(match.group(1)), match.group(2)) if match else None
 
 
-def idle_core() -> bool:
-    """Whether a core is likely idle for the child: the one-minute load average below the
-    usable cores less one half. With a busy process beside the pass the child would only take
-    turns with it, and the pass would wait for the child (measured, 2 cores, one busy
-    neighbour: 1.39 s against 1.23 s decoding inline)."""
+CpuTimes = tuple[int, int, int]
+"""(all, idle, stolen) clock ticks of every CPU since boot, from /proc/stat's first line."""
+
+
+def cpu_times() -> CpuTimes | None:
+    """This machine's CPU times now, or None where /proc/stat is not there (not Linux)."""
+    try:
+        with open("/proc/stat", "rb") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 8:
+        return None
+    # user nice system idle iowait irq softirq steal
+    return sum(fields), fields[3] + fields[4], fields[7]
+
+
+MIN_WINDOW_TICKS = 20
+"""Clock ticks (of all CPUs together; 10 ms each on Linux) below which a window of /proc/stat
+says nothing (one tick of steal would be 5%)."""
+
+MAX_STEAL_SHARE = 0.05
+"""The most CPU time the host may have taken from this virtual machine while the pass started
+for a child to be worth it. Measured on the 2-core development VM (whole-process trace of
+SmolLM2, min of 6 interleaved runs): with 1-4% stolen the child took the trace from 1.10 s to
+0.86 s; with 12% stolen it made it slower, 1.40 s to 1.60 s: the host's other guests take the
+'idle' core's time, and the child then only takes turns with the pass."""
+
+MIN_IDLE_SHARE = 0.3
+"""The least idle share of all CPU time while the pass started for a core to count as free
+(the pass itself keeps one core busy: on 2 cores an idle second core is ~50%)."""
+
+
+def idle_core(since: CpuTimes | None = None, now: CpuTimes | None = None) -> bool:
+    """Whether a core is likely free for the child: CPU time stayed idle and the host took
+    little of it between `since` and `now` (/proc/stat samples), else when that window is too
+    short to tell, the one-minute load average below the usable cores less one half. With a
+    busy process beside the pass the child would only take turns with it (measured, 2 cores,
+    one busy neighbour: 1.39 s against 1.23 s decoding inline)."""
+    if since is not None and now is not None and now[0] - since[0] >= MIN_WINDOW_TICKS:
+        ticks = now[0] - since[0]
+        idle, stolen = (now[1] - since[1]) / ticks, (now[2] - since[2]) / ticks
+        return idle >= MIN_IDLE_SHARE and stolen <= MAX_STEAL_SHARE
     try:
         cores = len(os.sched_getaffinity(0))
         return os.getloadavg()[0] < cores - 0.5
     except (AttributeError, OSError):
         return False
+
+
+PROCESS_START = cpu_times()
+"""/proc/stat when this module was imported (early in a command, before the model is opened):
+the start of the window `idle_core` looks at."""
 
 
 class WeightPrefetcher:
@@ -131,7 +174,13 @@ class WeightPrefetcher:
         self.schedule = {item: index for index, item in enumerate(self.planned)}
         current = (f"model.layers.{layer}.{key}", WHOLE, WHOLE)
         self.cursor = self.schedule.get(current, -1) + 1
-        if self.child and DECODE_PROCESS and self.order and self._worth_a_child() and idle_core():
+        if (
+            self.child
+            and DECODE_PROCESS
+            and self.order
+            and self._worth_a_child()
+            and idle_core(PROCESS_START, cpu_times())
+        ):
             self.decoder = self._start_decoder()
 
     def _values(self, item: Item) -> int:

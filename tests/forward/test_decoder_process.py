@@ -66,7 +66,7 @@ def quantized_model(tmp_path_factory) -> Path:
 def child_always(monkeypatch):
     """A decoding child for any model size and load, waited for on every item it was asked."""
     monkeypatch.setattr(engine.prefetch, "DECODE_PROCESS_MIN_VALUES", 0)
-    monkeypatch.setattr(engine.prefetch, "idle_core", lambda: True)
+    monkeypatch.setattr(engine.prefetch, "idle_core", lambda since, now: True)
     monkeypatch.setattr(engine.prefetch, "DECODE_PATIENT", True)
 
 
@@ -118,9 +118,9 @@ def test_no_child_for_a_small_model_or_a_busy_machine(quantized_model, monkeypat
     monkeypatch.setattr(DecoderProcess, "__init__", refuse)
     captures_of(quantized_model, decode_ahead=True)  # below DECODE_PROCESS_MIN_VALUES
     monkeypatch.setattr(engine.prefetch, "DECODE_PROCESS_MIN_VALUES", 0)
-    monkeypatch.setattr(engine.prefetch, "idle_core", lambda: False)
+    monkeypatch.setattr(engine.prefetch, "idle_core", lambda since, now: False)
     captures_of(quantized_model, decode_ahead=True)  # no idle core
-    monkeypatch.setattr(engine.prefetch, "idle_core", lambda: True)
+    monkeypatch.setattr(engine.prefetch, "idle_core", lambda since, now: True)
     captures_of(quantized_model, decode_ahead=False)  # a comparison's pass
 
 
@@ -269,3 +269,12 @@ def test_the_child_ends_when_its_parent_is_killed(tmp_path):
         parent.kill()
         parent.wait(timeout=DEADLINE_S)
         parent.stdout.close()
+
+
+def test_a_core_counts_as_free_when_it_stayed_idle_and_the_host_took_little():
+    from engine.prefetch import idle_core
+
+    # (all, idle, stolen) ticks: 200 ticks of 2 CPUs over one second
+    assert idle_core((1000, 400, 10), (1200, 500, 12))  # 50% idle, 1% stolen
+    assert not idle_core((1000, 400, 10), (1200, 420, 12))  # 10% idle: a neighbour is busy
+    assert not idle_core((1000, 400, 10), (1200, 500, 34))  # 12% stolen by the host
