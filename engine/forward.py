@@ -511,7 +511,9 @@ def trace(
     whole_model_wanted = bool(wanted & {"final_norm", "lm_head", LOGITS_ALL})
     run_to = config.num_layers if whole_model_wanted else captured_layers.stop
     head = whole_model_wanted and "lm_head" in wanted
-    weights = _LayerWeights(model, be, run_to, head=head, decode_ahead=decode_ahead)
+    # The CuPy path keeps to one process: a child forked after CUDA started is not tested here.
+    ahead = decode_ahead and be.name == "numpy"
+    weights = _LayerWeights(model, be, run_to, head=head, decode_ahead=ahead)
 
     def checkpoint() -> None:
         if cancel is not None and cancel.is_set():
