@@ -1,20 +1,29 @@
-"""Decode the next layer weights while the current ones are used: in a forked child process.
+"""Decode the next weights while the current ones are used: in a forked child process.
 
 A traced pass asks for weights in the same order in every layer (norm, q, k, v, o, norm, gate,
-up, down). `WeightPrefetcher.get(name)` learns that order from layer 0 (keyed with the layer
-number replaced); from layer 1 on, a child process (engine.decoder_process) decodes the
-matrices that come next, up to DECODE_SLOTS ahead, while the pass computes, writes and
-compares. Each weight is still the store's own `get`, bit for bit (the child runs the same
-code on the same memory map); a wrong guess costs the child's wasted work and nothing else.
+up, down), then for the lm_head a row block at a time. `WeightPrefetcher` learns the layer
+order from layer 0 (keyed with the layer number replaced) and is told the head's blocks; from
+layer 1 on, a child process (engine.decoder_process) decodes the matrices and head blocks that
+come next, a few ahead, while the pass computes and writes. Each is still the store's own
+`get` / `get_rows`, bit for bit (the child runs the same code on the same memory map); the pass
+decodes itself whatever the child has not begun, so a slow child or a wrong guess costs the
+child's wasted work and nothing else. Vectors (norms) are decoded inline (a round trip costs
+more than they do), and so are matrices and head blocks of PARALLEL_DECODE_MIN_VALUES or more:
+those are shared among threads already.
 
-What it buys, measured in-process on the 2-core development VM (SmolLM2, 37-token chat prompt,
-every stage traced to tmpfs, min of 7): 1.01 s a trace decoding inline, 0.65 s with every weight
-free, 0.68 s with every weight a copy of a decoded one: a child that keeps ahead leaves the pass
-only the copy. Vectors (norms) are decoded inline (a round trip costs more than they do), and so
-are matrices of PARALLEL_DECODE_MIN_VALUES or more: those are shared among threads already.
+When: only for a model with enough to decode (DECODE_PROCESS_MIN_VALUES), only on the numpy
+path, never in a comparison (its local error has the second core), and only when, while the
+command started, a core stayed idle and the host took little (`idle_core`).
 
-Memory: DECODE_SLOTS shared slots of the largest layer matrix (SmolLM2: 4 x 3.4 MiB), and the
-child's own decoding temporaries; never a layer's weights at once.
+What it buys, measured on the 2-core development VM (SmolLM2, 37-token chat prompt, every
+stage traced to tmpfs): in-process, min of 7, 1.01 s a trace decoding inline, 0.65 s with every
+weight free, 0.68 s with every weight a copy of a decoded one (the pass's part once the child
+keeps ahead); whole process, bench/trace_bench.py, min of 6, host steal 9%: 1.09 s with the
+child against 1.18 s without (trace-1), the baseline of issue 13 1.67 s.
+
+Memory: DECODE_SLOTS shared slots of the largest item, within DECODE_SHARED_BYTES (SmolLM2: 3
+slots of its 9 MiB head block), and the child's own decoding temporaries; never a layer's
+weights at once.
 """
 
 from __future__ import annotations
@@ -170,7 +179,7 @@ class WeightPrefetcher:
             for later in range(1, self.num_layers)
             for key in self.order
             if self.store.has(f"model.layers.{later}.{key}")
-        ] + self.tail
+        ] + [item for item in self.tail if self._values(item) < PARALLEL_DECODE_MIN_VALUES]
         self.schedule = {item: index for index, item in enumerate(self.planned)}
         current = (f"model.layers.{layer}.{key}", WHOLE, WHOLE)
         self.cursor = self.schedule.get(current, -1) + 1
@@ -189,6 +198,8 @@ class WeightPrefetcher:
         return (stop - start) * int(np.prod(shape[1:])) if start != WHOLE else int(np.prod(shape))
 
     def _offloadable(self, name: str) -> bool:
+        """A matrix the pass would decode on its own thread (a bigger one is shared among
+        threads already, quant.PARALLEL_DECODE_MIN_VALUES; head row blocks likewise)."""
         shape = tuple(self.store.shape(name))
         return len(shape) >= 2 and int(np.prod(shape)) < PARALLEL_DECODE_MIN_VALUES
 
