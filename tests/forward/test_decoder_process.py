@@ -192,13 +192,16 @@ def test_a_failed_decode_in_the_child_is_decoded_again_by_the_pass(tmp_path):
     assert (tmp_path / "child.log").read_text().split() == ["broken", "fine", "broken"]
 
 
-def test_the_order_is_learned_from_layer_zero_with_the_head_after_the_layers():
+def test_the_order_is_learned_from_layer_zero_with_the_head_after_the_layers(monkeypatch):
     keys = ["input_layernorm.weight", "self_attn.q_proj.weight", "mlp.down_proj.weight"]
     arrays = {
         f"model.layers.{layer}.{key}": np.zeros((4,) if "norm" in key else (4, 4), np.float32)
         for layer in range(3)
         for key in keys
     }
+    arrays["model.embed_tokens.weight"] = np.zeros((100, 4), np.float32)
+    # a head block of 64 rows (256 values) is for threads to decode, not for the child
+    monkeypatch.setattr(engine.prefetch, "PARALLEL_DECODE_MIN_VALUES", 200)
     store = ArrayStore(arrays, Path(os.devnull), {})
     head = [("model.embed_tokens.weight", 0, 64), ("model.embed_tokens.weight", 64, 100)]
     prefetch = WeightPrefetcher(store, num_layers=3, tail=head, child=False)
@@ -208,7 +211,7 @@ def test_the_order_is_learned_from_layer_zero_with_the_head_after_the_layers():
     assert (
         prefetch.planned
         == [(f"model.layers.{layer}.{key}", WHOLE, WHOLE) for layer in (1, 2) for key in keys[1:]]
-        + head
+        + head[1:]
     )
     assert prefetch.decoder is None  # child=False: everything inline
 
