@@ -281,3 +281,26 @@ def test_a_core_counts_as_free_when_it_stayed_idle_and_the_host_took_little():
     assert idle_core((1000, 400, 10), (1200, 500, 12))  # 50% idle, 1% stolen
     assert not idle_core((1000, 400, 10), (1200, 420, 12))  # 10% idle: a neighbour is busy
     assert not idle_core((1000, 400, 10), (1200, 500, 34))  # 12% stolen by the host
+
+
+def test_a_slot_is_not_reused_while_an_array_of_it_is_alive(tmp_path):
+    rng = np.random.default_rng(8)
+    arrays = {name: rng.standard_normal((4, 4)).astype(np.float32) for name in "abcd"}
+    store = ArrayStore(arrays, tmp_path / "child.log", {})
+    decoder = DecoderProcess(store, 4 * 4 * 4, 2, patient=True)
+    try:
+        assert decoder.request(0, ("a", WHOLE, WHOLE)) and decoder.request(1, ("b", WHOLE, WHOLE))
+        held = decoder.take(0, (4, 4)).T  # a view of the slot's array: it keeps the slot
+        assert not held.flags.writeable
+        dropped = decoder.take(1, (4, 4))
+        assert dropped.tobytes() == arrays["b"].tobytes()
+        del dropped
+        assert decoder.request(2, ("c", WHOLE, WHOLE))  # b's slot, free again
+        assert not decoder.request(3, ("d", WHOLE, WHOLE))  # a's slot is still viewed
+        assert decoder.take(2, (4, 4)).tobytes() == arrays["c"].tobytes()
+        assert held.T.tobytes() == arrays["a"].tobytes()  # never overwritten
+        del held
+        assert decoder.request(3, ("d", WHOLE, WHOLE))  # a's slot, reclaimed
+        assert decoder.take(3, (4, 4)).tobytes() == arrays["d"].tobytes()
+    finally:
+        decoder.close()
