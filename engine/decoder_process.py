@@ -44,6 +44,7 @@ itself (raising, if the file is corrupt, exactly the error it would have raised 
 
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 import select
@@ -251,6 +252,9 @@ def _child_main(
     """The child's whole life: answer requests until the pipe closes, then `os._exit`."""
     code = 1
     try:
+        # No cyclic collection here: a garbage cycle inherited from the parent (a file object,
+        # say) must not be finalized in the child, where its descriptor number may be reused.
+        gc.disable()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
