@@ -53,6 +53,7 @@ import struct
 import sys
 import warnings
 from collections import deque
+from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
@@ -71,8 +72,8 @@ the machine is swapping, and then decoding in the parent is the way on."""
 _REQUEST = struct.Struct("<qiqqI")  # seq, slot, rows start, stop (-1: whole), name length
 _REPLY = struct.Struct("<qiq")  # seq, slot, float32 values written (negative: none)
 _SKIPPED, _FAILED = -2, -1
-_HEADER_BYTES = 64  # the two int64 counters, then the slots (64-byte aligned)
-_TAKEN, _STARTED = 0, 1
+_TAKEN, _STARTED = 0, 1  # the two counters at the head of the mapping, then one per slot:
+# the seq the parent took back from that slot (the child skips the request if it matches)
 
 
 class DecoderProcess:
@@ -84,9 +85,11 @@ class DecoderProcess:
     def __init__(self, store: Any, slot_bytes: int, slots: int, *, patient: bool = False) -> None:
         self.patient = patient
         self.slot_values = -(-slot_bytes // 64) * 16  # float32s, each slot 64-byte aligned
-        self.shared = mmap.mmap(-1, _HEADER_BYTES + 4 * self.slot_values * slots)  # MAP_SHARED
-        self.counters = np.frombuffer(self.shared, dtype=np.int64, count=2)  # [taken, started]
-        self.counters[:] = -1
+        self.header_bytes = -(-8 * (2 + slots) // 64) * 64
+        self.shared = mmap.mmap(-1, self.header_bytes + 4 * self.slot_values * slots)
+        self.counters = np.frombuffer(self.shared, dtype=np.int64, count=2 + slots)
+        self.counters[:] = -1  # [taken, started, taken back from slot 0, slot 1, ...]
+        self.stolen: dict[int, np.ndarray | None] = {}  # seq -> what the parent decoded itself
         self.free: list[int] = list(range(slots))
         self.lent: dict[int, Any] = {}  # slot -> the ctypes buffer its handed-out array views
         self.pending: deque[tuple[int, int]] = deque()  # (seq, slot) asked, not yet answered
@@ -102,7 +105,9 @@ class DecoderProcess:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 pid = os.fork()
             if pid == 0:  # the child: never returns
-                _child_main(store, self.shared, self.slot_values, request_r, reply_w)
+                _child_main(
+                    store, self.shared, self.header_bytes, self.slot_values, request_r, reply_w
+                )
         except BaseException:
             for fd in (request_r, request_w, reply_r, reply_w):
                 os.close(fd)
@@ -141,19 +146,32 @@ class DecoderProcess:
         self.pending.append((seq, slot))
         return True
 
-    def take(self, seq: int, shape: tuple[int, ...]) -> np.ndarray | None:
+    def take(
+        self,
+        seq: int,
+        shape: tuple[int, ...],
+        meanwhile: Callable[[int], np.ndarray | None] | None = None,
+    ) -> np.ndarray | None:
         """Item `seq` as a read-only float32 array of `shape` if the child has it or is decoding
         it; None when the caller is to decode it itself (the child then skips it).
 
-        The array views its slot (no copy): the slot is lent until every array viewing it is
-        gone, and only then asked to hold another item (`_reclaim`)."""
+        Rather than wait for the child, the caller decodes a later item the child has not begun
+        (`meanwhile(its seq)`, the furthest one asked): the child skips it, and `take` returns
+        it when its turn comes. The array views its slot (no copy): the slot is lent until every
+        array viewing it is gone, and only then asked to hold another item (`_reclaim`)."""
         self.counters[_TAKEN] = max(int(self.counters[_TAKEN]), seq - 1)  # earlier: not wanted
+        if seq in self.stolen:
+            self.counters[_TAKEN] = max(int(self.counters[_TAKEN]), seq)  # a late answer: freed
+            return self.stolen.pop(seq)
         self._collect(wait=False)
         while seq not in self.ready:
             asked = any(asked_seq == seq for asked_seq, _ in self.pending)
             if not asked or (int(self.counters[_STARTED]) != seq and not self.patient):
                 self.counters[_TAKEN] = max(int(self.counters[_TAKEN]), seq)  # ours: skip it
                 return None
+            if meanwhile is not None and not self.patient and self._steal(meanwhile):
+                self._collect(wait=False)
+                continue
             if not self._collect(wait=True):  # the child is on it: wait for its answer
                 self.stop()
                 return None
@@ -161,7 +179,7 @@ class DecoderProcess:
         if count != int(np.prod(shape, dtype=np.int64)):
             self.free.append(slot)
             return None  # the decode failed: the caller's own decode reports why
-        start = _HEADER_BYTES + 4 * self.slot_values * slot
+        start = self.header_bytes + 4 * self.slot_values * slot
         # An exporter of its own per loan: every array made from this one (views, transposes)
         # keeps it referenced, so its reference count says whether any of them is alive.
         import ctypes
@@ -171,6 +189,18 @@ class DecoderProcess:
         values = np.frombuffer(lent, dtype=np.float32).reshape(shape)
         values.flags.writeable = False  # the pass's weights are never edited in place
         return values
+
+    def _steal(self, decode: Callable[[int], np.ndarray | None]) -> bool:
+        """Take back the furthest asked item the child has not begun and decode it here; False
+        when there is none."""
+        started = int(self.counters[_STARTED])
+        for asked_seq, slot in reversed(self.pending):
+            if asked_seq <= started or asked_seq in self.stolen:
+                continue
+            self.counters[2 + slot] = asked_seq  # the child skips it, unless already begun
+            self.stolen[asked_seq] = decode(asked_seq)
+            return True
+        return False
 
     def _reclaim(self) -> None:
         """Free the lent slots no array views any more (their exporter referenced only by
@@ -204,7 +234,7 @@ class DecoderProcess:
                     self.free.append(asked_slot)
                     self.stop()
                     return False
-                if count < 0 or seq <= int(self.counters[_TAKEN]):
+                if count < 0 or seq <= int(self.counters[_TAKEN]) or seq in self.stolen:
                     self.free.append(slot)  # skipped, failed, or decoded by the parent meanwhile
                 else:
                     self.ready[seq] = (slot, count)
@@ -221,6 +251,7 @@ class DecoderProcess:
         self.free.extend(slot for slot, _ in self.ready.values())
         self.pending.clear()
         self.ready.clear()
+        self.stolen.clear()
         os.close(self.requests)  # the child reads EOF and exits
         try:
             for _ in range(100):
@@ -247,7 +278,7 @@ class DecoderProcess:
 
 
 def _child_main(
-    store: Any, shared: mmap.mmap, slot_values: int, requests: int, replies: int
+    store: Any, shared: mmap.mmap, header_bytes: int, slot_values: int, requests: int, replies: int
 ) -> None:
     """The child's whole life: answer requests until the pipe closes, then `os._exit`."""
     code = 1
@@ -261,8 +292,8 @@ def _child_main(
         _close_inherited(requests, replies)
         _fresh_chunk_pool()
         _keep_freed_memory()
-        counters = np.frombuffer(shared, dtype=np.int64, count=2)  # [taken, started]
-        slots = np.frombuffer(shared, dtype=np.float32, offset=_HEADER_BYTES)
+        counters = np.frombuffer(shared, dtype=np.int64, count=header_bytes // 8)
+        slots = np.frombuffer(shared, dtype=np.float32, offset=header_bytes)
         reader = os.fdopen(requests, "rb")
         while header := reader.read(_REQUEST.size):
             if len(header) < _REQUEST.size:
@@ -270,7 +301,8 @@ def _child_main(
             seq, slot, start, stop, length = _REQUEST.unpack(header)
             name = reader.read(length).decode("utf-8")
             count = _SKIPPED
-            if seq > counters[_TAKEN]:  # the parent has not passed it (nor taken it itself)
+            # the parent has not passed it, nor taken it back to decode itself
+            if seq > counters[_TAKEN] and counters[2 + slot] != seq:
                 counters[_STARTED] = seq
                 count = _decode_into(
                     store, name, start, stop, slots, slot * slot_values, slot_values

@@ -230,7 +230,18 @@ class WeightPrefetcher:
         if decoder is None or position is None:
             return None  # not planned (a norm, layer 0, an expert): decoded inline
         self.cursor = max(self.cursor, position + 1)  # a wrong guess: go on after `item`
-        return decoder.take(position, self._shape(item))
+        return decoder.take(position, self._shape(item), self._decode_planned)
+
+    def _decode_planned(self, position: int) -> np.ndarray | None:
+        """Planned item `position`, decoded here while the child is busy with an earlier one
+        (DecoderProcess.take); None if that fails (it is decoded again, and fails, in its turn)."""
+        name, start, stop = self.planned[position]
+        try:
+            if start == WHOLE:
+                return self.store.get(name)
+            return weight_rows(self.store, name, start, stop)
+        except Exception:
+            return None
 
     def _shape(self, item: Item) -> tuple[int, ...]:
         name, start, stop = item

@@ -142,7 +142,9 @@ class ArrayStore:
         if release is not None:
             wait_until(release.exists, f"{release}")
         with open(self.log, "a") as log:
-            log.write(name + "\n")
+            log.write(f"{name} {os.getpid()}\n")
+        if self.log != Path(os.devnull):
+            (self.log.parent / f"{name}.done").touch()
         if name == "broken":
             raise ValueError("a corrupt tensor")
         return self.arrays[name].copy()
@@ -170,7 +172,7 @@ def test_the_pass_takes_queued_work_itself_and_the_child_skips_it(tmp_path):
         assert got is not None and got.tobytes() == arrays["d"].tobytes()
     finally:
         decoder.close()
-    assert log.read_text().split() == ["a", "c", "d"]  # 'b' was the parent's: skipped
+    assert log.read_text().split()[::2] == ["a", "c", "d"]  # 'b' was the parent's: skipped
 
 
 def test_a_failed_decode_in_the_child_is_decoded_again_by_the_pass(tmp_path):
@@ -189,7 +191,7 @@ def test_a_failed_decode_in_the_child_is_decoded_again_by_the_pass(tmp_path):
     finally:
         prefetch.close()
     # the child tried both; the parent decoded only the broken one again
-    assert (tmp_path / "child.log").read_text().split() == ["broken", "fine", "broken"]
+    assert (tmp_path / "child.log").read_text().split()[::2] == ["broken", "fine", "broken"]
 
 
 def test_the_order_is_learned_from_layer_zero_with_the_head_after_the_layers(monkeypatch):
@@ -304,3 +306,26 @@ def test_a_slot_is_not_reused_while_an_array_of_it_is_alive(tmp_path):
         assert decoder.take(3, (4, 4)).tobytes() == arrays["d"].tobytes()
     finally:
         decoder.close()
+
+
+def test_rather_than_wait_the_pass_decodes_later_items_the_child_has_not_begun(tmp_path):
+    rng = np.random.default_rng(9)
+    arrays = {name: rng.standard_normal((4, 4)).astype(np.float32) for name in "abcd"}
+    log = tmp_path / "decoded.log"
+    # the child is held on 'a' until the pass has decoded 'b' itself
+    store = ArrayStore(arrays, log, {"a": tmp_path / "b.done"})
+    decoder = DecoderProcess(store, 4 * 4 * 4, 4)
+    try:
+        for seq, name in enumerate("abcd"):
+            assert decoder.request(seq, (name, WHOLE, WHOLE))
+        wait_until(lambda: int(decoder.counters[_STARTED]) == 0, "the child to begin 'a'")
+        got = decoder.take(0, (4, 4), lambda seq: store.get("abcd"[seq]))
+        assert got.tobytes() == arrays["a"].tobytes()
+        for seq, name in enumerate("bcd", start=1):
+            assert decoder.take(seq, (4, 4)).tobytes() == arrays[name].tobytes()
+    finally:
+        decoder.close()
+    lines = [line.split() for line in log.read_text().splitlines()]
+    me = str(os.getpid())
+    assert [name for name, pid in lines if pid == me] == ["d", "c", "b"]  # furthest first
+    assert [name for name, pid in lines if pid != me] == ["a"]  # the child skipped the rest
