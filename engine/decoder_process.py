@@ -64,6 +64,13 @@ from engine.model import weight_rows
 Item = tuple[str, int, int]
 """(name, -1, -1): a whole tensor; (name, start, stop): rows [start, stop) of a 2-D one."""
 
+
+def decode_item(store: Any, item: Item) -> np.ndarray:
+    """`item` decoded by `store`: what the pass, and the child for it, call."""
+    name, start, stop = item
+    return store.get(name) if start < 0 else weight_rows(store, name, start, stop)
+
+
 REPLY_TIMEOUT_S = 60.0
 """How long the parent waits for the one decode it waits for before it stops the child and
 decodes itself. A SmolLM2 matrix takes ~2 ms; a minute only ever passes if the child hangs or
@@ -304,9 +311,8 @@ def _child_main(
             # the parent has not passed it, nor taken it back to decode itself
             if seq > counters[_TAKEN] and counters[2 + slot] != seq:
                 counters[_STARTED] = seq
-                count = _decode_into(
-                    store, name, start, stop, slots, slot * slot_values, slot_values
-                )
+                item = (name, start, stop)
+                count = _decode_into(store, item, slots, slot * slot_values, slot_values)
             os.write(replies, _REPLY.pack(seq, slot, count))
         code = 0
     except BaseException:
@@ -315,13 +321,10 @@ def _child_main(
         os._exit(code)
 
 
-def _decode_into(
-    store: Any, name: str, start: int, stop: int, slots: np.ndarray, at: int, room: int
-) -> int:
-    """Decode the item into slots[at : at + its size]: its size, or _FAILED."""
+def _decode_into(store: Any, item: Item, slots: np.ndarray, at: int, room: int) -> int:
+    """Decode `item` into slots[at : at + its size]: its size, or _FAILED."""
     try:
-        value = store.get(name) if start < 0 else weight_rows(store, name, start, stop)
-        value = np.ascontiguousarray(value, dtype=np.float32).reshape(-1)
+        value = np.ascontiguousarray(decode_item(store, item), dtype=np.float32).reshape(-1)
     except Exception:  # the parent decodes it again and reports the error itself
         return _FAILED
     if value.size > room:

@@ -16,10 +16,12 @@ path, never in a comparison (its local error has the second core), and only when
 command started, a core stayed idle and the host took little (`idle_core`).
 
 What it buys, measured on the 2-core development VM (SmolLM2, 37-token chat prompt, every
-stage traced to tmpfs): in-process, min of 7, 1.01 s a trace decoding inline, 0.65 s with every
-weight free, 0.68 s with every weight a copy of a decoded one (the pass's part once the child
-keeps ahead); whole process, bench/trace_bench.py, min of 6, host steal 9%: 1.09 s with the
-child against 1.18 s without (trace-1), the baseline of issue 13 1.67 s.
+stage traced to tmpfs): in-process, quiet host, min of 7, 1.01 s a trace decoding inline, 0.65 s
+with every weight free, 0.68 s with every weight a copy of a decoded one; with the child
+0.74-0.86 s. Whole process (min of 6-12 interleaved runs, host steal 1-9%), with the child
+against without: 0.86 vs 1.10 s, 0.91 vs 1.03 s, 1.09 vs 1.18 s, 1.08 vs 0.93 s: a gain when
+the second core is really idle, of the order of this VM's noise when its host is busy. On a
+machine with idle cores the pass is left only the matmuls, norms and writes.
 
 Memory: DECODE_SLOTS shared slots of the largest item, within DECODE_SHARED_BYTES (SmolLM2: 3
 slots of its 9 MiB head block), and the child's own decoding temporaries; never a layer's
@@ -30,14 +32,13 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from engine.decoder_process import DecoderProcess, Item
+from engine.decoder_process import DecoderProcess, Item, decode_item
 from engine.formats.quant import PARALLEL_DECODE_MIN_VALUES
-from engine.model import weight_rows
 
 DECODE_PROCESS = hasattr(os, "fork")
 """Whether a pass may fork a decoding child (POSIX). Set False to decode every weight inline."""
@@ -153,7 +154,7 @@ class WeightPrefetcher:
         self.decoder: DecoderProcess | None = None
 
     def get(self, name: str) -> np.ndarray:
-        value = self._fetch((name, WHOLE, WHOLE), lambda: self.store.get(name))
+        value = self._fetch((name, WHOLE, WHOLE))
         split = _split(name)
         if split is not None and not self.learned:
             self._learn(*split)
@@ -161,7 +162,7 @@ class WeightPrefetcher:
         return value
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        value = self._fetch((name, start, stop), lambda: weight_rows(self.store, name, start, stop))
+        value = self._fetch((name, start, stop))
         self._request_ahead()
         return value
 
@@ -217,10 +218,10 @@ class WeightPrefetcher:
 
     # -- the child ------------------------------------------------------------------------
 
-    def _fetch(self, item: Item, inline: Callable[[], np.ndarray]) -> np.ndarray:
+    def _fetch(self, item: Item) -> np.ndarray:
         value = self._from_decoder(item)
         if value is None:
-            return inline()
+            return decode_item(self.store, item)
         adopt = getattr(self.store, "adopt", None)  # a cache keeps what it would have decoded
         return adopt(item[0], value) if adopt is not None and item[1] == WHOLE else value
 
@@ -235,11 +236,8 @@ class WeightPrefetcher:
     def _decode_planned(self, position: int) -> np.ndarray | None:
         """Planned item `position`, decoded here while the child is busy with an earlier one
         (DecoderProcess.take); None if that fails (it is decoded again, and fails, in its turn)."""
-        name, start, stop = self.planned[position]
         try:
-            if start == WHOLE:
-                return self.store.get(name)
-            return weight_rows(self.store, name, start, stop)
+            return decode_item(self.store, self.planned[position])
         except Exception:
             return None
 
