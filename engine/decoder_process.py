@@ -7,23 +7,25 @@ measured on the 2-core development VM, whole-process `apr-tui trace` of SmolLM2 
 stages, min of 6 interleaved runs), weights decoded one ahead in a thread took 1.56-2.71 s
 wall and 1,182-2,833 voluntary context switches, against 1.40-1.82 s and 1 switch decoding
 inline. A forked child has its own interpreter: it decodes on the idle core without touching
-the pass's GIL, and the pass pays only for a message and a copy per weight (~0.04 s a trace
-against ~0.36 s of decoding; measured in-process, see engine.prefetch).
+the pass's GIL, and the pass pays only for a message per weight (measured: engine.prefetch).
 
 How: `os.fork` right where it is needed, so the child inherits the opened model (its memory
 map, its tensor records) and reads nothing again. The parent numbers what the pass will ask
 for (`seq`) and sends requests `(seq, slot, item)` on a pipe, as many as it has free slots;
-the child decodes each with the very code the parent would run (`store.get` or `weight_rows`:
-same bits by construction), copies it into its slot of an anonymous shared mapping and answers
-`(seq, slot, count)` on a second pipe, in order. The parent copies a slot out into its own
-array and frees it.
+the child decodes each with the very code the parent would run (`decode_item`: same bits by
+construction), copies it into its slot of an anonymous shared mapping and answers
+`(seq, slot, count)` on a second pipe, in order. The parent hands the pass a read-only view of
+the slot, and asks the slot to hold another item only once no array views it any more (a
+ctypes exporter per loan, whose reference count every view of it keeps up).
 
-The pass never waits for work the child has not begun: two counters at the head of the shared
+The pass never waits for work the child has not begun: counters at the head of the shared
 mapping say how far each side is (`taken`: the last item the parent no longer wants; `started`:
-the item the child is decoding). When the pass needs an item the child has not finished, it
-waits only if the child is on that very item (the rest of one decode); otherwise it decodes
-the item itself and moves `taken` past it, and the child skips it. On a busy machine the child
-falls behind and the pass simply decodes more itself; no schedule is fixed in advance.
+the item the child is decoding; per slot, an item the parent took back). When the pass needs an
+item the child has not finished, it decodes the item itself unless the child is on that very
+item, and the child skips it; when the child is on it, the pass decodes a later item the child
+has not begun (the furthest asked) rather than wait, and waits only when there is none. On a
+busy machine the child falls behind and the pass simply decodes more itself; no share of the
+work is fixed in advance.
 
 The child is kept harmless:
 - it closes every descriptor it inherited but its two pipes (a trace directory's flock, a
@@ -38,7 +40,7 @@ The child is kept harmless:
   one that decodes (not a cache in front of it) and engine.parallel's chunk pool is replaced.
 
 A failure is never the child's to report: a decode that raised, a child that died or went
-silent for REPLY_TIMEOUT_S, all make `receive` return None, and the caller decodes the weight
+silent for REPLY_TIMEOUT_S, all make `take` return None, and the caller decodes the weight
 itself (raising, if the file is corrupt, exactly the error it would have raised anyway).
 """
 
