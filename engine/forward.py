@@ -247,8 +247,10 @@ class _LayerWeights:
         self.model = model
         self.backend = backend
         config = model.config
-        name = lm_head_weight_name(model)
-        tail = [(name, *rows) for rows in lm_head_row_blocks(config.vocab_size)] if head else []
+        tail = []
+        if head:  # the lm_head's row blocks come after the layers
+            name = lm_head_weight_name(model)
+            tail = [(name, *rows) for rows in lm_head_row_blocks(config.vocab_size)]
         layers = config.num_layers if run_layers is None else run_layers
         self.prefetch = WeightPrefetcher(model.weights, layers, tail, child=decode_ahead)
 

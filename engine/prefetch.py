@@ -71,6 +71,11 @@ WHOLE = -1
 """An Item's start and stop when it is the whole tensor."""
 
 
+def item_of(name: str) -> Item:
+    """The Item for the whole tensor `name`."""
+    return (name, WHOLE, WHOLE)
+
+
 def _split(name: str) -> tuple[int, str] | None:
     match = _LAYER.match(name)
     return (int(match.group(1)), match.group(2)) if match else None
@@ -154,7 +159,7 @@ class WeightPrefetcher:
         self.decoder: DecoderProcess | None = None
 
     def get(self, name: str) -> np.ndarray:
-        value = self._fetch((name, WHOLE, WHOLE))
+        value = self._fetch(item_of(name))
         split = _split(name)
         if split is not None and not self.learned:
             self._learn(*split)
@@ -171,18 +176,18 @@ class WeightPrefetcher:
     def _learn(self, layer: int, key: str) -> None:
         if layer == 0:
             name = f"model.layers.0.{key}"
-            if key not in self.order and EXPERT not in name and self._offloadable(name):
+            if key not in self.order and EXPERT not in name and self._offloadable(item_of(name)):
                 self.order.append(key)
             return
         self.learned = True  # layer 1 reached: layer 0's order is complete
         self.planned = [
-            (f"model.layers.{later}.{key}", WHOLE, WHOLE)
+            item_of(f"model.layers.{later}.{key}")
             for later in range(1, self.num_layers)
             for key in self.order
             if self.store.has(f"model.layers.{later}.{key}")
-        ] + [item for item in self.tail if self._values(item) < PARALLEL_DECODE_MIN_VALUES]
+        ] + [item for item in self.tail if self._offloadable(item)]
         self.schedule = {item: index for index, item in enumerate(self.planned)}
-        current = (f"model.layers.{layer}.{key}", WHOLE, WHOLE)
+        current = item_of(f"model.layers.{layer}.{key}")
         self.cursor = self.schedule.get(current, -1) + 1
         if (
             self.child
@@ -194,15 +199,12 @@ class WeightPrefetcher:
             self.decoder = self._start_decoder()
 
     def _values(self, item: Item) -> int:
-        name, start, stop = item
-        shape = tuple(self.store.shape(name))
-        return (stop - start) * int(np.prod(shape[1:])) if start != WHOLE else int(np.prod(shape))
+        return int(np.prod(self._shape(item)))
 
-    def _offloadable(self, name: str) -> bool:
-        """A matrix the pass would decode on its own thread (a bigger one is shared among
-        threads already, quant.PARALLEL_DECODE_MIN_VALUES; head row blocks likewise)."""
-        shape = tuple(self.store.shape(name))
-        return len(shape) >= 2 and int(np.prod(shape)) < PARALLEL_DECODE_MIN_VALUES
+    def _offloadable(self, item: Item) -> bool:
+        """A matrix (or head row block) the pass would decode on its own thread: a bigger one
+        is shared among threads already (quant.PARALLEL_DECODE_MIN_VALUES)."""
+        return len(self._shape(item)) >= 2 and self._values(item) < PARALLEL_DECODE_MIN_VALUES
 
     def _worth_a_child(self) -> bool:
         return sum(self._values(item) for item in self.planned) >= DECODE_PROCESS_MIN_VALUES
