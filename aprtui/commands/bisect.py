@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from aprtui.commands import options
+from aprtui.commands.output import Line, Segment, print_lines, table_lines
 
 SHOWS_STEP_PROGRESS = True
 """Long engine steps (a big APR file's footer check) show progress on stderr (aprtui.cli)."""
@@ -215,23 +216,126 @@ def _print_summary(
     first_std,
     verdict: NoiseVerdict,
 ) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
+    print_lines(_summary_lines(a, b, cells, threshold, first, first_std, verdict))
 
-    from aprtui.widgets.metrics import STAGE_SHORT_NAMES
+
+def _summary_lines(
+    a: TraceSource,
+    b: TraceSource,
+    cells: list[Cell],
+    threshold: float,
+    first,
+    first_std,
+    verdict: NoiseVerdict,
+) -> list[Line]:
+    """The text report: the sides, the cosine grid, the verdicts, what was left out."""
     from engine.compare import DEFAULT_STD_BAND
+
+    lines: list[Line] = [
+        [("apr-tui bisect", "bold cyan"), f"  A: {a.description}"],
+        f"                B: {b.description}",
+    ]
+    ids = a.token_ids if a.token_ids is not None else b.token_ids
+    if ids is None:
+        lines.append("tokens: unknown (neither trace directory has a tokens.json)")
+    else:
+        lines.append(f"tokens: {ids} ({len(ids)} tokens)")
+    for label, side in (("A", a), ("B", b)):  # a trace directory whose run did not finish
+        note = getattr(getattr(side, "trace_dir", None), "incomplete_note", None)
+        if note:
+            lines.append((f"warning: {label}: {note}", "bold yellow"))
+    lines.append("")
+    lines += _grid_lines(cells, threshold, first, first_std, verdict)
+    lines.append(
+        [
+            ("cosine(A, B) per stage; ", "dim"),
+            ("green", "dim green"),
+            (" ≥ 0.99999, ", "dim"),
+            ("yellow", "dim yellow"),
+            (" ≥ threshold, ", "dim"),
+            ("red", "dim red"),
+            (
+                f" < {threshold}; * std ratio outside {list(DEFAULT_STD_BAND)}; · one side only",
+                "dim",
+            ),
+        ]
+    )
+    lines.append("")
+    lines += _noise_verdict_lines(verdict)
+    absent = [c for c in cells if c.stats_a is None or c.stats_b is None]
+    compared = len(cells) - len(absent)
+    if first is None:
+        lines.append(
+            [
+                ("No propagated divergence", "green"),
+                f": all {compared} compared stages have cosine ≥ {threshold}",
+            ]
+        )
+    else:
+        lines.append(
+            [
+                ("First propagated divergence", "yellow"),
+                f" (cosine < {threshold}): {_describe(first)}",
+            ]
+        )
+    low, high = DEFAULT_STD_BAND
+    if first_std is None:
+        lines.append(
+            [("No scale divergence", "green"), f": every std ratio is within [{low}, {high}]"]
+        )
+    else:
+        lines.append(
+            [
+                ("First scale divergence", "magenta"),
+                f" (std ratio outside [{low}, {high}]): {_describe(first_std)}",
+            ]
+        )
+    lines += _anomaly_lines(cells)
+    for side in (a, b):
+        if getattr(side, "complete", None) is False:
+            lines.append(
+                (
+                    f"{side.label}: INCOMPLETE trace: the run that wrote it did not finish; its "
+                    "missing stages are one-sided, not compared",
+                    "bold yellow",
+                )
+            )
+        ignored = _ignored_files(side)
+        if ignored:
+            path, reason = ignored[0]
+            more = f"; and {len(ignored) - 1} more" if len(ignored) > 1 else ""
+            lines.append(
+                (
+                    f"{side.label}: ignored {len(ignored)} file(s) that are not stage files "
+                    f"({path}: {reason}{more})",
+                    "dim",
+                )
+            )
+    if absent:
+        only_a = sum(1 for c in absent if c.stats_b is None)
+        lines.append(
+            (
+                f"{len(absent)} stage(s) present on one side only "
+                f"({only_a} only in A, {len(absent) - only_a} only in B)",
+                "dim",
+            )
+        )
+    return lines
+
+
+def _grid_lines(
+    cells: list[Cell], threshold: float, first, first_std, verdict: NoiseVerdict
+) -> list[Line]:
+    """The cosine of every cell, a row per layer and a column per stage (`table_lines`)."""
+    from aprtui.widgets.metrics import STAGE_SHORT_NAMES
     from engine.stages import STAGE_BY_NAME, WHOLE_MODEL_LAYER
 
     stage_names = sorted({c.stage for c in cells}, key=lambda s: STAGE_BY_NAME[s].index)
     layers = sorted({c.layer for c in cells})
     by_key = {(c.layer, c.stage): c for c in cells}
-    table = Table(title=None, show_lines=False, pad_edge=False, box=None, padding=(0, 1))
-    table.add_column("layer", justify="right", style="bold", min_width=5, no_wrap=True)
-    for name in stage_names:
-        table.add_column(STAGE_SHORT_NAMES.get(name, name), justify="right", no_wrap=True)
+    rows: list[list[Segment]] = []
     for layer in layers:
-        row: list[Text | str] = ["model" if layer == WHOLE_MODEL_LAYER else str(layer)]
+        row: list[Segment] = [("model" if layer == WHOLE_MODEL_LAYER else str(layer), "bold")]
         for name in stage_names:
             cell = by_key.get((layer, name))
             if cell is None:
@@ -242,86 +346,17 @@ def _print_summary(
                 text, style = "◆" + text, "bold white on red"
             if cell is first or cell is first_std:
                 style += " underline"
-            row.append(Text(text, style=style))
-        table.add_row(*row)
-
-    width = max(100, 8 + 10 * len(stage_names))  # `◆1.0000*` and the padding
-    console = Console(
-        highlight=False, soft_wrap=True, width=width if not sys.stdout.isatty() else None
-    )
-    console.print(f"[bold cyan]apr-tui bisect[/]  A: {a.description}")
-    console.print(f"                B: {b.description}")
-    ids = a.token_ids if a.token_ids is not None else b.token_ids
-    if ids is None:
-        console.print("tokens: unknown (neither trace directory has a tokens.json)")
-    else:
-        console.print(f"tokens: {ids} ({len(ids)} tokens)")
-    for label, side in (("A", a), ("B", b)):  # a trace directory whose run did not finish
-        note = getattr(getattr(side, "trace_dir", None), "incomplete_note", None)
-        if note:
-            console.print(f"warning: {label}: {note}", style="bold yellow", markup=False)
-    console.print()
-    console.print(table)
-    console.print(
-        "cosine(A, B) per stage; [green]green[/] ≥ 0.99999, [yellow]yellow[/] ≥ threshold, "
-        f"[red]red[/] < {threshold}; * std ratio outside {list(DEFAULT_STD_BAND)}; "
-        "· one side only",
-        style="dim",
-    )
-    console.print()
-    _print_noise_verdict(console, verdict)
-    absent = [c for c in cells if c.stats_a is None or c.stats_b is None]
-    compared = len(cells) - len(absent)
-    if first is None:
-        console.print(
-            f"[green]No propagated divergence[/]: all {compared} compared stages have cosine "
-            f"≥ {threshold}"
-        )
-    else:
-        console.print(
-            f"[yellow]First propagated divergence[/] (cosine < {threshold}): {_describe(first)}"
-        )
-    low, high = DEFAULT_STD_BAND
-    if first_std is None:
-        console.print(f"[green]No scale divergence[/]: every std ratio is within [{low}, {high}]")
-    else:
-        console.print(
-            f"[magenta]First scale divergence[/] (std ratio outside [{low}, {high}]): "
-            f"{_describe(first_std)}"
-        )
-    _print_anomalies(console, cells)
-    for side in (a, b):
-        if getattr(side, "complete", None) is False:
-            console.print(
-                f"{side.label}: INCOMPLETE trace: the run that wrote it did not finish; its "
-                "missing stages are one-sided, not compared",
-                style="bold yellow",
-                markup=False,
-            )
-        ignored = _ignored_files(side)
-        if ignored:
-            path, reason = ignored[0]
-            more = f"; and {len(ignored) - 1} more" if len(ignored) > 1 else ""
-            console.print(
-                f"{side.label}: ignored {len(ignored)} file(s) that are not stage files "
-                f"({path}: {reason}{more})",
-                style="dim",
-                markup=False,
-            )
-    if absent:
-        only_a = sum(1 for c in absent if c.stats_b is None)
-        console.print(
-            f"{len(absent)} stage(s) present on one side only "
-            f"({only_a} only in A, {len(absent) - only_a} only in B)",
-            style="dim",
-        )
+            row.append((text, style))
+        rows.append(row)
+    header = ["layer"] + [STAGE_SHORT_NAMES.get(name, name) for name in stage_names]
+    return table_lines(header, rows, min_widths=[5])
 
 
 PIPED_PROGRESS_EVERY_S = 5.0
 """Without a terminal, a progress line on stderr at most this often (nothing for short runs)."""
 
 
-def _print_anomalies(console, cells: list[Cell]) -> None:
+def _anomaly_lines(cells: list[Cell]) -> list[Line]:
     """apr's anomaly flags (NaN, Inf, near-zero variance, large values, large mean bias,
     HIGH-VAR) that one side breaks and the other does not: the first one and a count."""
     from engine.anomalies import grid_anomalies
@@ -329,15 +364,12 @@ def _print_anomalies(console, cells: list[Cell]) -> None:
 
     flagged = [(cell, flags) for cell in cells if (flags := grid_anomalies(cell))]
     if not flagged:
-        return
+        return []
     cell, flags = flagged[0]
     where = "whole model" if cell.layer == WHOLE_MODEL_LAYER else f"layer {cell.layer}"
     more = f"; {len(flagged) - 1} more stage(s) flagged" if len(flagged) > 1 else ""
-    console.print(
-        f"apr anomaly flags on one side only: {where} {cell.stage}: {flags.summary()}{more}",
-        style="yellow",
-        markup=False,
-    )
+    text = f"apr anomaly flags on one side only: {where} {cell.stage}: {flags.summary()}{more}"
+    return [(text, "yellow")]
 
 
 LONG_RUN_MEMORY = 256 * 1024 * 1024
@@ -430,7 +462,7 @@ def noise_verdict(cells: list[Cell], note: str | None) -> NoiseVerdict:
     return NoiseVerdict(floors, find_origin(cells, floors) if available else None, available, note)
 
 
-def _print_noise_verdict(console, verdict: NoiseVerdict) -> None:
+def _noise_verdict_lines(verdict: NoiseVerdict) -> list[Line]:
     """The origin (or why there is none) and the floor of each stage, in one block."""
     from aprtui.widgets.metrics import STAGE_SHORT_NAMES
     from engine.noise import STAGE_KINDS
@@ -438,23 +470,28 @@ def _print_noise_verdict(console, verdict: NoiseVerdict) -> None:
 
     if not verdict.available:
         reason = verdict.note or "no stage has a local error"
-        console.print(
-            f"[bold yellow]No noise verdict[/]: {reason}; the propagated verdicts below gate",
-            markup=True,
-        )
-        return
+        return [
+            [("No noise verdict", "bold yellow"), f": {reason}; the propagated verdicts below gate"]
+        ]
     origin = verdict.origin
+    lines: list[Line] = []
     if origin is None:
-        console.print(
-            "[bold green]No origin[/]: every stage's local error is within its noise floor "
-            "(the pair agrees up to noise)"
+        lines.append(
+            [
+                ("No origin", "bold green"),
+                ": every stage's local error is within its noise floor "
+                "(the pair agrees up to noise)",
+            ]
         )
     else:
         where = "whole model" if origin.layer is None else f"layer {origin.layer}"
-        console.print(
-            f"[bold red]Origin[/]: {where} {origin.stage}: local error {origin.local_error:.3g} "
-            f"is {origin.ratio:.3g}× its floor {origin.floor:.3g} "
-            f"(recomputed from {', '.join(origin.inputs)})"
+        lines.append(
+            [
+                ("Origin", "bold red"),
+                f": {where} {origin.stage}: local error {origin.local_error:.3g} "
+                f"is {origin.ratio:.3g}× its floor {origin.floor:.3g} "
+                f"(recomputed from {', '.join(origin.inputs)})",
+            ]
         )
     kinds: dict[str, list[str]] = {}
     for stage in sorted(verdict.floors, key=lambda s: STAGE_BY_NAME[s].index):
@@ -462,10 +499,11 @@ def _print_noise_verdict(console, verdict: NoiseVerdict) -> None:
         label = STAGE_SHORT_NAMES.get(stage, stage)
         kinds.setdefault(STAGE_KINDS.get(stage, stage), []).append(f"{label} {floor.value:.2g}")
     parts = [f"{kind}: {', '.join(entries)}" for kind, entries in kinds.items()]
-    console.print("noise floors (relative local error) — " + "; ".join(parts), style="dim")
+    lines.append(("noise floors (relative local error) — " + "; ".join(parts), "dim"))
     if verdict.note:
-        console.print(verdict.note, style="dim", markup=False)
-    console.print()
+        lines.append((verdict.note, "dim"))
+    lines.append("")
+    return lines
 
 
 def logits_block(a: TraceSource, b: TraceSource, cells: list[Cell]) -> tuple[dict | None, list]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from aprtui.commands import options, trace_engines
 from aprtui.commands.locations import default_dir_note, model_argument
 from aprtui.commands.locations import default_trace_dir as default_output_dir
-from aprtui.commands.output import print_report
+from aprtui.commands.output import Line, print_lines
 from aprtui.commands.trace_checks import (
     check_cost,
     check_earlier_tokens,
@@ -162,8 +162,6 @@ def _human(size: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.markup import escape
-
     from engine.backend import resolve_backend
     from engine.errors import AprTuiError
     from engine.formats import open_model
@@ -241,31 +239,33 @@ def run(args: argparse.Namespace) -> int:
 
     ours = set(written)
     stale = [p for p in directory.rglob("*.bin") if p not in ours] if directory.exists() else []
-    lines: list[str] = ["[bold cyan]=== apr-tui trace --save-tensor ===[/]"]
-    lines.append(f"Model:        {escape(str(model_path))}")
-    lines.append(f"Stages:       {escape(args.save_tensor)}")
-    lines.append(f"Layers:       {escape(_layers_line(plan, config.num_layers, args))}")
+    lines: list[Line] = [("=== apr-tui trace --save-tensor ===", "bold cyan")]
+    lines.append(f"Model:        {model_path}")
+    lines.append(f"Stages:       {args.save_tensor}")
+    lines.append(f"Layers:       {_layers_line(plan, config.num_layers, args)}")
     where = "" if args.save_tensor_dir else default_dir_note(model_path)
-    lines.append(f"Output dir:   {escape(str(directory))}" + (f" ({where})" if where else ""))
-    lines.append(f"Device:       {escape(backend.device_name)}")
+    lines.append(f"Output dir:   {directory}" + (f" ({where})" if where else ""))
+    lines.append(f"Device:       {backend.device_name}")
     lines.append("")
     if prompt is not None:
         quoted = prompt.replace("\\", "\\\\").replace('"', '\\"')
-        lines.append(f'Test prompt:  "{escape(quoted)}"')
+        lines.append(f'Test prompt:  "{quoted}"')
     else:
         lines.append("Test prompt:  (token ids given with --tokens)")
     lines.append(f"Token ids:    {token_ids} ({len(token_ids)} tokens)")
     lines.append("")
     total_bytes = sum(path.stat().st_size for path in written)
     lines.append(
-        f"[bold green]Wrote[/] {len(written)} stage tensor file(s), {_human(total_bytes)}, "
-        f"and tokens.json:"
+        [
+            ("Wrote", "bold green"),
+            f" {len(written)} stage tensor file(s), {_human(total_bytes)}, and tokens.json:",
+        ]
     )
     if args.verbose:
-        lines += [f"  {escape(str(p))} ({p.stat().st_size} bytes)" for p in sorted(written)]
-        lines.append(f"  {escape(str(directory / 'tokens.json'))}")
+        lines += [f"  {p} ({p.stat().st_size} bytes)" for p in sorted(written)]
+        lines.append(f"  {directory / 'tokens.json'}")
     else:
-        lines += [f"  {escape(line)}" for line in summarize_written(directory, written)]
+        lines += [f"  {line}" for line in summarize_written(directory, written)]
         lines.append("  (--verbose lists every file)")
     if stale:
         lines.append(f"  (and {len(stale)} stage file(s) from an earlier run, left untouched)")
@@ -281,9 +281,6 @@ def run(args: argparse.Namespace) -> int:
             f"Forward pass succeeded — {layers_run} of {config.num_layers} layers run "
             "(no whole-model stage requested, so the pass stopped after the last saved layer)"
         )
-    lines.append(
-        f"Compare with another trace or model: apr-tui bisect {escape(str(model_path))} "
-        f"{escape(str(directory))}"
-    )
-    print_report(*lines)
+    lines.append(f"Compare with another trace or model: apr-tui bisect {model_path} {directory}")
+    print_lines(lines)
     return 0
