@@ -141,6 +141,13 @@ def config_from_metadata(meta: dict[str, Any], names: set[str], source: str) -> 
     return config
 
 
+def _only(values: list, *kinds: type) -> bool:
+    """Whether every item's type is one of `kinds` (exactly: JSON makes no subclasses, bool
+    aside). One `map` in C over a 49,152-entry vocabulary (~1 ms) where an `all(isinstance(...))`
+    generator took ~8 ms, three times per opened APR file."""
+    return set(map(type, values)) <= set(kinds)
+
+
 def tokenizer_from_metadata(meta: dict[str, Any], source: str) -> BpeTokenizer:
     """The embedded tokenizer: BPE from `tokenizer.vocabulary` + `tokenizer.merges` (realizar needs
     both), or SentencePiece from `tokenizer.vocabulary` + `tokenizer.scores`."""
@@ -151,27 +158,21 @@ def tokenizer_from_metadata(meta: dict[str, Any], source: str) -> BpeTokenizer:
     scores = meta.get("tokenizer.scores")
     if vocabulary is None:
         raise TokenizerError("the metadata has no tokenizer.vocabulary")
-    if not (isinstance(vocabulary, list) and all(isinstance(t, str) for t in vocabulary)):
+    if not (isinstance(vocabulary, list) and _only(vocabulary, str)):
         raise TokenizerError("tokenizer.vocabulary is not a list of strings")
     spm = merges is None and scores is not None
     if merges is None and not spm:
         raise TokenizerError(
             "the metadata has tokenizer.vocabulary but neither tokenizer.merges nor tokenizer.scores"
         )
-    if not spm and not (isinstance(merges, list) and all(isinstance(m, str) for m in merges)):
+    if not spm and not (isinstance(merges, list) and _only(merges, str)):
         raise TokenizerError("tokenizer.merges is not a list of strings")
     if spm and not (
-        isinstance(scores, list)
-        and len(scores) == len(vocabulary)
-        and all(isinstance(x, int | float) and not isinstance(x, bool) for x in scores)
+        isinstance(scores, list) and len(scores) == len(vocabulary) and _only(scores, int, float)
     ):
         raise TokenizerError("tokenizer.scores is not one number per vocabulary entry")
     types = meta.get("tokenizer.token_type")
-    if (
-        isinstance(types, list)
-        and len(types) == len(vocabulary)
-        and all(isinstance(t, int) for t in types)
-    ):
+    if isinstance(types, list) and len(types) == len(vocabulary) and _only(types, int, bool):
         token_types = list(types)
     else:
         # realizar extracts special tokens from the vocabulary itself: <|...|>, <s>, </s>, <unk>.

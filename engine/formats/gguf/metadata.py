@@ -240,7 +240,7 @@ def tokenizer_from_metadata(metadata: dict[str, Any], source: str) -> BpeTokeniz
         raise TokenizerError("tokenizer.ggml.tokens is missing")
     types = metadata.get("tokenizer.ggml.token_type")
     token_types = (
-        [int(t) for t in types]
+        types.astype(np.int64).tolist()  # Python ints, in C (~10x a comprehension)
         if isinstance(types, np.ndarray) and len(types) == len(tokens)
         else [TOKEN_TYPE_NORMAL] * len(tokens)
     )
