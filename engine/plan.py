@@ -28,6 +28,7 @@ from engine.local_error import LocalError, LocalErrorTracker, local_error_suppor
 from engine.memory import check_prompt_fits, comparison_peak_bytes
 from engine.model import Model
 from engine.pipeline import IN_FLIGHT, Ahead, layer_matmul_flops, pass_blas, pipeline_blas
+from engine.prefetch import PROCESS_START, cpu_times, idle_core
 from engine.sources.base import TraceSource
 from engine.sources.model_run import ModelSource
 from engine.sources.opening import open_pair
@@ -67,19 +68,33 @@ VM (min of 6 interleaved runs, host steal 11%): everything on one thread 3.92 s 
 CPU), these on a helper 3.60 s (4.16 s), side by side as at long prompts 3.91 s (5.06 s); the
 baseline of issue 13 3.38 s (5.82 s)."""
 
+OFFLOADED_STATISTICS = True
+"""Whether a comparison run one step after the other (`_run_serial`) also computes every
+cell's statistics on its helper thread when a core is idle (engine.prefetch.idle_core, the
+decoding child's test): the passes then keep one core and the statistics plus the products'
+local errors the other (SmolLM2 bisect: ~1.1 s of passes against ~0.55 s of statistics and
+~0.7 s of local error). Measured, whole-process `bisect` of SmolLM2 against its Q8_0 copy,
+37 tokens, on the 2-core development VM, host steal 0%, interleaved runs: statistics aside
+min 2.29 s / median 2.67 s against 2.62 / 3.00 in place (8 pairs), 2.75 / 2.84 against 2.75 /
+3.03 (6 pairs); with one busy process beside it the hand-overs cost what they saved (median
+4.06 s against 3.96 s), hence the idle-core test."""
+
 WINDOW = 4
 """Pairs whose statistics or local error may be in flight at once: they hold their captures,
 so the memory plan counts them (engine.memory.IN_FLIGHT_CAPTURES)."""
 
 
-def _ready(waiting: tuple[Cell, Future[LocalError] | None]) -> bool:
-    """Whether a waiting cell's local error is computed (or was never sent away)."""
-    return waiting[1] is None or waiting[1].done()
+def _ready(waiting: tuple[Cell | Future[Cell], Future[LocalError] | None]) -> bool:
+    """Whether a waiting cell's statistics and local error are computed (or were never sent
+    away)."""
+    return all(part is None or not isinstance(part, Future) or part.done() for part in waiting)
 
 
-def _with_local(cell: Cell, local: Future[LocalError] | None) -> Cell:
-    """The cell with its local error from the helper thread, once computed (errors re-raised);
-    a cell whose local error was computed in place is returned as it is."""
+def _with_local(cell: Cell | Future[Cell], local: Future[LocalError] | None) -> Cell:
+    """The cell, with its statistics and its local error from the helper thread once computed
+    (errors re-raised); what was computed in place is taken as it is."""
+    if isinstance(cell, Future):
+        cell = cell.result()
     return cell if local is None else replace(cell, local=local.result())
 
 
@@ -198,33 +213,43 @@ class Plan:
         """`run` one step after the other: CuPy passes (one device stream) and short prompts,
         whose per-stage work is too small for a thread per part to pay (PIPELINE_MIN_FLOPS).
 
-        On the host one part still runs beside the rest: the local error of the matrix
-        products (OFFLOADED_LOCAL_ERROR_STAGES, each a float64 product of a few milliseconds
-        that releases the GIL) goes to one helper thread, a few hand-overs per layer; the
-        cells come out in computation order all the same, at most WINDOW of them waiting."""
+        On the host some parts still run beside the passes, on one helper thread, a hand-over
+        or two per cell: the local error of the matrix products (OFFLOADED_LOCAL_ERROR_STAGES,
+        each a float64 product of a few milliseconds that releases the GIL), and, when a core
+        is idle (OFFLOADED_STATISTICS), every cell's statistics. The element-wise stages'
+        local errors, too small to be worth a hand-over, run in place. The cells come out in
+        computation order all the same, at most WINDOW of them waiting."""
         with ExitStack() as stack:
             config = self._checked_config()
             if config is not None and self.seq_len is not None:
                 stack.enter_context(pass_blas(config, self.seq_len))
             stream_a, stream_b = self._streams(cancel, stack, ahead=False)
             tracker = self._tracker()
-            helper = None
+            helper, statistics_aside = None, False
             if tracker is not None and self._on_host():
                 helper = stack.enter_context(ThreadPoolExecutor(1, "local-error"))
                 stack.callback(_cancel_pending, helper)
-            waiting: deque[tuple[Cell, Future[LocalError] | None]] = deque()
+                statistics_aside = OFFLOADED_STATISTICS and idle_core(PROCESS_START, cpu_times())
+            waiting: deque[tuple[Cell | Future[Cell], Future[LocalError] | None]] = deque()
             for capture_a, capture_b in merged(stream_a, stream_b):
                 if cancel is not None and cancel.is_set():
                     return
                 job = None if tracker is None else self._local_job(tracker, capture_a, capture_b)
                 stage = (capture_a if capture_a is not None else capture_b).stage
+                local: LocalError | Future[LocalError] | None = None
                 if helper is not None and stage in OFFLOADED_LOCAL_ERROR_STAGES:
-                    cell = make_cell(capture_a, capture_b, seq_len=self.seq_len)
-                    waiting.append((cell, helper.submit(job)))
+                    local = helper.submit(job)
+                elif job is not None:
+                    local = job()
+                in_place = None if isinstance(local, Future) else local
+                cell_args = (capture_a, capture_b)
+                if statistics_aside:
+                    cell = helper.submit(
+                        make_cell, *cell_args, seq_len=self.seq_len, local=in_place
+                    )
                 else:
-                    local = None if job is None else job()
-                    cell = make_cell(capture_a, capture_b, seq_len=self.seq_len, local=local)
-                    waiting.append((cell, None))
+                    cell = make_cell(*cell_args, seq_len=self.seq_len, local=in_place)
+                waiting.append((cell, local if isinstance(local, Future) else None))
                 while waiting and (_ready(waiting[0]) or len(waiting) > WINDOW):
                     if cancel is not None and cancel.is_set():
                         return

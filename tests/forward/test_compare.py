@@ -464,6 +464,43 @@ def test_a_serial_run_computes_the_matrix_products_local_error_on_one_helper(hf_
     assert ffn_up.local is not None and ffn_up.local.error is not None
 
 
+def test_a_serial_run_computes_statistics_beside_the_passes_only_when_a_core_is_idle(
+    hf_llama, monkeypatch
+):
+    """With a core idle, every cell's statistics run on the helper thread (one thread, never
+    the caller's); with none, on the caller's. Either way the same cells come out, in the
+    same order, with the same statistics and local errors."""
+    import engine.plan
+    from engine.plan import plan_for
+
+    _serial_with_local_jobs(monkeypatch, lambda capture, job: job)
+    real_make_cell = engine.plan.make_cell
+    runs = {}
+    for idle in (True, False):
+        made_on: list[int] = []
+
+        def recorded(*args, _made_on=made_on, **kwargs):
+            _made_on.append(threading.get_ident())
+            return real_make_cell(*args, **kwargs)
+
+        monkeypatch.setattr(engine.plan, "make_cell", recorded)
+        monkeypatch.setattr(engine.plan, "idle_core", lambda *_, _idle=idle: _idle)
+        a = _source(hf_llama)
+        b = _source(hf_llama, **{"model.layers.1.mlp.up_proj.weight": lambda w: w * 1.01})
+        with plan_for(a, b) as plan:
+            assert not plan._concurrent()
+            cells = list(plan.run())
+        assert len(made_on) == len(cells) == plan.expected
+        caller = threading.get_ident()
+        if idle:
+            assert len(set(made_on)) == 1 and caller not in made_on
+        else:
+            assert set(made_on) == {caller}
+        runs[idle] = [(c.layer, c.stage, c.diff, c.stats_a, c.stats_b, c.local) for c in cells]
+    assert runs[True] == runs[False]
+    assert any(local is not None and local.error for *_, local in runs[True])
+
+
 def test_cancel_stops_a_serial_run_whose_cells_wait_for_the_helper(hf_llama, monkeypatch):
     """Cells computed while a matrix product's local error is still on the helper wait behind
     it; once the consumer cancels, none of them comes out (the helper's job is made slow, so
