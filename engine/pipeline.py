@@ -106,12 +106,27 @@ def pipeline_blas() -> Iterator[None]:
         yield
 
 
+def _started_on_one_thread() -> bool:
+    """Whether BLAS is OpenBLAS loaded with OPENBLAS_NUM_THREADS=1 (aprtui.cli sets it before
+    numpy loads): then, with no user raising it, BLAS runs one thread already, and a limit of
+    one needs neither threadpoolctl's import nor its scan of the loaded libraries (~11 ms of
+    every short trace)."""
+    if os.environ.get("OPENBLAS_NUM_THREADS") != "1":
+        return False
+    try:
+        from numpy.__config__ import CONFIG
+
+        return "openblas" in CONFIG["Build Dependencies"]["blas"]["name"]
+    except (ImportError, KeyError, TypeError):
+        return False
+
+
 @contextlib.contextmanager
 def _limited_blas(threads: int) -> Iterator[None]:
     """BLAS limited to `threads` until the last of the nested users leaves."""
     global _BLAS_USERS, _BLAS_LIMITER
     with _BLAS_LOCK:
-        if _BLAS_USERS == 0:
+        if _BLAS_USERS == 0 and not (threads == 1 and _started_on_one_thread()):
             from threadpoolctl import threadpool_limits
 
             _BLAS_LIMITER = threadpool_limits(threads, user_api="blas")

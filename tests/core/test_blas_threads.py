@@ -64,3 +64,36 @@ def test_the_users_own_setting_is_left_alone():
     assert seen["allowed"] is None
     assert seen["large"] == 2  # as the user set it: nothing raised or lowered
     assert seen["small"] == 1
+
+
+SMALL_PASS_PROBE = r"""
+import json, sys
+from types import SimpleNamespace
+from aprtui.cli import _defer_blas_threads
+_defer_blas_threads()
+import numpy
+from engine.pipeline import pass_blas
+
+with pass_blas(SimpleNamespace(layer_weight_count=1000), 4):
+    imported = "threadpoolctl" in sys.modules
+    from threadpoolctl import threadpool_info
+    inside = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"][0]
+print(json.dumps({"imported": imported, "inside": inside}))
+"""
+
+
+def test_a_small_pass_on_blas_started_with_one_thread_leaves_threadpoolctl_unloaded():
+    """OpenBLAS started on one thread runs a small pass on one thread without threadpoolctl
+    (its import and library scan cost ~11 ms of a short trace)."""
+    environment = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    environment.pop("APR_TUI_BLAS_THREADS", None)
+    environment["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", SMALL_PASS_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environment,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"imported": False, "inside": 1}
