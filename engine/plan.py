@@ -226,10 +226,11 @@ class Plan:
             stream_a, stream_b = self._streams(cancel, stack, ahead=False)
             tracker = self._tracker()
             helper, statistics_aside = None, False
-            if tracker is not None and self._on_host():
-                helper = stack.enter_context(ThreadPoolExecutor(1, "local-error"))
-                stack.callback(_cancel_pending, helper)
+            if self._on_host():
                 statistics_aside = OFFLOADED_STATISTICS and idle_core(PROCESS_START, cpu_times())
+                if tracker is not None or statistics_aside:
+                    helper = stack.enter_context(ThreadPoolExecutor(1, "cell-work"))
+                    stack.callback(_cancel_pending, helper)
             waiting: deque[tuple[Cell | Future[Cell], Future[LocalError] | None]] = deque()
             for capture_a, capture_b in merged(stream_a, stream_b):
                 if cancel is not None and cancel.is_set():
@@ -237,7 +238,7 @@ class Plan:
                 job = None if tracker is None else self._local_job(tracker, capture_a, capture_b)
                 stage = (capture_a if capture_a is not None else capture_b).stage
                 local: LocalError | Future[LocalError] | None = None
-                if helper is not None and stage in OFFLOADED_LOCAL_ERROR_STAGES:
+                if job is not None and helper is not None and stage in OFFLOADED_LOCAL_ERROR_STAGES:
                     local = helper.submit(job)
                 elif job is not None:
                     local = job()

@@ -464,16 +464,19 @@ def test_a_serial_run_computes_the_matrix_products_local_error_on_one_helper(hf_
     assert ffn_up.local is not None and ffn_up.local.error is not None
 
 
+@pytest.mark.parametrize("local_error", [True, False])
 def test_a_serial_run_computes_statistics_beside_the_passes_only_when_a_core_is_idle(
-    hf_llama, monkeypatch
+    hf_llama, monkeypatch, local_error
 ):
     """With a core idle, every cell's statistics run on the helper thread (one thread, never
-    the caller's); with none, on the caller's. Either way the same cells come out, in the
-    same order, with the same statistics and local errors."""
+    the caller's); with none, on the caller's; with or without local error. Either way the
+    same cells come out, in the same order, with the same statistics and local errors."""
     import engine.plan
-    from engine.plan import plan_for
+    from engine.plan import Plan, plan_for
 
     _serial_with_local_jobs(monkeypatch, lambda capture, job: job)
+    if not local_error:
+        monkeypatch.setattr(Plan, "_tracker", lambda self: None)
     real_make_cell = engine.plan.make_cell
     runs = {}
     for idle in (True, False):
@@ -498,7 +501,7 @@ def test_a_serial_run_computes_statistics_beside_the_passes_only_when_a_core_is_
             assert set(made_on) == {caller}
         runs[idle] = [(c.layer, c.stage, c.diff, c.stats_a, c.stats_b, c.local) for c in cells]
     assert runs[True] == runs[False]
-    assert any(local is not None and local.error for *_, local in runs[True])
+    assert any(local is not None and local.error for *_, local in runs[True]) == local_error
 
 
 def test_cancel_stops_a_serial_run_whose_cells_wait_for_the_helper(hf_llama, monkeypatch):
