@@ -1,3 +1,3 @@
-from aprtui.cli import main
+from aprtui.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

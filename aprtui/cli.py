@@ -246,6 +246,24 @@ def _defer_blas_threads() -> None:
     os.environ[BLAS_THREADS_ENV] = str(available_cores())
 
 
+def entry() -> int:
+    """The `apr-tui` command (and `python -m aprtui`): `main`, then the interpreter's exit
+    without a cyclic garbage collection over everything the run left behind.
+
+    At exit CPython runs the cyclic collector over every container still alive (a
+    vocabulary's 10^5 strings in lists and dicts, the model's records, the modules): ~30 ms
+    of a 0.9 s SmolLM2 trace on the development VM (whole process, interleaved runs: the
+    last line of the run to the process's end 40-70 ms, 20-30 ms with the objects frozen).
+    `gc.freeze` moves them out of the collector's sight; they are still freed by reference
+    counting, files are closed and stdout is flushed as before. Only the command does this:
+    `main` called in-process (the tests) leaves the collector alone."""
+    import gc
+
+    code = main()
+    gc.freeze()
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     from engine.errors import AprTuiError
 

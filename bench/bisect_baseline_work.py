@@ -11,8 +11,6 @@ like for like. A benchmark helper only: the product never runs this way.
 
 from __future__ import annotations
 
-import sys
-
 
 def main() -> int:
     import aprtui.commands.bisect as bisect
@@ -20,9 +18,9 @@ def main() -> int:
 
     plan.Plan._tracker = lambda self: None  # no local error: no noise verdict either
     bisect.logits_block = lambda a, b, cells: (None, [])  # no per-position logit metrics
-    from aprtui.cli import main as cli_main
+    from aprtui.cli import entry
 
-    return cli_main(sys.argv[1:])
+    return entry()  # the command line in sys.argv, as `python -m aprtui` reads it
 
 
 if __name__ == "__main__":

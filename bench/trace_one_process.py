@@ -10,16 +10,14 @@ benchmark shows what the child buys. A benchmark helper only: the product never 
 
 from __future__ import annotations
 
-import sys
-
 
 def main() -> int:
     import engine.prefetch as prefetch
 
     prefetch.DECODE_PROCESS = False
-    from aprtui.cli import main as cli_main
+    from aprtui.cli import entry
 
-    return cli_main(sys.argv[1:])
+    return entry()  # the command line in sys.argv, as `python -m aprtui` reads it
 
 
 if __name__ == "__main__":
