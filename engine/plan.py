@@ -76,8 +76,9 @@ local errors the other (SmolLM2 bisect: ~1.1 s of passes against ~0.55 s of stat
 ~0.7 s of local error). Measured, whole-process `bisect` of SmolLM2 against its Q8_0 copy,
 37 tokens, on the 2-core development VM, host steal 0%, interleaved runs: statistics aside
 min 2.29 s / median 2.67 s against 2.62 / 3.00 in place (8 pairs), 2.75 / 2.84 against 2.75 /
-3.03 (6 pairs); with one busy process beside it the hand-overs cost what they saved (median
-4.06 s against 3.96 s), hence the idle-core test."""
+3.03 (6 pairs), 2.70 / 2.95 against 2.88 / 3.12 (8 pairs, `apr-tui bisect`, host steal 1%),
+for ~0.25 s more CPU (the threads' hand-overs); with one busy process beside it the hand-overs
+cost what they saved (median 4.06 s against 3.96 s), hence the idle-core test."""
 
 WINDOW = 4
 """Pairs whose statistics or local error may be in flight at once: they hold their captures,
