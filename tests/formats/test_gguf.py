@@ -551,3 +551,57 @@ def test_lazy_strings_decode_each_string_as_alone(items):
         at += 8 + len(item)
     lazy = LazyStrings(raw, np.array(starts, dtype=np.int64))
     assert list(lazy) == [item.decode("utf-8", errors="replace") for item in items]
+
+
+def _vocabulary_array(strings: list[bytes], tail: bytes = b"") -> bytes:
+    """A GGUF string array of `strings` (long enough to be walked lazily), then `tail`."""
+    return struct.pack("<IQ", STRING, len(strings)) + b"".join(gstr(s) for s in strings) + tail
+
+
+def test_a_long_string_array_walks_to_the_same_strings_as_gguf_py(tmp_path):
+    from engine.formats.gguf.parser import LAZY_STRINGS
+
+    strings = [f"tok{i}".encode() * (i % 5) for i in range(LAZY_STRINGS + 7)]  # "" included
+    path = write(
+        tmp_path, gguf_file([kv("tokenizer.ggml.tokens", ARRAY, _vocabulary_array(strings))], [])
+    )
+    tokens = gguf.read_header(path).metadata["tokenizer.ggml.tokens"]
+    field = gguf_package.GGUFReader(path).fields["tokenizer.ggml.tokens"]
+    assert list(tokens) == [bytes(field.parts[i]).decode() for i in field.data]
+
+
+@pytest.mark.parametrize("cut", [3, 8, 11])
+def test_a_long_string_array_cut_short_names_the_item(tmp_path, cut):
+    """The file ends `cut` bytes into item 1500: inside its length field (3), right after it
+    (8), or inside its bytes (11); every item before it is whole."""
+    from engine.formats.gguf.parser import LAZY_STRINGS
+
+    strings = [b"abcdefgh"] * (LAZY_STRINGS + 1000)
+    array = _vocabulary_array(strings)
+    item = 1500
+    item_start = 12 + item * (8 + 8)  # after the item type and count: 16 bytes an item
+    data = gguf_file([kv("tokenizer.ggml.tokens", ARRAY, array)], [])
+    array_at = data.index(array)
+    path = write(tmp_path, data[: array_at + item_start + cut])
+    if cut < 8:
+        message = rf"truncated GGUF file inside metadata 'tokenizer\.ggml\.tokens' item {item}$"
+    else:
+        message = rf"'tokenizer\.ggml\.tokens' item {item} claims 8 bytes, only {cut - 8} remain"
+    with pytest.raises(FormatError, match=message):
+        gguf.read_header(path)
+
+
+def test_a_long_string_array_item_claiming_too_much_names_it(tmp_path):
+    from engine.formats.gguf.parser import LAZY_STRINGS
+
+    strings = [b"ab"] * (LAZY_STRINGS + 10)
+    array = bytearray(_vocabulary_array(strings, tail=b"\0" * 64))
+    item = 1030
+    at = 12 + item * (8 + 2)
+    array[at : at + 8] = struct.pack("<Q", 1 << 62)
+    path = write(tmp_path, gguf_file([kv("tokenizer.ggml.tokens", ARRAY, bytes(array))], []))
+    with pytest.raises(
+        FormatError,
+        match=rf"'tokenizer\.ggml\.tokens' item {item} claims {1 << 62} bytes, only \d+ remain",
+    ):
+        gguf.read_header(path)
