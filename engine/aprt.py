@@ -193,7 +193,8 @@ def _to_host_f32(values: Any) -> np.ndarray:
 
 
 def _atomic_write(path: Path, chunks: Iterable[bytes | np.ndarray], overwrite: bool = True) -> None:
-    """Write to a hidden temporary name beside `path`, then publish it (engine.fileio.atomic_file).
+    """Write to a temporary beside `path` (unnamed where Linux allows), then publish it
+    (engine.fileio.atomic_file).
 
     Arrays go through `write` (not `ndarray.tofile`, whose short write is an OSError without
     errno or file name: "10752 requested and 4093 written"), so a full disk is reported as

@@ -23,6 +23,9 @@ Hazards that each format module would otherwise handle (or forget) on its own:
     writers of one new name exactly one wins;
   - an OSError of the write (ENOSPC, EDQUOT, EIO) is re-raised naming the target, not the
     temporary, and the temporary is removed.
+  `atomic_file` (the trace's stage files) goes one better where Linux allows: its temporary
+  has no name at all (O_TMPFILE) until it is linked to the target, with the same never-replace
+  rule, so there is nothing to lock, sweep or remove (`_anonymous`).
 * `locked_directory` holds an exclusive `flock` on a directory, so that one run at a time
   writes a trace directory's stage files and its tokens.json.
 """
@@ -34,6 +37,7 @@ import json
 import os
 import re
 import stat
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path, PurePath
@@ -205,13 +209,18 @@ def _signals_deferred() -> Iterator[None]:
         mask(signal.SIG_SETMASK, previous)
 
 
+def _temporary_name(directory: str) -> str:
+    """A fresh TEMP_NAME in `directory` (random: two writers never draw the same one)."""
+    return os.path.join(  # secrets: +10 ms of imports
+        directory, f"{TEMP_PREFIX}{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    )
+
+
 def _create_temporary(directory: str) -> tuple[int, str]:
     """A new, locked, empty temporary in `directory`: (descriptor holding the lock, path)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     while True:
-        temp = os.path.join(  # secrets: +10 ms of imports
-            directory, f"{TEMP_PREFIX}{os.getpid()}.{os.urandom(4).hex()}.tmp"
-        )
+        temp = _temporary_name(directory)
         try:
             fd = os.open(temp, flags, 0o666)
         except FileExistsError:
@@ -282,11 +291,144 @@ def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = True) -> It
 
 @contextmanager
 def atomic_file(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iterator[BinaryIO]:
-    """`atomic_output` with the temporary open for writing: a binary file on the descriptor
-    that holds the temporary's lock, so no second open (a trace writes hundreds of files, and
-    an open costs ~0.1 ms on some file systems). Flushed before the file is published."""
-    with _atomic(path, overwrite) as (fd, _), open(fd, "wb", closefd=False) as handle:
+    """`atomic_output` with the temporary open for writing: a binary file on the temporary's
+    descriptor, so no second open (a trace writes hundreds of files, and an open costs ~0.1 ms
+    on some file systems). Flushed before the file is published.
+
+    The temporary has no name at all where the file system allows (`_anonymous`): nothing to
+    lock, sweep or remove, and no half-written file is ever visible, even to `ls`."""
+    parent = os.path.dirname(_target(path)) or os.curdir
+    temporary = _anonymous if _anonymous_allowed(parent) else _atomic
+    with temporary(path, overwrite) as (fd, _), open(fd, "wb", closefd=False) as handle:
         yield handle
+
+
+ANONYMOUS_TEMPORARIES = True
+"""Whether `atomic_file` writes into an unnamed file (Linux O_TMPFILE) and links it to its
+name when complete, where the file system supports it. Measured, 483 SmolLM2-sized stage files
+on tmpfs, min of 5: 17-24 ms against 43-54 ms through a named, locked temporary (an open, a
+lock, two stats, a link and an unlink each): ~30 ms of a 0.85 s trace."""
+
+_NO_ANONYMOUS: set[str] = set()
+"""Directories where O_TMPFILE or the link from /proc failed as unsupported: named from then on."""
+
+_PROC_FD: list = [None, -1]
+"""[pid, descriptor of /proc/self/fd] (opened once per process; -1 where there is none)."""
+
+_PROC_LOCK = threading.Lock()
+
+
+def _target(path: str | os.PathLike[str]) -> str:
+    """The target as `Path` spells it (what error messages name)."""
+    return os.fspath(path if isinstance(path, PurePath) else Path(path))
+
+
+def _proc_fd() -> int:
+    """A descriptor of this process's /proc/self/fd: `linkat` through it gives an unnamed
+    file its name. Reopened after a fork (the parent's would name the parent's files)."""
+    with _PROC_LOCK:
+        if _PROC_FD[0] != os.getpid():
+            try:
+                flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+                fd = os.open("/proc/self/fd", flags)
+            except OSError:
+                fd = -1
+            _PROC_FD[:] = [os.getpid(), fd]
+        return _PROC_FD[1]
+
+
+def _anonymous_allowed(parent: str) -> bool:
+    return (
+        ANONYMOUS_TEMPORARIES
+        and hasattr(os, "O_TMPFILE")
+        and parent not in _NO_ANONYMOUS
+        and _proc_fd() >= 0
+    )
+
+
+_NO_TMPFILE = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EISDIR, errno.EINVAL}
+"""open(O_TMPFILE) failures that mean "not on this file system or kernel" (EISDIR: a kernel
+older than O_TMPFILE, which sees only its O_DIRECTORY)."""
+
+_NO_LINK_FROM_PROC = _NO_HARD_LINKS | {errno.ENOENT, errno.EACCES, errno.EXDEV}
+"""linkat failures through /proc/self/fd that mean "this way of naming a file is not
+available here" (no hard links, a restricted /proc): the content is copied out instead."""
+
+
+@contextmanager
+def _anonymous(path: str | os.PathLike[str], overwrite: bool) -> Iterator[tuple[int, None]]:
+    """`_atomic` with an unnamed temporary: yields (its descriptor, None), then links it to the
+    target, which fails if the target exists (so a file that appeared meanwhile is never
+    replaced) unless replacing is allowed. Where O_TMPFILE turns out unsupported, `_atomic`'s
+    named temporary is used instead."""
+    target = _target(path)
+    parent = os.path.dirname(target) or os.curdir
+    _sweep_once(parent)  # stale named temporaries (an earlier version, a replacement)
+    flags = os.O_RDWR | os.O_TMPFILE | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(parent, flags, 0o666)
+    except OSError as error:
+        if error.errno not in _NO_TMPFILE:
+            raise _naming(error, target, None) from None
+        _NO_ANONYMOUS.add(parent)
+        with _atomic(path, overwrite) as opened:
+            yield opened
+        return
+    try:
+        yield fd, None
+        _publish_anonymous(fd, target, parent, overwrite)
+    except OSError as error:
+        raise _naming(error, target, None) from None
+    finally:
+        os.close(fd)
+
+
+def _link_anonymous(fd: int, name: str) -> None:
+    """Give the unnamed file `fd` the name `name` (FileExistsError if it is taken)."""
+    os.link(str(fd), name, src_dir_fd=_proc_fd(), follow_symlinks=True)
+
+
+def _publish_anonymous(fd: int, target: str, parent: str, overwrite: bool) -> None:
+    try:
+        _link_anonymous(fd, target)
+        return
+    except FileExistsError:
+        if not overwrite:
+            raise OutputExistsError(target) from None
+    except OSError as error:
+        if error.errno not in _NO_LINK_FROM_PROC:
+            raise
+        _NO_ANONYMOUS.add(parent)
+        _copy_out(fd, target, overwrite)
+        return
+    # Replacing an existing target: a name of our own first (locked, as every temporary of
+    # ours is, so no sweeper takes it), then one rename over the target.
+    _lock(fd, wait=True)
+    while True:
+        temp = _temporary_name(parent)
+        try:
+            _link_anonymous(fd, temp)
+            break
+        except FileExistsError:
+            continue
+    try:
+        os.replace(temp, target)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def _copy_out(fd: int, target: str, overwrite: bool) -> None:
+    """Publish the unnamed file's content through a named temporary (`_atomic`)."""
+    size = os.fstat(fd).st_size
+    with _atomic(target, overwrite) as (out, _):
+        offset = 0
+        while offset < size:
+            sent = os.sendfile(out, fd, offset, size - offset)
+            if sent == 0:
+                raise OSError(errno.EIO, "the temporary shrank while it was copied", target)
+            offset += sent
 
 
 @contextmanager
@@ -296,7 +438,7 @@ def _atomic(path: str | os.PathLike[str], overwrite: bool) -> Iterator[tuple[int
     Paths are handled as strings: a trace publishes hundreds of files, and pathlib's parsing
     cost more than the system calls. The target is spelled as `Path` spells it (what error
     messages name), parsed only when it is not a Path already."""
-    target = os.fspath(path if isinstance(path, PurePath) else Path(path))
+    target = _target(path)
     parent = os.path.dirname(target) or os.curdir
     _sweep_once(parent)
     temp: str | None = None
