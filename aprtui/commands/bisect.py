@@ -207,18 +207,6 @@ def _describe(cell: Cell) -> str:
     return ", ".join(parts)
 
 
-def _print_summary(
-    a: TraceSource,
-    b: TraceSource,
-    cells: list[Cell],
-    threshold: float,
-    first,
-    first_std,
-    verdict: NoiseVerdict,
-) -> None:
-    print_lines(_summary_lines(a, b, cells, threshold, first, first_std, verdict))
-
-
 def _summary_lines(
     a: TraceSource,
     b: TraceSource,
@@ -590,7 +578,7 @@ def run(args: argparse.Namespace) -> int:
         }
         sys.stdout.write(json.dumps(_finite(document), indent=2, allow_nan=False) + "\n")
     else:
-        _print_summary(a, b, cells, args.threshold, first, first_std, verdict)
+        print_lines(_summary_lines(a, b, cells, args.threshold, first, first_std, verdict))
         if logits_lines:
             sys.stdout.write("\n" + "\n".join(logits_lines) + "\n")
     return 1 if failed else 0
