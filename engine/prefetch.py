@@ -23,9 +23,9 @@ against without: 0.86 vs 1.10 s, 0.91 vs 1.03 s, 1.09 vs 1.18 s, 1.08 vs 0.93 s:
 the second core is really idle, of the order of this VM's noise when its host is busy. On a
 machine with idle cores the pass is left only the matmuls, norms and writes.
 
-Memory: DECODE_SLOTS shared slots of the largest item, within DECODE_SHARED_BYTES (SmolLM2: 3
-slots of its 9 MiB head block), and the child's own decoding temporaries; never a layer's
-weights at once.
+Memory: DECODE_SLOTS shared slots of the largest item, within DECODE_SHARED_BYTES (SmolLM2: 8
+slots of its 9 MiB head block), and the child's own decoding temporaries: bounded whatever the
+number of layers or tokens (a 7B model's largest matrix is over the budget alone: two slots).
 """
 
 from __future__ import annotations
@@ -48,14 +48,20 @@ DECODE_PROCESS_MIN_VALUES = 16 << 20
 far above a fork and the pipes (~2 ms); test-sized models decode inline. SmolLM2: 29 layers x
 3.5 Mi values, and its 28 Mi-value head."""
 
-DECODE_SLOTS = 4
-"""Weights the child may decode ahead of the pass. Decoding a SmolLM2 matrix takes about half
-as long as the pass spends on it, so the child is ahead after the first few; more slots would
-only hold more memory."""
+DECODE_SLOTS = 8
+"""Weights the child may decode ahead of the pass. Over a whole layer the child decodes faster
+than the pass computes, but not evenly: the three big FFN matrices come last and are used
+quickly, so with few slots the child is still at gate or up when the pass wants down, and the
+pass decodes it itself. Measured on SmolLM2 (whole-process trace, 2-core VM, interleaved runs,
+host steal 15-16%): with 3 slots (32 MiB) the pass took 48 of the child's items back, 23-26 of
+them the down matrices, with 8 slots 16, mostly head blocks; wall min 0.82-0.89 s / median
+1.03-1.08 s with 8 slots against 0.92-1.10 / 1.22-1.30 with 3 (7-8 rounds each; 6 slots in
+between)."""
 
-DECODE_SHARED_BYTES = 32 << 20
+DECODE_SHARED_BYTES = 80 << 20
 """The most shared memory the slots take: fewer slots (never under two) where DECODE_SLOTS of
-the largest item would take more (SmolLM2: a 4096-row head block is 9 MiB, so three slots)."""
+the largest item would take more (SmolLM2: a 4096-row head block is 9 MiB, so eight slots,
+72 MiB)."""
 
 DECODE_PATIENT = False
 """Tests set it True: the pass then waits for every item the child was asked for
