@@ -316,6 +316,7 @@ _PROC_FD: list = [None, -1]
 """[pid, descriptor of /proc/self/fd] (opened once per process; -1 where there is none)."""
 
 _PROC_LOCK = threading.Lock()
+"""Guards _PROC_FD: a trace's writer thread and its pass may publish files at once."""
 
 
 def _target(path: str | os.PathLike[str]) -> str:

@@ -88,7 +88,7 @@ so the memory plan counts them (engine.memory.IN_FLIGHT_CAPTURES)."""
 def _ready(waiting: tuple[Cell | Future[Cell], Future[LocalError] | None]) -> bool:
     """Whether a waiting cell's statistics and local error are computed (or were never sent
     away)."""
-    return all(part is None or not isinstance(part, Future) or part.done() for part in waiting)
+    return all(not isinstance(part, Future) or part.done() for part in waiting)
 
 
 def _with_local(cell: Cell | Future[Cell], local: Future[LocalError] | None) -> Cell:
@@ -238,20 +238,18 @@ class Plan:
                     return
                 job = None if tracker is None else self._local_job(tracker, capture_a, capture_b)
                 stage = (capture_a if capture_a is not None else capture_b).stage
-                local: LocalError | Future[LocalError] | None = None
-                if job is not None and helper is not None and stage in OFFLOADED_LOCAL_ERROR_STAGES:
-                    local = helper.submit(job)
-                elif job is not None:
-                    local = job()
-                in_place = None if isinstance(local, Future) else local
-                cell_args = (capture_a, capture_b)
+                offloaded = (
+                    job is not None and helper is not None and stage in OFFLOADED_LOCAL_ERROR_STAGES
+                )
+                local_later = helper.submit(job) if offloaded else None
+                local = None if offloaded or job is None else job()
                 if statistics_aside:
                     cell = helper.submit(
-                        make_cell, *cell_args, seq_len=self.seq_len, local=in_place
+                        make_cell, capture_a, capture_b, seq_len=self.seq_len, local=local
                     )
                 else:
-                    cell = make_cell(*cell_args, seq_len=self.seq_len, local=in_place)
-                waiting.append((cell, local if isinstance(local, Future) else None))
+                    cell = make_cell(capture_a, capture_b, seq_len=self.seq_len, local=local)
+                waiting.append((cell, local_later))
                 while waiting and (_ready(waiting[0]) or len(waiting) > WINDOW):
                     if cancel is not None and cancel.is_set():
                         return
