@@ -297,9 +297,7 @@ def atomic_file(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iter
 
     The temporary has no name at all where the file system allows (`_anonymous`): nothing to
     lock, sweep or remove, and no half-written file is ever visible, even to `ls`."""
-    parent = os.path.dirname(_target(path)) or os.curdir
-    temporary = _anonymous if _anonymous_allowed(parent) else _atomic
-    with temporary(path, overwrite) as (fd, _), open(fd, "wb", closefd=False) as handle:
+    with _anonymous(path, overwrite) as (fd, _), open(fd, "wb", closefd=False) as handle:
         yield handle
 
 
@@ -360,19 +358,22 @@ available here" (no hard links, a restricted /proc): the content is copied out i
 def _anonymous(path: str | os.PathLike[str], overwrite: bool) -> Iterator[tuple[int, None]]:
     """`_atomic` with an unnamed temporary: yields (its descriptor, None), then links it to the
     target, which fails if the target exists (so a file that appeared meanwhile is never
-    replaced) unless replacing is allowed. Where O_TMPFILE turns out unsupported, `_atomic`'s
-    named temporary is used instead."""
+    replaced) unless replacing is allowed. Where unnamed files are off or unsupported
+    (`_anonymous_allowed`, or O_TMPFILE refused), `_atomic`'s named temporary is used instead."""
     target = _target(path)
     parent = os.path.dirname(target) or os.curdir
-    _sweep_once(parent)  # stale named temporaries (an earlier version, a replacement)
-    flags = os.O_RDWR | os.O_TMPFILE | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(parent, flags, 0o666)
-    except OSError as error:
-        if error.errno not in _NO_TMPFILE:
-            raise _naming(error, target, None) from None
-        _NO_ANONYMOUS.add(parent)
-        with _atomic(path, overwrite) as opened:
+    fd = -1
+    if _anonymous_allowed(parent):
+        _sweep_once(parent)  # stale named temporaries (an earlier version, a replacement)
+        flags = os.O_RDWR | os.O_TMPFILE | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(parent, flags, 0o666)
+        except OSError as error:
+            if error.errno not in _NO_TMPFILE:
+                raise _naming(error, target, None) from None
+            _NO_ANONYMOUS.add(parent)
+    if fd < 0:
+        with _atomic(target, overwrite) as opened:
             yield opened
         return
     try:

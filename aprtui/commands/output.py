@@ -58,10 +58,13 @@ Line = Segment | Sequence[Segment]
 """One line of a report: a segment, or segments printed side by side."""
 
 
+def _segments(line: Line) -> Sequence[Segment]:
+    return [line] if isinstance(line, (str, tuple)) else line
+
+
 def line_text(line: Line) -> str:
     """The line's characters, without its styles."""
-    segments = [line] if isinstance(line, (str, tuple)) else line
-    return "".join(s if isinstance(s, str) else s[0] for s in segments)
+    return "".join(s if isinstance(s, str) else s[0] for s in _segments(line))
 
 
 def print_lines(lines: Iterable[Line]) -> None:
@@ -80,8 +83,7 @@ def print_lines(lines: Iterable[Line]) -> None:
 
     console = Console(highlight=False)
     for line in lines:
-        segments = [line] if isinstance(line, (str, tuple)) else line
-        console.print(Text.assemble(*segments), soft_wrap=True)
+        console.print(Text.assemble(*_segments(line)), soft_wrap=True)
 
 
 def table_lines(

@@ -265,33 +265,21 @@ class _Cursor:
         )
 
     def _strings(self, count: int, what: str) -> list[str] | LazyStrings:
-        """`count` strings; a tight loop, since a vocabulary holds ~10^5 of them. Arrays of at
-        least LAZY_STRINGS items are only walked (every length checked) and copied as bytes;
-        they are decoded when first read (`LazyStrings`)."""
-        buf, pos, size = self.buf, self.pos, self.size
+        """`count` strings, every length checked by one walk (`_walk`). Arrays of at least
+        LAZY_STRINGS items (a vocabulary holds ~10^5) are only copied as bytes and decoded
+        when first read (`LazyStrings`); shorter ones are decoded at once."""
+        buf, start = self.buf, self.pos
+        offsets = [0] * count
+        end = self._walk(offsets, what)
         if count >= LAZY_STRINGS:
-            start, offsets = pos, [0] * count
-            pos = self._walk(offsets, what)
             starts = np.array(offsets, dtype=np.int64)  # [count]
             starts -= start
-            return LazyStrings(bytes(buf[start:pos]), starts)
-        unpack = struct.Struct("<Q").unpack_from
-        out: list[str] = []
-        append = out.append
-        for index in range(count):
-            if pos + 8 > size:
-                raise FormatError(f"{self.source}: truncated GGUF file inside {what} item {index}")
-            (length,) = unpack(buf, pos)
-            pos += 8
-            if length > size - pos:
-                raise FormatError(
-                    f"{self.source}: {what} item {index} claims {length} bytes, only "
-                    f"{size - pos} remain in the file"
-                )
-            append(bytes(buf[pos : pos + length]).decode("utf-8", errors="replace"))
-            pos += length
-        self.pos = pos
-        return out
+            return LazyStrings(bytes(buf[start:end]), starts)
+        ends = [*offsets[1:], end]
+        return [
+            bytes(buf[at + 8 : stop]).decode("utf-8", errors="replace")
+            for at, stop in zip(offsets, ends, strict=True)
+        ]
 
 
 def read_header(path: Path) -> GgufHeader:
