@@ -57,19 +57,14 @@ def apr_tui() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def smollm2_hf_model(smollm2_gguf):
+def smollm2_hf_model(smollm2_gguf, tmp_path_factory):
     """HF transformers' own load of the SmolLM2 GGUF (gguf-py dequantizes, HF un-permutes Q/K),
-    float32 with eager attention: the independent oracle. Loaded once per session (about 20 s)
-    for both the weight tests and the stage-by-stage forward tests."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    float32 with eager attention: the independent oracle. Loaded once per session (about 3 s,
+    through a copy without the vocabulary: tests.forward.hf_gguf) for both the weight tests and
+    the stage-by-stage forward tests."""
+    from tests.forward.hf_gguf import hf_model_from_gguf
 
-    return AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent),
-        gguf_file=smollm2_gguf.name,
-        dtype=torch.float32,
-        attn_implementation="eager",
-    )
+    return hf_model_from_gguf(smollm2_gguf, tmp_path_factory.mktemp("hf-smollm2"))
 
 
 def require_package(module: str, install: str) -> None:
