@@ -40,6 +40,7 @@ one-line error. torch and transformers are the optional `[hf]` extra, imported o
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import io
 import threading
@@ -132,6 +133,30 @@ def hf_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("torch", "transformers"))
 
 
+_NAME_MAP_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _name_maps_built_once() -> Iterator[None]:
+    """gguf-py's `get_tensor_name_map(arch, n_blocks)` memoised while transformers loads a model.
+
+    Loading a GGUF, transformers asks gguf-py for the tensor name map once per module of the
+    model (SmolLM2: 397 times), and gguf-py builds it from scratch each time (every tensor
+    kind's name patterns for every block, ~35 ms): 14 s of a 25 s SmolLM2 load on the
+    development VM. The map is a pure function of its two arguments and transformers only reads
+    it, so one map per (arch, n_blocks) is the same map. The module attribute is swapped for the
+    duration of one load, under a lock (two loads at once must not restore each other's)."""
+    import gguf  # a dependency of apr-tui (our GGUF writer's tests use it too)
+
+    with _NAME_MAP_LOCK:
+        original = gguf.get_tensor_name_map
+        gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+        try:
+            yield
+        finally:
+            gguf.get_tensor_name_map = original
+
+
 def load_hf_model(path: str | Path, dtype: str, device: str = "cpu") -> Any:
     """transformers' own load of an HF directory or a GGUF, in `dtype`, eval mode, capturing
     attention. Raises one-line errors naming the path."""
@@ -170,8 +195,11 @@ def load_hf_model(path: str | Path, dtype: str, device: str = "cpu") -> Any:
         )
     try:
         # transformers' GGUF reader draws its own tqdm bar on sys.stderr: keep it off the terminal.
-        with contextlib.redirect_stderr(io.StringIO()):
-            model = transformers.AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        # The config read above is handed on, so the file is not parsed for it a second time.
+        with contextlib.redirect_stderr(io.StringIO()), _name_maps_built_once():
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                where, config=config, **kwargs
+            )
     except Exception as error:
         raise UnsupportedModelError(
             f"{path}: transformers cannot load it: {_first_line(error)}"

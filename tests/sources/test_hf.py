@@ -190,3 +190,18 @@ def test_missing_packages_name_the_extra(seeded_dirs):
     )
     assert result.returncode == 0, result.stderr
     assert "apr-tui[hf]" in result.stdout
+
+
+def test_name_map_is_built_once_during_a_load_and_restored_after():
+    import gguf
+
+    from engine.sources.hf import _name_maps_built_once
+
+    original = gguf.get_tensor_name_map
+    with _name_maps_built_once():
+        first = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is first
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3) is not first
+        assert first.get_name("model.layers.1.self_attn.q_proj") == "blk.1.attn_q"
+    assert gguf.get_tensor_name_map is original
+    assert original(gguf.MODEL_ARCH.LLAMA, 2) is not original(gguf.MODEL_ARCH.LLAMA, 2)
