@@ -530,3 +530,41 @@ def test_cancel_stops_a_serial_run_whose_cells_wait_for_the_helper(hf_llama, mon
         if cell.stage == "qkv_matmul":
             cancel.set()
     assert seen == ["embedding", "attn_norm", "qkv_matmul"]
+
+
+def test_a_short_two_model_run_computes_b_in_a_child_with_the_same_cells(hf_llama, monkeypatch):
+    """Asked to (`second_pass_aside`, the command line's way) and with a core idle, a short
+    comparison of two models forks one child for B's pass; the cells, their statistics and
+    local errors are those of the run without it, in the same order. With no idle core, or
+    without the request (the explorer), no child."""
+    import engine.pass_process
+    import engine.plan
+    from engine.plan import plan_for
+
+    _serial_with_local_jobs(monkeypatch, lambda capture, job: job)
+    forked: list[int] = []
+    real_init = engine.pass_process.ForkedPass.__init__
+
+    def counted(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        forked.append(self.pid)
+
+    monkeypatch.setattr(engine.pass_process.ForkedPass, "__init__", counted)
+    runs = {}
+    for aside, idle in ((True, True), (False, True), (True, False)):
+        monkeypatch.setattr(engine.plan, "idle_core", lambda *_, _idle=idle: _idle)
+        forked.clear()
+        a = _source(hf_llama)
+        b = _source(hf_llama, **{"model.layers.1.mlp.up_proj.weight": lambda w: w * 1.01})
+        with plan_for(a, b) as plan:
+            assert not plan._concurrent()
+            cells = list(plan.run(second_pass_aside=aside))
+            # B's captures are kept for drill-down in this process, forked or not
+            assert b._cache.get((1, "ffn_up")) is not None
+        assert len(forked) == (1 if aside and idle else 0)
+        assert len(cells) == plan.expected
+        runs[aside, idle] = [
+            (c.layer, c.stage, c.diff, c.stats_a, c.stats_b, c.local) for c in cells
+        ]
+    assert runs[True, True] == runs[False, True] == runs[True, False]
+    assert any(local is not None and local.error for *_, local in runs[True, True])
