@@ -85,22 +85,6 @@ _TAKEN, _STARTED = 0, 1  # the two counters at the head of the mapping, then one
 # the seq the parent took back from that slot (the child skips the request if it matches)
 
 
-def fork_with_signals_blocked() -> int:
-    """`os.fork()`, with SIGINT and SIGTERM blocked across it: the child unblocks them only once
-    its own handlers are set (become_harmless_child), the parent's mask is restored at once."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        with warnings.catch_warnings():  # Python 3.12+: "multi-threaded, fork() may deadlock"
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
-    except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        raise
-    if pid != 0:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-    return pid
-
-
 class DecoderProcess:
     """A child that decodes `store`'s weights into `slots` shared slots of `slot_bytes` each.
 
@@ -124,16 +108,23 @@ class DecoderProcess:
         self.requests = self.replies = -1
         request_r, request_w = os.pipe()
         reply_r, reply_w = os.pipe()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
-            pid = fork_with_signals_blocked()
+            with warnings.catch_warnings():  # Python 3.12+: "multi-threaded, fork() may deadlock"
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+            if pid == 0:  # the child: never returns
+                _child_main(
+                    store, self.shared, self.header_bytes, self.slot_values, request_r, reply_w
+                )
         except BaseException:
             for fd in (request_r, request_w, reply_r, reply_w):
                 os.close(fd)
             del self.counters
             self.shared.close()
             raise
-        if pid == 0:  # the child: never returns
-            _child_main(store, self.shared, self.header_bytes, self.slot_values, request_r, reply_w)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(request_r)
         os.close(reply_w)
         self.pid, self.requests, self.replies = pid, request_w, reply_r
@@ -301,7 +292,15 @@ def _child_main(
     """The child's whole life: answer requests until the pipe closes, then `os._exit`."""
     code = 1
     try:
-        become_harmless_child(requests, replies)
+        # No cyclic collection here: a garbage cycle inherited from the parent (a file object,
+        # say) must not be finalized in the child, where its descriptor number may be reused.
+        gc.disable()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        _close_inherited(requests, replies)
+        _fresh_chunk_pool()
+        _keep_freed_memory()
         counters = np.frombuffer(shared, dtype=np.int64, count=header_bytes // 8)
         slots = np.frombuffer(shared, dtype=np.float32, offset=header_bytes)
         reader = os.fdopen(requests, "rb")
@@ -322,21 +321,6 @@ def _child_main(
         code = 1
     finally:
         os._exit(code)
-
-
-def become_harmless_child(*keep: int) -> None:
-    """What a forked child of ours does first (this module's docstring, "kept harmless"): no
-    cyclic garbage collection (a garbage cycle inherited from the parent, a file object say,
-    must not be finalized here, where its descriptor number may be reused), SIGINT ignored and
-    SIGTERM fatal, every inherited descriptor but `keep` closed, engine.parallel's pool made
-    anew, glibc's freed memory kept (CHILD_MMAP_THRESHOLD)."""
-    gc.disable()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    _close_inherited(*keep)
-    _fresh_chunk_pool()
-    _keep_freed_memory()
 
 
 def _decode_into(store: Any, item: Item, slots: np.ndarray, at: int, room: int) -> int:

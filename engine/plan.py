@@ -27,7 +27,6 @@ from engine.forward import check_token_ids
 from engine.local_error import LocalError, LocalErrorTracker, local_error_supported
 from engine.memory import check_prompt_fits, comparison_peak_bytes
 from engine.model import Model
-from engine.pass_process import PASS_PROCESS
 from engine.pipeline import IN_FLIGHT, Ahead, layer_matmul_flops, pass_blas, pipeline_blas
 from engine.prefetch import PROCESS_START, cpu_times, idle_core
 from engine.sources.base import TraceSource
@@ -175,14 +174,8 @@ class Plan:
             if isinstance(side, ModelSource)
         )
 
-    def run(
-        self, cancel: threading.Event | None = None, *, second_pass_aside: bool = False
-    ) -> Iterator[Cell]:
+    def run(self, cancel: threading.Event | None = None) -> Iterator[Cell]:
         """Pair both sides' captures and yield one Cell per (layer, stage), in order.
-
-        `second_pass_aside`: a short comparison of two models on the host may run B's pass in a
-        child process (`_b_in_child`, engine.pass_process). The command line asks for it; the
-        explorer does not (a process forked from a running terminal UI is not worth ~0.5 s).
 
         On the host the work runs side by side (engine.pipeline): each side's pass in its own
         thread, at most IN_FLIGHT captures ahead; the statistics of a pair and the local error
@@ -191,7 +184,7 @@ class Plan:
         come out in computation order all the same, at most WINDOW pairs in flight.
         """
         if not self._concurrent():
-            yield from self._run_serial(cancel, second_pass_aside)
+            yield from self._run_serial(cancel)
             return
         with ExitStack() as stack:
             stack.enter_context(pipeline_blas())
@@ -217,9 +210,7 @@ class Plan:
                     return
                 yield _finished(*pending.popleft())
 
-    def _run_serial(
-        self, cancel: threading.Event | None, second_pass_aside: bool = False
-    ) -> Iterator[Cell]:
+    def _run_serial(self, cancel: threading.Event | None) -> Iterator[Cell]:
         """`run` one step after the other: CuPy passes (one device stream) and short prompts,
         whose per-stage work is too small for a thread per part to pay (PIPELINE_MIN_FLOPS).
 
@@ -233,14 +224,11 @@ class Plan:
             config = self._checked_config()
             if config is not None and self.seq_len is not None:
                 stack.enter_context(pass_blas(config, self.seq_len))
-            idle = self._on_host() and idle_core(PROCESS_START, cpu_times())
-            b_in_child = second_pass_aside and idle and self._b_in_child()
-            # Forked first: no thread of this run exists yet (engine.pass_process).
-            stream_a, stream_b = self._streams(cancel, stack, ahead=False, b_in_child=b_in_child)
+            stream_a, stream_b = self._streams(cancel, stack, ahead=False)
             tracker = self._tracker()
             helper, statistics_aside = None, False
             if self._on_host():
-                statistics_aside = OFFLOADED_STATISTICS and idle and not b_in_child
+                statistics_aside = OFFLOADED_STATISTICS and idle_core(PROCESS_START, cpu_times())
                 if tracker is not None or statistics_aside:
                     helper = stack.enter_context(ThreadPoolExecutor(1, "cell-work"))
                     stack.callback(_cancel_pending, helper)
@@ -271,17 +259,6 @@ class Plan:
                     return
                 yield _with_local(*waiting.popleft())
 
-    def _b_in_child(self) -> bool:
-        """Whether B's pass may run in a child: two models (the local error then reads A's
-        weights, which the parent decodes for its own pass: nothing is decoded twice), both
-        on the host, where processes can be forked (engine.pass_process.PASS_PROCESS)."""
-        return (
-            PASS_PROCESS
-            and isinstance(self.a, ModelSource)
-            and isinstance(self.b, ModelSource)
-            and (self.local is None or self.local.weights is not self.b.model)
-        )
-
     def _on_host(self) -> bool:
         """Whether every side's pass runs on the host (numpy), not on a CuPy device."""
         return all(
@@ -299,28 +276,14 @@ class Plan:
             return on_host
         return layer_matmul_flops(config, self.seq_len) >= PIPELINE_MIN_FLOPS
 
-    def _streams(
-        self,
-        cancel: threading.Event | None,
-        stack: ExitStack,
-        *,
-        ahead: bool,
-        b_in_child: bool = False,
-    ):
-        """Both sides' capture iterators (B None in single-model mode), run ahead if asked;
-        B's pass in a child process if asked (engine.pass_process)."""
+    def _streams(self, cancel: threading.Event | None, stack: ExitStack, *, ahead: bool):
+        """Both sides' capture iterators (B None in single-model mode), run ahead if asked."""
         streams = []
         for name, side in (("a", self.a), ("b", self.b)):
             if side is None:
                 streams.append(None)
                 continue
-            span = dict(layers=self.layers, cancel=cancel, whole_model=self.whole_model)
-            if name == "b" and b_in_child:
-                assert isinstance(side, ModelSource)
-                stream = side.captures(**span, in_child=True)
-            else:
-                stream = side.captures(**span)
-            stack.callback(getattr(stream, "close", lambda: None))  # a child ends with the run
+            stream = side.captures(layers=self.layers, cancel=cancel, whole_model=self.whole_model)
             if ahead:
                 stream = stack.enter_context(Ahead(stream, IN_FLIGHT, name=f"side-{name}"))
             streams.append(stream)

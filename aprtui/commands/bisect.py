@@ -545,7 +545,7 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
     with plan:
-        cells = _collect(plan.run(second_pass_aside=True), plan.expected)
+        cells = _collect(plan.run(), plan.expected)
         logits, logits_lines = logits_block(a, b, cells)
     first = first_divergence(cells, args.threshold)
     first_std = first_std_divergence(cells)

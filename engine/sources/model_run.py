@@ -7,8 +7,7 @@ host copies for drill-down; a tensor that fell out of the cache is recomputed (o
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
-from contextlib import suppress
+from collections.abc import Iterator
 from dataclasses import replace
 
 import numpy as np
@@ -16,7 +15,6 @@ import numpy as np
 from engine.backend import Backend, resolve_backend, to_host
 from engine.forward import Capture, produced_stages, trace
 from engine.model import Model
-from engine.pass_process import PASS_PROCESS, ForkedPass
 from engine.pipeline import pass_blas
 from engine.recent_weights import RecentWeights, reuse_budget
 from engine.sources.base import CACHE_BYTES, TensorCache, TraceSource, rerun_span
@@ -68,37 +66,20 @@ class ModelSource(TraceSource):
         layers: range | None = None,
         cancel: threading.Event | None = None,
         whole_model: bool = True,
-        *,
-        in_child: bool = False,
     ) -> Iterator[Capture]:
-        """The pass's captures, in computation order. `in_child`: computed by a child process
-        forked here and now (engine.pass_process; the pass itself where none can be forked),
-        so call it before the caller starts threads of its own."""
         stage_names = [s for s in self.stages if whole_model or STAGE_BY_NAME[s].per_layer]
-
-        def run_pass() -> Iterator[Capture]:
-            return trace(
-                self.model,
-                self.token_ids,
-                backend=self.backend,
-                stages=stage_names,
-                layers=layers,
-                cancel=cancel,
-                keep_logits=whole_model,  # the logit metrics of a comparison read them
-                # The local error has the second core (measured, bisect of SmolLM2 against its
-                # Q8_0 copy: children decoding 0.95 s of weights saved the pass 0.25 s, no wall
-                # time).
-                decode_ahead=False,
-            )
-
-        stream: Iterable[Capture] | None = None
-        if in_child and PASS_PROCESS:
-            with suppress(OSError):  # no fork here (EAGAIN, ENOMEM): the pass runs here
-                stream = ForkedPass(run_pass)
-        return self._remembered(stream if stream is not None else run_pass())
-
-    def _remembered(self, stream: Iterable[Capture]) -> Iterator[Capture]:
-        for capture in stream:
+        for capture in trace(
+            self.model,
+            self.token_ids,
+            backend=self.backend,
+            stages=stage_names,
+            layers=layers,
+            cancel=cancel,
+            keep_logits=whole_model,  # the logit metrics of a comparison read them
+            # The local error has the second core (measured, bisect of SmolLM2 against its Q8_0
+            # copy: children decoding 0.95 s of weights saved the pass 0.25 s, no wall time).
+            decode_ahead=False,
+        ):
             self._remember(capture)
             yield capture
 
