@@ -137,7 +137,7 @@ _NAME_MAP_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _name_maps_built_once() -> Iterator[None]:
+def gguf_name_maps_built_once() -> Iterator[None]:
     """gguf-py's `get_tensor_name_map(arch, n_blocks)` memoised while transformers loads a model.
 
     Loading a GGUF, transformers asks gguf-py for the tensor name map once per module of the
@@ -196,7 +196,7 @@ def load_hf_model(path: str | Path, dtype: str, device: str = "cpu") -> Any:
     try:
         # transformers' GGUF reader draws its own tqdm bar on sys.stderr: keep it off the terminal.
         # The config read above is handed on, so the file is not parsed for it a second time.
-        with contextlib.redirect_stderr(io.StringIO()), _name_maps_built_once():
+        with contextlib.redirect_stderr(io.StringIO()), gguf_name_maps_built_once():
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 where, config=config, **kwargs
             )

@@ -13,16 +13,19 @@ data byte for byte (tensor offsets count from the start of the data, so they sta
 vocabulary size, which transformers would otherwise take from the token list, is passed as
 `vocab_size`. What HF dequantizes and how it reads every model key is unchanged; a copy made
 wrong (a record boundary missed) fails to load, it cannot agree by accident.
+
+The load also builds gguf-py's tensor name map once instead of once per module (14 s of a 25 s
+SmolLM2 load), with the product's own memo (engine.sources.hf.gguf_name_maps_built_once): it
+caches a gguf-py function of two arguments and computes nothing itself.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import shutil
 import struct
-from collections.abc import Iterator
 from pathlib import Path
+
+from engine.sources.hf import gguf_name_maps_built_once
 
 VOCABULARY_ARRAYS = frozenset(
     {"tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"}
@@ -108,24 +111,6 @@ def write_without_vocabulary(source: Path, target: Path) -> int:
     return vocabulary_size
 
 
-@contextlib.contextmanager
-def _name_maps_built_once() -> Iterator[None]:
-    """gguf-py's `get_tensor_name_map(arch, n_blocks)` memoised while transformers loads.
-
-    transformers asks for the map once per module of the model (SmolLM2: 397 times), and
-    gguf-py builds it from scratch each time (~35 ms: every tensor kind's name patterns for
-    every block), 14 s of a 25 s SmolLM2 load. The map is a pure function of its arguments and
-    transformers only reads it, so one map per (arch, n_blocks) is the same map."""
-    import gguf
-
-    original = gguf.get_tensor_name_map
-    gguf.get_tensor_name_map = functools.cache(original)
-    try:
-        yield
-    finally:
-        gguf.get_tensor_name_map = original
-
-
 def hf_model_from_gguf(gguf_path: Path, scratch: Path, **kwargs):
     """`AutoModelForCausalLM.from_pretrained` of the GGUF's weights (float32, eager attention
     unless `kwargs` say otherwise), through a copy without the vocabulary in `scratch`."""
@@ -141,7 +126,8 @@ def hf_model_from_gguf(gguf_path: Path, scratch: Path, **kwargs):
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
-        with _name_maps_built_once():
+        # gguf-py's tensor name map built once, not once per module (engine.sources.hf)
+        with gguf_name_maps_built_once():
             return AutoModelForCausalLM.from_pretrained(
                 str(scratch), gguf_file=copy.name, **{**options, **kwargs}
             )

@@ -195,10 +195,10 @@ def test_missing_packages_name_the_extra(seeded_dirs):
 def test_name_map_is_built_once_during_a_load_and_restored_after():
     import gguf
 
-    from engine.sources.hf import _name_maps_built_once
+    from engine.sources.hf import gguf_name_maps_built_once
 
     original = gguf.get_tensor_name_map
-    with _name_maps_built_once():
+    with gguf_name_maps_built_once():
         first = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
         assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is first
         assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3) is not first
