@@ -145,7 +145,8 @@ def gguf_name_maps_built_once() -> Iterator[None]:
     kind's name patterns for every block, ~35 ms): 14 s of a 25 s SmolLM2 load on the
     development VM. The map is a pure function of its two arguments and transformers only reads
     it, so one map per (arch, n_blocks) is the same map. The module attribute is swapped for the
-    duration of one load, under a lock (two loads at once must not restore each other's)."""
+    duration of one load, under a lock: two GGUF loads at once take turns (each would otherwise
+    put back the function the other swapped in)."""
     import gguf  # a dependency of apr-tui (our GGUF writer's tests use it too)
 
     with _NAME_MAP_LOCK:
@@ -196,7 +197,9 @@ def load_hf_model(path: str | Path, dtype: str, device: str = "cpu") -> Any:
     try:
         # transformers' GGUF reader draws its own tqdm bar on sys.stderr: keep it off the terminal.
         # The config read above is handed on, so the file is not parsed for it a second time.
-        with contextlib.redirect_stderr(io.StringIO()), gguf_name_maps_built_once():
+        gguf = "gguf_file" in kwargs
+        memo = gguf_name_maps_built_once() if gguf else contextlib.nullcontext()
+        with contextlib.redirect_stderr(io.StringIO()), memo:
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 where, config=config, **kwargs
             )
