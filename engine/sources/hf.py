@@ -147,7 +147,7 @@ def gguf_name_maps_built_once() -> Iterator[None]:
     it, so one map per (arch, n_blocks) is the same map. The module attribute is swapped for the
     duration of one load, under a lock: two GGUF loads at once take turns (each would otherwise
     put back the function the other swapped in)."""
-    import gguf  # a dependency of apr-tui (our GGUF writer's tests use it too)
+    import gguf  # a dependency of apr-tui
 
     with _NAME_MAP_LOCK:
         original = gguf.get_tensor_name_map
@@ -197,8 +197,7 @@ def load_hf_model(path: str | Path, dtype: str, device: str = "cpu") -> Any:
     try:
         # transformers' GGUF reader draws its own tqdm bar on sys.stderr: keep it off the terminal.
         # The config read above is handed on, so the file is not parsed for it a second time.
-        gguf = "gguf_file" in kwargs
-        memo = gguf_name_maps_built_once() if gguf else contextlib.nullcontext()
+        memo = gguf_name_maps_built_once() if "gguf_file" in kwargs else contextlib.nullcontext()
         with contextlib.redirect_stderr(io.StringIO()), memo:
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 where, config=config, **kwargs

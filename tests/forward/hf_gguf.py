@@ -41,7 +41,7 @@ _STRING, _ARRAY = 8, 9
 class _Reader:
     """Sequential little-endian reads from a file's bytes."""
 
-    def __init__(self, data: bytes | memoryview, offset: int = 0) -> None:
+    def __init__(self, data: bytes | memoryview, offset: int) -> None:
         self.data, self.offset = data, offset
 
     def take(self, fmt: str) -> int:
@@ -74,11 +74,10 @@ def write_without_vocabulary(source: Path, target: Path) -> int:
     length of `tokenizer.ggml.tokens`)."""
     with source.open("rb") as handle:
         head = handle.read(1 << 26)  # the key/values and tensor descriptions (SmolLM2: 2 MiB)
-    reader = _Reader(memoryview(head))
     magic, version = head[:4], struct.unpack_from("<I", head, 4)[0]
     if magic != b"GGUF" or version != 3:
         raise ValueError(f"{source}: not a GGUF v3 file")
-    reader.offset = 8
+    reader = _Reader(memoryview(head), offset=8)  # after the magic and the version
     tensor_count, kv_count = reader.take("<Q"), reader.take("<Q")
     kept: list[bytes] = []
     vocabulary_size, alignment = 0, 32
