@@ -33,7 +33,9 @@ and the ratio baseline / current. The row `trace-1` runs our trace on one proces
 decoding child (bench/trace_one_process.py): what the child buys. The row `bisect*` runs
 our bisect without the work added after the baseline (the local error of every stage, the
 per-position logit metrics; bench/bisect_baseline_work.py) against the baseline's bisect: the
-same work on both sides. Below the table, the share of CPU time the host stole from this
+same work on both sides. The row `bisect-p` runs our bisect with its two passes and nothing
+else (no statistics, no local error, no logit metrics; bench/bisect_passes_only.py): the floor
+of any comparison of the two models, whatever it computes from their captures. Below the table, the share of CPU time the host stole from this
 virtual machine during the runs (/proc/stat): a busy host stretches wall times, so read the CPU
 columns first when it is high. `--neighbours 0 1` runs the comparison twice: on a quiet
 machine, and beside one busy process (a Python busy loop), as on a shared CI runner or VM.
@@ -309,9 +311,11 @@ def compare_processes(
         # error and the logit metrics): like for like.
         same_work = [str(ROOT / "bench" / "bisect_baseline_work.py")]
         one_process = [str(ROOT / "bench" / "trace_one_process.py")]
+        passes_only = [str(ROOT / "bench" / "bisect_passes_only.py")]
         runs = [(name, argv, None) for name, argv in commands.items()]
         runs.insert(1, ("trace-1", commands["trace"], one_process))
         runs.append(("bisect*", commands["bisect"], same_work))
+        runs.append(("bisect-p", commands["bisect"], passes_only))
         best: dict[tuple[str, str], list[float]] = {}
         starts: list[float] = []  # our trace's serial start, per run
         running.extend(busy_neighbours(neighbours))
@@ -352,7 +356,9 @@ def compare_processes(
         print(
             "trace-1: ours on one process, no decoding child (bench/trace_one_process.py); "
             "bisect*: ours without the local error and the logit metrics "
-            "(bench/bisect_baseline_work.py), the baseline's work"
+            "(bench/bisect_baseline_work.py), the baseline's work; bisect-p: ours with the two "
+            "passes only, no statistics at all (bench/bisect_passes_only.py), the floor of any "
+            "bisect of two models"
         )
         if starts:
             print_limits(best, [name for name, _, _ in runs], min(starts))
