@@ -13,6 +13,7 @@ import pytest
 from engine.aprt import read_aprt, write_stage
 from engine.trace_directory import read_trace_dir
 from tests.commands.conftest import assert_one_line_error, run_cli, snapshot
+from tests.support.bounded import lines_within
 from tests.support.signals import interruptible
 
 
@@ -135,13 +136,14 @@ def test_ctrl_c_during_trace_exits_130_and_leaves_only_whole_files(apr_tui, slow
     argv += ["--save-tensor-layers", "0..40", "--tokens", tokens, "--save-tensor-dir", str(out)]
     process = subprocess.Popen(
         argv,
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=interruptible,
     )
     progress = []
-    for line in process.stderr:  # one plain line per layer when stderr is not a terminal
+    # One plain line per layer when stderr is not a terminal.
+    for line in lines_within(process.stderr, 60, "the trace's progress"):
         progress.append(line)
         if "layer 2/40" in line:
             break

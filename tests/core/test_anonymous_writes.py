@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import time
 
 import pytest
 
@@ -109,6 +111,12 @@ def test_a_forked_child_names_its_own_files(tmp_path):
         except BaseException:
             code = 1
         os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    deadline = time.monotonic() + 30  # a hung child fails the test instead of hanging it
+    while (ended := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("the forked child did not finish its write within 30 s")
+        time.sleep(0.005)
+    assert os.waitstatus_to_exitcode(ended[1]) == 0
     assert (tmp_path / "child.bin").read_bytes() == b"from the child"

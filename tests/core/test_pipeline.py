@@ -29,11 +29,13 @@ def test_ahead_runs_the_iterator_in_another_thread_at_most_depth_ahead():
 
     stream = Ahead(source(), depth=2, name="side-x")
     assert next(stream) == 0
-    deadline = time.monotonic() + 5
-    while len(produced) < 3 and time.monotonic() < deadline:
+    # One item taken, two in the queue, one more computed and waiting for a place: 4 produced
+    # (waited for, however loaded the machine), and no more after room to run further ahead.
+    deadline = time.monotonic() + 30
+    while len(produced) < 4 and time.monotonic() < deadline:
         time.sleep(0.01)
-    time.sleep(0.1)  # room to run further ahead, if it wrongly could
-    # one item taken, two in the queue, one more computed and waiting for a place
+    assert len(produced) == 4
+    time.sleep(0.1)
     assert len(produced) == 4
     assert threads == {"side-x"}
     stream.close()

@@ -506,23 +506,28 @@ def test_a_serial_run_computes_statistics_beside_the_passes_only_when_a_core_is_
 
 def test_cancel_stops_a_serial_run_whose_cells_wait_for_the_helper(hf_llama, monkeypatch):
     """Cells computed while a matrix product's local error is still on the helper wait behind
-    it; once the consumer cancels, none of them comes out (the helper's job is made slow, so
-    they are always waiting when qkv_matmul's cell is handed over)."""
-    import time
-
+    it; once the consumer cancels, none of them comes out (qkv_matmul's job on the helper
+    finishes only once two later captures have been handed to the tracker, so their cells are
+    always waiting when qkv_matmul's cell is handed over)."""
     from engine.plan import OFFLOADED_LOCAL_ERROR_STAGES
 
-    def slowed(capture, compute):
+    handed: list[str] = []  # the stages whose jobs the tracker has handed out, in order
+    two_later = threading.Event()
+
+    def held(capture, compute):
+        handed.append(capture.stage)
+        if "qkv_matmul" in handed and len(handed) - handed.index("qkv_matmul") > 2:
+            two_later.set()
         if capture.stage not in OFFLOADED_LOCAL_ERROR_STAGES:
             return compute
 
-        def slow():
-            time.sleep(0.2)
+        def after_two_later():
+            assert two_later.wait(60), "the serial run did not go on while the helper worked"
             return compute()
 
-        return slow
+        return after_two_later
 
-    _serial_with_local_jobs(monkeypatch, slowed)
+    _serial_with_local_jobs(monkeypatch, held)
     cancel = threading.Event()
     seen = []
     for cell in compare(_source(hf_llama), _source(hf_llama), cancel=cancel):

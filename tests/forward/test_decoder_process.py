@@ -24,6 +24,7 @@ from engine.formats.gguf.reader import GgufWeightStore
 from engine.forward import trace
 from engine.prefetch import WHOLE, WeightPrefetcher
 from engine.synth import synthesize
+from tests.support.bounded import first_line_within
 
 DEADLINE_S = 20.0  # every wait below is bounded by this, however loaded the machine
 
@@ -265,7 +266,7 @@ def test_the_child_ends_when_its_parent_is_killed(tmp_path):
         cwd=Path(__file__).resolve().parents[2],
     )
     try:
-        child = int(parent.stdout.readline())
+        child = int(first_line_within(parent.stdout, DEADLINE_S, "the child's pid"))
         assert not process_gone(child)
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=DEADLINE_S)

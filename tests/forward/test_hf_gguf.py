@@ -7,12 +7,11 @@ vocabulary key, and every tensor with the same type, shape and bytes.
 
 from __future__ import annotations
 
+import gguf
 import numpy as np
 import pytest
 
 from tests.forward.hf_gguf import VOCABULARY_ARRAYS, write_without_vocabulary
-
-gguf = pytest.importorskip("gguf")  # a runtime dependency: always there
 
 
 def _fields(reader) -> dict[str, object]:

@@ -6,6 +6,7 @@ outside the vocabulary)."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 
@@ -183,14 +184,18 @@ def test_explorer_only_grammars_in_process():
     for case in range(CASES):
         text = hostile_range(rng)
         try:
-            parse_layers(text)
+            layers = parse_layers(text)
         except AprTuiError as error:
             assert "--layers" in str(error) and "\n" not in str(error), (case, str(error))
+        else:  # accepted: a real, non-empty range of layers
+            assert layers is None or (0 <= layers.start < layers.stop), (case, text, layers)
         value = hostile_float(rng)
         try:
-            cosine_threshold(value)
+            threshold = cosine_threshold(value)
         except argparse.ArgumentTypeError as error:
             assert str(error), case
+        else:  # accepted: a cosine
+            assert math.isfinite(threshold) and -1.0 <= threshold <= 1.0, (case, value)
 
 
 def test_flag_grammars_through_apr_tui(apr_tui, files, tmp_path):

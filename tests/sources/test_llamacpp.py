@@ -312,7 +312,9 @@ def test_dump_writes_a_trace_directory_bisect_reads(
     assert result.returncode in (0, 1), result.stderr
     assert "Traceback" not in result.stderr
     report = json.loads(result.stdout)
-    assert report
+    assert report["b"]["kind"] == "trace-dir" and report["token_ids"] == TOKENS
+    compared = {(c["layer"], c["stage"]): c["cosine"] for c in report["cells"] if c["diff"]}
+    assert compared[(0, "attn_norm")] > 0.99  # a correct runtime: the first stages agree
 
 
 @pytest.mark.slow

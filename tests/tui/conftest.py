@@ -116,13 +116,20 @@ class Notifications(list):
         return [notification.message for notification in self]
 
 
+async def workers_done(app, timeout: float = 120.0) -> None:
+    """Wait until every worker of `app` has finished; fail after `timeout` seconds (a hung
+    worker must fail its test, not hang the suite)."""
+    import asyncio
+
+    await asyncio.wait_for(app.workers.wait_for_complete(), timeout)
+
+
 async def settle(pilot, timeout: float = 120.0) -> None:
     """Wait until the engine run has ended and its messages are drawn; fail loudly after
     `timeout` seconds instead of falling through."""
-    import asyncio
 
     app = pilot.app
-    await asyncio.wait_for(app.workers.wait_for_complete(), timeout)
+    await workers_done(app, timeout)
     for _ in range(int(timeout / 0.01)):
         if app.state in FINAL_STATES:
             break

@@ -16,6 +16,7 @@ from tests.tui.conftest import (
     painted_style,
     screen_text,
     settle,
+    workers_done,
 )
 from tests.tui.test_explorer import painted_text
 
@@ -122,7 +123,7 @@ async def test_planted_high_variance_is_flagged_in_single_model_mode(loud_model)
         # and so does the drill-down, with the evidence
         await pilot.press("enter")
         await pilot.pause()
-        await app.workers.wait_for_complete()
+        await workers_done(app)
         await pilot.pause()
         assert isinstance(app.screen, CellDetailScreen)
         flags = screen_text(app.screen.query_one("#detail-flags"))

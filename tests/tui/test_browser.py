@@ -12,7 +12,7 @@ from aprtui.app import FilesApp
 from aprtui.screens.file_browser import FileBrowserScreen
 from aprtui.screens.help import HelpScreen
 from engine.aprt import read_aprt
-from tests.tui.conftest import SIZE, Notifications, screen_text
+from tests.tui.conftest import SIZE, Notifications, screen_text, workers_done
 
 
 async def highlight(pilot, path):
@@ -30,7 +30,7 @@ async def highlight(pilot, path):
 
 async def settle_workers(pilot) -> None:
     """Wait for the browser's workers (file summary, diff) and draw their results."""
-    await pilot.app.workers.wait_for_complete()
+    await workers_done(pilot.app)
     await pilot.pause()
     await pilot.pause()
 

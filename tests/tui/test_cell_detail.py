@@ -11,7 +11,7 @@ from engine.aprt import read_aprt
 from engine.formats import open_model
 from engine.forward import trace
 from engine.stages import WHOLE_MODEL_LAYER
-from tests.tui.conftest import SIZE, Notifications, explorer, screen_text, settle
+from tests.tui.conftest import SIZE, Notifications, explorer, screen_text, settle, workers_done
 
 
 async def open_cell(pilot, layer: int, stage: str) -> CellDetailScreen:
@@ -19,7 +19,7 @@ async def open_cell(pilot, layer: int, stage: str) -> CellDetailScreen:
     assert app.grid.move_to(layer, stage)
     await pilot.press("enter")
     await pilot.pause()
-    await app.workers.wait_for_complete()
+    await workers_done(app)
     await pilot.pause()
     await pilot.pause()
     screen = app.screen

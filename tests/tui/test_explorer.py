@@ -13,7 +13,7 @@ from aprtui.widgets.stage_grid import ABSENT, CELL_WIDTH, LABEL_WIDTH, StageGrid
 from engine.compare import compare
 from engine.sources import open_pair
 from engine.stages import WHOLE_MODEL_LAYER
-from tests.tui.conftest import SIZE, explorer, screen_text, settle
+from tests.tui.conftest import SIZE, explorer, screen_text, settle, workers_done
 
 DEFECT_LAYER = 2
 
@@ -315,7 +315,7 @@ async def test_single_model_mode_says_so_and_shows_std(demo_pair):
         assert grid.cursor == max(stds, key=stds.get)
         await pilot.press("enter")
         await pilot.pause()
-        await app.workers.wait_for_complete()
+        await workers_done(app)
         await pilot.pause()
         screen = app.screen
         assert isinstance(screen, CellDetailScreen)

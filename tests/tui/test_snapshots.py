@@ -14,7 +14,7 @@ from aprtui.app import FilesApp
 from aprtui.messages import RunProgress, RunStarted
 from engine.plan import plan_for
 from engine.sources import open_pair
-from tests.tui.conftest import explorer, settle
+from tests.tui.conftest import explorer, settle, workers_done
 
 SNAP_SIZE = (150, 40)
 MID_FILL_CELLS = 40
@@ -69,7 +69,7 @@ def test_cell_drill_down(snap_compare, demo_pair):
         await settle(pilot)
         await pilot.press("f", "enter")
         await pilot.pause()
-        await app.workers.wait_for_complete()
+        await workers_done(app)
         await pilot.pause()
         await pilot.pause()
 
@@ -91,6 +91,9 @@ def test_file_browser(snap_compare, traced, monkeypatch):
         await pilot.press("space")
         await highlight(pilot, directory / "layer-2" / "ffn_up.bin")
         await pilot.press("space", "d")
+        await pilot.pause()
+        await workers_done(app)  # the diff runs in a worker: drawn only once it has ended
+        await pilot.pause()
         await pilot.pause()
 
     assert snap_compare(app, run_before=run_before, terminal_size=SNAP_SIZE)
