@@ -87,11 +87,30 @@ SHORT_KEY_LABELS = {
     "walk_worst(1)": "worst",
     "next_anomaly": "anomaly",
     "toggle_legend": "legend",
+    "logits": "logits",
     "browse": "browse",
     "help": "all keys",
     "quit": "quit",
 }
 """The compact layout's one-line key hint (the footer's full labels do not fit 80 columns)."""
+
+METRIC_HINTS = {
+    "cosine": "cosine",
+    "max_diff": "max|A-B|",
+    "std_a": "std A",
+    "std_ratio": "std A/B",
+    "local": "local÷floor",
+}
+"""The compact hint names the grid's metric at its `m` key (`m max|A-B|`): the compact layout
+has no legend on screen, and the numbers in the grid mean nothing without it."""
+
+KEPT_IN_HINT = ("help", "quit")
+"""Where the hint is too long for the terminal, the keys kept while others give way."""
+
+MAIN_SCREEN_ACTIONS = frozenset({"browse", "logits", "toggle_legend"})
+"""The explorer's keys that act on its main screen (the grid): offered there only, so that
+`o` on the logits screen opens no second one, and `i` in a drill-down does not change the
+screen under it unseen."""
 
 BOTTOM_LINES = {"compact": 5, "normal": 13, "roomy": 13}
 """The least room the panel under the grid keeps (the statistics table is 12 lines)."""
@@ -134,6 +153,11 @@ GLOBAL_BINDINGS = [
     Binding("f1", "help", "Keys", show=False),
 ]
 """Quit and help, the same in the explorer and in `apr-tui files`."""
+
+
+def _hint_width(items: list[tuple[str, str, str]]) -> int:
+    """Cells of the key hint `key label  key label …`."""
+    return sum(len(key) + 1 + len(label) for _, key, label in items) + 2 * (len(items) - 1)
 
 
 class ExplorerApp(App[int]):
@@ -273,17 +297,26 @@ class ExplorerApp(App[int]):
     def key_hint(self) -> Text:
         """`⏎ open  m metric  f origin …  ? all keys  q quit`: the keys that work here (the
         same check_action as the footer), in one line for the compact layout."""
-        text = Text()
-        seen = set()
+        items: list[tuple[str, str, str]] = []  # (action, key, label)
         for active in self.screen_stack[0].active_bindings.values():
             binding = active.binding
             label = SHORT_KEY_LABELS.get(binding.action)
-            if label is None or not binding.show or binding.action in seen:
+            if label is None or not binding.show or binding.action in {a for a, _, _ in items}:
                 continue
-            seen.add(binding.action)
+            if binding.action == "cycle_metric":
+                label = METRIC_HINTS.get(self.grid.metric, label)
+            items.append((binding.action, self.get_key_display(binding), label))
+        width = self.size.width - 2  # the hint's padding
+        while len(items) > len(KEPT_IN_HINT) and _hint_width(items) > width:
+            dropped = next(
+                i for i in reversed(range(len(items))) if items[i][0] not in KEPT_IN_HINT
+            )
+            del items[dropped]
+        text = Text()
+        for _, key, label in items:
             if text:
                 text.append("  ")
-            text.append(self.get_key_display(binding), "bold #ffa62b")  # the footer key colour
+            text.append(key, "bold #ffa62b")  # the footer key colour
             text.append(f" {label}")
         return text
 
@@ -517,8 +550,9 @@ class ExplorerApp(App[int]):
     # -- selection --------------------------------------------------------------------------
 
     def on_cursor_moved(self, message: CursorMoved) -> None:
+        missing = self.grid.model.missing_reason(message.layer, message.stage)
         self.screen_stack[0].query_one(StatsPanel).show_cell(
-            message.layer, message.stage, message.cell
+            message.layer, message.stage, message.cell, missing
         )
 
     def on_cell_selected(self, message: CellSelected) -> None:
@@ -526,10 +560,8 @@ class ExplorerApp(App[int]):
         position = grid.position(message.layer, message.stage)
         cell = None if position is None else grid.cell_at(*position)
         if cell is None:
-            self.notify(
-                f"{cell_title(message.layer, message.stage)}: not computed (yet)",
-                title="Open cell",
-            )
+            reason = grid.model.missing_reason(message.layer, message.stage)
+            self.notify(f"{cell_title(message.layer, message.stage)}: {reason}", title="Open cell")
             return
         self.push_screen(CellDetailScreen(self.cell_context(cell)))
 
@@ -557,6 +589,8 @@ class ExplorerApp(App[int]):
 
     def on_metric_changed(self, message: MetricChanged) -> None:
         self._show_legend()
+        if self.layout_size() == "compact":  # the hint names the metric
+            self.screen_stack[0].query_one("#key-hint", Static).update(self.key_hint())
 
     def _show_legend(self) -> None:
         grid = self.grid
@@ -600,7 +634,9 @@ class ExplorerApp(App[int]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Show each key only where it works: `b` needs a trace directory on one side, `esc`
-        (hide the error panel) an engine error."""
+        (hide the error panel) an engine error; the grid's own keys only over the grid."""
+        if action in MAIN_SCREEN_ACTIONS and self.screen is not self.screen_stack[0]:
+            return False
         if action == "browse":
             return bool(self.trace_dirs())
         if action == "logits":  # per-position logit metrics need both sides, and a whole run

@@ -38,35 +38,49 @@ EXPLORE = "aprtui.commands.explore"
 
 EXIT_USAGE = 2
 EXIT_TERMINATED = 128 + 15
-"""The shell's status for a process ended by SIGTERM."""
+"""The shell's status for a process ended by SIGTERM (128 + the signal's number; SIGHUP's is
+129)."""
+
+ENDING_SIGNALS = {"SIGTERM": "terminated", "SIGHUP": "hung up"}
+"""The signals that end a command with its cleanup run, and what it says on the way out:
+SIGTERM (`kill`, a service manager) and SIGHUP (the terminal closed, an ssh session dropped),
+whose default action would leave a half-written temporary behind. SIGINT is Python's own
+KeyboardInterrupt."""
 
 
 class Terminated(BaseException):
-    """SIGTERM as an exception, so that every `finally` and every writer's cleanup (the hidden
-    temporary of `convert`, the half-made trace directory) runs before the process exits.
-    A BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it."""
+    """An ending signal (ENDING_SIGNALS) as an exception, so that every `finally` and every
+    writer's cleanup (the hidden temporary of `convert`, the half-made trace directory) runs
+    before the process exits. A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` swallows it."""
+
+    def __init__(self, signum: int = 15) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated
+    raise Terminated(signum)
 
 
 @contextmanager
 def _sigterm_raises(enabled: bool) -> Iterator[None]:
-    """While the block runs, SIGTERM raises `Terminated` (main thread only, and only where
-    SIGTERM still has its default action); the previous handler is restored afterwards."""
+    """While the block runs, each of ENDING_SIGNALS raises `Terminated` (main thread only, and
+    only for a signal that still has its default action: one the caller chose to ignore, as
+    `nohup` ignores SIGHUP, stays ignored); the previous handlers are restored afterwards."""
     import signal
     import threading
 
     main = threading.current_thread() is threading.main_thread()
-    if not (enabled and main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
-        yield
-        return
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    numbers = [getattr(signal, name) for name in ENDING_SIGNALS if hasattr(signal, name)]
+    caught = [n for n in numbers if enabled and main and signal.getsignal(n) is signal.SIG_DFL]
+    for number in caught:
+        signal.signal(number, _raise_terminated)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for number in caught:
+            signal.signal(number, signal.SIG_DFL)
 
 
 def step_progress(module: ModuleType, args: argparse.Namespace) -> AbstractContextManager:
@@ -300,9 +314,12 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(args_list)
             with step_progress(module, args):
                 return int(module.run(args) or 0)
-    except Terminated:
-        sys.stderr.write("apr-tui: terminated\n")
-        return EXIT_TERMINATED
+    except Terminated as ended:
+        import signal
+
+        name = signal.Signals(ended.signum).name
+        sys.stderr.write(f"apr-tui: {ENDING_SIGNALS.get(name, 'terminated')}\n")
+        return 128 + ended.signum
     except AprTuiError as error:
         _print_error(str(error))
         return EXIT_USAGE

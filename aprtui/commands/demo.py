@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from aprtui.commands import options
@@ -116,7 +121,48 @@ def run(args: argparse.Namespace) -> int:
             f"apr-tui demo · planted: layer {DEFECT_LAYER} mlp.up_proj ×{DEFECT_FACTOR:g} in B"
         )
         try:
-            return int(app.run() or 0)
+            with _ending_signals_quit(app) as ended:
+                code = int(app.run() or 0)
+            if ended:
+                sys.stderr.write(f"apr-tui: {ended[0]}\n")
+            return code
         finally:
             app.run_spec.stop.set()
             app.run_spec.engine_idle.wait(ENGINE_WAIT_S)
+
+
+@contextmanager
+def _ending_signals_quit(app) -> Iterator[list[str]]:
+    """While the explorer runs, SIGTERM and SIGHUP (aprtui.cli.ENDING_SIGNALS) quit it the way
+    `q` does, with the status 128 + the signal's number, so that the engine stops and the
+    temporary directory (hundreds of MB for a real model's pair) is removed on the way out;
+    their default action would leave it in /tmp. Yields the list that receives what to say
+    (`terminated`, `hung up`) once a signal came. Main thread only; a signal the caller
+    ignores (`nohup`) stays ignored."""
+    from aprtui.cli import ENDING_SIGNALS
+
+    ended: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield ended
+        return
+
+    def quit_app(signum: int, frame: object) -> None:
+        ended.append(ENDING_SIGNALS.get(signal.Signals(signum).name, "terminated"))
+
+        def ask() -> None:  # call_from_thread is the thread-safe way into the app's loop
+            with suppress(RuntimeError):  # the app is not running (yet, or any more)
+                app.call_from_thread(app.exit, 128 + signum)
+
+        threading.Thread(target=ask, name="apr-tui-signal", daemon=True).start()
+
+    caught = []
+    for name in ENDING_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) is signal.SIG_DFL:
+            signal.signal(number, quit_app)
+            caught.append(number)
+    try:
+        yield ended
+    finally:
+        for number in caught:
+            signal.signal(number, signal.SIG_DFL)

@@ -31,7 +31,7 @@ from aprtui.anomalies import (
 )
 from aprtui.coordinates import decode_index, display_token
 from aprtui.messages import TensorsLoaded
-from aprtui.widgets.histogram import DeltaHistogram
+from aprtui.widgets.histogram import DeltaHistogram, histogram_lines
 from aprtui.widgets.metrics import cell_title
 from aprtui.widgets.stats_panel import (
     diff_stats_table,
@@ -47,6 +47,20 @@ from engine.stats import TopDiff
 
 TOP_K = 20
 SAVE_DIR_NAME = "apr-tui-saved"
+
+SIDE_HISTOGRAM_WIDTH = 150
+"""Columns from which the |Δ| histogram stands beside the statistics (they take ~105 columns,
+its bars ~45); below, it is a few lines under them (`histogram_lines`), never a squeezed
+column whose lines wrap."""
+
+COMPACT_DETAIL_WIDTH = 110
+"""Columns below which the drill-down is compact: short local-error labels, and a top-K table
+without the flat index (the `where` column says it in words) whose numbers have five
+significant digits, so that every column, the last one included, fits 80 columns whole."""
+
+TOPK_FIXED_COLUMNS = 46
+"""Cells the compact top-K table's columns other than `where` take (rank, A, B, |A-B|, their
+padding and the scroll bar): `where` is cut, with an ellipsis, to what is left."""
 
 
 @dataclass
@@ -138,6 +152,11 @@ as APRT files under `./apr-tui-saved/` (never overwriting a file), `esc` goes ba
         super().__init__()
         self.context = context
         self.tensors: tuple[np.ndarray | None, np.ndarray | None] | None = None
+        self.compact: bool | None = None
+        """Whether the layout is compact (COMPACT_DETAIL_WIDTH); None before the first fit."""
+        self._top: tuple[TopDiff, ...] = ()
+        """The rows of the top-K table, kept to refill it when the layout changes."""
+        self._histogram: tuple[list[tuple[str, int]], str] | None = None
 
     @property
     def cell(self) -> Cell:
@@ -152,6 +171,9 @@ as APRT files under `./apr-tui-saved/` (never overwriting a file), `esc` goes ba
             yield DeltaHistogram(
                 Text("|Δ| histogram: loading tensors…", style="dim"), id="detail-histogram"
             )
+        yield Static(
+            Text("|Δ| histogram: loading tensors…", style="dim"), id="detail-histogram-lines"
+        )
         yield TokenStrip(Text("per-token: loading tensors…", style="dim"), id="detail-strip")
         yield Static(self._topk_title(), id="detail-topk-title")
         yield DataTable(id="detail-topk", cursor_type="row", zebra_stripes=True)
@@ -184,7 +206,8 @@ as APRT files under `./apr-tui-saved/` (never overwriting a file), `esc` goes ba
         return Text("top divergences (by |A-B|)", style="bold")
 
     def _stats_renderable(self) -> Table:
-        grid = Table.grid(padding=(0, 3))
+        compact = bool(self.compact)
+        grid = Table.grid(padding=(0, 2 if compact else 3))
         flags = cell_anomalies(self.cell)
         if self.context.has_reference:
             grid.add_row(
@@ -194,23 +217,63 @@ as APRT files under `./apr-tui-saved/` (never overwriting a file), `esc` goes ba
                     self.context.threshold,
                     std_ratio_of(self.cell.stats_a, self.cell.stats_b),
                 ),
-                local_error_table(self.cell, self.context.floor),
+                local_error_table(self.cell, self.context.floor, compact=compact),
             )
         else:
             grid.add_row(tensor_stats_table(self.cell.stats_a, None, show_b=False, flags=flags))
         return grid
 
     def on_mount(self) -> None:
-        table = self.query_one("#detail-topk", DataTable)
-        table.add_columns("#", "index", "where", "A", "B", "|A-B|")
         if self.cell.diff is not None:
-            self._fill_topk(self.cell.diff.top_diffs)
+            self._top = self.cell.diff.top_diffs
+        self._fit(self.app.size.width)
         self.load_tensors()
 
+    def on_resize(self, event) -> None:
+        self._fit(event.size.width)
+
+    def _fit(self, width: int) -> None:
+        """Lay the screen out for `width` columns: the histogram beside the statistics or
+        under them (SIDE_HISTOGRAM_WIDTH), compact or not (COMPACT_DETAIL_WIDTH)."""
+        from aprtui.app import FOOTER_PALETTE, FOOTER_ROOMY  # the explorer's footer rules
+
+        footer = self.query_one(Footer)
+        footer.compact = width < FOOTER_ROOMY
+        footer.show_command_palette = width >= FOOTER_PALETTE
+        self.set_class(width < SIDE_HISTOGRAM_WIDTH, "-histogram-lines")
+        self._show_histogram_lines(width)
+        compact = width < COMPACT_DETAIL_WIDTH
+        if compact == self.compact:
+            if compact:  # `where` is cut to the width
+                self._fill_topk(self._top)
+            return
+        self.compact = compact
+        self.set_class(compact, "-compact")
+        self.query_one("#detail-stats", Static).update(self._stats_renderable())
+        table = self.query_one("#detail-topk", DataTable)
+        table.clear(columns=True)
+        if self.context.has_reference:
+            columns = ("#", "where", "A", "B", "|A-B|")
+        else:  # the largest |A|: no B, and |A| is A's magnitude
+            columns = ("#", "where", "A")
+        if not compact:
+            columns = (columns[0], "index", *columns[1:])
+        table.add_columns(*columns)
+        self._fill_topk(self._top)
+
+    def _show_histogram_lines(self, width: int) -> None:
+        if self._histogram is not None:
+            bins, title = self._histogram
+            lines = self.query_one("#detail-histogram-lines", Static)
+            lines.update(histogram_lines(bins, title, max(20, width - 2)))
+
     def _fill_topk(self, top: tuple[TopDiff, ...]) -> None:
+        self._top = top
         table = self.query_one("#detail-topk", DataTable)
         table.clear()
         context = self.context
+        digits = 4 if self.compact else 6
+        where_width = max(12, self.app.size.width - TOPK_FIXED_COLUMNS)
         for rank, entry in enumerate(top, start=1):
             where = decode_index(
                 entry.index,
@@ -220,14 +283,14 @@ as APRT files under `./apr-tui-saved/` (never overwriting a file), `esc` goes ba
                 context.token_text,
                 context.heads,
             )
-            table.add_row(
-                str(rank),
-                str(entry.index),
-                where,
-                f"{entry.a:+.6e}",
-                "" if not context.has_reference else f"{entry.b:+.6e}",
-                f"{entry.abs_diff:.6e}",
-            )
+            if self.compact and len(where) > where_width:
+                where = where[: where_width - 1] + "…"
+            row = [str(rank), where, f"{entry.a:+.{digits}e}"]
+            if context.has_reference:
+                row += [f"{entry.b:+.{digits}e}", f"{entry.abs_diff:.{digits}e}"]
+            if not self.compact:
+                row.insert(1, str(entry.index))
+            table.add_row(*row)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="tensors")
     def load_tensors(self) -> None:
@@ -284,10 +347,15 @@ as APRT files under `./apr-tui-saved/` (never overwriting a file), `esc` goes ba
         if message.error is not None or message.a is None or details is None:
             reason = message.error or "side A does not produce this stage"
             histogram.update(Text(f"tensors unavailable: {reason}", style="red"))
+            self.query_one("#detail-histogram-lines", Static).update(
+                Text(f"tensors unavailable: {reason}", style="red")
+            )
             strip.update("")
             return
         self.tensors = (details.a, details.b)
         histogram.show(details.histogram, details.histogram_title)
+        self._histogram = (details.histogram, details.histogram_title)
+        self._show_histogram_lines(self.app.size.width)
         strip.show(
             details.per_token,
             cosine=details.cosine,

@@ -65,6 +65,8 @@ class GridModel:
         self.has_reference = has_reference
         """False in single-model mode: a one-sided cell is absent, not `A only`."""
         self.row_layers: list[int] = []
+        self.complete = False
+        """Whether the run has ended with every cell it could give (mark_missing_absent)."""
         self.stages: list[str] = default_stages()
         self.cells: dict[Position, Cell] = {}
         self.divergences: dict[str, Position] = {}
@@ -110,6 +112,7 @@ class GridModel:
         """
         self.row_layers = list(layers)
         self.has_reference = has_reference
+        self.complete = False
         self.stages = default_stages()
         self.cells.clear()
         self.divergences.clear()
@@ -173,6 +176,17 @@ class GridModel:
         row = self._row_of.get(layer)
         col = self._col_of.get(stage)
         return None if row is None or col is None else (row, col)
+
+    def missing_reason(self, layer: int, stage: str) -> str:
+        """Why the grid has no cell at (layer, stage): it is still to come, neither side
+        produces it, or the grid has no such cell at all (`embedding` past layer 0, a
+        whole-model stage in a layer's row, a row beyond the run)."""
+        position = self.position(layer, stage)
+        if position is None or not self.applicable[position]:
+            return "no such cell: this stage is not part of this row"
+        if self.kinds["cosine"][position] == ABSENT:
+            return "absent: not produced by either side in this run"
+        return "not computed yet"
 
     def layer_at(self, row: int) -> int:
         return self.row_layers[row] if row < len(self.row_layers) else WHOLE_MODEL_LAYER
@@ -246,6 +260,7 @@ class GridModel:
     def mark_missing_absent(self) -> None:
         """After a complete run: every applicable cell that never arrived is absent."""
         self._mark_absent(self.applicable & (self.kinds["cosine"] == EMPTY))
+        self.complete = True
 
     def _mark_absent(self, mask: np.ndarray) -> None:
         for metric in METRICS:

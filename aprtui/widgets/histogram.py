@@ -34,6 +34,43 @@ def histogram_text(bins: list[tuple[str, int]], title: str) -> Text:
     return text
 
 
+_LEVELS = "▁▂▃▄▅▆▇█"
+
+
+def level(count: int, largest: int) -> str:
+    """One block character for `count / largest` on the bars' log scale (none for 0)."""
+    if count <= 0 or largest <= 0:
+        return ""
+    share = math.log1p(count) / math.log1p(largest)
+    return _LEVELS[min(len(_LEVELS) - 1, int(share * len(_LEVELS)))]
+
+
+def histogram_lines(bins: list[tuple[str, int]], title: str, width: int) -> Text:
+    """The same bins in a few lines for a narrow screen: `title  1e-3 ▂7  1e-2 ▄41 …`, each
+    bin a label, a one-character bar and its count, lines broken between bins only (never
+    inside one), none longer than `width` unless a single bin is."""
+    text = Text(title, style="bold")
+    if not bins:
+        text.append("  (empty)", "dim")
+        return text
+    largest = max(count for _, count in bins)
+    used = len(title)
+    for label, count in bins:
+        bar_char = level(count, largest)
+        piece = len(label) + 1 + len(bar_char) + len(str(count))
+        if used + 2 + piece > width:
+            text.append("\n")
+            used = 0
+        else:
+            text.append("  ")
+            used += 2
+        text.append(f"{label} ")
+        text.append(bar_char, "red" if label == "NaN/Inf" else "cyan")
+        text.append(str(count))
+        used += piece
+    return text
+
+
 class DeltaHistogram(Static):
     """How the element-wise |A-B| spread over decades (|A| without a reference)."""
 

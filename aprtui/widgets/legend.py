@@ -47,7 +47,7 @@ def legend_text(metric_key: str, threshold: float, has_reference: bool) -> Text:
             (ANOMALY_MARKER, MARKER_STYLE),
             " anomaly flag (a: next)\n",
             ("·", "dim"),
-            "   absent      blank: pending\n",
+            "   absent   blank: pending or n/a\n",
             ("L3", WARNING_STYLE),
             "  HIGH-VAR layer (output std > 100)",
         )

@@ -101,7 +101,7 @@ One row per layer (plus `model` for the whole-model stages), one column per stag
 computation order. Each cell shows the selected metric on a heat colour; the legend below the
 grid says what the colours mean.
 
-- `·` the stage is absent (neither side produces it); blank: not computed (yet)
+- `·` the stage is absent (neither side produces it); blank: not computed yet, or no such cell
 - `NaN` / `Inf` (magenta): a non-finite value on either side
 - `!` (gold): an apr anomaly flag (with a reference: one that only one side has) — NaN, Inf, near-zero variance (std < 1e-8),
   large values (max|x| > 100), large mean bias (|mean| > 10), or HIGH-VAR (the layer output's
@@ -521,9 +521,9 @@ grid says what the colours mean.
         self.cursor = (self.n_rows - 1, self.n_cols - 1)
 
     def action_select_cell(self) -> None:
+        """Open the cell under the cursor (the app says why when there is none to open)."""
         row, col = self.cursor
-        if self.applicable[row, col]:
-            self.post_message(CellSelected(self.layer_at(row), self.stages[col]))
+        self.post_message(CellSelected(self.layer_at(row), self.stages[col]))
 
     def action_cycle_metric(self) -> None:
         keys = [metric.key for metric in self.metrics]
@@ -542,7 +542,8 @@ grid says what the colours mean.
             if not self.has_reference:
                 message = "single-model mode: nothing to diverge from"
             else:
-                message = f"no divergence so far (every cosine ≥ {self.threshold})"
+                so_far = "" if self.model.complete else " so far"
+                message = f"no divergence{so_far} (every cosine ≥ {self.threshold})"
             self.notify(message, title="First divergence")
             return
         self.cursor = position
@@ -561,7 +562,8 @@ grid says what the colours mean.
         """The next flagged cell after the cursor in computation order (wrapping around)."""
         target = self.model.next_anomaly(self.cursor)
         if target is None:
-            self.notify("no cell breaks an anomaly rule (so far)", title="Anomaly flags")
+            so_far = "" if self.model.complete else " (so far)"
+            self.notify(f"no cell breaks an anomaly rule{so_far}", title="Anomaly flags")
             return
         flagged = self.model.anomaly_order()
         self.cursor = target

@@ -122,29 +122,31 @@ def diff_stats_table(
     return table
 
 
-def local_error_table(cell: Cell, floor) -> Table:
+def local_error_table(cell: Cell, floor, *, compact: bool = False) -> Table:
     """The error this stage adds on its own (engine.local_error) against its noise floor, and
-    what the recomputation read: shown beside the propagated A-vs-B numbers."""
-    table = Table(box=None, pad_edge=False, show_edge=False, expand=False)
+    what the recomputation read: shown beside the propagated A-vs-B numbers. `compact`: short
+    labels and numbers (~20 columns, for a drill-down under 110 columns), without how the
+    floor was set (the help screen says it)."""
+    table = Table(box=None, pad_edge=False, show_edge=False, expand=False, collapse_padding=compact)
     table.add_column("", style="bold")
-    table.add_column("local (checked side)", justify="left", max_width=44)
+    table.add_column("local" if compact else "local (checked side)", justify="left", max_width=44)
     local = cell.local
     if local is None:
-        table.add_row("local", "not computed in this run")
+        table.add_row("local", "not computed" if compact else "not computed in this run")
         return table
     if local.error is None:
         table.add_row("local", Text(local.missing or "n/a", style="dim"))
         return table
-    table.add_row("error", f"{local.error:.4e}")
+    table.add_row("error", f"{local.error:.3e}" if compact else f"{local.error:.4e}")
     if floor is not None:
         ratio = local.error / floor.value
-        shown = Text(f"{ratio:.4g}× floor")
+        shown = Text(f"{ratio:.3g}×" if compact else f"{ratio:.4g}× floor")
         if ratio > 1:
             shown.stylize("bold red")
-        table.add_row("vs floor", shown)
+        table.add_row("÷ floor" if compact else "vs floor", shown)
         calibrated = floor.median is not None and floor.layers > 0
         how = f"4× median of {floor.layers} layers" if calibrated else floor.source
-        table.add_row("floor", f"{floor.value:.3e} ({how})")
+        table.add_row("floor", f"{floor.value:.2e}" if compact else f"{floor.value:.3e} ({how})")
     table.add_row("inputs", "\n".join(local.inputs))
     return table
 
@@ -218,7 +220,7 @@ the values that break them are highlighted. Press `Enter` on the grid for the fu
         """`compact` (80×24: four short lines), `normal`, or `roomy` (the local error too)."""
         self.floor_of = None
         """stage -> its noise floor (set by the app), for the local error in the roomy layout."""
-        self._shown: tuple[int, str, Cell | None] | None = None
+        self._shown: tuple[int, str, Cell | None, str] | None = None
 
     def set_layout_size(self, size: str) -> None:
         """Re-render the cell on show for the terminal's size class."""
@@ -227,11 +229,14 @@ the values that break them are highlighted. Press `Enter` on the grid for the fu
             if self._shown is not None:
                 self.show_cell(*self._shown)
 
-    def show_cell(self, layer: int, stage: str, cell: Cell | None) -> None:
-        self._shown = (layer, stage, cell)
+    def show_cell(
+        self, layer: int, stage: str, cell: Cell | None, missing: str = "not computed yet"
+    ) -> None:
+        """The cell's statistics; without a cell, `missing` says why (GridModel.missing_reason)."""
+        self._shown = (layer, stage, cell, missing)
         title = Text(cell_title(layer, stage), style="bold")
         if cell is None:
-            self.update(Text.assemble(title, "\n", Text("not computed (yet)", style="dim")))
+            self.update(Text.assemble(title, "\n", Text(missing, style="dim")))
             return
         if self.layout_size == "compact":
             self.update(compact_cell_text(cell, self.has_reference, self.threshold))

@@ -216,7 +216,15 @@ def test_concurrent_traces_leave_files_that_match_tokens_json(apr_tui, files, tm
 # ----------------------------------------------------------------------------- kills
 
 
-def test_sigterm_during_convert_removes_the_temporary(apr_tui, big, tmp_path):
+@pytest.mark.parametrize(
+    ("ending", "status", "said"),
+    [(signal.SIGTERM, 143, "terminated"), (signal.SIGHUP, 129, "hung up")],
+    ids=["SIGTERM", "SIGHUP"],
+)
+def test_an_ending_signal_during_convert_removes_the_temporary(
+    apr_tui, big, tmp_path, ending, status, said
+):
+    """`kill` or a closed terminal (SIGHUP) mid-write: the hidden temporary goes too."""
     out = tmp_path / "out.apr"
     run = subprocess.Popen(
         [*apr_tui, "convert", str(big), str(out), "--dtype", "q4_k"],
@@ -225,11 +233,11 @@ def test_sigterm_during_convert_removes_the_temporary(apr_tui, big, tmp_path):
         text=True,
     )
     wait_for(lambda: temporaries(tmp_path), "the temporary", run)
-    run.send_signal(signal.SIGTERM)
+    run.send_signal(ending)
     code = run.wait(timeout=WAIT)
     _, err = run.communicate()
-    assert code == 143, err
-    assert err.splitlines()[-1] == "apr-tui: terminated", err
+    assert code == status, err
+    assert err.splitlines()[-1] == f"apr-tui: {said}", err
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
 

@@ -138,8 +138,15 @@ async def test_80x24_shows_the_whole_grid_the_cell_and_the_verdict(demo_pair):
         assert "origin L2 up" in status and "first cosine: L2 res2" in status
         hint = screen_text(app.query_one("#key-hint"))
         assert len(hint.rstrip()) <= 80
-        for part in ("open", "m metric", "f origin", "i legend", "? all keys", "q quit"):
+        # The metric's name at its key: no legend is on screen to say what the numbers are.
+        for part in ("open", "m cosine", "f origin", "i legend", "? all keys", "q quit"):
             assert part in hint
+        await pilot.press("m")
+        await pilot.pause()
+        assert "m max|A-B|" in screen_text(app.query_one("#key-hint"))
+        await pilot.press(*"mmmm")  # round the five metrics, back to the cosine
+        await pilot.pause()
+        assert "m cosine" in screen_text(app.query_one("#key-hint"))
         assert not app.query_one(Footer).display
         legend = app.query_one("#legend")
         assert not legend.display or legend.region.width == 0

@@ -1,0 +1,114 @@
+"""The explorer at 80×24: a drill-down whose every number reads whole, the grid's own keys only
+over the grid, and blank cells that say why they are blank."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+from textual.widgets import DataTable
+
+from aprtui.screens.logits import LogitsScreen
+from tests.tui.conftest import Notifications, explorer, screen_text, settle, workers_done
+from tests.tui.test_cell_detail import open_cell, table_rows
+
+SMALL = (80, 24)
+
+
+def decade_counts(values: np.ndarray) -> dict[str, int]:
+    """|values| per decade, one value at a time (exact zeros left out)."""
+    counts: dict[str, int] = {}
+    for value in np.abs(values.astype(np.float64)).tolist():
+        if value > 0 and math.isfinite(value):
+            label = f"1e{math.floor(math.log10(value))}"
+            counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
+async def test_the_drill_down_fits_80_columns_with_every_number_whole(demo_pair):
+    app = explorer(demo_pair.model_a, demo_pair.model_b)
+    async with app.run_test(size=SMALL) as pilot:
+        await settle(pilot)
+        screen = await open_cell(pilot, 2, "ffn_up")
+        a, b = (np.asarray(x, np.float64).ravel() for x in screen.tensors)
+        table = screen.query_one("#detail-topk", DataTable)
+        assert [str(c.label) for c in table.ordered_columns] == ["#", "where", "A", "B", "|A-B|"]
+        assert table.virtual_size.width <= SMALL[0]  # the last column is on screen, whole
+        largest = np.sort(np.abs(a - b))[::-1][:20]  # the top-K, from the tensors themselves
+        shown = [float(row[4]) for row in table_rows(screen)]
+        np.testing.assert_allclose(shown, largest, rtol=1e-4)  # five significant digits
+        assert all(re.fullmatch(r"\d\.\d{4}e[+-]\d\d", row[4]) for row in table_rows(screen))
+
+        # The histogram is a few lines under the statistics, every decade with its count.
+        assert screen.query_one("#detail-histogram").region.width == 0
+        lines = screen.query_one("#detail-histogram-lines")
+        assert lines.region.width > 0
+        text = screen_text(lines)
+        assert max(len(line.rstrip()) for line in text.splitlines()) <= SMALL[0]
+        shown_bins = {label: int(count) for label, count in re.findall(r"(1e-?\d+) \S?(\d+)", text)}
+        assert shown_bins == decade_counts(a - b)
+
+        stats = screen_text(screen.query_one("#detail-stats"))
+        assert max(len(line.rstrip()) for line in stats.splitlines()) <= SMALL[0] - 2
+        assert "÷ floor" in stats and "L2 ffn_norm" in stats  # the local error, whole
+
+
+async def test_a_wide_drill_down_keeps_the_histogram_beside_and_the_flat_index(demo_pair):
+    app = explorer(demo_pair.model_a, demo_pair.model_b)
+    async with app.run_test(size=(160, 45)) as pilot:
+        await settle(pilot)
+        screen = await open_cell(pilot, 2, "ffn_up")
+        assert screen.query_one("#detail-histogram").region.width > 0
+        assert screen.query_one("#detail-histogram-lines").region.width == 0
+        table = screen.query_one("#detail-topk", DataTable)
+        labels = [str(c.label) for c in table.ordered_columns]
+        assert labels == ["#", "index", "where", "A", "B", "|A-B|"]
+        a, b = (np.asarray(x, np.float64).ravel() for x in screen.tensors)
+        first = table_rows(screen)[0]
+        assert int(first[1]) == int(np.argmax(np.abs(a - b)))
+
+
+async def test_the_grids_keys_act_only_over_the_grid(demo_pair):
+    """`i` in a drill-down does not swap the panel under the grid unseen, and `o` on the
+    logits screen opens no second one."""
+    app = explorer(demo_pair.model_a, demo_pair.model_b)
+    async with app.run_test(size=SMALL) as pilot:
+        await settle(pilot)
+        await open_cell(pilot, 2, "ffn_up")
+        await pilot.press("i")
+        await pilot.pause()
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not app.screen.has_class("-legend")
+        await pilot.press("o")
+        await pilot.pause()
+        await workers_done(app)
+        for _ in range(100):  # the report arrives as a message after the worker ends
+            if isinstance(app.screen, LogitsScreen):
+                break
+            await pilot.pause(0.05)
+        assert isinstance(app.screen, LogitsScreen)
+        await pilot.press("o")
+        await pilot.pause()
+        await workers_done(app)
+        await pilot.pause()
+        assert [type(s) for s in app.screen_stack].count(LogitsScreen) == 1
+
+
+async def test_a_blank_cell_says_why_it_is_blank(demo_pair):
+    notes = Notifications()
+    app = explorer(demo_pair.model_a, demo_pair.model_a)  # a model against itself: no divergence
+    async with app.run_test(size=SMALL, message_hook=notes) as pilot:
+        await settle(pilot)
+        assert app.grid.move_to(1, "embedding")  # the embedding is layer 0's only
+        await pilot.pause()
+        assert "no such cell" in screen_text(app.query_one("#cell-stats"))
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.screen is app.screen_stack[0]
+        assert any("no such cell" in message for message in notes.messages)
+        await pilot.press("f")
+        await pilot.pause()
+        # The run is over: "no divergence", not "no divergence so far".
+        assert any(m.startswith("no divergence (every cosine") for m in notes.messages)
