@@ -264,16 +264,22 @@ def _publish(temp: str, target: str, overwrite: bool) -> None:
 
 
 def _naming(error: OSError, target: str, temp: str | None) -> OSError:
-    """`error` with the target as its file name (the user never asked for the temporary)."""
-    if error.filename is not None and os.fspath(error.filename) not in (
-        os.fspath(temp) if temp is not None else None,
-        os.fspath(target),
-    ):
+    """`error` with the target as its file name (the user never asked for the temporary; one
+    that could not even be created has no `temp` yet, but its name says what it is)."""
+    name = None if error.filename is None else os.fspath(error.filename)
+    ours = (os.fspath(temp) if temp is not None else None, os.fspath(target))
+    if name is not None and name not in ours and not _our_temporary(name, target):
         return error  # about another file (a read of the input, say): leave it as it is
     reason = error.strerror or str(error) or type(error).__name__
     if error.errno is None:  # numpy's "10752 requested and 4093 written": a short write
         return OSError(errno.EIO, f"write failed: {reason}", os.fspath(target))
     return OSError(error.errno, reason, os.fspath(target))
+
+
+def _our_temporary(name: str, target: str) -> bool:
+    """Whether `name` is a temporary of ours beside `target` (TEMP_NAME, same directory)."""
+    same_directory = os.path.dirname(name) == os.path.dirname(target)
+    return same_directory and TEMP_NAME.fullmatch(os.path.basename(name)) is not None
 
 
 @contextmanager

@@ -488,6 +488,7 @@ def _check_directory_fits(directory: DirectorySource, model_side: ModelSource) -
     hidden = model_side.config.hidden_size
     implied = directory.implied_seq_len(hidden)
     if implied is None or implied[0] == len(model_side.token_ids):
+        _check_every_row_stage(directory, model_side)
         return
     seq, evidence = implied
     if seq < 0 or directory.token_ids is not None:
@@ -507,6 +508,40 @@ def _check_directory_fits(directory: DirectorySource, model_side: ModelSource) -
         f"{describe_ids(model_side.token_ids)}; pass the prompt or --tokens the "
         'trace was made with (apr trace uses "What is 2+2?")'
     )
+
+
+HIDDEN_ROW_STAGES = frozenset(
+    {"embedding", "attn_norm", "attn_out", "post_attn_residual", "ffn_norm", "ffn_out"}
+    | {"post_ffn_residual", "final_norm"}
+)
+"""Stages that hold one row of `hidden` values per token in every runtime's trace."""
+
+FFN_ROW_STAGES = frozenset({"ffn_gate", "ffn_up", "ffn_silu", "ffn_swigl"})
+"""Stages that hold one row of `intermediate` values per token (a dense FFN)."""
+
+
+def _check_every_row_stage(directory: DirectorySource, model_side: ModelSource) -> None:
+    """Every per-token stage file of the directory must hold seq rows of its width: one that
+    does not was written by another run (`trace --force` over a directory traced on another
+    prompt leaves the earlier run's other stages beside the new tokens.json), and comparing it
+    would report a divergence that is only a mix-up. Headers only: 12 bytes a file."""
+    from engine.aprt import read_aprt_header
+
+    config, seq = model_side.config, len(model_side.token_ids)
+    widths = dict.fromkeys(HIDDEN_ROW_STAGES, config.hidden_size)
+    if not getattr(config, "num_experts", 0):  # a MoE layer's FFN stages have other widths
+        widths |= dict.fromkeys(FFN_ROW_STAGES, config.intermediate_size)
+    for (_layer, stage), path in directory.trace_dir.entries.items():
+        width = widths.get(stage)
+        if width is None:
+            continue
+        count = read_aprt_header(path).dim_product
+        if count != seq * width:
+            raise DiffError(
+                f"{path}: holds {count} values, not {seq} tokens × {width} as the rest of "
+                f"{directory.root} and {model_side.label} do: the directory mixes runs (a "
+                "trace --force over one made on another prompt?); trace into a fresh directory"
+            )
 
 
 def _check_directories_fit(a: DirectorySource, b: DirectorySource) -> None:

@@ -107,8 +107,10 @@ def run(args: argparse.Namespace) -> int:
         f"{config.num_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size} "
         f"in {time.monotonic() - started:.1f}s"
     )
-    if tokenizer_error:  # the weights converted; say why prompts will need --tokens
-        print(f"note: tokenizer not embedded: {printable(tokenizer_error)}")
+    if (
+        tokenizer_error
+    ):  # the weights converted; say (on stderr, a warning) why prompts need --tokens
+        sys.stderr.write(f"note: tokenizer not embedded: {printable(tokenizer_error)}\n")
     return 0
 
 

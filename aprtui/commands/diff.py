@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aprtui.commands import options
-from aprtui.commands.output import incomplete_warnings, print_report
+from aprtui.commands.output import incomplete_warnings, print_lines, print_report, table_lines
 from engine.errors import path_display
 from engine.stages import layer_name
 
@@ -50,6 +50,11 @@ examples:
 exit codes: 0 compared, 2 bad input (unreadable or mismatched files, bad arguments)."""
 
 DEFAULT_LIMIT = 10
+
+PANEL_TOP_ROWS = 200
+"""Top divergences listed inside the report's panel, as a Rich table; a longer list (`--limit
+49152`: every logit) follows the panel as plain aligned lines, which print in a fraction of a
+second where Rich's layout of the table took about a minute."""
 _USIZE = re.compile(r"\+?[0-9]+", re.ASCII)
 """What Rust's `usize::from_str` (clap's `--limit`) accepts: no sign but `+`, no `_`, no spaces."""
 
@@ -213,31 +218,36 @@ def _print_file_diff(path_a: str, path_b: str, layer: int, stats: DiffStats, thr
         Text(rust_fixed(stats.cosine_sim, 10), style=_cosine_style(stats.cosine_sim, threshold)),
     )
 
-    top = Table(
-        title="Top divergences (by |a - b|)",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        expand=False,
-    )
-    top.add_column("index", justify="right")
-    top.add_column("a", justify="right")
-    top.add_column("b", justify="right")
-    top.add_column("|Δ|", justify="right")
-    for entry in stats.top_diffs:
-        top.add_row(
+    rows = [
+        (
             str(entry.index),
             rust_lower_exp(entry.a, plus=True),
             rust_lower_exp(entry.b, plus=True),
             rust_lower_exp(entry.abs_diff),
         )
+        for entry in stats.top_diffs
+    ]
+    title = "Top divergences (by |a - b|)"
+    if len(rows) > PANEL_TOP_ROWS:  # below the panel as plain lines: Rich lays out ~1 ms a row
+        listed = Text(f"{title}: {len(rows)}, listed below the panel", style="bold")
+        parts = [facts, Text(""), listed]
+    else:
+        top = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, expand=False)
+        for column in ("index", "a", "b", "|Δ|"):
+            top.add_column(column, justify="right")
+        for row in rows:
+            top.add_row(*row)
+        parts = [facts, Text(""), top]
     panel = Panel(
-        Group(facts, Text(""), top),
+        Group(*parts),
         title="APR STAGE TENSOR DIFF (APRT, element-wise)",
         border_style="cyan",
         box=box.DOUBLE,
         expand=False,
     )
     print_report(panel)
+    if len(rows) > PANEL_TOP_ROWS:
+        print_lines([title, *table_lines(["index", "a", "b", "|Δ|"], rows)])
 
 
 # ----------------------------------------------------------------------------- dir vs dir

@@ -212,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
             # Big stage files are written by a background thread while the pass computes on.
             files, size, _ = cost
             writer = Writer(out, may_replace, file_bytes=size / max(files, 1))
+            nonfinite = NonFinite()
             try:
                 with (
                     Progress(f"tracing {model_path.name}") as progress,
@@ -229,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
                     ):
                         if plan.should_save(capture.stage, capture.layer):
                             writer.submit(capture)
+                            nonfinite.check(capture)
             finally:
                 written = writer.close()
             if interrupt.cancel.is_set():
@@ -248,11 +250,10 @@ def run(args: argparse.Namespace) -> int:
     lines.append(f"Device:       {backend.device_name}")
     lines.append("")
     if prompt is not None:
-        quoted = prompt.replace("\\", "\\\\").replace('"', '\\"')
-        lines.append(f'Test prompt:  "{quoted}"')
+        lines.append(f'Test prompt:  "{shown_prompt(prompt)}"')
     else:
         lines.append("Test prompt:  (token ids given with --tokens)")
-    lines.append(f"Token ids:    {token_ids} ({len(token_ids)} tokens)")
+    lines.append(f"Token ids:    {shown_ids(token_ids)} ({len(token_ids)} tokens)")
     lines.append("")
     total_bytes = sum(path.stat().st_size for path in written)
     lines.append(
@@ -281,6 +282,88 @@ def run(args: argparse.Namespace) -> int:
             f"Forward pass succeeded — {layers_run} of {config.num_layers} layers run "
             "(no whole-model stage requested, so the pass stopped after the last saved layer)"
         )
+    lines += nonfinite.report()
     lines.append(f"Compare with another trace or model: apr-tui bisect {model_path} {directory}")
     print_lines(lines)
     return 0
+
+
+SHOWN_IDS = 64
+"""Token ids the report lists in full; a longer prompt's list is cut in the middle (tokens.json
+holds them all): 20,000 ids made one 60 KB line."""
+
+
+def shown_ids(token_ids: list[int]) -> str:
+    """The ids as `[1, 2, 3]`, or `[1, 2, …, 9]` past SHOWN_IDS (the first and last halves)."""
+    if len(token_ids) <= SHOWN_IDS:
+        return str(list(token_ids))
+    half = SHOWN_IDS // 2
+    head = ", ".join(map(str, token_ids[:half]))
+    tail = ", ".join(map(str, token_ids[-half:]))
+    return f"[{head}, …, {tail}]"
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\", '"': '\\"'}
+
+
+def shown_prompt(prompt: str) -> str:
+    """The prompt inside the report's quotes: backslash and quote escaped, and every control
+    character written as an escape (`\\n`, `\\x1b`), so that no newline breaks the report and
+    no escape sequence reaches the terminal (an ESC[31m in a prompt turned it red)."""
+    import unicodedata
+
+    out = []
+    for char in prompt:
+        if char in _ESCAPES:
+            out.append(_ESCAPES[char])
+        elif unicodedata.category(char) == "Cc":
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+FINITE_CHECKED = ("post_ffn_residual", "final_norm", "lm_head", "logits_all")
+"""The saved stages `trace` checks for NaN and Inf (the layers' outputs and the model's): a
+non-finite value anywhere in a pass reaches them, so they say whether the run produced
+garbage, at the cost of one [seq, hidden] scan a layer. Where it began is `bisect`'s job."""
+
+
+class NonFinite:
+    """NaN and Inf in the saved FINITE_CHECKED stages of a trace, for its report."""
+
+    def __init__(self) -> None:
+        self.found: list[tuple[int, str, int, int]] = []  # (layer, stage, non-finite, values)
+
+    def check(self, capture) -> None:
+        if capture.stage not in FINITE_CHECKED or hasattr(capture.array, "blocks"):
+            return
+        import numpy as np
+
+        from engine.backend import to_host
+
+        values = np.asarray(to_host(capture.array))
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        if bad:
+            self.found.append((capture.layer, capture.stage, bad, int(values.size)))
+
+    def report(self) -> list[Line]:
+        """A warning line per checked stage with NaN or Inf (the first layer's and the model's
+        outputs), or nothing."""
+        from engine.stages import WHOLE_MODEL_LAYER
+
+        if not self.found:
+            return []
+        layers = [f for f in self.found if f[0] != WHOLE_MODEL_LAYER]
+        shown = ([layers[0]] if layers else []) + [f for f in self.found if f not in layers]
+        lines: list[Line] = []
+        for layer, stage, bad, size in shown:
+            where = stage if layer == WHOLE_MODEL_LAYER else f"layer {layer} {stage}"
+            first = (
+                " (the first layer with any)" if layers and (layer, stage) == layers[0][:2] else ""
+            )
+            lines.append(
+                [("warning:", "bold yellow"), f" {where}: {bad} of {size} values NaN or Inf{first}"]
+            )
+        return lines

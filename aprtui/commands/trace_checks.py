@@ -13,6 +13,7 @@ checks.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -201,6 +202,10 @@ def check_cost(directory: Path, cost: tuple[int, int, int], seq_len: int, label:
     probe = directory
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
+    if probe.exists() and probe != directory and not os.access(probe, os.W_OK | os.X_OK):
+        raise AprTuiError(
+            f"--save-tensor-dir {directory}: cannot be created: {probe} is not writable"
+        )
     free = shutil.disk_usage(probe).free if probe.exists() else None
     if free is not None and size > free:
         raise AprTuiError(

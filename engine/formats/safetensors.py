@@ -158,7 +158,12 @@ def _parse_entry(path: Path, name: str, info: object, data_start: int, data_size
     ):
         raise FormatError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
     begin, end = offsets
-    if not 0 <= begin <= end <= data_size:
+    if begin < 0 or end < begin:
+        raise FormatError(
+            f"{path}: tensor {name!r} has data_offsets [{begin}, {end}]: "
+            + ("a negative start" if begin < 0 else "its end comes before its start")
+        )
+    if end > data_size:
         raise FormatError(
             f"{path}: tensor {name!r} data [{begin}, {end}) lies past the end of the file "
             f"(data section is {data_size} bytes)"

@@ -44,6 +44,19 @@ def test_trace_dir_of_another_width_is_an_error_even_with_tokens_json(apr_tui, m
     assert "320 values" in line  # 5 tokens × hidden 64 in layer-0/embedding.bin
 
 
+def test_a_directory_mixing_two_runs_is_an_error_not_a_divergence(apr_tui, models, tmp_path):
+    """Was: `trace --force` over a directory traced on another prompt left the earlier run's
+    ffn_up beside the new tokens.json; bisect then reported "element counts differ" at L0
+    ffn_up as a divergence (exit 1)."""
+    mixed = tmp_path / "mixed"
+    for tokens, stages in ((TOKENS[:3], "ffn_up"), (TOKENS, "attn_norm")):
+        argv = [*apr_tui, "trace", str(models.apr), "--save-tensor", stages, "--force"]
+        argv += ["--tokens", ",".join(map(str, tokens)), "--save-tensor-dir", str(mixed)]
+        assert run_cli(argv).returncode == 0
+    result = run_cli([*apr_tui, "bisect", str(models.apr), str(mixed), "--tokens", "3,17,42,100,5"])
+    assert_one_line_error(result, "layer-0/ffn_up.bin", "mixes runs", "5 tokens")
+
+
 def test_models_of_different_depth_compare_their_common_layers(apr_tui, models):
     """Documented choice: a different layer count is a meaningful partial comparison."""
     result = run_cli([*apr_tui, "bisect", str(models.apr), str(models.deep), "--json"])

@@ -215,3 +215,10 @@ def test_trace_dot_inside_an_hf_dir_writes_beside_it(apr_tui, models, tmp_path):
     assert result.returncode == 0, result.stderr
     assert snapshot(hf) == before
     assert (tmp_path / "smol-trace" / "layer-0" / "attn_norm.bin").is_file()
+
+
+def test_an_output_directory_that_cannot_be_created_is_named_as_such(apr_tui, models):
+    """Was: "the run writes 0 MiB, only 0 MiB free" (the free space of /proc)."""
+    argv = [*apr_tui, "trace", str(models.apr), "--save-tensor", "attn_norm"]
+    result = run_cli([*argv, "--save-tensor-dir", "/proc/1/apr-tui-out"])
+    assert_one_line_error(result, "/proc/1/apr-tui-out", "cannot be created", "not writable")

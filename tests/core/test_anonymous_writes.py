@@ -120,3 +120,15 @@ def test_a_forked_child_names_its_own_files(tmp_path):
         time.sleep(0.005)
     assert os.waitstatus_to_exitcode(ended[1]) == 0
     assert (tmp_path / "child.bin").read_bytes() == b"from the child"
+
+
+def test_a_temporary_that_could_not_be_created_is_reported_as_the_target():
+    """Was: `convert IN /read-only/out.apr` said `/read-only/.apr-tui.<pid>.<hex>.tmp:
+    read-only file system`, naming a file the user never asked for."""
+    refused = OSError(errno.EROFS, "Read-only file system", "/ro/.apr-tui.123.0a1b2c3d.tmp")
+    named = fileio._naming(refused, "/ro/out.apr", None)
+    assert (named.filename, named.errno) == ("/ro/out.apr", errno.EROFS)
+    elsewhere = OSError(errno.EROFS, "Read-only file system", "/other/.apr-tui.123.0a1b2c3d.tmp")
+    assert fileio._naming(elsewhere, "/ro/out.apr", None) is elsewhere  # not beside the target
+    reading = OSError(errno.EIO, "Input/output error", "/models/in.gguf")
+    assert fileio._naming(reading, "/ro/out.apr", None) is reading  # about the input

@@ -299,3 +299,21 @@ def test_quantized_hf_checkpoints_are_refused(llama_files, tmp_path):
         match=r"config\.json: quantized checkpoints \(gptq\) are not supported",
     ):
         open_model(bad)
+
+
+@pytest.mark.parametrize(
+    ("offsets", "reason"),
+    [(b"[10, 5]", "its end comes before its start"), (b"[-4,16]", "a negative start")],
+)
+def test_data_offsets_out_of_order_say_so(llama_files, tmp_path, offsets, reason):
+    """Was: `data_offsets [10, 5]` reported as lying "past the end of the file"."""
+    bad = tmp_path / "hf"
+    bad.mkdir()
+    (bad / "config.json").write_text((llama_files["safetensors"] / "config.json").read_text())
+    _raw_safetensors(bad / "model.safetensors", {"model.norm.weight": ("F32", [4], b"\0" * 16)})
+    text = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(text.replace(b"[0, 16]", offsets))
+    with pytest.raises(FormatError, match=r"tensor 'model\.norm\.weight' has data_offsets .*"):
+        open_model(bad)
+    with pytest.raises(FormatError, match=reason):
+        open_model(bad)

@@ -163,6 +163,20 @@ def test_convert_gguf_non_finite_integer_metadata(run, tmp_path, value):
     assert_one_line_error(result, f"{source}: llama.embedding_length is {value}, expected an int")
 
 
+def test_a_lying_key_length_is_quoted_short_in_the_error(run, tmp_path):
+    """Was: the first key's length field set to 1,000 dumped 2 KB of the bytes after it into
+    the one error line."""
+    source = _gguf(tmp_path / "ok.gguf", lambda writer: writer.add_uint32("llama.block_count", 2))
+    data = bytearray(source.read_bytes())
+    first_key = 24  # magic, version, tensor count, key/value count; then the key's u64 length
+    struct.pack_into("<Q", data, first_key, 1000)
+    data += bytes(range(256)) * 8  # enough bytes after it for the lie to read
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    line = assert_one_line_error(run("convert", bad, tmp_path / "out.apr"), str(bad))
+    assert "(1000 characters)" in line and len(line) < 400, line
+
+
 def test_convert_gguf_scalar_embedding_without_vocab_size(run, tmp_path):
     """The vocabulary size fell back to `token_embd.shape[0]`: IndexError on a 0-d tensor."""
 

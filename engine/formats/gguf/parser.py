@@ -134,6 +134,19 @@ class LazyStrings(Sequence):
         return f"LazyStrings({self._count} strings)"
 
 
+SHOWN_NAME_CHARS = 60
+"""Characters of a key or tensor name an error message quotes: a name whose length field lies
+runs on into the bytes after it (2 KB of binary in one error line, seen); its start and its
+length are what identify it."""
+
+
+def shown_name(name: str) -> str:
+    """`name` quoted for an error message, cut to SHOWN_NAME_CHARS with its length when longer."""
+    if len(name) <= SHOWN_NAME_CHARS:
+        return repr(name)
+    return f"{name[:SHOWN_NAME_CHARS]!r}… ({len(name)} characters)"
+
+
 def _decode_strings(raw: bytes, starts: np.ndarray) -> list[str]:
     """The length-prefixed strings (u64 length, UTF-8 bytes) of `raw`, whose length fields
     begin at `starts` (found and checked by the parse).
@@ -329,24 +342,24 @@ def _parse_header(buf: Any, size: int, source: str) -> GgufHeader:
     metadata: dict[str, Any] = {}
     for index in range(kv_count):
         key = cursor.string(f"metadata key {index}")
-        vtype = cursor.scalar("<I", f"type of {key!r}")
+        vtype = cursor.scalar("<I", f"type of {shown_name(key)}")
         if key in metadata:
-            raise FormatError(f"{source}: duplicate metadata key {key!r}")
-        metadata[key] = cursor.value(vtype, f"metadata {key!r}")
+            raise FormatError(f"{source}: duplicate metadata key {shown_name(key)}")
+        metadata[key] = cursor.value(vtype, f"metadata {shown_name(key)}")
 
     infos: list[tuple[str, tuple[int, ...], int, int]] = []
     for index in range(tensor_count):
         name = cursor.string(f"tensor {index} name")
-        n_dims = cursor.scalar("<I", f"tensor {name!r} dim count")
+        n_dims = cursor.scalar("<I", f"tensor {shown_name(name)} dim count")
         if n_dims > MAX_DIMS:
             raise FormatError(
-                f"{source}: tensor {name!r} claims {n_dims} dimensions (max {MAX_DIMS})"
+                f"{source}: tensor {shown_name(name)} claims {n_dims} dimensions (max {MAX_DIMS})"
             )
-        cursor.need(8 * n_dims, f"tensor {name!r} dims")
+        cursor.need(8 * n_dims, f"tensor {shown_name(name)} dims")
         dims = struct.unpack_from(f"<{n_dims}Q", buf, cursor.pos)
         cursor.pos += 8 * n_dims
-        raw_type = cursor.scalar("<I", f"tensor {name!r} type")
-        offset = cursor.scalar("<Q", f"tensor {name!r} offset")
+        raw_type = cursor.scalar("<I", f"tensor {shown_name(name)} type")
+        offset = cursor.scalar("<Q", f"tensor {shown_name(name)} offset")
         infos.append((name, tuple(dims), raw_type, offset))
 
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
@@ -357,12 +370,12 @@ def _parse_header(buf: Any, size: int, source: str) -> GgufHeader:
     tensors: dict[str, GgufTensorInfo] = {}
     for name, dims, raw_type, offset in infos:
         if name in tensors:
-            raise FormatError(f"{source}: duplicate tensor {name!r}")
+            raise FormatError(f"{source}: duplicate tensor {shown_name(name)}")
         if offset % alignment:
             # llama.cpp (gguf_init_from_file) refuses this too: a shifted offset decodes the
             # neighbouring bytes as plausible garbage.
             raise FormatError(
-                f"{source}: tensor {name!r} has data offset {offset}, not a multiple of the "
+                f"{source}: tensor {shown_name(name)} has data offset {offset}, not a multiple of the "
                 f"alignment {alignment}"
             )
         tensors[name] = _tensor_info(source, size, data_offset, name, dims, raw_type, offset)
@@ -383,29 +396,31 @@ def _tensor_info(
         qtype = GGMLQuantizationType(raw_type)
     except ValueError:
         raise UnsupportedModelError(
-            f"{source}: tensor {name!r} has unknown GGML type {raw_type}"
+            f"{source}: tensor {shown_name(name)} has unknown GGML type {raw_type}"
         ) from None
     if qtype not in GGML_QUANT_SIZES:
         raise UnsupportedModelError(
-            f"{source}: tensor {name!r} has unsupported GGML type {qtype.name}"
+            f"{source}: tensor {shown_name(name)} has unsupported GGML type {qtype.name}"
         )
     count = 1
     for dim in dims:
         count *= dim
         if count > MAX_ELEMENTS:
-            raise FormatError(f"{source}: tensor {name!r} dims {list(dims)} are absurdly large")
+            raise FormatError(
+                f"{source}: tensor {shown_name(name)} dims {list(dims)} are absurdly large"
+            )
     block, block_bytes = GGML_QUANT_SIZES[qtype]
     row_length = dims[0] if dims else 1  # a 0-d tensor is one value
     if row_length % block:
         raise FormatError(
-            f"{source}: tensor {name!r} row length {row_length} is not a multiple of the "
+            f"{source}: tensor {shown_name(name)} row length {row_length} is not a multiple of the "
             f"{qtype.name} block size {block}"
         )
     nbytes = count // block * block_bytes
     start = data_offset + offset
     if start + nbytes > size:
         raise FormatError(
-            f"{source}: tensor {name!r} data [{start}, {start + nbytes}) lies past the end of "
+            f"{source}: tensor {shown_name(name)} data [{start}, {start + nbytes}) lies past the end of "
             f"the file ({size} bytes)"
         )
     return GgufTensorInfo(name, dims, qtype, start, nbytes)
