@@ -43,7 +43,8 @@ from aprtui.messages import (
 )
 from aprtui.screens.cell_detail import CellContext, CellDetailScreen
 from aprtui.screens.file_browser import FileBrowserScreen
-from aprtui.screens.help import HelpScreen
+from aprtui.screens.help import TREE_MOUSE, HelpScreen
+from aprtui.screens.logits import LogitsScreen
 from aprtui.widgets.legend import Legend
 from aprtui.widgets.metrics import STAGE_SHORT_NAMES, cell_title
 from aprtui.widgets.stage_grid import StageGrid
@@ -683,8 +684,6 @@ class ExplorerApp(App[int]):
         self.status.set(task=f"logits {bar} {message.done}/{message.total}")
 
     def on_logits_ready(self, message: LogitsReady) -> None:
-        from aprtui.screens.logits import LogitsScreen
-
         self.status.set(task=None)
 
         if message.report is None:
@@ -761,6 +760,7 @@ def help_sections() -> list[tuple[str, list]]:
         ("Explorer", ExplorerApp.BINDINGS),
         ("Grid", StageGrid.BINDINGS),
         ("Cell drill-down", CellDetailScreen.BINDINGS),
+        ("Output logits (o)", LogitsScreen.BINDINGS),
         ("APRT browser", FileBrowserScreen.BINDINGS),
         ("Help", HelpScreen.BINDINGS),
         ("Everywhere", [Binding("ctrl+p", "command_palette", "Command palette")]),
@@ -870,6 +870,7 @@ class FilesApp(App[int]):
     def action_help(self) -> None:
         if isinstance(self.screen, HelpScreen):
             return
+        browser = [b for b in FileBrowserScreen.BINDINGS if b.action != "back"]  # no grid here
         self.push_screen(
-            HelpScreen([("Files", FilesApp.BINDINGS), ("APRT browser", FileBrowserScreen.BINDINGS)])
+            HelpScreen([("Files", FilesApp.BINDINGS), ("APRT browser", browser)], mouse=TREE_MOUSE)
         )

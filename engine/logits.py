@@ -471,20 +471,22 @@ def format_logit_report(
         return f"{token} {token_text(token)!r}" if token_text is not None else str(token)
 
     agree = report["top1_agreement"]
+    # One fact a line, each under 80 columns (the explorer's logits screen shows these lines).
     lines = [
         f"Logits, every position ({seq} positions, vocabulary {report['vocab']}):",
         f"  KL(A‖B) mean {_number(report['mean_kl'])}, max {_number(report['max_kl'])} "
-        f"at position {report['max_kl_position']}; KL(B‖A) mean "
-        f"{_number(report['mean_kl_ba'])}, max {_number(report['max_kl_ba'])} (nats)",
+        f"at position {report['max_kl_position']} (nats)",
+        f"  KL(B‖A) mean {_number(report['mean_kl_ba'])}, max {_number(report['max_kl_ba'])} "
+        "(nats)",
         f"  top-1 agreement {round(agree * seq)}/{seq} ({agree:.1%}); top-5 overlap mean "
-        f"{report['mean_topk_overlap_5']:.2f}/5, top-10 {report['mean_topk_overlap_10']:.2f}/10;"
-        f" max |Δ log p| {_number(report['max_logprob_diff'])}",
+        f"{report['mean_topk_overlap_5']:.2f}/5, top-10 {report['mean_topk_overlap_10']:.2f}/10",
+        f"  max |Δ log p| {_number(report['max_logprob_diff'])} (nats)",
     ]
     if report.get("mean_logprob_next_a") is not None:
         lines.append(
-            f"  log-likelihood of the actual next token, mean over {seq - 1} positions: "
+            f"  next-token log-likelihood, mean of {seq - 1} positions: "
             f"A {_number(report['mean_logprob_next_a'], '.4f')}, "
-            f"B {_number(report['mean_logprob_next_b'], '.4f')}"
+            f"B {_number(report['mean_logprob_next_b'], '.4f')} (nats)"
         )
     if report.get("nonfinite_positions"):
         lines.append(f"  NaN/Inf logits at {len(report['nonfinite_positions'])} position(s)")

@@ -49,6 +49,11 @@ DIFF_LIMIT = 10
 MARK_NAMES = "AB"
 
 
+DIFF_LINES_IN_VIEW = 4
+"""Lines of a new diff result that must show without scrolling; fewer, and `d` scrolls the
+detail pane to put the result at its top."""
+
+
 def layer_text(layer: int) -> str:
     """A file's layer in the panel: the index, or `whole-model` (engine.stages.layer_name)."""
     return str(layer_name(layer))
@@ -271,6 +276,7 @@ with `apr diff --values` numbers, also across layers and across the two director
         )
         self.query_one("#aprt-stats", Static).update("")
         self.query_one("#aprt-preview", Static).update("")
+        self.query_one("#aprt-detail", VerticalScroll).scroll_home(animate=False)  # its name first
         self._summarize(path)
 
     @work(thread=True, exclusive=True, group="aprt-show", exit_on_error=False)
@@ -301,7 +307,7 @@ with `apr diff --values` numbers, also across layers and across the two director
         info.add_row("size", f"{result.size} bytes")
         header.update(info)
         flags = CellAnomalies(a=stats_anomalies(path.stem, result.stats))
-        table = tensor_stats_table(result.stats, None, show_b=False, flags=flags)
+        table = tensor_stats_table(result.stats, None, show_b=False, flags=flags, heading="")
         if flags:  # apr's anomaly flags of this file, above its statistics
             both = Table.grid()
             both.add_row(anomaly_summary(flags))
@@ -372,15 +378,15 @@ with `apr diff --values` numbers, also across layers and across the two director
         """The marks line: what A and B are, and what the next key does."""
         line = Text()
         for index, name in enumerate(MARK_NAMES):
-            if index:
-                line.append("   ")
+            if index:  # one mark a line: two paths side by side wrap mid-path on 80 columns
+                line.append("\n")
             line.append(f" {name} ", "bold reverse")
             if index < len(self.marked):
                 line.append(f" {self.shown(self.marked[index])}")
             else:
                 line.append(" (space marks)", "dim")
         if len(self.marked) == len(MARK_NAMES):
-            line.append("   d diffs them", "bold")
+            line.append("\n d diffs them", "bold")
         for note in self._notes:
             line.append(f"\n⚠ {note}", "yellow")
         self.query_one("#aprt-marks", Static).update(line)
@@ -394,10 +400,24 @@ with `apr diff --values` numbers, also across layers and across the two director
             )
             return
         path_a, path_b = self.marked
-        self.query_one("#aprt-diff", Static).update(
-            Text(f"diffing {self.shown(path_a)} with {self.shown(path_b)} …", style="dim")
-        )
+        panel = self.query_one("#aprt-diff", Static)
+        panel.update(Text(f"diffing {self.shown(path_a)} with {self.shown(path_b)} …", style="dim"))
+        self._scroll_to_diff()
         self._diff(path_a, path_b)
+
+    def _scroll_to_diff(self) -> None:
+        """Bring the diff panel's first lines into view when they are not (on a small terminal
+        the panel starts below the file's preview), once it has been laid out with its new
+        content; where they already show, nothing moves."""
+        detail = self.query_one("#aprt-detail", VerticalScroll)
+        panel = self.query_one("#aprt-diff", Static)
+
+        def scroll() -> None:
+            shown = detail.content_region
+            if not shown.y <= panel.region.y < shown.bottom - DIFF_LINES_IN_VIEW:
+                detail.scroll_to_widget(panel, animate=False, top=True)
+
+        self.call_after_refresh(scroll)
 
     @work(thread=True, exclusive=True, group="aprt-diff", exit_on_error=False)
     def _diff(self, path_a: Path, path_b: Path) -> None:
@@ -416,8 +436,10 @@ with `apr diff --values` numbers, also across layers and across the two director
         if isinstance(result, str):
             panel.update(Text(result, style="bold red"))
             self.notify(result, title="Diff", severity="error", markup=False)
+            self._scroll_to_diff()
             return
         panel.update(diff_text(self.shown(path_a), self.shown(path_b), result))
+        self._scroll_to_diff()
 
     def action_back(self) -> None:
         if self.standalone:

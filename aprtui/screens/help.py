@@ -55,6 +55,10 @@ def keys_table(sections: Sequence[tuple[str, Iterable[BindingType]]]) -> Table:
     return table
 
 
+GRID_MOUSE = "Mouse: click a grid cell to move there, click it again to open it."
+TREE_MOUSE = "Mouse: click a file to show it, a directory to open or close it."
+
+
 class HelpScreen(ModalScreen[None]):
     """A modal list of all key bindings, grouped by where they work."""
 
@@ -66,11 +70,14 @@ class HelpScreen(ModalScreen[None]):
         self,
         sections: Sequence[tuple[str, Iterable[BindingType]]],
         notes: Sequence[str] = (),
+        mouse: str = GRID_MOUSE,
     ) -> None:
         super().__init__()
         self.sections = list(sections)
         self.notes = list(notes)
         """Lines under the keys: where things land (the `s` save directory), and the like."""
+        self.mouse = mouse
+        """What the mouse does in this app (the explorer's grid, or the file browser's tree)."""
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help-body"):
@@ -80,8 +87,8 @@ class HelpScreen(ModalScreen[None]):
                 "\n".join(
                     [
                         *self.notes,
-                        "Mouse: click a grid cell to move there, click it again to open it. "
-                        "ctrl+p opens the command palette: every key above by its name.",
+                        f"{self.mouse} ctrl+p opens the command palette: every key above by "
+                        "its name.",
                     ]
                 ),
                 id="help-mouse",

@@ -76,6 +76,12 @@ class LogitsScreen(Screen[None]):
 
         named = self._token_name if self.token_text is not None else None
         lines = format_logit_report(self.report, named)
+        disagree = self.report.get("disagreeing_positions") or []
+        if disagree and "predict another token:" in lines[-1]:  # the table below lists them
+            lines[-1] = (
+                f"  {len(disagree)} position(s) predict another token (the table below, "
+                "worst KL first)"
+            )
         with VerticalScroll():
             yield Static(Text("\n".join(lines)), id="logits-summary")
             kl = np.array(

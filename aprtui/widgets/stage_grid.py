@@ -74,6 +74,26 @@ class _Styles(NamedTuple):
     anomaly_marker: Style
 
 
+MORE_COLUMNS = "›"
+"""Drawn where a column did not fit whole at the grid's right edge: more columns that way."""
+
+
+def whole_columns(line: Strip, scroll_x: int, width: int, style) -> Strip:
+    """The cells of `line` (CELL_WIDTH columns each) seen through a `width`-cell window scrolled
+    to `scroll_x`, showing only columns that fit whole: a column cut at an edge would show
+    part of a number (`0.4` of 0.4615, `1.` of 1.0000) that reads as another value. The room
+    of a cut column is left blank, with MORE_COLUMNS at the right edge when more follow."""
+    first = -(-scroll_x // CELL_WIDTH) * CELL_WIDTH  # the first column starting in view
+    last = max(first, (scroll_x + width) // CELL_WIDTH * CELL_WIDTH)  # end of the last whole one
+    shown = line.crop(first, last)
+    parts = [Strip.blank(first - scroll_x, style), shown]
+    room = width - (first - scroll_x) - shown.cell_length
+    if room > 0:
+        more = line.cell_length > last
+        parts.append(Strip([Segment(" " * (room - 1) + (MORE_COLUMNS if more else " "), style)]))
+    return Strip.join(parts)
+
+
 class StageGrid(ScrollView, can_focus=True):
     """Layer × stage heat grid of the selected metric."""
 
@@ -359,13 +379,13 @@ grid says what the colours mean.
                 for s in self.model.stages
             )
             label = Strip([Segment(f"{'layer':<{LABEL_WIDTH}}", style)])
-            cells = Strip([Segment(header, style)]).crop(scroll_x, scroll_x + cells_width)
+            cells = whole_columns(Strip([Segment(header, style)]), scroll_x, cells_width, style)
             return Strip.join([label, cells]).extend_cell_length(width, style)
         row = y - 1 + scroll_y
         if row >= self.model.n_rows:
             return Strip.blank(width, styles.base)
         label = Strip([self._label_segment(row)])
-        cells = Strip(self._row_segments(row)).crop(scroll_x, scroll_x + cells_width)
+        cells = whole_columns(Strip(self._row_segments(row)), scroll_x, cells_width, styles.base)
         return Strip.join([label, cells]).extend_cell_length(width, styles.base).simplify()
 
     def _label_segment(self, row: int) -> Segment:

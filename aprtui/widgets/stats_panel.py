@@ -45,13 +45,15 @@ def tensor_stats_table(
     show_b: bool = True,
     flags: CellAnomalies | None = None,
     compact: bool = False,
+    heading: str = "A",
 ) -> Table:
     """Side-by-side statistics; a side without the stage shows `absent`. The values that break
     an anomaly rule (`flags`) are highlighted: red for NaN/Inf, black on yellow otherwise.
-    `compact`: one space between columns (the panel under the grid, on narrow terminals)."""
+    `compact`: one space between columns (the panel under the grid, on narrow terminals).
+    `heading`: side A's column heading (a file of its own, in the browser: `value`)."""
     table = Table(box=None, pad_edge=False, show_edge=False, expand=False, collapse_padding=compact)
     table.add_column("", style="bold")
-    table.add_column("A", justify="right")
+    table.add_column(heading, justify="right")
     sides = (stats_a, stats_b) if show_b else (stats_a,)
     if show_b:
         table.add_column("B", justify="right")

@@ -112,3 +112,42 @@ async def test_a_blank_cell_says_why_it_is_blank(demo_pair):
         await pilot.pause()
         # The run is over: "no divergence", not "no divergence so far".
         assert any(m.startswith("no divergence (every cosine") for m in notes.messages)
+
+
+async def test_a_diff_in_the_file_browser_shows_at_80x24(traced):
+    """Was: `d` drew the diff below the file's preview, out of view, and nothing seemed to
+    happen; now its first lines are brought into view."""
+    from aprtui.app import FilesApp
+    from tests.tui.test_browser import highlight, settle_workers
+
+    app = FilesApp(traced.trace_dir)
+    async with app.run_test(size=SMALL) as pilot:
+        await pilot.pause()
+        await highlight(pilot, traced.trace_dir / "layer-2" / "ffn_gate.bin")
+        await pilot.press("space")
+        await highlight(pilot, traced.trace_dir / "layer-2" / "ffn_up.bin")
+        await pilot.press("space", "d")
+        await settle_workers(pilot)
+        await pilot.pause()
+        detail = app.screen.query_one("#aprt-detail")
+        panel = app.screen.query_one("#aprt-diff")
+        shown = detail.content_region
+        assert shown.y <= panel.region.y < shown.bottom - 3  # its first lines on screen
+        assert "cosine sim" in screen_text(panel)
+
+
+def test_a_grid_column_cut_at_the_edge_is_not_drawn_in_part():
+    """Was: 0.4615 cut at the right edge read `0.4`; a cut column is blank, with `›`."""
+    from rich.segment import Segment
+    from textual.strip import Strip
+
+    from aprtui.widgets.stage_grid import CELL_WIDTH, MORE_COLUMNS, whole_columns
+
+    cells = ["1.0000", "0.4615", "0.9999"]
+    line = Strip([Segment(f"{text:>{CELL_WIDTH}}") for text in cells])
+    seen = whole_columns(line, 0, 2 * CELL_WIDTH - 3, None).text  # 1 whole, 1 cut
+    assert seen.split() == ["1.0000", MORE_COLUMNS]
+    assert len(seen) == 2 * CELL_WIDTH - 3
+    scrolled = whole_columns(line, CELL_WIDTH - 2, 2 * CELL_WIDTH + 2, None).text  # cut left
+    assert scrolled.split() == ["0.4615", "0.9999"]
+    assert whole_columns(line, 0, 3 * CELL_WIDTH, None).text.split() == cells  # all fit
