@@ -113,6 +113,10 @@ MAIN_SCREEN_ACTIONS = frozenset({"browse", "logits", "toggle_legend"})
 `o` on the logits screen opens no second one, and `i` in a drill-down does not change the
 screen under it unseen."""
 
+COMPACT_LEGEND_LINES = 9
+"""Lines the legend takes whole (the metric, its scale, the threshold, the marks), given to it
+under the grid when `i` shows it in the compact layout: 5 lines cut it after its scale."""
+
 BOTTOM_LINES = {"compact": 5, "normal": 13, "roomy": 13}
 """The least room the panel under the grid keeps (the statistics table is 12 lines)."""
 
@@ -291,7 +295,10 @@ class ExplorerApp(App[int]):
         chrome = (0 if compact else 1) + 1 + STATUS_LINES
         if error.has_class("visible"):
             chrome += error.outer_size.height
-        room = self.size.height - chrome - BOTTOM_LINES[size] - 1  # 1: the panel's top rule
+        bottom = BOTTOM_LINES[size]
+        if compact and screen.has_class("-legend"):  # the legend, whole: the grid scrolls
+            bottom = max(bottom, COMPACT_LEGEND_LINES)
+        room = self.size.height - chrome - bottom - 1  # 1: the panel's top rule
         grid.styles.height = max(6, min(grid.wanted_height(), room))
         self.refresh_bindings()
 
@@ -322,8 +329,10 @@ class ExplorerApp(App[int]):
         return text
 
     def action_toggle_legend(self) -> None:
-        """Compact layout: swap the cell's statistics and the legend under the grid."""
+        """Compact layout: swap the cell's statistics and the legend under the grid (which
+        gives the legend the lines it needs)."""
         self.screen_stack[0].toggle_class("-legend")
+        self._fit_layout()
 
     def _fit_footer(self, width: int) -> None:
         """Keep every footer key visible on narrow terminals: compact spacing below

@@ -48,6 +48,8 @@ def status_text(status: RunStatus, width: int | None = None) -> Text:
         sides = Text.assemble(("A ", "bold"), status.label_a)
         if status.label_b is not None:
             sides.append_text(Text.assemble(("  B ", "bold"), status.label_b))
+        else:  # the header that says so is hidden in the compact layout: the status line says it
+            sides.append(" (single model: std of A)", "dim")
         parts.append(sides)
     if status.tokens is not None:
         parts.append(Text(f"{status.tokens} tokens"))

@@ -151,3 +151,30 @@ def test_a_grid_column_cut_at_the_edge_is_not_drawn_in_part():
     scrolled = whole_columns(line, CELL_WIDTH - 2, 2 * CELL_WIDTH + 2, None).text  # cut left
     assert scrolled.split() == ["0.4615", "0.9999"]
     assert whole_columns(line, 0, 3 * CELL_WIDTH, None).text.split() == cells  # all fit
+
+
+async def test_the_legend_shows_whole_under_a_deep_grid(tmp_path):
+    """Was: at 80×24 on a 30-layer model `i` showed 4 of the legend's 8 lines (the marks `!`,
+    `·`, `▶` never explained); the legend now gets its lines and the grid scrolls."""
+    from engine.formats import apr
+    from engine.synth import synthesize
+
+    model = synthesize("llama", seed=2, num_layers=30, hidden_size=32, intermediate_size=64)
+    path = apr.write(model, tmp_path / "deep.apr")
+    app = explorer(path, path)
+    async with app.run_test(size=SMALL) as pilot:
+        await settle(pilot)
+        await pilot.press("i")
+        await pilot.pause()
+        legend = app.query_one("#legend")
+        lines = [line for line in screen_text(legend).splitlines() if line.strip()]
+        assert any("origin / first divergence" in line for line in lines)  # its last line
+        # ... and every line of it on screen, beside the verdict (the status line), not over it
+        visible = legend.region.intersection(app.screen.region)
+        assert visible.height >= len(lines), (visible, lines)
+        status = app.status.region
+        assert status.bottom <= SMALL[1] and not status.overlaps(legend.region)
+        assert "done" in screen_text(app.status)
+        await pilot.press("i")
+        await pilot.pause()
+        assert app.query_one("#cell-stats").region.width > 0
