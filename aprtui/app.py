@@ -105,8 +105,10 @@ METRIC_HINTS = {
 """The compact hint names the grid's metric at its `m` key (`m max|A-B|`): the compact layout
 has no legend on screen, and the numbers in the grid mean nothing without it."""
 
-KEPT_IN_HINT = ("help", "quit")
-"""Where the hint is too long for the terminal, the keys kept while others give way."""
+HINT_GIVES_WAY = ("browse", "logits", "walk_worst(1)", "next_anomaly", "jump_divergence")
+"""Where the hint is too long for the terminal, the keys that leave it, first to last; the
+others (open, metric, legend, all keys, quit) stay: `i` must stay to switch the legend back,
+and `?` lists every key."""
 
 MAIN_SCREEN_ACTIONS = frozenset({"browse", "logits", "toggle_legend"})
 """The explorer's keys that act on its main screen (the grid): offered there only, so that
@@ -206,6 +208,9 @@ class ExplorerApp(App[int]):
         self._started_at: float | None = None
         self._finished_at: float | None = None
         self._close_lock = threading.Lock()
+        self._hinting = False
+        """True while key_hint reads the grid's keys: as offered over the grid, whatever screen
+        is on top (check_action)."""
 
     # -- layout -----------------------------------------------------------------------------
 
@@ -306,8 +311,12 @@ class ExplorerApp(App[int]):
         """`⏎ open  m metric  f origin …  ? all keys  q quit`: the keys that work here (the
         same check_action as the footer), in one line for the compact layout."""
         items: list[tuple[str, str, str]] = []  # (action, key, label)
-        for active in self.screen_stack[0].active_bindings.values():
-            binding = active.binding
+        self._hinting = True  # the grid's keys as they are over the grid, whatever is on top
+        try:
+            bindings = [active.binding for active in self.screen_stack[0].active_bindings.values()]
+        finally:
+            self._hinting = False
+        for binding in bindings:
             label = SHORT_KEY_LABELS.get(binding.action)
             if label is None or not binding.show or binding.action in {a for a, _, _ in items}:
                 continue
@@ -315,11 +324,10 @@ class ExplorerApp(App[int]):
                 label = METRIC_HINTS.get(self.grid.metric, label)
             items.append((binding.action, self.get_key_display(binding), label))
         width = self.size.width - 2  # the hint's padding
-        while len(items) > len(KEPT_IN_HINT) and _hint_width(items) > width:
-            dropped = next(
-                i for i in reversed(range(len(items))) if items[i][0] not in KEPT_IN_HINT
-            )
-            del items[dropped]
+        for action in HINT_GIVES_WAY:
+            if _hint_width(items) <= width:
+                break
+            items = [item for item in items if item[0] != action]
         text = Text()
         for _, key, label in items:
             if text:
@@ -520,6 +528,7 @@ class ExplorerApp(App[int]):
             grid.mark_missing_absent()
         self.status.set(state=self.state, done=grid.done_count)
         self.refresh_bindings()  # `o` (output logits) works from now on: the footer says so now
+        self._refresh_hint()
         if grid.has_reference and not message.cancelled:
             self.recalibrate()
             if self.origin is None:
@@ -599,7 +608,12 @@ class ExplorerApp(App[int]):
 
     def on_metric_changed(self, message: MetricChanged) -> None:
         self._show_legend()
-        if self.layout_size() == "compact":  # the hint names the metric
+        self._refresh_hint()  # it names the metric
+
+    def _refresh_hint(self) -> None:
+        """Redraw the compact layout's key hint (what works changed: the run ended, the
+        metric)."""
+        if self.screen_stack[0].is_mounted and self.layout_size() == "compact":
             self.screen_stack[0].query_one("#key-hint", Static).update(self.key_hint())
 
     def _show_legend(self) -> None:
@@ -645,7 +659,8 @@ class ExplorerApp(App[int]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Show each key only where it works: `b` needs a trace directory on one side, `esc`
         (hide the error panel) an engine error; the grid's own keys only over the grid."""
-        if action in MAIN_SCREEN_ACTIONS and self.screen is not self.screen_stack[0]:
+        over_the_grid = self._hinting or self.screen is self.screen_stack[0]
+        if action in MAIN_SCREEN_ACTIONS and not over_the_grid:
             return False
         if action == "browse":
             return bool(self.trace_dirs())

@@ -21,7 +21,7 @@ import re
 import sys
 import warnings
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from types import ModuleType
 
 from aprtui import __version__
@@ -60,6 +60,14 @@ class Terminated(BaseException):
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
+    """Raise Terminated once: a second ending signal (a closed terminal often sends SIGHUP
+    twice, the kernel's and the shell's) is ignored, so it cannot cut the cleanup short."""
+    import signal
+
+    for name in ENDING_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) is _raise_terminated:
+            signal.signal(number, signal.SIG_IGN)
     raise Terminated(signum)
 
 
@@ -80,7 +88,7 @@ def _sigterm_raises(enabled: bool) -> Iterator[None]:
         yield
     finally:
         for number in caught:
-            signal.signal(number, signal.SIG_DFL)
+            signal.signal(number, signal.SIG_DFL)  # also after _raise_terminated's SIG_IGN
 
 
 def step_progress(module: ModuleType, args: argparse.Namespace) -> AbstractContextManager:
@@ -318,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         import signal
 
         name = signal.Signals(ended.signum).name
-        sys.stderr.write(f"apr-tui: {ENDING_SIGNALS.get(name, 'terminated')}\n")
+        with suppress(OSError):  # a hung-up terminal may refuse the line (EIO): the status says it
+            sys.stderr.write(f"apr-tui: {ENDING_SIGNALS.get(name, 'terminated')}\n")
         return 128 + ended.signum
     except AprTuiError as error:
         _print_error(str(error))

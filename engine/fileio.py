@@ -278,7 +278,7 @@ def _naming(error: OSError, target: str, temp: str | None) -> OSError:
 
 def _our_temporary(name: str, target: str) -> bool:
     """Whether `name` is a temporary of ours beside `target` (TEMP_NAME, same directory)."""
-    same_directory = os.path.dirname(name) == os.path.dirname(target)
+    same_directory = (os.path.dirname(name) or os.curdir) == (os.path.dirname(target) or os.curdir)
     return same_directory and TEMP_NAME.fullmatch(os.path.basename(name)) is not None
 
 

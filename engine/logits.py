@@ -484,7 +484,7 @@ def format_logit_report(
     ]
     if report.get("mean_logprob_next_a") is not None:
         lines.append(
-            f"  next-token log-likelihood, mean of {seq - 1} positions: "
+            f"  next-token log-likelihood (mean of {seq - 1}): "
             f"A {_number(report['mean_logprob_next_a'], '.4f')}, "
             f"B {_number(report['mean_logprob_next_b'], '.4f')} (nats)"
         )

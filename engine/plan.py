@@ -32,7 +32,7 @@ from engine.prefetch import PROCESS_START, cpu_times, idle_core
 from engine.sources.base import TraceSource
 from engine.sources.model_run import ModelSource
 from engine.sources.opening import open_pair
-from engine.sources.trace_dir import DirectorySource
+from engine.sources.trace_dir import DirectorySource, logical_shape
 from engine.stages import STAGE_BY_NAME, STAGES, WHOLE_MODEL_LAYER
 
 _CLOSE_LOCK = threading.Lock()
@@ -510,37 +510,29 @@ def _check_directory_fits(directory: DirectorySource, model_side: ModelSource) -
     )
 
 
-HIDDEN_ROW_STAGES = frozenset(
-    {"embedding", "attn_norm", "attn_out", "post_attn_residual", "ffn_norm", "ffn_out"}
-    | {"post_ffn_residual", "final_norm"}
-)
-"""Stages that hold one row of `hidden` values per token in every runtime's trace."""
-
-FFN_ROW_STAGES = frozenset({"ffn_gate", "ffn_up", "ffn_silu", "ffn_swigl"})
-"""Stages that hold one row of `intermediate` values per token (a dense FFN)."""
-
-
 def _check_every_row_stage(directory: DirectorySource, model_side: ModelSource) -> None:
-    """Every per-token stage file of the directory must hold seq rows of its width: one that
-    does not was written by another run (`trace --force` over a directory traced on another
-    prompt leaves the earlier run's other stages beside the new tokens.json), and comparing it
-    would report a divergence that is only a mix-up. Headers only: 12 bytes a file."""
+    """Every per-token stage file of the directory (`[seq, width]` in its logical shape,
+    engine.sources.trace_dir.logical_shape) that holds whole rows of its width must hold seq of
+    them: one with another number of rows was written on another prompt (`trace --force` over
+    a directory traced on another prompt leaves the earlier run's other stages beside the new
+    tokens.json), and comparing it would report a divergence that is only a mix-up. A file of
+    one row (a last-token-only stage) or of another width (a model of another FFN size) is left
+    to the comparison of its cell. Headers only: 12 bytes a file."""
     from engine.aprt import read_aprt_header
 
     config, seq = model_side.config, len(model_side.token_ids)
-    widths = dict.fromkeys(HIDDEN_ROW_STAGES, config.hidden_size)
-    if not getattr(config, "num_experts", 0):  # a MoE layer's FFN stages have other widths
-        widths |= dict.fromkeys(FFN_ROW_STAGES, config.intermediate_size)
     for (_layer, stage), path in directory.trace_dir.entries.items():
-        width = widths.get(stage)
-        if width is None:
-            continue
+        shape = logical_shape(stage, config, seq)
+        if len(shape) != 2 or shape[0] != seq or not shape[1]:
+            continue  # not one row a token (attention scores, MoE routing, the last-token head)
+        width = shape[1]
         count = read_aprt_header(path).dim_product
-        if count != seq * width:
+        rows, rest = divmod(count, width)
+        if rest == 0 and rows not in (seq, 1):
             raise DiffError(
-                f"{path}: holds {count} values, not {seq} tokens × {width} as the rest of "
-                f"{directory.root} and {model_side.label} do: the directory mixes runs (a "
-                "trace --force over one made on another prompt?); trace into a fresh directory"
+                f"{path}: holds {rows} rows of {width} values, not the {seq} tokens of "
+                f"{directory.root} and {model_side.label}: the directory mixes runs (a trace "
+                "--force over one made on another prompt?); trace into a fresh directory"
             )
 
 

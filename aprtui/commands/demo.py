@@ -7,8 +7,9 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 from aprtui.commands import options
@@ -67,19 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aprtui.app import make_app
     from aprtui.commands.explore import require_terminal
     from engine.backend import resolve_backend
     from engine.bundled import GEMMA3_PACKAGE, find_gemma3_gguf, find_smollm2_gguf
     from engine.demo import (
-        DEFECT_FACTOR,
-        DEFECT_LAYER,
         build_gemma3_demo,
-        build_small_demo,
         build_smollm2_demo,
     )
     from engine.errors import UnsupportedModelError
-    from engine.sources import open_pair
 
     resolve_backend(args.device)  # a GPU that is not there is a one-line error, not a screen
     require_terminal("apr-tui demo")
@@ -97,6 +93,21 @@ def run(args: argparse.Namespace) -> int:
         build_pair, what = build_smollm2_demo, "SmolLM2-135M GGUF vs an .apr copy"
         if gguf_path is None:
             what = "a small synthetic Llama pair"
+    running: list = []  # the explorer, once made: what an ending signal quits
+    with _ending_signals_quit(running) as ended:
+        code = _run_in_temporary_directory(args, gguf_path, build_pair, what, running)
+    if ended:
+        sys.stderr.write(f"apr-tui: {ended[0]}\n")
+    return code
+
+
+def _run_in_temporary_directory(args, gguf_path, build_pair, what: str, running: list) -> int:
+    """Build the pair in a temporary directory and run the explorer on it; the directory is
+    removed when the explorer closes (however it closes: `q`, an error, an ending signal)."""
+    from aprtui.app import make_app
+    from engine.demo import DEFECT_FACTOR, DEFECT_LAYER, build_small_demo
+    from engine.sources import open_pair
+
     with tempfile.TemporaryDirectory(prefix="apr-tui-demo-") as temp:
         directory = Path(temp)
         app = None
@@ -120,25 +131,28 @@ def run(args: argparse.Namespace) -> int:
         app.title = (
             f"apr-tui demo · planted: layer {DEFECT_LAYER} mlp.up_proj ×{DEFECT_FACTOR:g} in B"
         )
+        running.append(app)
         try:
-            with _ending_signals_quit(app) as ended:
-                code = int(app.run() or 0)
-            if ended:
-                sys.stderr.write(f"apr-tui: {ended[0]}\n")
-            return code
+            return int(app.run() or 0)
         finally:
             app.run_spec.stop.set()
             app.run_spec.engine_idle.wait(ENGINE_WAIT_S)
 
 
+QUIT_RETRY_S = 10.0
+"""How long an ending signal that came before the explorer's loop was running keeps asking it
+to quit (it starts within a second or two)."""
+
+
 @contextmanager
-def _ending_signals_quit(app) -> Iterator[list[str]]:
-    """While the explorer runs, SIGTERM and SIGHUP (aprtui.cli.ENDING_SIGNALS) quit it the way
-    `q` does, with the status 128 + the signal's number, so that the engine stops and the
-    temporary directory (hundreds of MB for a real model's pair) is removed on the way out;
-    their default action would leave it in /tmp. Yields the list that receives what to say
-    (`terminated`, `hung up`) once a signal came. Main thread only; a signal the caller
-    ignores (`nohup`) stays ignored."""
+def _ending_signals_quit(running: list) -> Iterator[list[str]]:
+    """While the block runs (the demo is built, explored, and its temporary directory removed),
+    SIGTERM and SIGHUP (aprtui.cli.ENDING_SIGNALS) quit the explorer (`running[0]`, once made)
+    the way `q` does, with the status 128 + the signal's number, so that the engine stops and
+    the temporary directory (hundreds of MB for a real model's pair) is removed on the way out;
+    their default action would leave it in /tmp. A signal during the removal lets it finish.
+    Yields the list that receives what to say (`terminated`, `hung up`) once a signal came.
+    Main thread only; a signal the caller ignores (`nohup`) stays ignored."""
     from aprtui.cli import ENDING_SIGNALS
 
     ended: list[str] = []
@@ -150,8 +164,17 @@ def _ending_signals_quit(app) -> Iterator[list[str]]:
         ended.append(ENDING_SIGNALS.get(signal.Signals(signum).name, "terminated"))
 
         def ask() -> None:  # call_from_thread is the thread-safe way into the app's loop
-            with suppress(RuntimeError):  # the app is not running (yet, or any more)
-                app.call_from_thread(app.exit, 128 + signum)
+            deadline = time.monotonic() + QUIT_RETRY_S
+            while time.monotonic() < deadline:
+                app = running[0] if running else None
+                if app is not None:
+                    try:
+                        app.call_from_thread(app.exit, 128 + signum)
+                        return
+                    except RuntimeError:  # its loop is not running: not yet, or not any more
+                        if app.return_code is not None:
+                            return
+                time.sleep(0.05)
 
         threading.Thread(target=ask, name="apr-tui-signal", daemon=True).start()
 

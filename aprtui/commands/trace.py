@@ -303,25 +303,14 @@ def shown_ids(token_ids: list[int]) -> str:
     return f"[{head}, …, {tail}]"
 
 
-_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\", '"': '\\"'}
-
-
 def shown_prompt(prompt: str) -> str:
-    """The prompt inside the report's quotes: backslash and quote escaped, and every control
-    character written as an escape (`\\n`, `\\x1b`), so that no newline breaks the report and
-    no escape sequence reaches the terminal (an ESC[31m in a prompt turned it red)."""
-    import unicodedata
+    """The prompt inside the report's quotes: backslash and quote escaped, then every control
+    character and line separator written as an escape (engine.errors.printable: `\\n`,
+    `\\x1b`, `\\u2028`), so that no newline breaks the report and no escape sequence reaches
+    the terminal (an ESC[31m in a prompt turned it red)."""
+    from engine.errors import printable
 
-    out = []
-    for char in prompt:
-        if char in _ESCAPES:
-            out.append(_ESCAPES[char])
-        elif unicodedata.category(char) == "Cc":
-            code = ord(char)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
-        else:
-            out.append(char)
-    return "".join(out)
+    return printable(prompt.replace("\\", "\\\\").replace('"', '\\"'))
 
 
 FINITE_CHECKED = ("post_ffn_residual", "final_norm", "lm_head", "logits_all")

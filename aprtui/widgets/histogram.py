@@ -55,7 +55,7 @@ def histogram_lines(bins: list[tuple[str, int]], title: str, width: int) -> Text
         return text
     largest = max(count for _, count in bins)
     used = len(title)
-    for label, count in bins:
+    for label, count in _empty_runs_joined(bins):
         bar_char = level(count, largest)
         piece = len(label) + 1 + len(bar_char) + len(str(count))
         if used + 2 + piece > width:
@@ -69,6 +69,24 @@ def histogram_lines(bins: list[tuple[str, int]], title: str, width: int) -> Text
         text.append(str(count))
         used += piece
     return text
+
+
+def _empty_runs_joined(bins: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Runs of two or more empty decades as one bin `1e-39…1e-4` of count 0: an attention cell
+    whose |Δ| spans 1e-40 to 1e2 has dozens, which would push the decades that matter (the
+    largest, NaN/Inf) off a narrow screen."""
+    joined: list[tuple[str, int]] = []
+    run: list[str] = []
+    for label, count in [*bins, ("", 1)]:  # a sentinel closes the last run
+        if count == 0 and label.startswith("1e"):
+            run.append(label)
+            continue
+        if run:
+            joined.append((run[0] if len(run) == 1 else f"{run[0]}…{run[-1]}", 0))
+            run = []
+        if label:
+            joined.append((label, count))
+    return joined
 
 
 class DeltaHistogram(Static):

@@ -91,7 +91,7 @@ def whole_columns(line: Strip, scroll_x: int, width: int, style) -> Strip:
     if room > 0:
         more = line.cell_length > last
         parts.append(Strip([Segment(" " * (room - 1) + (MORE_COLUMNS if more else " "), style)]))
-    return Strip.join(parts)
+    return Strip.join(parts).crop(0, width)  # a window narrower than one column: blank
 
 
 class StageGrid(ScrollView, can_focus=True):
@@ -370,7 +370,8 @@ grid says what the colours mean.
     def render_line(self, y: int) -> Strip:
         width = self.size.width
         scroll_x, scroll_y = self.scroll_offset
-        cells_width = max(0, width - LABEL_WIDTH)
+        # Only the columns not under a vertical scroll bar count as room for the cells.
+        cells_width = max(0, self.scrollable_content_region.width - LABEL_WIDTH)
         styles = self._rich_styles
         if y == 0:
             style = styles.header

@@ -54,7 +54,7 @@ def test_a_directory_mixing_two_runs_is_an_error_not_a_divergence(apr_tui, model
         argv += ["--tokens", ",".join(map(str, tokens)), "--save-tensor-dir", str(mixed)]
         assert run_cli(argv).returncode == 0
     result = run_cli([*apr_tui, "bisect", str(models.apr), str(mixed), "--tokens", "3,17,42,100,5"])
-    assert_one_line_error(result, "layer-0/ffn_up.bin", "mixes runs", "5 tokens")
+    assert_one_line_error(result, "layer-0/ffn_up.bin", "mixes runs", "3 rows", "5 tokens")
 
 
 def test_models_of_different_depth_compare_their_common_layers(apr_tui, models):

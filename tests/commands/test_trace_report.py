@@ -36,13 +36,13 @@ def test_a_clean_run_has_no_warning(apr_tui, models, tmp_path):
 
 
 def test_control_characters_of_the_prompt_are_escaped_in_the_report(apr_tui, models, tmp_path):
-    prompt = 'a\nb\x1b[31mRED\x07 "q" \\ é'
+    prompt = 'a\nb\x1b[31mRED\x07 "q" \\ é\u2028'
     argv = [*apr_tui, "trace", str(models.apr), "--save-tensor", "embedding", "--prompt", prompt]
     result = run_cli([*argv, "--save-tensor-dir", str(tmp_path / "out")])
     assert result.returncode == 0, result.stderr
     assert "\x1b" not in result.stdout and "\x07" not in result.stdout
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("Test prompt:")]
-    assert line == 'Test prompt:  "a\\nb\\x1b[31mRED\\x07 \\"q\\" \\\\ é"'
+    assert line == 'Test prompt:  "a\\nb\\x1b[31mRED\\x07 \\"q\\" \\\\ é\\u2028"'
 
 
 def test_a_long_token_list_is_cut_in_the_report_and_whole_in_tokens_json(apr_tui, models, tmp_path):

@@ -128,6 +128,8 @@ def test_a_temporary_that_could_not_be_created_is_reported_as_the_target():
     refused = OSError(errno.EROFS, "Read-only file system", "/ro/.apr-tui.123.0a1b2c3d.tmp")
     named = fileio._naming(refused, "/ro/out.apr", None)
     assert (named.filename, named.errno) == ("/ro/out.apr", errno.EROFS)
+    here = OSError(errno.EROFS, "Read-only file system", "./.apr-tui.123.0a1b2c3d.tmp")
+    assert fileio._naming(here, "out.apr", None).filename == "out.apr"  # a bare target name
     elsewhere = OSError(errno.EROFS, "Read-only file system", "/other/.apr-tui.123.0a1b2c3d.tmp")
     assert fileio._naming(elsewhere, "/ro/out.apr", None) is elsewhere  # not beside the target
     reading = OSError(errno.EIO, "Input/output error", "/models/in.gguf")

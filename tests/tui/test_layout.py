@@ -147,6 +147,9 @@ async def test_80x24_shows_the_whole_grid_the_cell_and_the_verdict(demo_pair):
         await pilot.press(*"mmmm")  # round the five metrics, back to the cosine
         await pilot.pause()
         assert "m cosine" in screen_text(app.query_one("#key-hint"))
+        await pilot.press("i", "i")  # the legend and back: `i` stays in the hint to get back
+        await pilot.pause()
+        assert "i legend" in screen_text(app.query_one("#key-hint"))
         assert not app.query_one(Footer).display
         legend = app.query_one("#legend")
         assert not legend.display or legend.region.width == 0

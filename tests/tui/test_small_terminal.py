@@ -178,3 +178,37 @@ async def test_the_legend_shows_whole_under_a_deep_grid(tmp_path):
         await pilot.press("i")
         await pilot.pause()
         assert app.query_one("#cell-stats").region.width > 0
+
+
+def test_the_histogram_lines_join_runs_of_empty_decades():
+    """An attention cell's |Δ| can span 1e-40 to 1e2: its empty decades are one bin, so the
+    largest decades and NaN/Inf stay on a narrow screen."""
+    from aprtui.widgets.histogram import histogram_lines
+
+    bins = [(f"1e{d}", 0 if -39 < d < -4 else 5) for d in range(-40, 3)] + [("NaN/Inf", 2)]
+    text = histogram_lines(bins, "|A-B| per decade", 78).plain
+    assert len(text.splitlines()) <= 3
+    assert "1e-38…1e-5 0" in text and "1e-6" not in text
+    for label, count in bins:
+        if count:
+            assert re.search(rf"(^|\s){re.escape(label)} \S{count}(\s|$)", text), label
+
+
+async def test_no_grid_number_is_cut_beside_a_vertical_scroll_bar(tmp_path):
+    """Was: with a scroll bar (a 30-layer grid at 83×24) the column under it counted as
+    whole and read `1.000` for 1.0000."""
+    from engine.formats import apr
+    from engine.synth import synthesize
+
+    model = synthesize("llama", seed=2, num_layers=30, hidden_size=32, intermediate_size=64)
+    path = apr.write(model, tmp_path / "deep.apr")
+    app = explorer(path, path)
+    async with app.run_test(size=(83, 24)) as pilot:
+        await settle(pilot)
+        grid = app.grid
+        visible = grid.scrollable_content_region.width
+        assert visible < grid.size.width  # the scroll bar is there
+        for y in range(1, grid.scrollable_content_region.height):
+            text = grid.render_line(y).text[:visible]
+            numbers = re.findall(r"\d+\.\d*", text)
+            assert numbers and all(re.fullmatch(r"\d\.\d{4}", n) for n in numbers), text
