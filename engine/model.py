@@ -89,6 +89,10 @@ class ModelConfig:
     eos_token_id: int | None = None
     add_bos: bool = False
     """Whether the model's metadata asks for a BOS token in front of a prompt."""
+    context_length: int | None = None
+    """The positions the model was trained for (GGUF `{arch}.context_length`, HF
+    `max_position_embeddings`); None when the file does not say. A longer prompt still runs
+    (RoPE extrapolates), and the commands say so (`context_warning`)."""
 
     # The steps a layer runs beyond Llama's. Each default is Llama's behaviour; an architecture is
     # described by turning steps on, and engine/forward.py runs whichever the config selects.
@@ -337,3 +341,15 @@ class Model:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def context_warning(config: ModelConfig, seq_len: int, label: str) -> str | None:
+    """A one-line warning when a prompt of `seq_len` tokens runs past the positions `config`'s
+    model was trained for; None when it does not, or when the file does not say."""
+    limit = config.context_length
+    if not limit or seq_len <= limit:
+        return None
+    return (
+        f"warning: {label}: {seq_len} tokens exceed the model's context length {limit}: "
+        f"positions {limit} and on are past what it was trained for"
+    )

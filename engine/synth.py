@@ -48,6 +48,10 @@ _MERGES = (
     ("Ċ", "Ċ"),
 )
 
+SYNTH_CONTEXT_LENGTH = 2048
+"""The context length a synthetic model states (what every writer recorded before models
+carried their own), so that a written and re-read synthetic model is the same config."""
+
 _DEFAULT_ROPE_THETA = {
     "llama": 10000.0,
     "mistral": 10000.0,
@@ -184,6 +188,7 @@ def synthesize(
         head_dim=head_dim,
         intermediate_size=intermediate_size,
         vocab_size=tokenizer.vocab_size,
+        context_length=SYNTH_CONTEXT_LENGTH,
         rope_theta=rope_theta if rope_theta is not None else _DEFAULT_ROPE_THETA[arch],
         rope_pairing="half",
         rms_norm_eps=rms_norm_eps if rms_norm_eps is not None else _DEFAULT_RMS_EPS[arch],

@@ -517,6 +517,18 @@ def logits_block(a: TraceSource, b: TraceSource, cells: list[Cell]) -> tuple[dic
     return report, format_logit_report(report, tokenizer.token_text if tokenizer else None)
 
 
+def _warn_past_context(plan) -> None:
+    """A warning on stderr for each model side whose context length the prompt runs past."""
+    from engine.model import context_warning
+
+    for side in (plan.a, plan.b):
+        config = getattr(side, "config", None)
+        if config is not None and plan.seq_len is not None:
+            beyond = context_warning(config, plan.seq_len, getattr(side, "label", "model"))
+            if beyond is not None:
+                print(beyond, file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from aprtui.commands.locations import model_argument  # `smollm2`: the bundled GGUF
     from engine.compare import DEFAULT_STD_BAND, first_divergence, first_std_divergence
@@ -536,6 +548,7 @@ def run(args: argparse.Namespace) -> int:
     )
     a, b = plan.a, plan.b
     assert b is not None
+    _warn_past_context(plan)
     need = plan.working_memory()
     if need > LONG_RUN_MEMORY:  # a long prompt: say what it costs before the wait
         print(

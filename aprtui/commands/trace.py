@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from aprtui.commands import options, trace_engines
@@ -166,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
     from engine.errors import AprTuiError
     from engine.formats import open_model
     from engine.forward import check_token_ids, trace
+    from engine.model import context_warning
     from engine.pipeline import pass_blas
     from engine.stages import SaveTensorPlan
     from engine.tokenizer import DEFAULT_PROMPT, encode_prompt, parse_token_ids
@@ -191,6 +193,9 @@ def run(args: argparse.Namespace) -> int:
             prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
             token_ids = encode_prompt(model, prompt)
         token_ids = check_token_ids(token_ids, model.config, str(model_path))
+        beyond = context_warning(model.config, len(token_ids), model_path.name)
+        if beyond is not None:  # a position bug may be the point: run, and say so
+            print(beyond, file=sys.stderr, flush=True)
         check_layers_reach(plan, model.config, args.save_tensor_layers)
         stage_names = list(dict.fromkeys(s.name for s in plan.stages))  # duplicate = one file
         cost = run_cost(plan, model.config, len(token_ids), stage_names)

@@ -220,6 +220,17 @@ def int_field(
     return int(value)
 
 
+UNKNOWN_CONTEXT_LENGTH = 2048
+"""The context length our writers record for a model whose source did not say (what they
+recorded for every model before `ModelConfig.context_length` existed)."""
+
+
+def positive_or_none(value: int | None) -> int | None:
+    """`value` when it is a positive integer, else None (a context length of 0 or less says
+    nothing)."""
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def float_field(
     meta: Mapping[str, Any], keys: tuple[str, ...], source: str, default: Any = None
 ) -> Any:

@@ -20,6 +20,7 @@ from engine.formats.common import (
     HF_ARCHITECTURE_CLASS,
     HF_MODEL_TYPE,
     MOE_FAMILY,
+    UNKNOWN_CONTEXT_LENGTH,
     check_dims,
     family_steps,
     float_field,
@@ -28,6 +29,7 @@ from engine.formats.common import (
     is_supported_moe,
     moe_steps,
     normalize_architecture,
+    positive_or_none,
 )
 from engine.model import FULL, SLIDING, ModelConfig
 
@@ -120,6 +122,7 @@ def hf_config_to_model_config(spec: Mapping[str, Any], source: str) -> ModelConf
         head_dim=head_dim,
         intermediate_size=int_field(spec, ("intermediate_size",), source, 0),
         vocab_size=int_field(spec, ("vocab_size",), source, 0),
+        context_length=positive_or_none(int_field(spec, ("max_position_embeddings",), source)),
         rope_theta=rope_theta,
         rope_pairing="half",
         rms_norm_eps=float_field(spec, ("rms_norm_eps",), source, 1e-6),
@@ -192,7 +195,7 @@ def model_config_to_hf_config(config: ModelConfig) -> dict[str, Any]:
         "head_dim": config.head_dim,
         "vocab_size": config.vocab_size,
         "hidden_act": "silu",
-        "max_position_embeddings": 2048,
+        "max_position_embeddings": config.context_length or UNKNOWN_CONTEXT_LENGTH,
         "rms_norm_eps": config.rms_norm_eps,
         "rope_theta": config.rope_theta,
         "rope_scaling": None,

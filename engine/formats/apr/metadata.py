@@ -17,6 +17,7 @@ from engine.formats.common import (
     is_supported_moe,
     moe_steps,
     normalize_architecture,
+    positive_or_none,
 )
 from engine.model import ModelConfig
 from engine.tokenizer import (
@@ -127,6 +128,7 @@ def config_from_metadata(meta: dict[str, Any], names: set[str], source: str) -> 
             "intermediate_size", 4 * hidden if isinstance(hidden, int) else 0
         ),
         vocab_size=get_int("vocab_size", 32000),
+        context_length=positive_or_none(get_int("max_position_embeddings", None)),
         rope_theta=float_field(meta, ("rope_theta",), source, 10000.0),
         rope_pairing="adjacent" if rope_type == 0 else "half",
         rms_norm_eps=float_field(meta, _keys("rms_norm_eps"), source, 1e-6),

@@ -43,6 +43,7 @@ from engine.formats.common import (
     GEMMA_FAMILY,
     HF_ARCHITECTURE_CLASS,
     HF_MODEL_TYPE,
+    UNKNOWN_CONTEXT_LENGTH,
     check_write_dtype,
     stored_tensor_names,
 )
@@ -217,7 +218,7 @@ def model_metadata(model: Model, dtype: str, plans: list[TensorPlan]) -> dict[st
             "num_kv_heads": config.num_kv_heads,
             "vocab_size": config.vocab_size,
             "intermediate_size": config.intermediate_size,
-            "max_position_embeddings": 2048,
+            "max_position_embeddings": config.context_length or UNKNOWN_CONTEXT_LENGTH,
             "rope_theta": config.rope_theta,
             "rope_type": 0 if config.rope_pairing == "adjacent" else 2,
             "rms_norm_eps": config.rms_norm_eps,

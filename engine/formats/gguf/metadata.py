@@ -20,6 +20,7 @@ from engine.formats.common import (
     int_field,
     moe_steps,
     normalize_architecture,
+    positive_or_none,
 )
 from engine.formats.gguf.parser import (
     GgufTensorInfo,
@@ -134,6 +135,7 @@ def config_from_metadata(
         head_dim=head_dim,
         intermediate_size=need("feed_forward_length"),
         vocab_size=vocab,
+        context_length=positive_or_none(_int_meta(metadata, f"{gguf_arch}.context_length", source)),
         rope_theta=_shortest_float(theta),
         rope_pairing="half",  # Q/K rows are restored to HF order for llama; qwen is NEOX already
         rms_norm_eps=_shortest_float(eps),

@@ -15,6 +15,7 @@ from engine.fileio import atomic_output
 from engine.formats.common import (
     GEMMA3_LOCAL_ROPE_THETA,
     GEMMA_FAMILY,
+    UNKNOWN_CONTEXT_LENGTH,
     check_write_dtype,
     hf_ordered,
     stored_tensor_names,
@@ -95,7 +96,7 @@ def write(
         if config.architecture == "mistral":
             writer.add_basename("mistral")
         writer.add_block_count(config.num_layers)
-        writer.add_context_length(2048)
+        writer.add_context_length(config.context_length or UNKNOWN_CONTEXT_LENGTH)
         writer.add_embedding_length(config.hidden_size)
         writer.add_feed_forward_length(config.intermediate_size)
         writer.add_head_count(config.num_heads)
