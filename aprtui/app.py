@@ -45,6 +45,7 @@ from aprtui.screens.cell_detail import CellContext, CellDetailScreen
 from aprtui.screens.file_browser import FileBrowserScreen
 from aprtui.screens.help import TREE_MOUSE, HelpScreen
 from aprtui.screens.logits import LogitsScreen
+from aprtui.widgets.footer import fit_footer
 from aprtui.widgets.legend import Legend
 from aprtui.widgets.metrics import STAGE_SHORT_NAMES, cell_title
 from aprtui.widgets.stage_grid import StageGrid
@@ -62,8 +63,6 @@ if TYPE_CHECKING:
     from engine.compare import Cell
     from engine.sources import TraceSource
 
-FOOTER_ROOMY = 130
-FOOTER_PALETTE = 110
 
 COMPACT_WIDTH = 100
 COMPACT_HEIGHT = 30
@@ -343,12 +342,8 @@ class ExplorerApp(App[int]):
         self._fit_layout()
 
     def _fit_footer(self, width: int) -> None:
-        """Keep every footer key visible on narrow terminals: compact spacing below
-        FOOTER_ROOMY columns, and below FOOTER_PALETTE the `^p palette` hint (ctrl+p still
-        works, and the help screen lists it) gives its room to the keys."""
-        footer = self.screen_stack[0].query_one(Footer)
-        footer.compact = width < FOOTER_ROOMY
-        footer.show_command_palette = width >= FOOTER_PALETTE
+        """Keep every footer key of the grid's screen visible (aprtui.widgets.footer)."""
+        fit_footer(self.screen_stack[0].query_one(Footer), width)
 
     def _tick(self) -> None:
         if self._started_at is None or self.clock is None:

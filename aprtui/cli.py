@@ -72,10 +72,12 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 
 @contextmanager
-def _sigterm_raises(enabled: bool) -> Iterator[None]:
-    """While the block runs, each of ENDING_SIGNALS raises `Terminated` (main thread only, and
-    only for a signal that still has its default action: one the caller chose to ignore, as
-    `nohup` ignores SIGHUP, stays ignored); the previous handlers are restored afterwards."""
+def ending_signals_handled(handler, enabled: bool = True) -> Iterator[None]:
+    """While the block runs, each of ENDING_SIGNALS calls `handler(signum, frame)`: main thread
+    only, and only for a signal that still has its default action (one the caller chose to
+    ignore, as `nohup` ignores SIGHUP, stays ignored); the default action is back afterwards.
+    The commands that write files raise `Terminated` (`_raise_terminated`); the demo quits its
+    explorer (aprtui.commands.demo)."""
     import signal
     import threading
 
@@ -83,7 +85,7 @@ def _sigterm_raises(enabled: bool) -> Iterator[None]:
     numbers = [getattr(signal, name) for name in ENDING_SIGNALS if hasattr(signal, name)]
     caught = [n for n in numbers if enabled and main and signal.getsignal(n) is signal.SIG_DFL]
     for number in caught:
-        signal.signal(number, _raise_terminated)
+        signal.signal(number, handler)
     try:
         yield
     finally:
@@ -313,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         prog = "apr-tui"
     parser = _build_parser(prog, module)
     try:
-        with warnings.catch_warnings(), _sigterm_raises(name_writes_files(module)):
+        with (
+            warnings.catch_warnings(),
+            ending_signals_handled(_raise_terminated, name_writes_files(module)),
+        ):
             # numpy's RuntimeWarnings (overflow, invalid value) print source lines on stderr;
             # every result they concern is checked where it matters (metadata is validated,
             # NaN/Inf in a capture are counted and flagged), so they only break the one-line

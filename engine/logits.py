@@ -457,11 +457,14 @@ def format_logit_report(
     token_text: Callable[[int], str] | None = None,
     *,
     limit: int = 8,
+    listed_elsewhere: str | None = None,
 ) -> list[str]:
     """The report as a few plain text lines (the bisect summary's logits block).
 
     `token_text(id)` names tokens in the list of disagreeing positions (ids only without it);
-    at most `limit` positions are listed, the worst KL first.
+    at most `limit` positions are listed, the worst KL first. `listed_elsewhere`: where the
+    caller lists them instead (the explorer's logits screen has a table), said in place of the
+    list.
     """
     seq = report.get("positions", 0)
     if not seq:
@@ -493,6 +496,9 @@ def format_logit_report(
     disagree = report["disagreeing_positions"]
     if not disagree:
         lines.append("  every position predicts the same next token")
+        return lines
+    if listed_elsewhere is not None:
+        lines.append(f"  {len(disagree)} position(s) predict another token ({listed_elsewhere})")
         return lines
     kl = report["kl_ab"]
     worst = sorted(disagree, key=lambda i: -(kl[i] if kl[i] is not None else math.inf))

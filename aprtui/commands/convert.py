@@ -107,9 +107,7 @@ def run(args: argparse.Namespace) -> int:
         f"{config.num_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size} "
         f"in {time.monotonic() - started:.1f}s"
     )
-    if (
-        tokenizer_error
-    ):  # the weights converted; say (on stderr, a warning) why prompts need --tokens
+    if tokenizer_error:  # the weights converted: say, as a warning, why prompts need --tokens
         sys.stderr.write(f"note: tokenizer not embedded: {printable(tokenizer_error)}\n")
     return 0
 

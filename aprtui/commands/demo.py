@@ -153,12 +153,9 @@ def _ending_signals_quit(running: list) -> Iterator[list[str]]:
     their default action would leave it in /tmp. A signal during the removal lets it finish.
     Yields the list that receives what to say (`terminated`, `hung up`) once a signal came.
     Main thread only; a signal the caller ignores (`nohup`) stays ignored."""
-    from aprtui.cli import ENDING_SIGNALS
+    from aprtui.cli import ENDING_SIGNALS, ending_signals_handled
 
     ended: list[str] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield ended
-        return
 
     def quit_app(signum: int, frame: object) -> None:
         ended.append(ENDING_SIGNALS.get(signal.Signals(signum).name, "terminated"))
@@ -178,14 +175,5 @@ def _ending_signals_quit(running: list) -> Iterator[list[str]]:
 
         threading.Thread(target=ask, name="apr-tui-signal", daemon=True).start()
 
-    caught = []
-    for name in ENDING_SIGNALS:
-        number = getattr(signal, name, None)
-        if number is not None and signal.getsignal(number) is signal.SIG_DFL:
-            signal.signal(number, quit_app)
-            caught.append(number)
-    try:
+    with ending_signals_handled(quit_app):
         yield ended
-    finally:
-        for number in caught:
-            signal.signal(number, signal.SIG_DFL)

@@ -31,6 +31,7 @@ from aprtui.anomalies import (
 )
 from aprtui.coordinates import decode_index, display_token
 from aprtui.messages import TensorsLoaded
+from aprtui.widgets.footer import fit_footer
 from aprtui.widgets.histogram import DeltaHistogram, histogram_lines
 from aprtui.widgets.metrics import cell_title
 from aprtui.widgets.stats_panel import (
@@ -235,11 +236,7 @@ as APRT files under `./apr-tui-saved/` (never overwriting a file), `esc` goes ba
     def _fit(self, width: int) -> None:
         """Lay the screen out for `width` columns: the histogram beside the statistics or
         under them (SIDE_HISTOGRAM_WIDTH), compact or not (COMPACT_DETAIL_WIDTH)."""
-        from aprtui.app import FOOTER_PALETTE, FOOTER_ROOMY  # the explorer's footer rules
-
-        footer = self.query_one(Footer)
-        footer.compact = width < FOOTER_ROOMY
-        footer.show_command_palette = width >= FOOTER_PALETTE
+        fit_footer(self.query_one(Footer), width)
         self.set_class(width < SIDE_HISTOGRAM_WIDTH, "-histogram-lines")
         self._show_histogram_lines(width)
         compact = width < COMPACT_DETAIL_WIDTH

@@ -75,13 +75,9 @@ class LogitsScreen(Screen[None]):
         from engine.logits import format_logit_report
 
         named = self._token_name if self.token_text is not None else None
-        lines = format_logit_report(self.report, named)
-        disagree = self.report.get("disagreeing_positions") or []
-        if disagree and "predict another token:" in lines[-1]:  # the table below lists them
-            lines[-1] = (
-                f"  {len(disagree)} position(s) predict another token (the table below, "
-                "worst KL first)"
-            )
+        lines = format_logit_report(
+            self.report, named, listed_elsewhere="the table below, worst KL first"
+        )
         with VerticalScroll():
             yield Static(Text("\n".join(lines)), id="logits-summary")
             kl = np.array(
